@@ -1,0 +1,185 @@
+"""The hybrid decoder (KDA + MLA layers, dense MLP / MoE) with HF Kimi Linear parameter names.
+
+Two entry points that compute the same function:
+* ``forward(input_ids)`` — cache-free, whole sequences (the reference);
+* ``step(seqs, cache)`` — one engine step over a batch of sequences, each adding any number of tokens
+  on top of what the paged cache already holds (prefill chunks and single-token decodes mixed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from prfaas.model.batch import CacheTensors, SeqInput
+from prfaas.model.config import ModelConfig
+from prfaas.model.kda import KDAAttention
+from prfaas.model.layers import DenseMLP, RMSNorm, SparseMoE
+from prfaas.model.mla import MLAAttention
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int) -> None:
+        super().__init__()
+        self.kind = cfg.layer_kind(i)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAAttention(cfg) if self.kind == "mla" else KDAAttention(cfg)
+        if cfg.is_moe_layer(i):
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.post_attention_layernorm(x)
+        return x + (self.block_sparse_moe(h) if hasattr(self, "block_sparse_moe") else self.mlp(h))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class HybridForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = _Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # index of each layer within its kind (cache tensors are per kind)
+        kinds = cfg.layer_kinds
+        self._kind_index = [kinds[: i + 1].count(k) - 1 for i, k in enumerate(kinds)]
+
+    # ----- initialisation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> HybridForCausalLM:
+        """Random weights from a seed (fan-in scaled so that random logits are well spread)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("A_log"):
+                vals = torch.empty(p.shape).uniform_(1, 16, generator=gen).log()
+            elif name.endswith("dt_bias"):
+                dt = torch.exp(
+                    torch.rand(p.shape, generator=gen) * (math.log(0.1) - math.log(1e-3))
+                    + math.log(1e-3)
+                )
+                vals = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+            elif name.endswith("e_score_correction_bias"):
+                vals = torch.randn(p.shape, generator=gen) * 0.01
+            elif "norm" in name:
+                vals = torch.ones(p.shape)
+            elif name.endswith("embed_tokens.weight"):
+                vals = torch.randn(p.shape, generator=gen)
+            elif "conv1d" in name:
+                vals = torch.randn(p.shape, generator=gen) * (1 / math.sqrt(p.shape[-1]))
+            else:
+                vals = torch.randn(p.shape, generator=gen) * (1 / math.sqrt(p.shape[-1]))
+            p.copy_(vals.to(p.dtype))
+        return self
+
+    # ----- cache-free reference -----------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), no cache (every sequence from position 0)."""
+        x = self.model.embed_tokens(input_ids)
+        B, T, _ = x.shape
+        for layer in self.model.layers:
+            h = layer.input_layernorm(x)
+            if layer.kind == "kda":
+                a, _, _ = layer.self_attn(h, None, None)
+            else:
+                a = torch.stack([layer.self_attn.forward_full(h[b]) for b in range(B)])
+            x = layer.ffn(x + a)
+        return self.lm_head(self.model.norm(x)).float()
+
+    # ----- one engine step ----------------------------------------------------------------------
+    def step(self, seqs: list[SeqInput], cache: CacheTensors) -> torch.Tensor:
+        """Run the new tokens of every sequence through the model, reading and updating ``cache``.
+        Returns the logits of each sequence's last new token: (len(seqs), vocab) fp32."""
+        if not seqs:
+            raise ValueError("step() needs at least one sequence")
+        dev = self.lm_head.weight.device
+        bs = cache.block_size
+        lens = [int(s.token_ids.numel()) for s in seqs]
+        if min(lens) < 1:
+            raise ValueError("every sequence in a step needs at least one new token")
+        offs = [0]
+        for n in lens:
+            offs.append(offs[-1] + n)
+        tokens = torch.cat([s.token_ids for s in seqs]).to(dev)
+        x = self.model.embed_tokens(tokens)
+        dec = [i for i, s in enumerate(seqs) if lens[i] == 1 and s.start > 0]
+        pre = [i for i in range(len(seqs)) if i not in set(dec)]
+        # flat cache row of every cached position of every sequence: block * bs + offset
+        rows = []
+        for s, n in zip(seqs, lens, strict=True):
+            pos = torch.arange(s.start + n)
+            bt = torch.as_tensor(s.block_table, dtype=torch.long)
+            if bt.numel() * bs < s.start + n:
+                raise ValueError(
+                    f"block table covers {bt.numel() * bs} positions, sequence needs {s.start + n}"
+                )
+            rows.append((bt[pos // bs] * bs + pos % bs).to(dev))
+        positions = [
+            torch.arange(s.start, s.start + n, device=dev) for s, n in zip(seqs, lens, strict=True)
+        ]
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
+        dec_idx = torch.tensor([offs[i] for i in dec], dtype=torch.long, device=dev)
+        if dec:
+            dec_len = torch.tensor([seqs[i].start + 1 for i in dec], device=dev)
+            lmax = int(dec_len.max())
+            dec_rows = torch.zeros(len(dec), lmax, dtype=torch.long, device=dev)
+            for j, i in enumerate(dec):
+                dec_rows[j, : rows[i].numel()] = rows[i]
+
+        for li, layer in enumerate(self.model.layers):
+            h = layer.input_layernorm(x)
+            out = torch.empty_like(h)
+            ki = self._kind_index[li]
+            attn = layer.self_attn
+            if layer.kind == "kda":
+                st_all, cv_all = cache.kda_state[ki], cache.conv_state[ki]
+                if dec:
+                    sl = slots[dec]
+                    o, st, cv = attn(h[dec_idx][:, None, :], st_all[sl], cv_all[sl])
+                    st_all[sl] = st
+                    cv_all[sl] = cv.to(cv_all.dtype)
+                    out[dec_idx] = o[:, 0]
+                for i in pre:
+                    sl = seqs[i].slot
+                    o, st, cv = attn(
+                        h[offs[i] : offs[i + 1]][None], st_all[sl : sl + 1], cv_all[sl : sl + 1]
+                    )
+                    st_all[sl] = st[0]
+                    cv_all[sl] = cv[0].to(cv_all.dtype)
+                    out[offs[i] : offs[i + 1]] = o[0]
+            else:
+                flat = cache.mla_kv[ki].view(-1, cache.mla_kv[ki].shape[-1])
+                for i, s in enumerate(seqs):
+                    new_rows = rows[i][s.start :]
+                    flat[new_rows] = attn.latent(h[offs[i] : offs[i + 1]], positions[i]).to(
+                        flat.dtype
+                    )
+                if dec:
+                    q_nope, q_pe = attn.queries(h[dec_idx], dec_len - 1)
+                    o = attn.attend_absorbed(q_nope, q_pe, flat[dec_rows], dec_len)
+                    out[dec_idx] = attn.o_proj(o.to(h.dtype))
+                for i in pre:
+                    hs = h[offs[i] : offs[i + 1]]
+                    q_nope, q_pe = attn.queries(hs, positions[i])
+                    lat = flat[rows[i]].to(hs.dtype)
+                    out[offs[i] : offs[i + 1]] = attn.o_proj(
+                        attn.attend_expanded(q_nope, q_pe, lat, seqs[i].start)
+                    )
+            x = layer.ffn(x + out)
+        last = torch.tensor([o - 1 for o in offs[1:]], device=dev)
+        return self.lm_head(self.model.norm(x[last])).float()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
