@@ -209,6 +209,18 @@ def check_decode(
     return res
 
 
+def torch_self_check(device: torch.device) -> dict[str, Any]:
+    """The torch chunked path against the torch recurrent path, fp32, on ``device``."""
+    B, T, H, K, V = 1, 1024, 4, 128, 128
+    x = to_fp32(make_inputs(B, T, H, K, V, device, torch.float32, seed=3))
+    s0 = 0.1 * torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(5)).to(device)
+    o_c, s_c = kda_chunk(**x, scale=K**-0.5, initial_state=s0)
+    o_r, s_r = kda_recurrent(**x, scale=K**-0.5, initial_state=s0)
+    res = {"B": B, "T": T, "H": H, "K": K, "V": V, "o": errors(o_c, o_r), "state": errors(s_c, s_r)}
+    res["ok"] = res["o"]["max_abs_err"] < 1e-4 and res["state"]["max_abs_err"] < 1e-4
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="small shapes on CPU (torch vs torch)")
@@ -269,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         for B, H, K, V, prefix in decode_shapes:
             report["decode"].append(check_decode(B, H, K, V, prefix, steps, device, dtype, reps))
-    report["ok"] = all(r["ok"] for r in report["prefill"] + report["decode"])
+        if device.type == "cuda":
+            report["torch_self_check"] = torch_self_check(device)
+    checks = report["prefill"] + report["decode"]
+    if "torch_self_check" in report:
+        checks.append(report["torch_self_check"])
+    report["ok"] = all(r["ok"] for r in checks)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
