@@ -1,0 +1,413 @@
+"""Sender side shared by the backends: peer sessions of N authenticated connections, a dispatcher
+thread per peer (checksums, slicing) and one sending thread per connection, so ``stream.send`` only
+queues and never waits on the network."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import socket
+import threading
+import time
+from typing import Any
+
+import torch
+
+from prfaas.transfer import wire
+from prfaas.transfer.auth import check_secret, client_handshake
+from prfaas.transfer.backend import Peer, SendStats
+from prfaas.transfer.errors import PeerClosed, TransferError, error_from_code
+from prfaas.transfer.layout import DTYPES, CacheLayout
+from prfaas.transfer.link import LinkEmulator, LinkSpec
+from prfaas.transfer.monitor import LinkMonitor, LinkSnapshot
+from prfaas.transfer.unit import KVExport, LayerPart, TransferHeader
+
+_FINISH = object()
+
+
+class SenderStream:
+    """One request being sent: ``send(part)`` per layer, then ``finish()``; ``wait()`` for the ack."""
+
+    def __init__(self, session: PeerSession, wh: wire.WireHeader) -> None:
+        self.session = session
+        self.wire_header = wh
+        self.stream_id = wh.stream_id
+        self.request_id = wh.header.request_id
+        self.stats = SendStats(self.request_id, opened_at=time.time())
+        self._sent: set[int] = set()
+        self._finished = False
+        self._dispatched = False
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.error: TransferError | None = None
+        self.buffer: dict | None = None  # mooncake: where to write
+        self.buffer_ready = threading.Event()
+
+    # --- compute-thread API
+    def send(self, part: LayerPart) -> None:
+        """Queue one layer's cache (checked against the header); returns without network I/O."""
+        desc = self._check_part(part)
+        tensors, event = [], None
+        for d in desc.tensors:
+            t = part.tensors[d.name].detach()
+            if t.is_cuda:  # GPU -> pinned host, asynchronously; the dispatcher waits on the event
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t = host
+                event = torch.cuda.Event()
+                event.record()
+            elif not t.is_contiguous():
+                t = t.contiguous()
+            tensors.append(t)
+        self._sent.add(part.layer)
+        self.session.submit(self, (part.layer, tensors, event))
+
+    def finish(self) -> None:
+        """All layers given: the receiver will deliver once they are in."""
+        if self._finished:
+            raise ValueError(f"stream {self.request_id!r} already finished")
+        missing = sorted(set(range(len(self.wire_header.layers))) - self._sent)
+        if missing:
+            raise ValueError(f"finish() before all layers were sent; missing {missing}")
+        self._finished = True
+        self.stats.finished_at = time.time()
+        self.session.submit(self, _FINISH)
+
+    def abort(self, reason: str = "aborted by sender") -> None:
+        """Give up on this request; the receiver frees its buffers."""
+        if self._done.is_set():
+            return
+        payload = wire.error_payload("aborted", reason, self.stream_id)
+        self.session.enqueue(0, [wire.frame(wire.ABORT, payload)], self, "abort", 0)
+        self._complete(error_from_code("aborted", reason))
+
+    def wait(self, timeout: float | None = None) -> SendStats:
+        """Block until the receiver acknowledged delivery; raises the TransferError otherwise."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id!r} not acknowledged in {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.stats
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # --- internals
+    def _check_part(self, part: LayerPart) -> wire.LayerDesc:
+        layers = self.wire_header.layers
+        if self._finished:
+            raise ValueError("send() after finish()")
+        if self._done.is_set() and self.error is not None:
+            raise self.error
+        if not 0 <= part.layer < len(layers):
+            raise ValueError(f"layer {part.layer} out of range [0, {len(layers)})")
+        if part.layer in self._sent:
+            raise ValueError(f"layer {part.layer} already sent")
+        desc = layers[part.layer]
+        if part.kind != desc.kind:
+            raise ValueError(f"layer {part.layer} is {desc.kind}, part says {part.kind}")
+        if sorted(part.tensors) != sorted(t.name for t in desc.tensors):
+            raise ValueError(
+                f"layer {part.layer} tensors {sorted(part.tensors)} != "
+                f"{sorted(t.name for t in desc.tensors)}"
+            )
+        for d in desc.tensors:
+            t = part.tensors[d.name]
+            if t.dtype != DTYPES[d.dtype] or tuple(t.shape) != d.shape:
+                raise ValueError(
+                    f"layer {part.layer} {d.name}: got {t.dtype} {tuple(t.shape)}, "
+                    f"header says {d.dtype} {d.shape}"
+                )
+        return desc
+
+    def _add_pending(self, n: int) -> None:
+        with self._lock:
+            self._pending += n
+
+    def _on_sent(self, kind: str, nbytes: int, payload: int) -> None:
+        with self._lock:
+            s = self.stats
+            if kind == "header":
+                s.header_bytes += nbytes
+            elif kind == "data":
+                s.payload_bytes += payload
+                s.framing_bytes += nbytes - payload
+                s.data_frames += 1
+            elif kind == "commit":
+                s.framing_bytes += nbytes
+                s.commit_frames += 1
+            self._pending -= 1
+            self._check_all_sent()
+
+    def _mark_dispatched(self) -> None:
+        with self._lock:
+            self._dispatched = True
+            self._check_all_sent()
+
+    def _check_all_sent(self) -> None:
+        if self._dispatched and self._pending == 0 and self.stats.last_byte_sent_at is None:
+            self.stats.last_byte_sent_at = time.time()
+
+    def _complete(self, error: TransferError | None) -> None:
+        if self._done.is_set():
+            return
+        self.error = error
+        if error is None:
+            self.stats.acked_at = time.time()
+        self.buffer_ready.set()
+        self._done.set()
+
+
+class PeerSession:
+    """N authenticated connections to one receiver, their threads, link emulator and monitor."""
+
+    def __init__(self, owner: SenderBase, peer: Peer, n_conns: int) -> None:
+        self.owner = owner
+        self.peer = peer
+        self.session_id = os.urandom(16)
+        self.link: LinkEmulator | None = owner.link_spec.build() if owner.link_spec else None
+        self.monitor = LinkMonitor(link=self.link)
+        self.socks: list[socket.socket] = []
+        self.error: TransferError | None = None
+        self.streams: dict[int, SenderStream] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closing = False
+        try:
+            for i in range(n_conns):
+                s = socket.create_connection(peer, timeout=owner.connect_timeout)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.socks.append(s)
+                client_handshake(s, owner.secret, owner.backend_code, self.session_id, i, n_conns)
+                s.settimeout(None)
+                self.monitor.attach(s)
+        except BaseException:
+            for s in self.socks:
+                s.close()
+            raise
+        self.queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self.socks]
+        self.dispatch_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._rr = itertools.cycle(range(len(self.socks)))
+        self.threads = [
+            threading.Thread(target=self._send_loop, args=(i,), daemon=True, name=f"tx{i}")
+            for i in range(len(self.socks))
+        ]
+        self.threads.append(threading.Thread(target=self._control_loop, daemon=True, name="txc"))
+        self.threads.append(threading.Thread(target=self._dispatch_loop, daemon=True, name="txd"))
+        for t in self.threads:
+            t.start()
+
+    # --- API used by streams / backends
+    def open(self, header: TransferHeader, parts: list[LayerPart] | None) -> SenderStream:
+        if self.error is not None:
+            raise self.error
+        wh = wire.build_wire_header(header, self.owner.layout, next(self._ids), parts)
+        payload = wire.encode_header(wh)
+        stream = SenderStream(self, wh)
+        with self._lock:
+            self.streams[stream.stream_id] = stream
+        self.enqueue(0, [wire.frame(wire.HEADER, payload)], stream, "header", 0)
+        return stream
+
+    def submit(self, stream: SenderStream, item: Any) -> None:
+        self.dispatch_q.put((stream, item))
+
+    def enqueue(
+        self, conn: int, buffers: list, stream: SenderStream | None, kind: str, payload: int
+    ) -> None:
+        nbytes = sum(len(b) for b in buffers)
+        if stream is not None:
+            stream._add_pending(1)
+        self.monitor.add_queued(nbytes)
+        self.queues[conn].put((buffers, nbytes, stream, kind, payload))
+
+    def next_conn(self) -> int:
+        return next(self._rr)
+
+    def snapshot(self) -> LinkSnapshot:
+        return self.monitor.snapshot()
+
+    def fail(self, error: TransferError) -> None:
+        """The session is unusable: fail every open stream and drop the connections."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            streams = list(self.streams.values())
+            self.streams.clear()
+        for st in streams:
+            st._complete(error)
+        self._shutdown()
+
+    def close(self) -> None:
+        self._closing = True
+        for q in self.queues:
+            q.put(None)
+        self.dispatch_q.put(None)
+        for t in self.threads[: len(self.socks)]:
+            t.join(timeout=5)
+        self._shutdown()
+        with self._lock:
+            streams = list(self.streams.values())
+        for st in streams:
+            st._complete(PeerClosed("sender closed"))
+
+    def _shutdown(self) -> None:
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    # --- threads
+    def _send_loop(self, i: int) -> None:
+        sock, q = self.socks[i], self.queues[i]
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            buffers, nbytes, stream, kind, payload = item
+            if self.error is not None or (stream is not None and stream.done and kind != "abort"):
+                self.monitor.add_queued(-nbytes)
+                if stream is not None:
+                    stream._on_sent("dropped", 0, 0)
+                continue
+            try:
+                if self.link is not None:
+                    self.link.transmit(nbytes)
+                n = wire.send_buffers(sock, buffers)
+            except TransferError as e:
+                self.monitor.add_queued(-nbytes)
+                self.fail(e)
+                continue
+            self.monitor.add_sent(n, nbytes)
+            if stream is not None:
+                stream._on_sent(kind, n, payload)
+
+    def _control_loop(self) -> None:
+        sock = self.socks[0]
+        try:
+            while True:
+                ftype, payload = wire.read_small_frame(sock, {wire.DONE, wire.BUFFER, wire.ERROR})
+                o = wire.parse_json_payload(payload, wire.FRAME_NAMES[ftype])
+                sid = o.get("stream_id")
+                with self._lock:
+                    stream = self.streams.get(sid) if isinstance(sid, int) else None
+                if ftype == wire.ERROR and stream is None:
+                    raise error_from_code(str(o.get("code")), f"receiver: {o.get('message')}")
+                if stream is None:
+                    continue
+                if ftype == wire.BUFFER:
+                    stream.buffer = o
+                    stream.buffer_ready.set()
+                    continue
+                with self._lock:
+                    self.streams.pop(sid, None)
+                if o.get("ok"):
+                    stream._complete(None)
+                else:
+                    msg = f"receiver refused {stream.request_id!r}: {o.get('message')}"
+                    stream._complete(error_from_code(str(o.get("code")), msg))
+        except TransferError as e:
+            if not self._closing:
+                self.fail(e)
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            item = self.dispatch_q.get()
+            if item is None:
+                return
+            stream, work = item
+            if work is _FINISH:
+                stream._mark_dispatched()
+                continue
+            if stream.done:
+                continue
+            layer, tensors, event = work
+            if event is not None:
+                event.synchronize()
+            try:
+                self.owner._dispatch_layer(self, stream, layer, tensors)
+            except TransferError as e:
+                stream.abort(str(e))
+
+
+class SenderBase:
+    """Opens streams to receivers; one ``PeerSession`` per peer, created on first use.
+
+    ``link`` emulates a cross-cluster link for every peer of this sender (None: unshaped).
+    """
+
+    backend_code = 0
+
+    def __init__(
+        self,
+        layout: CacheLayout,
+        secret: bytes | str,
+        *,
+        connections: int = 4,
+        link: LinkSpec | None = None,
+        slice_bytes: int = 1 << 20,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not 1 <= connections <= 64:
+            raise ValueError(f"connections must be in [1, 64], got {connections}")
+        if not 4096 <= slice_bytes <= wire.MAX_SLICE_BYTES:
+            raise ValueError(f"slice_bytes must be in [4096, {wire.MAX_SLICE_BYTES}]")
+        self.layout = layout
+        self.secret = check_secret(secret)
+        self.connections = connections
+        self.link_spec = link
+        self.slice_bytes = slice_bytes
+        self.connect_timeout = connect_timeout
+        self._sessions: dict[Peer, PeerSession] = {}
+        self._lock = threading.Lock()
+
+    def _n_conns(self) -> int:
+        return self.connections
+
+    def session(self, peer: Peer) -> PeerSession:
+        """The (re)connected session to ``peer``; AuthError if the peer fails authentication."""
+        peer = (peer[0], int(peer[1]))
+        with self._lock:
+            s = self._sessions.get(peer)
+            if s is None or s.error is not None:
+                s = PeerSession(self, peer, self._n_conns())
+                self._sessions[peer] = s
+            return s
+
+    def open(self, peer: Peer, header: TransferHeader) -> SenderStream:
+        """Announce a request to ``peer``; send its layers with ``stream.send`` as they are computed."""
+        return self.session(peer).open(header, None)
+
+    def send_export(self, peer: Peer, export: KVExport) -> SenderStream:
+        """Send a complete export (layer checksums go in the header too); returns the stream."""
+        stream = self.session(peer).open(export.header, export.parts)
+        for part in export.parts:
+            stream.send(part)
+        stream.finish()
+        return stream
+
+    def snapshot(self, peer: Peer) -> LinkSnapshot:
+        """Live link figures for ``peer`` (connects if needed)."""
+        return self.session(peer).snapshot()
+
+    def close(self) -> None:
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for s in sessions:
+            s.close()
+
+    def __enter__(self) -> SenderBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _dispatch_layer(
+        self, session: PeerSession, stream: SenderStream, layer: int, tensors: list[torch.Tensor]
+    ) -> None:
+        raise NotImplementedError
