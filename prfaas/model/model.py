@@ -9,6 +9,7 @@ Two entry points that compute the same function:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -99,9 +100,15 @@ class HybridForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x)).float()
 
     # ----- one engine step ----------------------------------------------------------------------
-    def step(self, seqs: list[SeqInput], cache: CacheTensors) -> torch.Tensor:
+    def step(
+        self,
+        seqs: list[SeqInput],
+        cache: CacheTensors,
+        layer_callback: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
         """Run the new tokens of every sequence through the model, reading and updating ``cache``.
-        Returns the logits of each sequence's last new token: (len(seqs), vocab) fp32."""
+        Returns the logits of each sequence's last new token: (len(seqs), vocab) fp32.
+        ``layer_callback(i)`` runs once layer i's cache entries are written (layer-wise streaming)."""
         if not seqs:
             raise ValueError("step() needs at least one sequence")
         dev = self.lm_head.weight.device
@@ -177,6 +184,8 @@ class HybridForCausalLM(nn.Module):
                     out[offs[i] : offs[i + 1]] = attn.o_proj(
                         attn.attend_expanded(q_nope, q_pe, lat, seqs[i].start)
                     )
+            if layer_callback is not None:
+                layer_callback(li)
             x = layer.ffn(x + out)
         last = torch.tensor([o - 1 for o in offs[1:]], device=dev)
         return self.lm_head(self.model.norm(x[last])).float()

@@ -1,0 +1,410 @@
+"""One node's engine: continuous batching with a per-step token budget, chunked prefill mixed with
+decodes, a hybrid prefix cache, and the roles ``mixed``, ``prefill`` and ``decode``.
+
+* ``mixed``: prefill then decode, end to end.
+* ``prefill``: stops after the prefill (and the first sampled token); the request keeps its cache
+  until ``export_request`` / ``release``. A ``layer_listener`` receives each layer's part as soon as
+  the last prefill chunk has written it (layer-wise streaming).
+* ``decode``: starts from an imported cache (``import_request``) and decodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from prfaas.cache.hashing import hash_chain
+from prfaas.cache.hybrid import CacheConfig, CacheFull, HybridCache
+from prfaas.engine.kv_io import export_layer, validate_export, write_import
+from prfaas.engine.request import Request, RequestOutput, Status
+from prfaas.engine.sampling import SamplingParams
+from prfaas.model.batch import SeqInput
+from prfaas.model.checkpoint import build_model
+from prfaas.model.model import HybridForCausalLM
+from prfaas.model.tokenizer import Tokenizer, load_tokenizer
+from prfaas.transfer.unit import KVExport, LayerPart, TransferHeader
+
+ROLES = ("mixed", "prefill", "decode")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "tiny"
+    role: str = "mixed"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    seed: int = 0  # random weights (presets) and the default sampling seed
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512  # token budget of one step
+    max_model_len: int = 4096
+    block_size: int = 16
+    num_blocks: int | None = None  # default: enough for max_num_seqs sequences of max_model_len / 4
+    checkpoint_interval: int = 64
+    num_checkpoints: int = 64
+    enable_prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_model_len < 2:
+            raise ValueError(
+                "max_num_batched_tokens, max_num_seqs must be >= 1, max_model_len >= 2"
+            )
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        try:
+            return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+                self.dtype
+            ]
+        except KeyError:
+            raise ValueError(f"unsupported dtype {self.dtype!r}") from None
+
+    def cache_config(self) -> CacheConfig:
+        nb = self.num_blocks
+        if nb is None:
+            nb = max(64, self.max_num_seqs * (-(-self.max_model_len // self.block_size)) // 4)
+        return CacheConfig(
+            block_size=self.block_size,
+            num_blocks=nb,
+            max_seqs=self.max_num_seqs,
+            checkpoint_interval=self.checkpoint_interval,
+            num_checkpoints=self.num_checkpoints,
+            enable_prefix_cache=self.enable_prefix_cache,
+        )
+
+
+LayerListener = Callable[[Request, LayerPart], None]
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        model: HybridForCausalLM | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.config = cfg = config or EngineConfig()
+        self.device, self.dtype = cfg.resolved_device(), cfg.resolved_dtype()
+        self.model = model or build_model(cfg.model, self.device, self.dtype, cfg.seed)
+        self.model_config = self.model.config
+        self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
+        self.cache = HybridCache(self.model_config, cfg.cache_config(), self.device, self.dtype)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.prefilled: dict[str, Request] = {}  # prefill role: done, cache held for export
+        self.requests: dict[str, Request] = {}
+        self.layer_listener: LayerListener | None = None
+        self._ids = itertools.count()
+        # counters (tests and metrics)
+        self.num_prefill_tokens_computed = 0
+        self.num_decode_tokens = 0
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    # ----- requests in ------------------------------------------------------------------------
+    def _new_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def _validate_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        limit = self.config.max_model_len
+        if len(prompt) >= limit:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens; this engine accepts at most {limit - 1} "
+                f"(max_model_len {limit})"
+            )
+        need = self.cache.blocks_for(len(prompt) + 1)
+        if need > self.cache.cfg.num_blocks:
+            raise ValueError(
+                f"prompt needs {need} cache blocks; the cache holds only {self.cache.cfg.num_blocks}"
+            )
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ValueError on bad input."""
+        if self.config.role == "decode":
+            raise ValueError("a decode-role engine takes requests only through import_request")
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids, params)
+        rid = request_id or self._new_id()
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} already in use")
+        req = Request(rid, ids, params, self.config.seed * 1_000_003 + zlib.crc32(rid.encode()))
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        self._finish(req, "abort")
+
+    # ----- scheduling -------------------------------------------------------------------------
+    def _chunk(self, req: Request, budget: int) -> int:
+        n = min(req.num_pending, budget)
+        ci = self.cache.cfg.checkpoint_interval
+        if self.cache.cfg.enable_prefix_cache and ci > 0 and req.cache is not None:
+            nxt = (req.num_computed // ci + 1) * ci
+            if req.num_computed + n > nxt and nxt <= req.cache.prompt_len:
+                n = nxt - req.num_computed  # end the chunk on a checkpoint boundary
+        return n
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's cache and queue it to be recomputed from its tokens."""
+        self.running.remove(req)
+        if req.cache is not None:
+            self.cache.close(req.cache)
+            req.cache = None
+        req.num_computed = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _admit(self, req: Request) -> bool:
+        if not self.cache.num_free_slots:
+            return False
+        seq = self.cache.open(req.tokens)
+        if not self.cache.can_reserve(seq, req.num_tokens + 1):
+            self.cache.close(seq)
+            return False
+        self.cache.reserve(seq, req.num_tokens + 1)
+        req.cache = seq
+        req.num_computed = seq.num_cached_tokens
+        if not req.output:
+            req.num_cached_tokens = seq.num_cached_tokens
+        req.status = Status.RUNNING
+        self.running.append(req)
+        return True
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        budget = self.config.max_num_batched_tokens
+        batch: list[tuple[Request, int]] = []
+        # 1. decodes first: one token each, preempting the newest requests if blocks run out
+        for req in list(self.running):
+            if req.in_prefill or budget <= 0 or req not in self.running:
+                continue
+            while not self.cache.can_reserve(req.cache, req.num_tokens + 1):
+                victims = [r for r in self.running if r is not req and (r, 1) not in batch]
+                if not victims:
+                    break
+                self._preempt(victims[-1])
+            if not self.cache.can_reserve(req.cache, req.num_tokens + 1):
+                self._fail(req, "length", None)  # alone and still no room: stop here
+                continue
+            self.cache.reserve(req.cache, req.num_tokens + 1)
+            batch.append((req, 1))
+            budget -= 1
+        # 2. prefills already under way (their prompt blocks were reserved at admission)
+        for req in self.running:
+            if budget <= 0:
+                break
+            if req.in_prefill:
+                n = self._chunk(req, budget)
+                batch.append((req, n))
+                budget -= n
+        # 3. admit waiting requests while slots, blocks and budget last
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if not self._admit(req):
+                break
+            self.waiting.popleft()
+            n = self._chunk(req, budget)
+            batch.append((req, n))
+            budget -= n
+        return batch
+
+    # ----- one step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one batch; returns an output for every request that got a new token
+        or finished."""
+        batch = self._schedule()
+        if not batch:
+            return []
+        self.num_steps += 1
+        now = time.monotonic()
+        seqs = []
+        for req, n in batch:
+            if req.metrics.first_scheduled is None:
+                req.metrics.first_scheduled = now
+            toks = torch.tensor(
+                req.tokens[req.num_computed : req.num_computed + n], dtype=torch.long
+            )
+            seqs.append(SeqInput(toks, req.num_computed, req.cache.blocks, req.cache.slot))
+        callback = self._streaming_callback(batch)
+        logits = self.model.step(seqs, self.cache.tensors, callback)
+        outs: list[RequestOutput] = []
+        for (req, n), lg in zip(batch, logits, strict=True):
+            if req.in_prefill:
+                self.num_prefill_tokens_computed += n
+            else:
+                self.num_decode_tokens += 1
+            req.num_computed += n
+            self.cache.on_computed(req.cache, req.num_computed)
+            if req.num_computed < req.num_tokens:
+                continue  # mid-prefill chunk
+            tok = req.sampler.sample(lg, len(req.output))
+            req.output.append(tok)
+            if req.metrics.first_token is None:
+                req.metrics.first_token = time.monotonic()
+            self._check_stop(req, tok)
+            if req.status == Status.RUNNING and self.config.role == "prefill":
+                self.running.remove(req)
+                req.status = Status.PREFILLED
+                req.finish_reason = "prefilled"
+                self.prefilled[req.request_id] = req
+            outs.append(self._output(req))
+        return outs
+
+    def _streaming_callback(self, batch: list[tuple[Request, int]]) -> Callable[[int], None] | None:
+        if self.config.role != "prefill" or self.layer_listener is None:
+            return None
+        done = [r for r, n in batch if not r.output and r.num_computed + n == r.num_tokens]
+        if not done:
+            return None
+        listener = self.layer_listener
+
+        def on_layer(layer: int) -> None:
+            for r in done:
+                listener(r, export_layer(self.cache, r.cache, layer, 0, r.num_tokens))
+
+        return on_layer
+
+    def _check_stop(self, req: Request, tok: int) -> None:
+        p = req.params
+        eos = self.tokenizer.eos_token_id
+        if tok in p.stop_token_ids or (not p.ignore_eos and eos is not None and tok == eos):
+            self._finish(req, "stop")
+        elif len(req.output) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.prefilled.pop(req.request_id, None)
+        if req.cache is not None:
+            self.cache.close(req.cache)
+            req.cache = None
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.metrics.finished = time.monotonic()
+        self.requests.pop(req.request_id, None)
+
+    def _fail(self, req: Request, reason: str, error: str | None) -> None:
+        req.error = error
+        self._finish(req, reason)
+
+    def _output(self, req: Request) -> RequestOutput:
+        return req.to_output(self.tokenizer.decode(req.output))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ----- prefill → decode hand-off ----------------------------------------------------------
+    def make_header(self, req: Request, token_start: int = 0) -> TransferHeader:
+        bs = self.cache.block_size
+        return TransferHeader(
+            request_id=req.request_id,
+            model_fingerprint=self.model_config.fingerprint(),
+            num_layers=self.model_config.num_hidden_layers,
+            layer_kinds=self.model_config.layer_kinds,
+            token_start=token_start,
+            token_end=len(req.prompt),
+            prompt_token_ids=list(req.prompt),
+            prefix_hashes=hash_chain(req.prompt, bs),
+            first_token=req.output[0] if req.output else None,
+            meta={"seed": req.sampler.seed},
+        )
+
+    def export_request(self, request_id: str, token_start: int = 0) -> KVExport:
+        """The cache of a prefilled request: MLA KV of prompt tokens [token_start, end) and the
+        final KDA/conv states (prefill role)."""
+        req = self.prefilled.get(request_id)
+        if req is None:
+            raise KeyError(f"no prefilled request {request_id!r}")
+        if not 0 <= token_start < len(req.prompt) or token_start % self.cache.block_size:
+            raise ValueError(
+                f"token_start {token_start} must be block aligned and inside the prompt"
+            )
+        parts = [
+            export_layer(self.cache, req.cache, i, token_start, len(req.prompt))
+            for i in range(self.model_config.num_hidden_layers)
+        ]
+        return KVExport(self.make_header(req, token_start), parts)
+
+    def release(self, request_id: str) -> None:
+        """Free a prefilled request's cache (after its export was sent, or on error)."""
+        req = self.prefilled.get(request_id)
+        if req is not None:
+            self._finish(req, "prefilled")
+
+    def import_request(
+        self, exp: KVExport, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestOutput:
+        """Continue decoding a request from an imported cache (decode or mixed role). Everything is
+        validated before the cache is touched; the prefix before ``token_start`` must be in this
+        node's prefix cache."""
+        if self.config.role == "prefill":
+            raise ValueError("a prefill-role engine cannot import requests")
+        validate_export(self.model_config, exp)
+        h = exp.header
+        params = params or SamplingParams()
+        prompt = list(h.prompt_token_ids)
+        self._validate_prompt(prompt, params)
+        rid = request_id or h.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} already in use")
+        if len(self.running) >= self.config.max_num_seqs or not self.cache.num_free_slots:
+            raise CacheFull("no free request slot for an imported request")
+        seq = self.cache.open(prompt, need_state=False, max_reuse=h.token_start)
+        if seq.num_cached_tokens != h.token_start:
+            self.cache.close(seq)
+            raise ValueError(
+                f"import starts at token {h.token_start} but only {seq.num_cached_tokens} prompt "
+                "tokens are in this node's prefix cache"
+            )
+        if not self.cache.can_reserve(seq, len(prompt) + 1):
+            self.cache.close(seq)
+            raise CacheFull("no cache blocks free for an imported request")
+        self.cache.reserve(seq, len(prompt) + 1)
+        write_import(self.cache, seq, exp)
+        seed = h.meta.get("seed", self.config.seed)
+        req = Request(rid, prompt, params, seed)
+        req.sampler.seed = params.seed if params.seed is not None else seed
+        req.cache = seq
+        req.num_computed = len(prompt)
+        req.num_cached_tokens = h.token_start
+        req.output = [int(h.first_token)]
+        req.metrics.first_token = time.monotonic()
+        req.status = Status.RUNNING
+        self.cache.on_computed(seq, len(prompt))
+        self.requests[rid] = req
+        self.running.append(req)
+        self._check_stop(req, req.output[0])
+        return self._output(req)

@@ -1,0 +1,91 @@
+"""Export a request's cache from a HybridCache and import one into it (the prefill → decode hand-off).
+
+What is exported: the MLA latent KV of tokens [token_start, token_end) and the KDA recurrent + short-conv
+state at the end of the prefill. Imports are validated completely before the cache is touched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prfaas.cache.hybrid import HybridCache, SeqCache
+from prfaas.model.config import ModelConfig
+from prfaas.transfer.unit import KVExport, LayerPart
+
+
+class ImportMismatch(ValueError):
+    """An imported cache does not fit this node's model or cache."""
+
+
+def export_layer(
+    cache: HybridCache, seq: SeqCache, layer: int, token_start: int, token_end: int
+) -> LayerPart:
+    """The part of model layer ``layer`` (copied out of the cache, on the CPU)."""
+    model = cache.model
+    kind = model.layer_kind(layer)
+    if kind == "mla":
+        j = model.mla_layers.index(layer)
+        flat = cache.tensors.mla_kv[j].view(-1, model.latent_dim)
+        kv = flat[cache.rows(seq, token_start, token_end)].cpu()
+        return LayerPart(layer, "mla", {"kv": kv})
+    j = model.kda_layers.index(layer)
+    return LayerPart(
+        layer,
+        "kda",
+        {
+            "state": cache.tensors.kda_state[j][seq.slot].cpu().clone(),
+            "conv": cache.tensors.conv_state[j][seq.slot].cpu().clone(),
+        },
+    )
+
+
+def expected_shapes(model: ModelConfig, layer: int, num_tokens: int) -> dict[str, tuple[int, ...]]:
+    if model.layer_kind(layer) == "mla":
+        return {"kv": (num_tokens, model.latent_dim)}
+    H, D, W = model.kda_num_heads, model.kda_head_dim, model.kda_width
+    return {"state": (H, D, D), "conv": (3, W, model.short_conv_kernel_size - 1)}
+
+
+def validate_export(model: ModelConfig, exp: KVExport) -> None:
+    h = exp.header
+    if h.model_fingerprint != model.fingerprint():
+        raise ImportMismatch(
+            f"model fingerprint {h.model_fingerprint} != this node's {model.fingerprint()}"
+        )
+    if h.num_layers != model.num_hidden_layers or list(h.layer_kinds) != model.layer_kinds:
+        raise ImportMismatch("layer count or kinds differ from this node's model")
+    if not 0 <= h.token_start < h.token_end or h.token_end != len(h.prompt_token_ids):
+        raise ImportMismatch(
+            f"bad token range [{h.token_start}, {h.token_end}) for a "
+            f"{len(h.prompt_token_ids)}-token prompt"
+        )
+    if h.first_token is None:
+        raise ImportMismatch("export carries no first token")
+    if [p.layer for p in exp.parts] != list(range(model.num_hidden_layers)):
+        raise ImportMismatch("export must hold exactly one part per layer, in order")
+    n = h.token_end - h.token_start
+    for p in exp.parts:
+        want = expected_shapes(model, p.layer, n)
+        got = {k: tuple(t.shape) for k, t in p.tensors.items()}
+        if p.kind != model.layer_kind(p.layer) or got != want:
+            raise ImportMismatch(f"layer {p.layer}: got {p.kind} {got}, expected {want}")
+        for k, t in p.tensors.items():
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ImportMismatch(f"layer {p.layer} tensor {k!r} is not finite floating point")
+
+
+def write_import(cache: HybridCache, seq: SeqCache, exp: KVExport) -> None:
+    """Write a validated export into a request's blocks and state slot."""
+    model = cache.model
+    h = exp.header
+    rows = cache.rows(seq, h.token_start, h.token_end)
+    for p in exp.parts:
+        if p.kind == "mla":
+            j = model.mla_layers.index(p.layer)
+            flat = cache.tensors.mla_kv[j].view(-1, model.latent_dim)
+            flat[rows] = p.tensors["kv"].to(flat.device, flat.dtype)
+        else:
+            j = model.kda_layers.index(p.layer)
+            st, cv = cache.tensors.kda_state[j], cache.tensors.conv_state[j]
+            st[seq.slot] = p.tensors["state"].to(st.device, st.dtype)
+            cv[seq.slot] = p.tensors["conv"].to(cv.device, cv.dtype)

@@ -1,0 +1,87 @@
+"""A request inside the engine and what the engine reports of it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from prfaas.cache.hybrid import SeqCache
+from prfaas.engine.sampling import Sampler, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"  # prefilling or decoding
+    PREFILLED = "prefilled"  # prefill role: done, cache held for export
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "prefilled" | "error"
+    num_cached_tokens: int
+    text: str = ""
+    error: str | None = None
+    metrics: RequestMetrics | None = None
+
+
+class Request:
+    def __init__(
+        self, request_id: str, prompt: list[int], params: SamplingParams, default_seed: int
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = list(prompt)
+        self.params = params
+        self.sampler = Sampler(params, default_seed)
+        self.output: list[int] = []
+        self.status = Status.WAITING
+        self.cache: SeqCache | None = None
+        self.num_computed = 0  # tokens whose KV/state is in the cache
+        self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.metrics = RequestMetrics()
+        self.num_preemptions = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def num_pending(self) -> int:
+        """Known tokens not yet in the cache (the next step's input)."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_pending > 1 or not self.output
+
+    def to_output(self, text: str = "") -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt,
+            token_ids=list(self.output),
+            finished=self.status in (Status.FINISHED, Status.PREFILLED),
+            finish_reason=self.finish_reason,
+            num_cached_tokens=self.num_cached_tokens,
+            text=text,
+            error=self.error,
+            metrics=self.metrics,
+        )
