@@ -1,0 +1,347 @@
+"""Routing policies: one implementation for the simulator and the live router.
+
+A policy reads a :class:`~prfaas.scheduling.types.RequestInfo` and the observable
+:class:`~prfaas.scheduling.types.SystemState` and returns a
+:class:`~prfaas.scheduling.types.RouteDecision`; ``on_tick`` lets it adapt (short-term threshold
+re-search, long-term role rebalancing) and returns role-switch actions.  Instances inside a cluster are
+picked by least load (prefill: earliest estimated queue drain, with prefix-cache affinity when the
+cache owner is within ``affinity_slack_s``; decode: fewest assigned requests per slot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from prfaas.scheduling.lengths import Empirical
+from prfaas.scheduling.planner import Fleet, best_threshold
+from prfaas.scheduling.types import (
+    INF,
+    ClusterState,
+    RequestInfo,
+    Role,
+    RoleSwitch,
+    RouteDecision,
+    SystemState,
+)
+
+CACHE_MODES = ("oblivious", "scarce", "abundant", "auto")
+
+
+def _pick_prefill(
+    cs: ClusterState, req: RequestInfo, now: float, affinity_slack_s: float, cached: int
+) -> int:
+    pool = cs.prefill
+    if pool is None:
+        raise ValueError(f"cluster {cs.name!r} has no prefill instances")
+    i = pool.least_loaded()
+    if i < 0:
+        raise ValueError(f"cluster {cs.name!r}: no prefill instance accepts work")
+    if cached and affinity_slack_s > 0 and cs.prefix is not None and req.hash_ids:
+        owner = cs.prefix.owner(req.hash_ids, cached // cs.prefix.block_tokens)
+        if owner >= 0:
+            bu = pool.busy_until
+            if bu[owner] != INF and max(bu[owner], now) - max(bu[i], now) <= affinity_slack_s:
+                return owner
+    return i
+
+
+def _pick_decode(cs: ClusterState) -> int:
+    if cs.decode is None:
+        raise ValueError(f"cluster {cs.name!r} has no decode instances")
+    d = cs.decode.least_loaded()
+    if d < 0:
+        raise ValueError(f"cluster {cs.name!r}: no decode instance accepts work")
+    return d
+
+
+class Policy:
+    """Base class: ``decide`` routes a request, ``on_tick`` adapts (default: nothing)."""
+
+    name = "policy"
+    threshold: float | None = None
+
+    def decide(self, req: RequestInfo, state: SystemState) -> RouteDecision:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_tick(self, now: float, state: SystemState) -> list[RoleSwitch]:
+        return []
+
+
+class HomogeneousPD(Policy):
+    """Everything in one PD cluster: PD-P prefills, PD-D decodes, KV over RDMA."""
+
+    name = "homogeneous-pd"
+
+    def __init__(self, pd: str = "pd", affinity_slack_s: float = 1.0) -> None:
+        self.pd = pd
+        self.affinity_slack_s = affinity_slack_s
+
+    def decide(self, req: RequestInfo, state: SystemState) -> RouteDecision:
+        cs = state.clusters[self.pd]
+        cached = state.cached_prefix(self.pd, req)
+        i = _pick_prefill(cs, req, state.now, self.affinity_slack_s, cached)
+        d = _pick_decode(cs)
+        return RouteDecision(self.pd, i, self.pd, d, req.prompt_len - cached, cached, reason="pd")
+
+
+class NaiveHeterogeneous(Policy):
+    """All prefill in the PrfaaS cluster, all decode in the PD cluster; no length routing."""
+
+    name = "naive-heterogeneous"
+
+    def __init__(
+        self, prfaas: str = "prfaas", pd: str = "pd", affinity_slack_s: float = 1.0
+    ) -> None:
+        self.prfaas, self.pd = prfaas, pd
+        self.affinity_slack_s = affinity_slack_s
+
+    def decide(self, req: RequestInfo, state: SystemState) -> RouteDecision:
+        cached = state.cached_prefix(self.prfaas, req)
+        i = _pick_prefill(
+            state.clusters[self.prfaas], req, state.now, self.affinity_slack_s, cached
+        )
+        d = _pick_decode(state.clusters[self.pd])
+        return RouteDecision(
+            self.prfaas, i, self.pd, d, req.prompt_len - cached, cached, reason="all-prfaas"
+        )
+
+
+@dataclass
+class ShortTermAdaptation:
+    """Paper §scheduling, short term: when PrfaaS egress utilisation nears ``util_hi``, the link
+    capacity estimate moves by more than ``capacity_change``, or one prefill side's queue surges past
+    ``surge_s`` seconds of backlog per instance, re-search t with the planner over the recent
+    post-match length window.  ``fleet`` holds profiles and the output length; instance counts and
+    link bandwidth come from the state at search time."""
+
+    fleet: Fleet
+    util_hi: float = 0.8
+    capacity_change: float = 0.15
+    surge_s: float = 10.0
+    cooldown_s: float = 10.0
+    min_samples: int = 200
+    grid_points: int = 256
+    last_search_s: float = -INF
+    last_capacity: float | None = None
+    searches: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.util_hi <= 1 and self.capacity_change > 0 and self.surge_s > 0):
+            raise ValueError("need 0 < util_hi <= 1, capacity_change > 0 and surge_s > 0")
+        if self.cooldown_s < 0 or self.min_samples < 2 or self.grid_points < 2:
+            raise ValueError("need cooldown_s >= 0, min_samples >= 2 and grid_points >= 2")
+
+
+@dataclass
+class LongTermRebalancing:
+    """Paper §scheduling, long term: every ``period_s``, if decode is the bottleneck (decode requests
+    waiting per slot above ``decode_wait_hi`` while prefill backlog per instance is below ``prefill_lo_s``)
+    switch one PD-P node to PD-D; if prefill is (backlog above ``prefill_hi_s`` and decode slots used
+    below ``decode_util_lo`` of what would remain) switch one PD-D node to PD-P.  Keeps at least
+    ``min_each`` nodes per role."""
+
+    period_s: float = 60.0
+    decode_wait_hi: float = 0.5
+    prefill_lo_s: float = 5.0
+    prefill_hi_s: float = 30.0
+    decode_util_lo: float = 0.7
+    min_each: int = 1
+    last_s: float = -INF
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0 or self.min_each < 1 or not 0 < self.decode_util_lo <= 1:
+            raise ValueError("need period_s > 0, min_each >= 1 and 0 < decode_util_lo <= 1")
+
+
+class PrfaaSPolicy(Policy):
+    """Length-threshold routing between a PrfaaS cluster and a PD cluster.
+
+    ``cache_mode``: ``"oblivious"`` routes on the prompt length (the computing cluster still reuses
+    its own cache); ``"scarce"`` on ``l_total - l_pd``; ``"abundant"`` on ``l_total - max(l_prfaas,
+    l_pd)`` and copies the longer prefix to the computing cluster; ``"auto"`` is abundant while the
+    PrfaaS→PD link utilisation is below ``abundant_util`` and scarce otherwise.  ``threshold=None``
+    with ``adaptive`` starts from the first search.
+    """
+
+    def __init__(
+        self,
+        threshold: float | None,
+        prfaas: str = "prfaas",
+        pd: str = "pd",
+        cache_mode: str = "scarce",
+        abundant_util: float = 0.5,
+        adaptive: ShortTermAdaptation | None = None,
+        rebalance: LongTermRebalancing | None = None,
+        affinity_slack_s: float = 1.0,
+        name: str | None = None,
+    ) -> None:
+        if cache_mode not in CACHE_MODES:
+            raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
+        if threshold is not None and not (threshold >= 0 and math.isfinite(threshold)):
+            raise ValueError(f"threshold must be finite and >= 0, got {threshold}")
+        if threshold is None and adaptive is None:
+            raise ValueError("a fixed-threshold PrfaaS policy needs a threshold")
+        if not 0 <= abundant_util <= 1:
+            raise ValueError("abundant_util must be in [0, 1]")
+        self.threshold = threshold
+        self.prfaas, self.pd = prfaas, pd
+        self.cache_mode = cache_mode
+        self.abundant_util = abundant_util
+        self.adaptive = adaptive
+        self.rebalance = rebalance
+        self.affinity_slack_s = affinity_slack_s
+        self.history: list[tuple[float, float | None, str]] = []
+        self._force_search = False
+        parts = ["prfaas", "adaptive" if adaptive else "fixed"]
+        if cache_mode != "scarce":
+            parts.append(cache_mode)
+        if rebalance:
+            parts.append("rebalance")
+        self.name = name or "-".join(parts)
+
+    # ---- routing ---------------------------------------------------------------------------
+    def decide(self, req: RequestInfo, state: SystemState) -> RouteDecision:
+        t = self.threshold if self.threshold is not None else INF
+        L = req.prompt_len
+        l_f = state.cached_prefix(self.prfaas, req)
+        l_p = state.cached_prefix(self.pd, req)
+        mode = self.cache_mode
+        if mode == "auto":
+            link = state.links.get((self.prfaas, self.pd))
+            scarce = link is not None and link.utilisation >= self.abundant_util
+            mode = "scarce" if scarce else "abundant"
+        copy_from, copy_tokens = None, 0
+        if mode == "oblivious":
+            to_prfaas = t < L
+            cached = l_f if to_prfaas else l_p
+        elif mode == "scarce":
+            to_prfaas = L - l_p > t
+            cached = l_f if to_prfaas else l_p
+        else:  # abundant
+            best = max(l_f, l_p)
+            to_prfaas = L - best > t
+            cached = best
+            local = l_f if to_prfaas else l_p
+            if best > local:
+                copy_from = self.pd if to_prfaas else self.prfaas
+                copy_tokens = best - local
+        if to_prfaas and state.clusters[self.prfaas].prefill.least_loaded() < 0:
+            to_prfaas, cached, copy_from, copy_tokens = False, l_p, None, 0
+        where = self.prfaas if to_prfaas else self.pd
+        own = cached - copy_tokens
+        i = _pick_prefill(state.clusters[where], req, state.now, self.affinity_slack_s, own)
+        d = _pick_decode(state.clusters[self.pd])
+        reason = f"{mode}: uncached {L - cached} {'>' if to_prfaas else '<='} t={t:g}"
+        return RouteDecision(
+            where, i, self.pd, d, L - cached, cached, copy_from, copy_tokens, reason
+        )
+
+    # ---- adaptation ------------------------------------------------------------------------
+    def on_tick(self, now: float, state: SystemState) -> list[RoleSwitch]:
+        actions: list[RoleSwitch] = []
+        if self.rebalance is not None:
+            actions = self._rebalance(now, state)
+            if actions:
+                self._force_search = True
+        if self.adaptive is not None:
+            self._adapt(now, state)
+        return actions
+
+    def _counts(self, state: SystemState) -> tuple[int, int, int]:
+        f = state.clusters[self.prfaas].prefill
+        pd = state.clusters[self.pd]
+        n_f = len(f.active()) if f is not None else 0
+        n_p = sum(1 for r in pd.roles if r is Role.PREFILL)
+        n_d = sum(1 for r in pd.roles if r is Role.DECODE)
+        return n_f, n_p, n_d
+
+    def _adapt(self, now: float, state: SystemState) -> None:
+        a = self.adaptive
+        link = state.links.get((self.prfaas, self.pd))
+        cap = link.capacity_gbps if link is not None else a.fleet.link_gbps
+        why = ""
+        if self.threshold is None:
+            why = "initial"
+        elif self._force_search:
+            why = "roles changed"
+        elif (
+            a.last_capacity is not None
+            and abs(cap - a.last_capacity) > a.capacity_change * a.last_capacity
+        ):
+            why = f"link capacity {a.last_capacity:.1f}->{cap:.1f} Gbps"
+        elif link is not None and link.utilisation >= a.util_hi:
+            why = f"egress utilisation {link.utilisation:.2f}"
+        else:
+            f = state.clusters[self.prfaas].prefill
+            p = state.clusters[self.pd].prefill
+            nf, np_ = len(f.active()), len(p.active()) if p is not None else 0
+            bf = f.backlog_s(now) / nf if nf else 0.0
+            bp = p.backlog_s(now) / np_ if np_ else 0.0
+            if max(bf, bp) > a.surge_s:
+                why = f"queue surge {bf:.1f}s/{bp:.1f}s per instance"
+        if (
+            not why
+            or now - a.last_search_s < a.cooldown_s
+            or len(state.recent_uncached) < a.min_samples
+        ):
+            return
+        samples = np.fromiter(state.recent_uncached, dtype=float)
+        n_f, n_p, n_d = self._counts(state)
+        fleet = replace(a.fleet, n_prfaas=n_f, n_p=n_p, n_d=max(n_d, 0), link_gbps=max(cap, 1e-3))
+        grid = np.unique(np.quantile(samples, np.linspace(0, 1, a.grid_points)))
+        grid = np.concatenate([[0.0], grid])
+        new = best_threshold(Empirical(samples), fleet, grid).threshold
+        a.last_search_s = now
+        a.last_capacity = cap
+        a.searches += 1
+        self._force_search = False
+        if new != self.threshold:
+            self.history.append((now, new, why))
+        self.threshold = new
+
+    def _rebalance(self, now: float, state: SystemState) -> list[RoleSwitch]:
+        rb = self.rebalance
+        if now - rb.last_s < rb.period_s:
+            return []
+        rb.last_s = now
+        pd = state.clusters[self.pd]
+        if pd.prefill is None or pd.decode is None:
+            return []
+        _, n_p, n_d = self._counts(state)
+        pool, dpool = pd.prefill, pd.decode
+        active_p = pool.active()
+        backlog = pool.backlog_s(now) / len(active_p) if active_p else INF
+        slots = sum(dpool.bs_max)
+        wait_per_slot = sum(dpool.waiting) / slots if slots else INF
+        if wait_per_slot > rb.decode_wait_hi and backlog < rb.prefill_lo_s and n_p > rb.min_each:
+            i = min(active_p, key=lambda k: pool.busy_until[k])
+            return [RoleSwitch(self.pd, i, Role.DECODE, f"decode waiting {wait_per_slot:.2f}/slot")]
+        bs = max(dpool.bs_max) if slots else 0
+        if backlog > rb.prefill_hi_s and n_d > rb.min_each and bs:
+            used = sum(dpool.slots_used)
+            if used <= rb.decode_util_lo * (slots - bs):
+                cands = [
+                    k for k, ld in enumerate(dpool.load) if ld != INF and pd.roles[k] is Role.DECODE
+                ]
+                if cands:
+                    k = min(cands, key=lambda j: dpool.load[j])
+                    return [RoleSwitch(self.pd, k, Role.PREFILL, f"prefill backlog {backlog:.1f}s")]
+        return []
+
+
+def make_policy(name: str, threshold: float | None = None, **kw) -> Policy:
+    """Build a policy by name: ``homogeneous``, ``naive``, ``prfaas`` (fixed t), ``adaptive``."""
+    if name in ("homogeneous", "homogeneous-pd"):
+        return HomogeneousPD(**kw)
+    if name in ("naive", "naive-heterogeneous"):
+        return NaiveHeterogeneous(**kw)
+    if name in ("prfaas", "prfaas-fixed"):
+        return PrfaaSPolicy(threshold, **kw)
+    if name in ("adaptive", "prfaas-adaptive"):
+        if "adaptive" not in kw:
+            raise ValueError("the adaptive policy needs adaptive=ShortTermAdaptation(fleet)")
+        return PrfaaSPolicy(threshold, **kw)
+    raise ValueError(f"unknown policy {name!r} (homogeneous, naive, prfaas, adaptive)")
