@@ -1,0 +1,140 @@
+"""Mooncake backend: header, checksums and acks travel over our authenticated TCP control
+connection; the bulk layer bytes are written by Mooncake's TransferEngine (TCP transport) straight
+into the receiver's per-request buffer, which is registered only while that request is in flight.
+
+Flow: HEADER -> receiver validates, allocates, registers, replies BUFFER(target, addr) -> sender
+writes each layer with ``batch_transfer_sync_write`` then sends COMMIT(layer, crc) -> receiver
+verifies -> DONE.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from prfaas.transfer import wire
+from prfaas.transfer.auth import BACKEND_CODES
+from prfaas.transfer.errors import BackendError, FrameError
+from prfaas.transfer.receiver import Assembly, ReceiverBase, _Session
+from prfaas.transfer.sender import PeerSession, SenderBase, SenderStream
+
+
+def _engine(host: str):  # type: ignore[no-untyped-def]
+    try:
+        from mooncake.engine import TransferEngine
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise BackendError(
+            "mooncake backend needs mooncake-transfer-engine-non-cuda (pip extra 'mooncake')"
+        ) from e
+    eng = TransferEngine()
+    rc = eng.initialize(host, "P2PHANDSHAKE", "tcp", "")
+    if rc != 0:
+        raise BackendError(f"mooncake TransferEngine.initialize failed with {rc}")
+    return eng
+
+
+class MooncakeSender(SenderBase):
+    """Sender whose bulk bytes go through a Mooncake TransferEngine (one control connection)."""
+
+    backend_code = BACKEND_CODES["mooncake"]
+
+    def __init__(self, *args, local_host: str = "127.0.0.1", **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._local_host = local_host
+        self._eng = None
+        self._eng_lock = threading.Lock()
+
+    def _n_conns(self) -> int:
+        return 1
+
+    def engine(self):  # type: ignore[no-untyped-def]
+        with self._eng_lock:
+            if self._eng is None:
+                self._eng = _engine(self._local_host)
+            return self._eng
+
+    def _dispatch_layer(
+        self, session: PeerSession, stream: SenderStream, layer: int, tensors: list[torch.Tensor]
+    ) -> None:
+        if not stream.buffer_ready.wait(self.connect_timeout):
+            raise BackendError(f"no receive buffer for {stream.request_id!r} in time")
+        if stream.done or stream.buffer is None:
+            return
+        try:
+            target, base = str(stream.buffer["target"]), int(stream.buffer["addr"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FrameError(f"malformed BUFFER reply: {e}") from e
+        crc = wire.part_crc32(tensors)
+        eng = self.engine()
+        srcs, dsts, lens = [], [], []
+        for ti, t in enumerate(tensors):
+            n = t.numel() * t.element_size()
+            dst = base + stream.wire_header.offsets[layer][ti]
+            for off in range(0, n, self.slice_bytes):
+                srcs.append(t.data_ptr() + off)
+                dsts.append(dst + off)
+                lens.append(min(self.slice_bytes, n - off))
+        if session.link is None and srcs:
+            rc = eng.batch_transfer_sync_write(target, srcs, dsts, lens)
+            if rc != 0:
+                raise BackendError(f"mooncake write of layer {layer} failed ({rc})")
+        else:
+            for s, d, n in zip(srcs, dsts, lens, strict=True):
+                session.link.transmit(n)  # type: ignore[union-attr]
+                rc = eng.transfer_sync_write(target, s, d, n)
+                if rc != 0:
+                    raise BackendError(f"mooncake write of layer {layer} failed ({rc})")
+        nbytes = sum(lens)
+        session.monitor.add_sent(nbytes)
+        with stream._lock:
+            stream.stats.payload_bytes += nbytes
+            stream.stats.bulk_bytes += nbytes
+        commit = wire.COMMIT.pack(stream.stream_id, layer, nbytes, crc)
+        session.enqueue(0, [wire.frame(wire.COMMIT_T, commit)], stream, "commit", 0)
+
+
+class MooncakeReceiver(ReceiverBase):
+    """Receiver for ``MooncakeSender``: registers each request's buffer with its TransferEngine."""
+
+    backend_code = BACKEND_CODES["mooncake"]
+
+    def start(self) -> MooncakeReceiver:
+        self._eng = _engine(self.host)
+        self._target = f"{self.host}:{self._eng.get_rpc_port()}"
+        self.registered: set[int] = set()
+        super().start()
+        return self
+
+    def _on_allocated(self, session: _Session, asm: Assembly) -> None:
+        assert asm.buf is not None
+        addr = asm.buf.data_ptr()
+        if asm.wh.buffer_nbytes:
+            rc = self._eng.register_memory(addr, asm.wh.buffer_nbytes)
+            if rc != 0:
+                raise BackendError(f"mooncake register_memory failed ({rc})")
+            self.registered.add(addr)
+        asm.handle = addr
+        self._reply(
+            session,
+            wire.BUFFER,
+            {"stream_id": asm.wh.stream_id, "target": self._target, "addr": addr},
+        )
+
+    def _on_commit(self, asm: Assembly, layer: int, nbytes: int) -> None:
+        if asm.received[layer]:
+            raise FrameError(f"second COMMIT for layer {layer}")
+        now = time.time()
+        if asm.first_data_at is None:
+            asm.first_data_at = now
+        asm.received[layer] = nbytes
+        asm.payload_in += nbytes
+        if asm.payload_in == asm.wh.payload_nbytes:
+            asm.last_byte_at = now
+
+    def _on_freed(self, asm: Assembly) -> None:
+        addr = asm.handle
+        if isinstance(addr, int) and addr in self.registered:
+            self._eng.unregister_memory(addr)
+            self.registered.discard(addr)
