@@ -174,6 +174,10 @@ class ReceiverBase:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        """The one place a request's receive buffer is allocated (after validation)."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+
     # --- backend hooks
     def _on_allocated(self, session: _Session, asm: Assembly) -> None:
         """Called once a request's buffer exists (mooncake registers and replies here)."""
@@ -248,16 +252,24 @@ class ReceiverBase:
             self._fail_session(session, e)
         except OSError as e:
             self._fail_session(session, PeerClosed(str(e)))
+        else:  # clean close at a frame boundary: only unfinished requests are reported
+            self._fail_session(session, PeerClosed("peer closed the connection"), report=False)
 
     def _read_loop(self, session: _Session, sock: socket.socket) -> None:
         allowed = {wire.HEADER, wire.DATA, wire.COMMIT_T, wire.ABORT}
         while True:
+            head = bytearray(wire.FRAME_HEAD.size)
             try:
-                ftype, size = wire.read_frame(sock, allowed)
-            except PeerClosed:
+                got = sock.recv_into(head)
+            except OSError as e:
                 if session.closed:
                     return
-                raise
+                raise PeerClosed(f"connection lost: {e}") from e
+            if got == 0:
+                return
+            if got < len(head):
+                wire.recv_into_exact(sock, memoryview(head)[got:])
+            ftype, size = wire.parse_frame_head(head, allowed)
             if ftype == wire.DATA:
                 self._handle_data(session, sock, size)
             elif ftype == wire.HEADER:
@@ -271,7 +283,7 @@ class ReceiverBase:
                     msg = f"sender aborted {asm.wh.header.request_id!r}: {o.get('message')}"
                     self._fail_stream(session, asm, AbortedError(msg), notify=False)
 
-    def _fail_session(self, session: _Session, error: TransferError) -> None:
+    def _fail_session(self, session: _Session, error: TransferError, report: bool = True) -> None:
         with session.cond:
             if session.closed:
                 return
@@ -286,7 +298,7 @@ class ReceiverBase:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
-        if not streams and not isinstance(error, PeerClosed):
+        if report and not streams:
             self._report(TransferFailure(None, error, session.peer))
 
     # --- requests
@@ -315,7 +327,7 @@ class ReceiverBase:
             self._reply(session, wire.DONE, self._done_obj(sid, e))
             self._report(TransferFailure(rid, e, session.peer))
             return
-        buf = torch.empty(wh.buffer_nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        buf = self._allocate(wh.buffer_nbytes)
         n_layers = len(wh.layers)
         asm = Assembly(
             wh,
