@@ -309,7 +309,7 @@ def cache(
         "modes": {},
     }
     rows = []
-    for tname, t in (("trace", t_trace), ("case", t_case)):
+    for t in (t_trace, t_case):
         for mode in ("oblivious", "scarce", "abundant", "auto"):
             pol = PrfaaSPolicy(t, cache_mode=mode, name=f"prfaas-{mode}")
             r = Simulator(s.deployment, pol).run(w)
