@@ -13,6 +13,7 @@ from prfaas.scheduling.plan_report import (
     format_extras,
     format_link_sweep,
     format_table,
+    format_vs_paper,
     plot_figure5,
     plot_link_sweep,
 )
@@ -74,6 +75,7 @@ def build(args: argparse.Namespace) -> tuple[dict, str, str]:
     ]
     if cfg.paper:
         result["paper"] = cfg.paper
+        md += ["", "## Model vs paper", "", format_vs_paper(result, cfg.paper)]
     if args.link_sweep:
         rows = link_sweep(cfg, _links(args, cfg), grid)
         result["link_sweep"] = rows

@@ -203,3 +203,30 @@ def plot_link_sweep(rows: list[dict], out_dir: str | Path) -> Path:
     fig.savefig(p, dpi=120)
     plt.close(fig)
     return p
+
+
+def format_vs_paper(result: dict, paper: dict) -> str:
+    """Markdown table: model figures next to the paper's (relative difference)."""
+    keys = (
+        "threshold",
+        "theta_prfaas",
+        "theta_pd_p",
+        "theta_pd_d",
+        "lambda_max",
+        "offload_fraction",
+        "egress_gbps",
+        "ratio",
+    )
+    lines = ["| system | quantity | model | paper | diff |", "| --- | --- | --- | --- | --- |"]
+    for name, ref in paper.items():
+        got = result["systems"].get(name)
+        if not isinstance(ref, dict) or got is None:
+            continue
+        for k in keys:
+            if ref.get(k) is None or got.get(k) is None:
+                continue
+            m, p = float(got[k]), float(ref[k])
+            diff = f"{100 * (m - p) / p:+.1f}%" if p else "—"
+            ms = f"{m:.0f}" if k == "threshold" else f"{m:.4g}"
+            lines.append(f"| {NAMES.get(name, name)} | {k} | {ms} | {p:g} | {diff} |")
+    return "\n".join(lines)
