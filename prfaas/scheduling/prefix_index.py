@@ -57,8 +57,8 @@ class PrefixIndex:
         return n
 
     def match_tokens(self, hash_ids: Sequence[int], prompt_len: int) -> int:
-        """Cached prefix in tokens, capped so that at least one token is left to compute."""
-        n = self.match_blocks(hash_ids)
+        """Cached prefix in tokens: whole blocks of the prompt only, at least one token left."""
+        n = self.match_blocks(hash_ids[: prompt_len // self.block_tokens])
         return min(n * self.block_tokens, max(prompt_len - 1, 0))
 
     def owner(self, hash_ids: Sequence[int], n_blocks: int) -> int:
@@ -71,7 +71,7 @@ class PrefixIndex:
         """Like :meth:`match_tokens` but counts the lookup in the hit statistics and touches LRU."""
         blocks = self._blocks
         n = 0
-        for h in hash_ids:
+        for h in hash_ids[: prompt_len // self.block_tokens]:
             if h not in blocks:
                 break
             blocks.move_to_end(h)

@@ -50,7 +50,7 @@ def _table(fn, max_len: int):
 
     def f(length: int) -> float:
         k = length // step
-        if k >= n - 1:
+        if k == 0 or k >= n - 1:
             return float(fn(float(length)))
         y0 = ys_l[k]
         return y0 + (ys_l[k + 1] - y0) * (length - k * step) / step
