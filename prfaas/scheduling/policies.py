@@ -262,6 +262,8 @@ class PrfaaSPolicy(Policy):
         a = self.adaptive
         link = state.links.get((self.prfaas, self.pd))
         cap = link.capacity_gbps if link is not None else a.fleet.link_gbps
+        if a.last_capacity is None:
+            a.last_capacity = cap
         why = ""
         if self.threshold is None:
             why = "initial"
