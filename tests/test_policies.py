@@ -130,7 +130,9 @@ def test_short_term_adaptation_researches_t_with_planner_on_capacity_drop():
     pd = st.clusters["pd"]  # 2 prefill, 2 decode nodes; PrfaaS has 2 active instances
     samples = np.random.default_rng(0).lognormal(9.9, 1.0, 500).clip(128, 131072).round()
     st.recent_uncached.extend(samples.tolist())
-    pol = PrfaaSPolicy(19400, adaptive=ShortTermAdaptation(fleet(), cooldown_s=0.0))
+    pol = PrfaaSPolicy(
+        19400, adaptive=ShortTermAdaptation(fleet(), cooldown_s=0.0, bandwidth_headroom=1.0)
+    )
     pol.on_tick(1.0, st)  # nothing triggers
     assert pol.threshold == 19400 and pol.adaptive.searches == 0
     pol.on_tick(2.0, st)

@@ -124,6 +124,9 @@ class ShortTermAdaptation:
     cooldown_s: float = 10.0
     min_samples: int = 200
     grid_points: int = 256
+    bandwidth_headroom: float = 0.9  # plan with this share of the estimated link capacity
+    util_smoothing: float = 0.1  # EWMA weight of each new utilisation reading
+    util_ewma: float = 0.0
     last_search_s: float = -INF
     last_capacity: float | None = None
     searches: int = 0
@@ -133,6 +136,8 @@ class ShortTermAdaptation:
             raise ValueError("need 0 < util_hi <= 1, capacity_change > 0 and surge_s > 0")
         if self.cooldown_s < 0 or self.min_samples < 2 or self.grid_points < 2:
             raise ValueError("need cooldown_s >= 0, min_samples >= 2 and grid_points >= 2")
+        if not (0 < self.bandwidth_headroom <= 1 and 0 < self.util_smoothing <= 1):
+            raise ValueError("need 0 < bandwidth_headroom <= 1 and 0 < util_smoothing <= 1")
 
 
 @dataclass
@@ -264,6 +269,8 @@ class PrfaaSPolicy(Policy):
         cap = link.capacity_gbps if link is not None else a.fleet.link_gbps
         if a.last_capacity is None:
             a.last_capacity = cap
+        if link is not None:
+            a.util_ewma += a.util_smoothing * (link.utilisation - a.util_ewma)
         why = ""
         if self.threshold is None:
             why = "initial"
@@ -274,8 +281,8 @@ class PrfaaSPolicy(Policy):
             and abs(cap - a.last_capacity) > a.capacity_change * a.last_capacity
         ):
             why = f"link capacity {a.last_capacity:.1f}->{cap:.1f} Gbps"
-        elif link is not None and link.utilisation >= a.util_hi:
-            why = f"egress utilisation {link.utilisation:.2f}"
+        elif a.util_ewma >= a.util_hi:
+            why = f"egress utilisation {a.util_ewma:.2f}"
         else:
             f = state.clusters[self.prfaas].prefill
             p = state.clusters[self.pd].prefill
@@ -292,7 +299,13 @@ class PrfaaSPolicy(Policy):
             return
         samples = np.fromiter(state.recent_uncached, dtype=float)
         n_f, n_p, n_d = self._counts(state)
-        fleet = replace(a.fleet, n_prfaas=n_f, n_p=n_p, n_d=max(n_d, 0), link_gbps=max(cap, 1e-3))
+        fleet = replace(
+            a.fleet,
+            n_prfaas=n_f,
+            n_p=n_p,
+            n_d=max(n_d, 0),
+            link_gbps=max(cap * a.bandwidth_headroom, 1e-3),
+        )
         grid = np.unique(np.quantile(samples, np.linspace(0, 1, a.grid_points)))
         grid = np.concatenate([[0.0], grid])
         new = best_threshold(Empirical(samples), fleet, grid).threshold

@@ -189,7 +189,7 @@ def linkdrop(
     config=DEFAULT_CONFIG,
     link_gbps: float = 25.0,
     drop: tuple[float, float, float] = (900.0, 1200.0, 0.2),
-    load: float = 0.7,
+    load: float = 0.5,
     n_s: float = 2400.0,
     seed: int = 0,
 ) -> dict:
