@@ -160,55 +160,66 @@ def _chunk_group(
     # Every exponent used below is <= 0: off-diagonal sub-chunk blocks factor through the first
     # position s_I of the row's sub-chunk (j < s_I <= i); diagonal blocks are explicit pairwise.
     idx = torch.arange(C, device=device)
-    sub_start = (idx // sub) * sub  # (C,) first index of each row's sub-chunk
-    Gs = G[..., sub_start[::sub], :]  # (B, H, N, ns, K) G at sub-chunk starts
-    G_rows = G.view(B, H, N, ns, sub, K)
-    row_fac = torch.exp(G_rows - Gs.unsqueeze(-2))  # (B,H,N,ns,sub,K), exponent <= 0
-    q_r = (q.view(B, H, N, ns, sub, K) * row_fac).view(B, H, N, C, K)
-    k_r = (k.view(B, H, N, ns, sub, K) * row_fac).view(B, H, N, C, K)
-    # column factor exp(G_{s_I} - G_j) for j < s_I, zero elsewhere
-    col_exp = Gs.unsqueeze(-2) - G.unsqueeze(-3)  # (B, H, N, ns, C, K)
-    col_valid = (idx.unsqueeze(0) < sub_start[::sub].unsqueeze(1)).view(1, 1, 1, ns, C, 1)
-    col_fac = torch.exp(torch.where(col_valid, col_exp, torch.full_like(col_exp, -math.inf)))
-    k_c = k.unsqueeze(-3) * col_fac  # (B, H, N, ns, C, K)
-    A_qk = torch.einsum("bhnisk,bhnijk->bhnisj", q_r.view(B, H, N, ns, sub, K), k_c)
-    A_kk = torch.einsum("bhnisk,bhnijk->bhnisj", k_r.view(B, H, N, ns, sub, K), k_c)
-    A_qk = A_qk.reshape(B, H, N, C, C)
-    A_kk = A_kk.reshape(B, H, N, C, C)
-
-    # diagonal sub-chunk blocks: explicit exp(G_i - G_j) for j <= i (masked to -inf above)
-    tri = torch.ones(sub, sub, dtype=torch.bool, device=device).tril()
-    diff = G_rows.unsqueeze(-2) - G_rows.unsqueeze(-3)  # (B,H,N,ns,sub_i,sub_j,K)
-    diff = torch.where(tri.view(sub, sub, 1), diff, torch.full_like(diff, -math.inf))
-    pair = torch.exp(diff)
+    starts = idx[::sub]  # (ns,) first index of each sub-chunk
+    Gs = G[..., starts, :]  # (B, H, N, ns, K)
+    q_sub = q.view(B, H, N, ns, sub, K)
     k_sub = k.view(B, H, N, ns, sub, K)
-    d_qk = torch.einsum("bhnaik,bhnaijk,bhnajk->bhnaij", q.view(B, H, N, ns, sub, K), pair, k_sub)
-    d_kk = torch.einsum("bhnaik,bhnaijk,bhnajk->bhnaij", k_sub, pair, k_sub)
-    blk = torch.arange(ns, device=device)
-    A_qk.view(B, H, N, ns, sub, ns, sub)[:, :, :, blk, :, blk, :] += d_qk.permute(3, 0, 1, 2, 4, 5)
-    A_kk.view(B, H, N, ns, sub, ns, sub)[:, :, :, blk, :, blk, :] += d_kk.permute(3, 0, 1, 2, 4, 5)
+    G_rows = G.view(B, H, N, ns, sub, K)
+    row_fac = torch.exp(G_rows - Gs.unsqueeze(-2))  # exponent <= 0
+    # column factor exp(G_{s_I} - G_j) k_j for j < s_I, zero elsewhere: (B, H, N, ns, C, K)
+    k_c = Gs.unsqueeze(-2) - G.unsqueeze(-3)
+    col_valid = (idx.unsqueeze(0) < starts.unsqueeze(1)).view(ns, C, 1)
+    k_c.masked_fill_(~col_valid, -math.inf).exp_().mul_(k.unsqueeze(-3))
+    k_c = k_c.transpose(-1, -2)  # (B, H, N, ns, K, C)
+    A_qk = ((q_sub * row_fac) @ k_c).view(B, H, N, C, C)
+    A_kk = ((k_sub * row_fac) @ k_c).view(B, H, N, C, C)
+    del k_c
+
+    # diagonal sub-chunk blocks: explicit exp(G_i - G_j) k_j for j <= i, (B,H,N,ns,i,j,K)
+    tri = torch.ones(sub, sub, dtype=torch.bool, device=device).tril().view(sub, sub, 1)
+    pk = G_rows.unsqueeze(-2) - G_rows.unsqueeze(-3)
+    pk.masked_fill_(~tri, -math.inf).exp_().mul_(k_sub.unsqueeze(-3))
+    d_qk = (pk @ q_sub.unsqueeze(-1)).squeeze(-1)  # (B, H, N, ns, i, j)
+    d_kk = (pk @ k_sub.unsqueeze(-1)).squeeze(-1)
+    del pk
+    # the block diagonal of A (B, H, N, sub, sub, ns) receives the pairwise blocks
+    A_qk.view(B, H, N, ns, sub, ns, sub).diagonal(dim1=3, dim2=5).add_(d_qk.movedim(3, -1))
+    A_kk.view(B, H, N, ns, sub, ns, sub).diagonal(dim1=3, dim2=5).add_(d_kk.movedim(3, -1))
 
     # UT transform: (I + strictly_lower(beta_i * A_kk)) [u | w] = beta * [v | exp(G) k]
     strict = torch.ones(C, C, dtype=torch.bool, device=device).tril(-1)
-    L = torch.where(strict, A_kk * beta.unsqueeze(-1), torch.zeros((), device=device))
-    L = L + torch.eye(C, device=device)
+    L = A_kk.mul_(beta.unsqueeze(-1)).masked_fill_(~strict, 0.0)
+    L.diagonal(dim1=-2, dim2=-1).fill_(1.0)
     rhs = torch.cat([v, k * G.exp()], dim=-1) * beta.unsqueeze(-1)
     sol = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
     u, w = sol[..., : v.shape[-1]], sol[..., v.shape[-1] :]
 
     causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
-    A_qk = torch.where(causal, A_qk, torch.zeros((), device=device)) * scale
+    A_qk.masked_fill_(~causal, 0.0).mul_(scale)
     q_dec = q * G.exp() * scale  # (B, H, N, C, K)
     G_last = G[..., -1:, :]  # (B, H, N, 1, K)
-    k_tail = k * torch.exp(G_last - G)  # (B, H, N, C, K), exponent <= 0
-    state_decay = G_last.squeeze(-2).exp().unsqueeze(-1)  # (B, H, N, K, 1)
+    k_tail = (k * torch.exp(G_last - G)).transpose(-1, -2)  # (B, H, N, K, C), exponent <= 0
 
-    o = torch.empty_like(v)
+    # With delta_n = u_n - w_n S_n (the chunk's effective values):
+    #   o_n = (q_dec - A_qk w)_n S_n + (A_qk u)_n
+    #   S_{n+1} = (diag(exp(G_last)) - k_tail w)_n S_n + (k_tail u)_n
+    # so only one K x K by K x V product per chunk is sequential.
+    q_eff = q_dec - A_qk @ w
+    o_u = A_qk @ u
+    trans = -(k_tail @ w)  # (B, H, N, K, K)
+    trans.diagonal(dim1=-2, dim2=-1).add_(G_last.squeeze(-2).exp())
+    drive = k_tail @ u  # (B, H, N, K, V)
+    Vd = v.shape[-1]
+    trans = trans.movedim(2, 0).reshape(N, B * H, K, K)
+    drive = drive.movedim(2, 0).reshape(N, B * H, K, Vd)
+    states = torch.empty(N, B * H, K, Vd, dtype=S.dtype, device=device)
+    S = S.reshape(B * H, K, Vd)
     for n in range(N):
-        delta = u[:, :, n] - w[:, :, n] @ S  # (B, H, C, V)
-        o[:, :, n] = q_dec[:, :, n] @ S + A_qk[:, :, n] @ delta
-        S = state_decay[:, :, n] * S + k_tail[:, :, n].transpose(-1, -2) @ delta
-    return o, S
+        states[n] = S
+        S = torch.baddbmm(drive[n], trans[n], S)
+    states = states.view(N, B, H, K, Vd).movedim(0, 2)  # (B, H, N, K, V)
+    o = q_eff @ states + o_u
+    return o, S.view(B, H, K, Vd)
 
 
 def kda_chunk(
