@@ -16,6 +16,7 @@ from prfaas.sim.workloads import (
     load_mooncake,
     load_workload,
     poisson_lognormal,
+    rate_sweep,
 )
 
 TRACE = Path("../shared/traces/mooncake_synthetic_trace.jsonl")
@@ -91,6 +92,12 @@ def test_time_scaling_and_rate():
     assert w.time_scaled(2.0).arrival_s.tolist() == [0.0, 2.0, 8.0]
     assert w.with_rate(2.0).arrival_s.tolist() == pytest.approx([0.0, 0.25, 1.0])
     assert len(w.head(2)) == 2
+    sw = rate_sweep(w, [0.5, 1.0, 4.0])
+    assert [x.rate for x in sw] == pytest.approx([0.5, 1.0, 4.0])
+    assert sw[2].arrival_s.tolist() == pytest.approx([0.0, 0.125, 0.5])
+    assert all((x.input_len == w.input_len).all() for x in sw)
+    with pytest.raises(ValueError):
+        rate_sweep(w, [])
     with pytest.raises(ValueError):
         w.time_scaled(0)
     with pytest.raises(ValueError, match="non-decreasing"):

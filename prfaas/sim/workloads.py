@@ -246,3 +246,10 @@ def load_workload(spec: str, **kw) -> Workload:
         head = p.open().readline()
         return load_azure(p) if "TIMESTAMP" in head else load_burstgpt(p, **kw)
     raise ValueError(f"unknown workload file type {p.suffix!r} (want .jsonl or .csv)")
+
+
+def rate_sweep(base: Workload, rates: list[float] | tuple[float, ...]) -> list[Workload]:
+    """The same requests replayed at each mean rate (time-scaled copies: common random numbers)."""
+    if not rates:
+        raise ValueError("rate sweep needs at least one rate")
+    return [base.with_rate(r) for r in rates]
