@@ -97,8 +97,12 @@ class LinkEmulator:
             self._free_at = end
         return end + self.one_way_s
 
-    def transmit(self, nbytes: int) -> None:
-        """Block the calling (sending) thread until ``nbytes`` would have crossed the link."""
-        delay = self.reserve(nbytes) - self._clock()
+    def wait_until(self, t: float) -> None:
+        """Sleep until clock time ``t`` (an instant returned by ``reserve``)."""
+        delay = t - self._clock()
         if delay > 0:
             self._sleep(delay)
+
+    def transmit(self, nbytes: int) -> None:
+        """Block the calling (sending) thread until ``nbytes`` would have crossed the link."""
+        self.wait_until(self.reserve(nbytes))

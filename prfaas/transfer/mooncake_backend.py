@@ -80,9 +80,12 @@ class MooncakeSender(SenderBase):
             rc = eng.batch_transfer_sync_write(target, srcs, dsts, lens)
             if rc != 0:
                 raise BackendError(f"mooncake write of layer {layer} failed ({rc})")
-        else:
-            for s, d, n in zip(srcs, dsts, lens, strict=True):
-                session.link.transmit(n)  # type: ignore[union-attr]
+        elif srcs:
+            link = session.link
+            assert link is not None
+            dues = [link.reserve(n) for n in lens]  # book the whole layer: write latency overlaps
+            for s, d, n, due in zip(srcs, dsts, lens, dues, strict=True):
+                link.wait_until(due)
                 rc = eng.transfer_sync_write(target, s, d, n)
                 if rc != 0:
                     raise BackendError(f"mooncake write of layer {layer} failed ({rc})")
@@ -123,8 +126,6 @@ class MooncakeReceiver(ReceiverBase):
         )
 
     def _on_commit(self, asm: Assembly, layer: int, nbytes: int) -> None:
-        if asm.received[layer]:
-            raise FrameError(f"second COMMIT for layer {layer}")
         now = time.time()
         if asm.first_data_at is None:
             asm.first_data_at = now

@@ -52,6 +52,7 @@ class Assembly:
     received: list[int] = field(default_factory=list)
     crcs: list[int | None] = field(default_factory=list)
     verified: list[bool] = field(default_factory=list)
+    committed: list[bool] = field(default_factory=list)
     n_verified: int = 0
     payload_in: int = 0
     wire_bytes: int = 0
@@ -338,6 +339,7 @@ class ReceiverBase:
             received=[0] * n_layers,
             crcs=[ld.crc32 for ld in wh.layers],
             verified=[False] * n_layers,
+            committed=[False] * n_layers,
         )
         asm.wire_bytes = asm.header_wire_bytes
         with session.cond:
@@ -349,9 +351,6 @@ class ReceiverBase:
         except TransferError as e:
             self._fail_stream(session, asm, e, notify=True)
             return
-        for layer in range(n_layers):  # zero-byte layers are complete already
-            if wh.layers[layer].nbytes == 0 and asm.crcs[layer] is not None:
-                self._progress(session, asm, layer)
 
     def _lookup(self, session: _Session, sid: int) -> Assembly | None:
         """The assembly of stream ``sid``; None if it is finished or was refused."""
@@ -375,13 +374,16 @@ class ReceiverBase:
             raise FrameError(f"COMMIT for layer {layer} with {nbytes} B does not match the header")
         with asm.lock:
             asm.wire_bytes += wire.COMMIT_FRAME_BYTES
-            if asm.crcs[layer] is not None and asm.crcs[layer] != crc:
-                err: TransferError | None = ChecksumError(
+            if asm.committed[layer]:
+                err: TransferError | None = FrameError(f"second COMMIT for layer {layer}")
+            elif asm.crcs[layer] is not None and asm.crcs[layer] != crc:
+                err = ChecksumError(
                     f"layer {layer} checksum in COMMIT differs from the header's"
                 )
             else:
                 err = None
                 asm.crcs[layer] = crc
+                asm.committed[layer] = True
                 self._on_commit(asm, layer, nbytes)
         if err is not None:
             self._fail_stream(session, asm, err, notify=True)
@@ -394,7 +396,7 @@ class ReceiverBase:
         with asm.lock:
             if asm.done or asm.verified[layer] or asm.received[layer] != ld.nbytes:
                 return
-            if asm.crcs[layer] is None:
+            if not asm.committed[layer]:  # the sender's COMMIT closes a layer
                 return
             crc = 0
             for ti in range(len(ld.tensors)):

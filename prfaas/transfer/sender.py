@@ -40,16 +40,25 @@ class SenderStream:
         self._finished = False
         self._dispatched = False
         self._pending = 0
+        self._last_sent = self.stats.opened_at
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._all_sent = threading.Event()
         self.error: TransferError | None = None
         self.buffer: dict | None = None  # mooncake: where to write
         self.buffer_ready = threading.Event()
 
     # --- compute-thread API
     def send(self, part: LayerPart) -> None:
-        """Queue one layer's cache (checked against the header); returns without network I/O."""
+        """Queue one layer's cache (checked against the header); returns without network I/O.
+
+        The tensors must not be modified until the stream is done. Parts of a stream the
+        receiver already refused are dropped; ``wait()`` raises the reason.
+        """
         desc = self._check_part(part)
+        if self._done.is_set():  # refused/failed already: drop; wait() reports why
+            self._sent.add(part.layer)
+            return
         tensors, event = [], None
         for d in desc.tensors:
             t = part.tensors[d.name].detach()
@@ -90,6 +99,7 @@ class SenderStream:
             raise TimeoutError(f"request {self.request_id!r} not acknowledged in {timeout} s")
         if self.error is not None:
             raise self.error
+        self._all_sent.wait(5.0)  # the ack may overtake the sending threads' bookkeeping
         return self.stats
 
     @property
@@ -101,8 +111,6 @@ class SenderStream:
         layers = self.wire_header.layers
         if self._finished:
             raise ValueError("send() after finish()")
-        if self._done.is_set() and self.error is not None:
-            raise self.error
         if not 0 <= part.layer < len(layers):
             raise ValueError(f"layer {part.layer} out of range [0, {len(layers)})")
         if part.layer in self._sent:
@@ -128,7 +136,7 @@ class SenderStream:
         with self._lock:
             self._pending += n
 
-    def _on_sent(self, kind: str, nbytes: int, payload: int) -> None:
+    def _on_sent(self, kind: str, nbytes: int, payload: int, at: float | None = None) -> None:
         with self._lock:
             s = self.stats
             if kind == "header":
@@ -141,6 +149,8 @@ class SenderStream:
                 s.framing_bytes += nbytes
                 s.commit_frames += 1
             self._pending -= 1
+            if at is not None:  # when the bytes were handed to the kernel
+                self._last_sent = max(self._last_sent, at)
             self._check_all_sent()
 
     def _mark_dispatched(self) -> None:
@@ -149,14 +159,19 @@ class SenderStream:
             self._check_all_sent()
 
     def _check_all_sent(self) -> None:
-        if self._dispatched and self._pending == 0 and self.stats.last_byte_sent_at is None:
-            self.stats.last_byte_sent_at = time.time()
+        if self._dispatched and self._pending == 0:
+            if self.stats.last_byte_sent_at is None:
+                self.stats.last_byte_sent_at = self._last_sent
+            self._all_sent.set()
 
     def _complete(self, error: TransferError | None) -> None:
         if self._done.is_set():
             return
         self.error = error
         if error is None:
+            with self._lock:  # an ack implies every byte left, even if FINISH is still queued
+                if self.stats.last_byte_sent_at is None:
+                    self.stats.last_byte_sent_at = self._last_sent
             self.stats.acked_at = time.time()
         self.buffer_ready.set()
         self._done.set()
@@ -223,7 +238,9 @@ class PeerSession:
         if stream is not None:
             stream._add_pending(1)
         self.monitor.add_queued(nbytes)
-        self.queues[conn].put((buffers, nbytes, stream, kind, payload))
+        # the link is booked in dispatch order, so slow writes never stretch its timeline
+        due = self.link.reserve(nbytes) if self.link is not None else None
+        self.queues[conn].put((buffers, nbytes, stream, kind, payload, due))
 
     def next_conn(self) -> int:
         return next(self._rr)
@@ -268,15 +285,16 @@ class PeerSession:
             item = q.get()
             if item is None:
                 return
-            buffers, nbytes, stream, kind, payload = item
+            buffers, nbytes, stream, kind, payload, due = item
             if self.error is not None or (stream is not None and stream.done and kind != "abort"):
                 self.monitor.add_queued(-nbytes)
                 if stream is not None:
                     stream._on_sent("dropped", 0, 0)
                 continue
             try:
-                if self.link is not None:
-                    self.link.transmit(nbytes)
+                if due is not None:
+                    self.link.wait_until(due)  # type: ignore[union-attr]
+                at = time.time()
                 n = wire.send_buffers(sock, buffers)
             except TransferError as e:
                 self.monitor.add_queued(-nbytes)
@@ -284,7 +302,7 @@ class PeerSession:
                 continue
             self.monitor.add_sent(n, nbytes)
             if stream is not None:
-                stream._on_sent(kind, n, payload)
+                stream._on_sent(kind, n, payload, at)
 
     def _control_loop(self) -> None:
         sock = self.socks[0]
@@ -331,7 +349,10 @@ class PeerSession:
             try:
                 self.owner._dispatch_layer(self, stream, layer, tensors)
             except TransferError as e:
-                stream.abort(str(e))
+                # the receiver's verdict (e.g. a checksum failure that freed the buffer we were
+                # writing into) usually explains a backend error: give it a moment to arrive
+                if not stream._done.wait(1.0):
+                    stream.abort(str(e))
 
 
 class SenderBase:

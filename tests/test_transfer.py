@@ -1,0 +1,471 @@
+"""Transport tests run on every backend (tcp, mooncake): real sockets on loopback, synthetic caches."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from prfaas.transfer import wire
+from prfaas.transfer.auth import BACKEND_CODES, client_handshake
+from prfaas.transfer.backend import Delivery, TransferFailure, create_receiver, create_sender
+from prfaas.transfer.errors import (
+    AuthError,
+    CapacityError,
+    ChecksumError,
+    FrameError,
+    LayoutMismatch,
+    PeerClosed,
+)
+from prfaas.transfer.layout import CacheLayout
+from prfaas.transfer.link import LinkSpec
+from prfaas.transfer.receiver import ReceiverBase
+from prfaas.transfer.synthetic import random_export
+
+SECRET = "cluster-secret-0123456789"
+KINDS = ["kda", "kda", "kda", "mla"]
+SMALL = CacheLayout.kimi_linear("fp-small", KINDS, kda_heads=2, max_tokens=8192)
+FP32 = CacheLayout.kimi_linear(
+    "fp-32", ["mla", "kda", "mla"], kda_heads=1, kv_dtype=torch.float32, conv_dtype=torch.bfloat16
+)
+WIDE = CacheLayout.kimi_linear("fp-wide", ["kda"] * 3 + ["mla"] * 2, kda_heads=4, kv_dim=64)
+
+
+@pytest.fixture(params=["tcp", "mooncake"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make(backend: str):
+    """Factory for started receivers and senders of the current backend; closes them after."""
+    made: list = []
+
+    def rx(layout: CacheLayout = SMALL, secret: str = SECRET, **kw):
+        r = create_receiver(backend, layout, secret, **kw).start()
+        made.append(r)
+        return r
+
+    def tx(layout: CacheLayout = SMALL, secret: str = SECRET, **kw):
+        s = create_sender(backend, layout, secret, **kw)
+        made.append(s)
+        return s
+
+    yield rx, tx
+    for m in reversed(made):
+        m.close()
+
+
+@pytest.fixture
+def alloc_count(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts receive-buffer allocations."""
+    count = [0]
+    real = ReceiverBase._allocate
+
+    def spy(self: ReceiverBase, n: int) -> torch.Tensor:
+        count[0] += 1
+        return real(self, n)
+
+    monkeypatch.setattr(ReceiverBase, "_allocate", spy)
+    return count
+
+
+def _get(rx, timeout: float = 15.0):
+    return rx.deliveries.get(timeout=timeout)
+
+
+def _assert_same(sent, got) -> None:
+    assert got.header == sent.header
+    assert len(got.parts) == len(sent.parts)
+    for a, b in zip(sent.parts, got.parts, strict=True):
+        assert (a.layer, a.kind) == (b.layer, b.kind)
+        assert list(a.tensors) == list(b.tensors)
+        for name, t in a.tensors.items():
+            u = b.tensors[name]
+            assert u.dtype == t.dtype and u.shape == t.shape
+            assert torch.equal(u.view(-1).view(torch.uint8), t.view(-1).view(torch.uint8))
+
+
+# ---------------------------------------------------------------- correct transfers
+
+
+@pytest.mark.parametrize(
+    "layout, start, end, order",
+    [
+        (SMALL, 0, 700, "forward"),
+        (SMALL, 512, 1500, "reverse"),
+        (SMALL, 300, 300, "forward"),  # full prefix hit: no MLA bytes at all
+        (FP32, 5, 900, "forward"),
+        (WIDE, 0, 4000, "reverse"),
+    ],
+)
+def test_bytes_identical_streaming(make, layout, start, end, order) -> None:
+    rx_f, tx_f = make
+    rx = rx_f(layout)
+    tx = tx_f(layout, connections=3, slice_bytes=64 << 10)
+    ex = random_export(layout, f"req-{start}-{end}", start, end, seed=start + end)
+    stream = tx.open(rx.address, ex.header)
+    parts = ex.parts if order == "forward" else ex.parts[::-1]
+    for p in parts:
+        stream.send(p)
+    stream.finish()
+    stats = stream.wait(15)
+    d = _get(rx)
+    assert isinstance(d, Delivery), d
+    _assert_same(ex, d.export)
+    t = d.timings
+    assert t.payload_bytes == ex.nbytes() == stats.payload_bytes
+    assert t.header_at <= t.first_data_at <= t.last_byte_at <= t.delivered_at
+    assert stats.opened_at <= stats.finished_at <= stats.last_byte_sent_at <= stats.acked_at
+    assert rx.inflight_bytes == 0 and rx.active_streams == 0
+
+
+def test_many_requests_interleaved(make) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(connections=4, slice_bytes=16 << 10)
+    exports = [random_export(SMALL, f"r{i}", 100 * i, 600 + 50 * i, seed=i) for i in range(4)]
+    streams = [tx.open(rx.address, ex.header) for ex in exports]
+    for layer in range(SMALL.num_layers):  # layer-wise, all requests at once
+        for ex, st in zip(exports, streams, strict=True):
+            st.send(ex.parts[layer])
+    for st in streams:
+        st.finish()
+    for st in streams:
+        st.wait(15)
+    got = {}
+    for _ in exports:
+        d = _get(rx)
+        assert isinstance(d, Delivery), d
+        got[d.export.header.request_id] = d.export
+    for ex in exports:
+        _assert_same(ex, got[ex.header.request_id])
+
+
+def test_only_given_parts_are_sent(make, backend) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(connections=2, slice_bytes=64 << 10)
+    ex = random_export(SMALL, "tail-only", 512, 700, seed=9)
+    stream = tx.send_export(rx.address, ex)
+    stats = stream.wait(15)
+    d = _get(rx)
+    assert isinstance(d, Delivery)
+    # 3 KDA layers x (2x128x128 fp32 state + 3x256x3 fp32 conv) + 188 uncached tokens x 576 bf16
+    assert stats.payload_bytes == 3 * (131_072 + 9_216) + 188 * 1_152 == 637_440
+    assert stats.header_bytes == 16 + len(wire.encode_header(stream.wire_header))
+    assert stats.commit_frames == 4
+    assert stats.framing_bytes == stats.data_frames * 32 + stats.commit_frames * 36
+    if backend == "tcp":
+        # 64 KiB slices: state 2 each, conv 1 each, kv 216,576 B -> 4
+        assert stats.data_frames == 3 * (2 + 1) + 4
+        assert stats.bulk_bytes == 0
+    else:
+        assert stats.data_frames == 0 and stats.bulk_bytes == 637_440
+    assert stats.total_bytes == stats.header_bytes + 637_440 + stats.framing_bytes
+    assert d.timings.wire_bytes == stats.socket_bytes
+    snap = tx.snapshot(rx.address)
+    assert snap.bytes_total == stats.total_bytes
+    deadline = time.monotonic() + 5
+    while snap.bytes_in_flight and time.monotonic() < deadline:  # TIOCOUTQ counts unacked bytes
+        time.sleep(0.01)
+        snap = tx.snapshot(rx.address)
+    assert snap.bytes_in_flight == 0
+
+
+def test_shaped_link_200mbps(make) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(connections=2, link=LinkSpec(gbps=0.2))
+    ex = random_export(SMALL, "shaped", 0, 5000, seed=2)  # ~6.2 MB
+    stream = tx.send_export(rx.address, ex)
+    stats = stream.wait(30)
+    d = _get(rx)
+    assert isinstance(d, Delivery)
+    expected = stats.total_bytes * 8 / 0.2e9
+    elapsed = d.timings.last_byte_at - stats.opened_at
+    assert expected == pytest.approx(0.247, rel=0.02)
+    assert abs(elapsed - expected) <= 0.15 * expected, (elapsed, expected)
+    snap = tx.snapshot(rx.address)
+    assert snap.capacity_gbps == 0.2
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_corrupted_checksum(make, monkeypatch: pytest.MonkeyPatch) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f()
+    real = wire.part_crc32
+    monkeypatch.setattr(wire, "part_crc32", lambda ts: real(ts) ^ 0x10)
+    ex = random_export(SMALL, "bad", 0, 400)
+    stream = tx.open(rx.address, ex.header)
+    for p in ex.parts:
+        stream.send(p)
+    stream.finish()
+    with pytest.raises(ChecksumError):
+        stream.wait(15)
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and isinstance(f.error, ChecksumError)
+    assert f.request_id == "bad"
+    assert rx.inflight_bytes == 0 and rx.active_streams == 0
+    assert rx.deliveries.empty()
+    monkeypatch.setattr(wire, "part_crc32", real)
+    good = random_export(SMALL, "good", 0, 400, seed=5)  # the session survives
+    tx.send_export(rx.address, good).wait(15)
+    d = _get(rx)
+    assert isinstance(d, Delivery)
+    _assert_same(good, d.export)
+
+
+class FlipProxy:
+    """A TCP proxy that flips one byte of the client->server stream at offset ``at``."""
+
+    def __init__(self, upstream: tuple[str, int], at: int) -> None:
+        self.upstream, self.at = upstream, at
+        self.ls = socket.create_server(("127.0.0.1", 0))
+        self.address = self.ls.getsockname()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket, flip: bool) -> None:
+        pos = 0
+        try:
+            while data := a.recv(1 << 16):
+                if flip and pos <= self.at < pos + len(data):
+                    buf = bytearray(data)
+                    buf[self.at - pos] ^= 0x01
+                    data = bytes(buf)
+                pos += len(data)
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        c, _ = self.ls.accept()
+        u = socket.create_connection(self.upstream)
+        threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
+
+
+def test_tcp_corrupted_in_flight(backend, make) -> None:
+    if backend != "tcp":
+        pytest.skip("bulk bytes of mooncake do not cross our socket")
+    rx_f, tx_f = make
+    rx = rx_f()
+    proxy = FlipProxy(rx.address, at=200_000)  # well past handshake and header: payload
+    tx = tx_f(connections=1)
+    ex = random_export(SMALL, "flipped", 0, 400)
+    stream = tx.send_export(proxy.address, ex)
+    with pytest.raises(ChecksumError, match="checksum"):
+        stream.wait(15)
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and isinstance(f.error, ChecksumError)
+    assert rx.inflight_bytes == 0
+
+
+def test_wrong_secret_refused_both_sides(make, alloc_count) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(secret="another-secret-9876543210")
+    ex = random_export(SMALL, "intruder", 0, 100)
+    with pytest.raises(AuthError):
+        tx.open(rx.address, ex.header)
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and isinstance(f.error, AuthError)
+    assert alloc_count[0] == 0
+
+
+def _raw_client(rx, backend: str, auth: bool = True) -> socket.socket:
+    s = socket.create_connection(rx.address)
+    if auth:
+        client_handshake(s, SECRET.encode(), BACKEND_CODES[backend], b"r" * 16, 0, 1)
+    return s
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    s.settimeout(5)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize(
+    "auth, head",
+    [
+        (False, wire.FRAME_HEAD.pack(wire.MAGIC, wire.HELLO, 0, 0, 1 << 30)),  # before auth
+        (True, wire.FRAME_HEAD.pack(wire.MAGIC, wire.DATA, 0, 0, 1 << 40)),
+        (True, wire.FRAME_HEAD.pack(wire.MAGIC, wire.HEADER, 0, 0, wire.MAX_HEADER_BYTES + 1)),
+        (True, b"HTTP" + wire.FRAME_HEAD.pack(wire.MAGIC, wire.HEADER, 0, 0, 10)[4:]),
+        (True, wire.FRAME_HEAD.pack(wire.MAGIC, wire.AUTH, 0, 0, 32)),  # unexpected type
+    ],
+)
+def test_bad_frame_refused_before_allocation(make, backend, alloc_count, auth, head) -> None:
+    rx_f, _ = make
+    rx = rx_f()
+    s = _raw_client(rx, backend, auth)
+    s.sendall(head)
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and isinstance(f.error, FrameError), f
+    assert _closed_by_peer(s)
+    assert alloc_count[0] == 0 and rx.inflight_bytes == 0
+    s.close()
+
+
+def test_malformed_and_truncated_header(make, backend, alloc_count) -> None:
+    rx_f, _ = make
+    rx = rx_f()
+    import hashlib
+
+    body = b'{"not": "a header"}'
+    s = _raw_client(rx, backend)
+    s.sendall(wire.frame(wire.HEADER, body + hashlib.sha256(body).digest()))
+    f = _get(rx)
+    assert isinstance(f.error, FrameError)
+    s.close()
+    s = _raw_client(rx, backend)
+    s.sendall(wire.frame_head(wire.HEADER, 1000) + b"x" * 10)
+    s.close()
+    f = _get(rx)
+    assert isinstance(f.error, PeerClosed) and "10 of 1000" in str(f.error)
+    assert alloc_count[0] == 0
+
+
+def test_data_before_header_is_refused(make, backend, alloc_count) -> None:
+    if backend != "tcp":
+        pytest.skip("DATA frames are a tcp-backend frame")
+    rx_f, _ = make
+    rx = rx_f(header_wait_s=0.2)
+    s = _raw_client(rx, backend)
+    s.sendall(wire.frame_head(wire.DATA, 16 + 8) + wire.DATA_HEAD.pack(7, 0, 0, 0) + b"x" * 8)
+    f = _get(rx)
+    assert isinstance(f.error, FrameError) and "unannounced" in str(f.error)
+    assert alloc_count[0] == 0
+
+
+def test_layout_mismatch_refused(make, alloc_count) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    other = CacheLayout.kimi_linear("other-model", KINDS, kda_heads=2, max_tokens=8192)
+    tx = tx_f(other)
+    ex = random_export(other, "wrong-model", 0, 300)
+    stream = tx.send_export(rx.address, ex)
+    with pytest.raises(LayoutMismatch, match="fingerprint"):
+        stream.wait(15)
+    f = _get(rx)
+    assert isinstance(f.error, LayoutMismatch) and f.request_id == "wrong-model"
+    assert alloc_count[0] == 0
+
+
+def test_refused_request_does_not_break_session(make, alloc_count) -> None:
+    rx_f, tx_f = make
+    rx = rx_f(CacheLayout.kimi_linear("fp-small", KINDS, kda_heads=2, max_tokens=500))
+    tx = tx_f(connections=2, slice_bytes=16 << 10)
+    too_long = random_export(SMALL, "too-long", 0, 700)
+    st = tx.send_export(rx.address, too_long)
+    with pytest.raises(LayoutMismatch, match="token range"):
+        st.wait(15)
+    ok = random_export(SMALL, "fits", 0, 450, seed=4)
+    tx.send_export(rx.address, ok).wait(15)
+    f, d = _get(rx), _get(rx)
+    assert isinstance(f, TransferFailure) and f.request_id == "too-long"
+    assert isinstance(d, Delivery)
+    _assert_same(ok, d.export)
+    assert alloc_count[0] == 1
+
+
+def test_capacity_limit(make, alloc_count) -> None:
+    rx_f, tx_f = make
+    rx = rx_f(max_inflight_bytes=100_000)
+    tx = tx_f()
+    st = tx.send_export(rx.address, random_export(SMALL, "big", 0, 10))
+    with pytest.raises(CapacityError):
+        st.wait(15)
+    assert isinstance(_get(rx).error, CapacityError)
+    assert alloc_count[0] == 0
+
+
+def test_sender_api_misuse(make) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f()
+    ex = random_export(SMALL, "misuse", 0, 100)
+    st = tx.open(rx.address, ex.header)
+    with pytest.raises(ValueError, match="missing"):
+        st.finish()
+    bad = random_export(SMALL, "x", 0, 101).parts[3]
+    with pytest.raises(ValueError, match="header says"):
+        st.send(bad)
+    st.send(ex.parts[0])
+    with pytest.raises(ValueError, match="already sent"):
+        st.send(ex.parts[0])
+    with pytest.raises(ValueError, match="is kda"):
+        st.send(type(ex.parts[1])(1, "mla", ex.parts[1].tensors))
+    st.abort("engine failed")
+    f = _get(rx)
+    assert f.request_id == "misuse" and f.error.code == "aborted"
+    assert rx.inflight_bytes == 0
+    with pytest.raises(ValueError, match="connections"):
+        tx_f(connections=0)
+
+
+# ---------------------------------------------------------------- a sender process dies
+
+
+SENDER_SCRIPT = f"""
+import sys
+from prfaas.transfer.backend import create_sender
+from prfaas.transfer.layout import CacheLayout
+from prfaas.transfer.link import LinkSpec
+from prfaas.transfer.synthetic import random_export
+backend, port = sys.argv[1], int(sys.argv[2])
+lay = CacheLayout.kimi_linear("fp-small", ["kda", "kda", "kda", "mla"], kda_heads=2, max_tokens=65536)
+tx = create_sender(backend, lay, {SECRET!r}, connections=2, link=LinkSpec(gbps=0.05))
+ex = random_export(lay, "victim", 0, 20000, seed=1)
+stream = tx.send_export(("127.0.0.1", port), ex)
+print("SENDING", flush=True)
+stream.wait(120)
+"""
+
+
+def test_sender_process_killed_mid_transfer(make, backend) -> None:
+    rx_f, _ = make
+    lay = CacheLayout.kimi_linear("fp-small", KINDS, kda_heads=2, max_tokens=65536)
+    rx = rx_f(lay)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SENDER_SCRIPT, backend, str(rx.address[1])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while rx.inflight_bytes == 0:  # header accepted, buffer allocated, layers flowing
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.5)  # ~3 MB of ~23 MB in at 50 Mbps
+        assert rx.deliveries.empty()
+        proc.kill()
+        proc.wait(10)
+        f = _get(rx)
+        assert isinstance(f, TransferFailure) and f.request_id == "victim"
+        assert isinstance(f.error, PeerClosed)
+        assert rx.inflight_bytes == 0 and rx.active_streams == 0
+        if backend == "mooncake":
+            assert rx.registered == set()
+        time.sleep(0.2)
+        assert rx.deliveries.empty()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert math.isfinite(time.monotonic())
