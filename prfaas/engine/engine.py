@@ -107,6 +107,7 @@ class LLMEngine:
         self.prefilled: dict[str, Request] = {}  # prefill role: done, cache held for export
         self.requests: dict[str, Request] = {}
         self.layer_listener: LayerListener | None = None
+        self._forced: list[RequestOutput] = []  # finished outside a model step (abort, no room)
         self._ids = itertools.count()
         # counters (tests and metrics)
         self.num_prefill_tokens_computed = 0
@@ -158,9 +159,8 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
-        if req is None:
-            return
-        self._finish(req, "abort")
+        if req is not None:
+            self._finish(req, "abort", emit=True)
 
     # ----- scheduling -------------------------------------------------------------------------
     def _chunk(self, req: Request, budget: int) -> int:
@@ -203,17 +203,29 @@ class LLMEngine:
     def _schedule(self) -> list[tuple[Request, int]]:
         budget = self.config.max_num_batched_tokens
         batch: list[tuple[Request, int]] = []
-        # 1. decodes first: one token each, preempting the newest requests if blocks run out
+        preempt_before = self.num_preemptions
+        # 1. decodes first, oldest request first: one token each; when blocks run out the newest
+        #    running request is preempted (recomputed later), possibly the one asking
         for req in list(self.running):
-            if req.in_prefill or budget <= 0 or req not in self.running:
+            if req not in self.running or req.in_prefill:
                 continue
+            if budget <= 0:
+                break
             while not self.cache.can_reserve(req.cache, req.num_tokens + 1):
-                victims = [r for r in self.running if r is not req and (r, 1) not in batch]
-                if not victims:
+                victim = self.running[-1]
+                if victim is req:
                     break
-                self._preempt(victims[-1])
+                for k, (r, n) in enumerate(batch):
+                    if r is victim:
+                        del batch[k]
+                        budget += n
+                        break
+                self._preempt(victim)
             if not self.cache.can_reserve(req.cache, req.num_tokens + 1):
-                self._fail(req, "length", None)  # alone and still no room: stop here
+                if len(self.running) == 1:  # alone and still no room: the cache is its length limit
+                    self._finish(req, "length", emit=True)
+                else:
+                    self._preempt(req)
                 continue
             self.cache.reserve(req.cache, req.num_tokens + 1)
             batch.append((req, 1))
@@ -226,8 +238,15 @@ class LLMEngine:
                 n = self._chunk(req, budget)
                 batch.append((req, n))
                 budget -= n
-        # 3. admit waiting requests while slots, blocks and budget last
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # 3. admit waiting requests while slots, blocks and budget last (not right after a
+        #    preemption: the freed blocks go to the requests already running)
+        preempted = self.num_preemptions != preempt_before
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             req = self.waiting[0]
             if not self._admit(req):
                 break
@@ -243,8 +262,9 @@ class LLMEngine:
         """Schedule and run one batch; returns an output for every request that got a new token
         or finished."""
         batch = self._schedule()
+        outs, self._forced = self._forced, []
         if not batch:
-            return []
+            return outs
         self.num_steps += 1
         now = time.monotonic()
         seqs = []
@@ -257,7 +277,6 @@ class LLMEngine:
             seqs.append(SeqInput(toks, req.num_computed, req.cache.blocks, req.cache.slot))
         callback = self._streaming_callback(batch)
         logits = self.model.step(seqs, self.cache.tensors, callback)
-        outs: list[RequestOutput] = []
         for (req, n), lg in zip(batch, logits, strict=True):
             if req.in_prefill:
                 self.num_prefill_tokens_computed += n
@@ -302,7 +321,7 @@ class LLMEngine:
         elif len(req.output) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             self._finish(req, "length")
 
-    def _finish(self, req: Request, reason: str) -> None:
+    def _finish(self, req: Request, reason: str, emit: bool = False) -> None:
         if req in self.running:
             self.running.remove(req)
         if req in self.waiting:
@@ -315,10 +334,8 @@ class LLMEngine:
         req.finish_reason = reason
         req.metrics.finished = time.monotonic()
         self.requests.pop(req.request_id, None)
-
-    def _fail(self, req: Request, reason: str, error: str | None) -> None:
-        req.error = error
-        self._finish(req, reason)
+        if emit:
+            self._forced.append(self._output(req))
 
     def _output(self, req: Request) -> RequestOutput:
         return req.to_output(self.tokenizer.decode(req.output))

@@ -102,7 +102,7 @@ class SparseMoE(nn.Module):
             start += c
             toks = token_of[sel]
             y = self.experts[e](x[toks]).float() * w.reshape(-1)[sel, None]
-            out.index_add_(0, toks, y)
+            out[toks] += y  # a token picks an expert at most once: indices are unique
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).float()
         return out.to(x.dtype).reshape(shape)
