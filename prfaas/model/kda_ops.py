@@ -5,6 +5,10 @@ log-space per-channel decay (<= 0); beta (B, T, H); state (B, H, K, V) fp32.
 
 Per token and head: ``S <- diag(exp(g_t)) S``; ``S <- S + beta_t k_t (v_t - k_t^T S)^T``;
 ``o_t = scale * q_t^T S``.
+
+The torch paths are for inference (they use in-place ops; no autograd). g must be finite; every
+exponential the chunked path evaluates has a non-positive argument, so strong decays underflow
+to 0 instead of overflowing.
 """
 
 from __future__ import annotations
