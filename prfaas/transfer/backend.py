@@ -9,7 +9,7 @@ validates and assembles requests, then hands a complete ``KVExport`` to ``on_del
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prfaas.transfer.errors import TransferError
@@ -63,9 +63,19 @@ class SendStats:
 
 @dataclass
 class Delivery:
+    """A complete, verified request. Its tensors are views of one receive buffer: call
+    ``release()`` once they are copied into the cache so the buffer is reused (optional)."""
+
     export: KVExport
     timings: TransferTimings
     peer: Peer | None = None
+    release_fn: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """Hand the receive buffer back to the receiver's pool; the tensors become invalid."""
+        fn, self.release_fn = self.release_fn, None
+        if fn is not None:
+            fn()
 
 
 @dataclass

@@ -53,6 +53,7 @@ class Assembly:
     crcs: list[int | None] = field(default_factory=list)
     verified: list[bool] = field(default_factory=list)
     committed: list[bool] = field(default_factory=list)
+    reserved: list[int] = field(default_factory=list)  # bytes booked by readers (tcp)
     n_verified: int = 0
     payload_in: int = 0
     wire_bytes: int = 0
@@ -100,6 +101,7 @@ class ReceiverBase:
         max_inflight_bytes: int = 16 << 30,
         header_wait_s: float = 10.0,
         pin_memory: bool = False,
+        pool_bytes: int = 2 << 30,
     ) -> None:
         self.layout = layout
         self.secret = check_secret(secret)
@@ -123,6 +125,8 @@ class ReceiverBase:
         self.max_inflight_bytes = max_inflight_bytes
         self.header_wait_s = header_wait_s
         self.pin_memory = pin_memory
+        self.pool_bytes = pool_bytes
+        self._pool: list[torch.Tensor] = []  # released receive buffers, reused best-fit
         self.deliveries: queue.Queue[Delivery | TransferFailure] = queue.Queue()
         self._sessions: dict[bytes, _Session] = {}
         self._lock = threading.Lock()
@@ -176,8 +180,28 @@ class ReceiverBase:
         self.close()
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
-        """The one place a request's receive buffer is allocated (after validation)."""
+        """The one place a request's receive buffer is allocated (after validation): a released
+        buffer of size in [n, 2n] if the pool has one (already faulted in / pinned), else new."""
+        with self._lock:
+            fits = [b for b in self._pool if nbytes <= b.numel() <= 2 * nbytes]
+            if fits:
+                best = min(fits, key=lambda b: b.numel())
+                self._pool.remove(best)
+                return best[:nbytes]
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+
+    def _recycle(self, buf: torch.Tensor) -> None:
+        base = buf._base if buf._base is not None else buf
+        with self._lock:
+            self._pool.append(base)
+            self._pool.sort(key=lambda b: -b.numel())
+            while sum(b.numel() for b in self._pool) > self.pool_bytes:
+                self._pool.pop(0)  # drop the largest
+
+    @property
+    def pooled_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() for b in self._pool)
 
     # --- backend hooks
     def _on_allocated(self, session: _Session, asm: Assembly) -> None:
@@ -340,6 +364,7 @@ class ReceiverBase:
             crcs=[ld.crc32 for ld in wh.layers],
             verified=[False] * n_layers,
             committed=[False] * n_layers,
+            reserved=[0] * n_layers,
         )
         asm.wire_bytes = asm.header_wire_bytes
         with session.cond:
@@ -377,9 +402,7 @@ class ReceiverBase:
             if asm.committed[layer]:
                 err: TransferError | None = FrameError(f"second COMMIT for layer {layer}")
             elif asm.crcs[layer] is not None and asm.crcs[layer] != crc:
-                err = ChecksumError(
-                    f"layer {layer} checksum in COMMIT differs from the header's"
-                )
+                err = ChecksumError(f"layer {layer} checksum in COMMIT differs from the header's")
             else:
                 err = None
                 asm.crcs[layer] = crc
@@ -462,7 +485,8 @@ class ReceiverBase:
             wire_bytes=asm.wire_bytes,
         )
         self._reply(session, wire.DONE, {"stream_id": wh.stream_id, "ok": True})
-        self._report(Delivery(KVExport(wh.header, parts), timings, session.peer))
+        export = KVExport(wh.header, parts)
+        self._report(Delivery(export, timings, session.peer, lambda: self._recycle(buf)))
 
     @staticmethod
     def _done_obj(sid: int, error: TransferError) -> dict:

@@ -370,11 +370,13 @@ class SenderBase:
         *,
         connections: int = 4,
         link: LinkSpec | None = None,
-        slice_bytes: int = 1 << 20,
+        slice_bytes: int | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be in [1, 64], got {connections}")
+        if slice_bytes is None:  # big slices are cheaper; small ones keep a shaped link smooth
+            slice_bytes = 1 << 20 if link is not None else 4 << 20
         if not 4096 <= slice_bytes <= wire.MAX_SLICE_BYTES:
             raise ValueError(f"slice_bytes must be in [4096, {wire.MAX_SLICE_BYTES}]")
         self.layout = layout
@@ -403,9 +405,13 @@ class SenderBase:
         """Announce a request to ``peer``; send its layers with ``stream.send`` as they are computed."""
         return self.session(peer).open(header, None)
 
-    def send_export(self, peer: Peer, export: KVExport) -> SenderStream:
-        """Send a complete export (layer checksums go in the header too); returns the stream."""
-        stream = self.session(peer).open(export.header, export.parts)
+    def send_export(
+        self, peer: Peer, export: KVExport, header_checksums: bool = False
+    ) -> SenderStream:
+        """Send a complete export; returns the stream. With ``header_checksums`` the layer CRCs
+        are computed up front (on the caller's thread) and put in the header as well."""
+        parts = export.parts if header_checksums else None
+        stream = self.session(peer).open(export.header, parts)
         for part in export.parts:
             stream.send(part)
         stream.finish()

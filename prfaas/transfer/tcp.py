@@ -81,19 +81,20 @@ class TcpReceiver(ReceiverBase):
         if buf is None:  # failed while we were looking it up
             self._drain(sock, n)
             return
-        if asm.first_data_at is None:
-            asm.first_data_at = time.time()
+        with asm.lock:  # book the bytes first: nothing is written past what was announced
+            if asm.reserved[layer] + n > wh.layers[layer].nbytes:
+                raise FrameError(f"more bytes than announced for layer {layer} of stream {sid}")
+            asm.reserved[layer] += n
+            if asm.first_data_at is None:
+                asm.first_data_at = time.time()
         off0 = wh.offsets[layer][ti] + off
         wire.recv_into_exact(sock, memoryview(buf.numpy()).cast("B")[off0 : off0 + n])
         with asm.lock:
             asm.received[layer] += n
             asm.payload_in += n
             asm.wire_bytes += wire.DATA_OVERHEAD + n
-            over = asm.received[layer] > wh.layers[layer].nbytes
             if asm.payload_in == wh.payload_nbytes:
                 asm.last_byte_at = time.time()
-        if over:
-            raise FrameError(f"more bytes than announced for layer {layer} of stream {sid}")
         self._progress(session, asm, layer)
 
     def _on_commit(self, asm: Assembly, layer: int, nbytes: int) -> None:
