@@ -469,3 +469,46 @@ def test_sender_process_killed_mid_transfer(make, backend) -> None:
         if proc.poll() is None:
             proc.kill()
     assert math.isfinite(time.monotonic())
+
+
+# ---------------------------------------------------------------- buffer reuse, header checksums
+
+
+def test_released_buffer_is_reused(make) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(connections=2, slice_bytes=32 << 10)
+    first = random_export(SMALL, "first", 0, 600, seed=1)
+    tx.send_export(rx.address, first).wait(15)
+    d1 = _get(rx)
+    _assert_same(first, d1.export)
+    ptr = d1.export.parts[0].tensors["state"].data_ptr()
+    assert rx.pooled_bytes == 0
+    d1.release()
+    assert rx.pooled_bytes > 0
+    second = random_export(SMALL, "second", 0, 550, seed=2)  # smaller: fits the released buffer
+    tx.send_export(rx.address, second, header_checksums=True).wait(15)
+    d2 = _get(rx)
+    assert isinstance(d2, Delivery)
+    _assert_same(second, d2.export)
+    assert d2.export.parts[0].tensors["state"].data_ptr() == ptr
+    assert rx.pooled_bytes == 0
+
+
+def test_header_checksum_disagreeing_with_commit(make, monkeypatch: pytest.MonkeyPatch) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f()
+    real = wire.build_wire_header
+
+    def tampered(*args, **kwargs):
+        wh = real(*args, **kwargs)
+        wh.layers[2].crc32 ^= 1  # header and COMMIT now disagree for layer 2
+        return wh
+
+    monkeypatch.setattr(wire, "build_wire_header", tampered)
+    st = tx.send_export(rx.address, random_export(SMALL, "hdr-crc", 0, 200), header_checksums=True)
+    with pytest.raises(ChecksumError, match="layer 2"):
+        st.wait(15)
+    assert isinstance(_get(rx).error, ChecksumError)
+    assert rx.inflight_bytes == 0
