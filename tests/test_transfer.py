@@ -412,6 +412,10 @@ def test_sender_api_misuse(make) -> None:
         st.send(ex.parts[0])
     with pytest.raises(ValueError, match="is kda"):
         st.send(type(ex.parts[1])(1, "mla", ex.parts[1].tensors))
+    deadline = time.monotonic() + 10
+    while rx.inflight_bytes == 0:  # the receiver holds a buffer for it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     st.abort("engine failed")
     f = _get(rx)
     assert f.request_id == "misuse" and f.error.code == "aborted"

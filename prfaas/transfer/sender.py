@@ -286,7 +286,10 @@ class PeerSession:
             if item is None:
                 return
             buffers, nbytes, stream, kind, payload, due = item
-            if self.error is not None or (stream is not None and stream.done and kind != "abort"):
+            dropped = stream is not None and stream.done and kind != "abort"
+            if kind == "abort" and stream is not None and stream.stats.header_bytes == 0:
+                dropped = True  # the header never left: the receiver has nothing to free
+            if self.error is not None or dropped:
                 self.monitor.add_queued(-nbytes)
                 if stream is not None:
                     stream._on_sent("dropped", 0, 0)
