@@ -1,0 +1,114 @@
+"""``prfaas up`` (a whole deployment on one machine), ``prfaas node`` and ``prfaas router`` (the
+same components one by one, e.g. on separate machines)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser(
+        "up",
+        help="start a PrfaaS deployment on this machine (PrfaaS + PD clusters, emulated link, gateway)",
+        description="Starts every node of the deployment config as its own process on loopback "
+        "(default: 1 PrfaaS prefill node, 1 PD-P, 1 PD-D, tiny model on CPU), an emulated "
+        "cross-cluster link and the OpenAI-compatible gateway; Ctrl-C stops everything.",
+    )
+    _common(up)
+    up.add_argument("--host", default=None, help="gateway host (default: config router.host)")
+    up.add_argument("--port", type=int, default=None, help="gateway port (0 = any free port)")
+    up.add_argument("--threshold", type=float, default=None, help="routing threshold t (tokens)")
+    up.add_argument("--policy", default=None, help="prfaas | homogeneous | naive")
+    up.add_argument("--model", default=None, help="model preset or directory (default: config)")
+    up.add_argument("--device", default=None, help="cpu | cuda | auto (default: config)")
+    up.add_argument(
+        "--link-gbps", type=float, default=None, help="bandwidth of every emulated link"
+    )
+    up.add_argument("--smoke", action="store_true", help="send a few requests, print them, exit")
+    up.add_argument("--log-dir", default=None, help="where node logs go (default: a temp dir)")
+    up.add_argument("--ready-file", default=None, help="write the gateway URL here once serving")
+    up.set_defaults(func=run_up_cmd)
+
+    node = sub.add_parser("node", help="run one node (one engine, one role, one cluster)")
+    _common(node)
+    node.add_argument("--node", required=True, help="node name in the deployment config")
+    node.add_argument("--ready-file", default=None, help="write the bound ports here (JSON)")
+    node.add_argument("--parent-pid", type=int, default=None, help="exit when this parent is gone")
+    node.set_defaults(func=run_node_cmd)
+
+    router = sub.add_parser("router", help="run the gateway/router against already running nodes")
+    _common(router)
+    router.add_argument("--host", default=None)
+    router.add_argument("--port", type=int, default=None)
+    router.add_argument("--ready-file", default=None)
+    router.set_defaults(func=run_router_cmd)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", default=None, help="deployment YAML (default: prfaas/configs/deploy_local.yaml)"
+    )
+    p.add_argument("--log-level", default="warning", help="debug | info | warning | error")
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from prfaas.server.config import load_deploy_config
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    return load_deploy_config(args.config)
+
+
+def run_up_cmd(args: argparse.Namespace) -> int:
+    from prfaas.server.launcher import run_up
+
+    try:
+        cfg = _load(args)
+        if args.threshold is not None:
+            cfg.router.threshold = args.threshold
+        if args.policy is not None:
+            cfg.router.policy = args.policy
+        if args.model is not None:
+            cfg.model = args.model
+        if args.device is not None:
+            cfg.device = args.device
+        if args.link_gbps is not None:
+            for lk in cfg.links:
+                lk.gbps, lk.schedule = args.link_gbps, []
+        cfg.validate()
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    host = args.host or cfg.router.host
+    port = cfg.router.port if args.port is None else args.port
+    return run_up(cfg, host, port, args.smoke, args.ready_file, args.log_dir, args.log_level)
+
+
+def run_node_cmd(args: argparse.Namespace) -> int:
+    from prfaas.server.node import run_node
+
+    try:
+        cfg = _load(args)
+        cfg.node(args.node)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    return run_node(cfg, args.node, args.ready_file, args.parent_pid, args.log_level)
+
+
+def run_router_cmd(args: argparse.Namespace) -> int:
+    from prfaas.server.launcher import endpoints_from_config, serve_gateway
+
+    try:
+        cfg = _load(args)
+        eps = endpoints_from_config(cfg)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    host = args.host or cfg.router.host
+    port = cfg.router.port if args.port is None else args.port
+    try:
+        return asyncio.run(serve_gateway(cfg, eps, host, port, ready_file=args.ready_file))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,218 @@
+"""A deployment in one file: clusters, their nodes and roles, links between clusters, model, policy,
+secret (``prfaas/configs/deploy_*.yaml``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prfaas.engine import EngineConfig
+from prfaas.transfer.link import LinkSpec
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "deploy_local.yaml"
+NODE_ROLES = ("prefill", "decode")
+CLUSTER_KINDS = ("prfaas", "pd")
+POLICIES = ("prfaas", "homogeneous", "naive")
+ROUTER_CACHE_MODES = ("oblivious", "scarce")  # abundant/auto need prefix copies between clusters
+
+
+@dataclass
+class NodeConfig:
+    name: str
+    role: str  # "prefill" | "decode"
+    host: str = "127.0.0.1"
+    http_port: int = 0
+    kv_port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+
+@dataclass
+class ClusterConfig:
+    name: str
+    kind: str  # "prfaas" (prefill only) | "pd" (PD-P and PD-D nodes)
+    nodes: list[NodeConfig]
+
+
+@dataclass
+class LinkConfig:
+    src: str
+    dst: str
+    gbps: float | None = None
+    rtt_ms: float = 0.0
+    schedule: list[tuple[float, float]] = field(default_factory=list)  # (t_s, gbps) segments
+
+    def spec(self) -> LinkSpec:
+        return LinkSpec(
+            self.gbps, self.rtt_ms, tuple((float(t), float(g)) for t, g in self.schedule)
+        )
+
+    @property
+    def nominal_gbps(self) -> float:
+        return float(self.gbps if self.gbps is not None else self.schedule[0][1])
+
+
+@dataclass
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "prfaas"
+    threshold: float = 256.0
+    cache_mode: str = "scarce"
+    max_inflight: int = 64
+    prefill_timeout_s: float = 60.0
+    poll_interval_s: float = 0.5
+    prefill_tokens_per_s: float = 5000.0  # prior for the queue-drain estimate of a prefill node
+
+
+@dataclass
+class DeployConfig:
+    model: str = "tiny"
+    device: str = "cpu"
+    secret: str = ""
+    transfer_backend: str = "tcp"
+    engine: dict[str, Any] = field(default_factory=dict)
+    clusters: list[ClusterConfig] = field(default_factory=list)
+    links: list[LinkConfig] = field(default_factory=list)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    # ---- look-ups ---------------------------------------------------------------------------
+    def node(self, name: str) -> tuple[ClusterConfig, NodeConfig]:
+        for c in self.clusters:
+            for n in c.nodes:
+                if n.name == name:
+                    return c, n
+        names = [n.name for c in self.clusters for n in c.nodes]
+        raise ValueError(f"no node {name!r} in the deployment (nodes: {names})")
+
+    def cluster(self, name: str) -> ClusterConfig:
+        for c in self.clusters:
+            if c.name == name:
+                return c
+        raise ValueError(f"no cluster {name!r} in the deployment")
+
+    def link(self, src: str, dst: str) -> LinkConfig | None:
+        for lk in self.links:
+            if (lk.src, lk.dst) == (src, dst):
+                return lk
+        return None
+
+    def engine_config(self, role: str) -> EngineConfig:
+        return EngineConfig(model=self.model, role=role, device=self.device, **self.engine)
+
+    @property
+    def prfaas_cluster(self) -> str | None:
+        return next((c.name for c in self.clusters if c.kind == "prfaas"), None)
+
+    @property
+    def pd_cluster(self) -> str:
+        return next(c.name for c in self.clusters if c.kind == "pd")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> DeployConfig:
+        from prfaas.transfer.auth import check_secret
+
+        check_secret(self.secret)
+        if self.transfer_backend not in ("tcp", "mooncake"):
+            raise ValueError(
+                f"transfer_backend must be tcp or mooncake, got {self.transfer_backend!r}"
+            )
+        names: set[str] = set()
+        for c in self.clusters:
+            if c.kind not in CLUSTER_KINDS:
+                raise ValueError(f"cluster {c.name!r}: kind must be one of {CLUSTER_KINDS}")
+            if not c.nodes:
+                raise ValueError(f"cluster {c.name!r} has no nodes")
+            for n in c.nodes:
+                if n.role not in NODE_ROLES:
+                    raise ValueError(f"node {n.name!r}: role must be one of {NODE_ROLES}")
+                if c.kind == "prfaas" and n.role != "prefill":
+                    raise ValueError(f"node {n.name!r}: a PrfaaS cluster holds prefill nodes only")
+                if n.name in names:
+                    raise ValueError(f"node name {n.name!r} used twice")
+                names.add(n.name)
+        pds = [c for c in self.clusters if c.kind == "pd"]
+        if len(pds) != 1:
+            raise ValueError(f"a deployment needs exactly one PD cluster, got {len(pds)}")
+        roles = {n.role for n in pds[0].nodes}
+        if roles != {"prefill", "decode"}:
+            raise ValueError("the PD cluster needs at least one prefill and one decode node")
+        if len([c for c in self.clusters if c.kind == "prfaas"]) > 1:
+            raise ValueError("at most one PrfaaS cluster is supported")
+        cnames = {c.name for c in self.clusters}
+        if len(cnames) != len(self.clusters):
+            raise ValueError("cluster names must be unique")
+        for lk in self.links:
+            if lk.src not in cnames or lk.dst not in cnames:
+                raise ValueError(f"link {lk.src}->{lk.dst} names an unknown cluster")
+            lk.spec().build()  # ValueError on a bad bandwidth / schedule / rtt
+        r = self.router
+        if r.policy not in POLICIES:
+            raise ValueError(f"router.policy must be one of {POLICIES}, got {r.policy!r}")
+        if r.cache_mode not in ROUTER_CACHE_MODES:
+            raise ValueError(f"router.cache_mode must be one of {ROUTER_CACHE_MODES}")
+        if r.policy in ("prfaas", "naive") and self.prfaas_cluster is None:
+            raise ValueError(f"policy {r.policy!r} needs a PrfaaS cluster")
+        if r.max_inflight < 1 or r.threshold < 0 or r.prefill_timeout_s <= 0:
+            raise ValueError(
+                "router: need max_inflight >= 1, threshold >= 0, prefill_timeout_s > 0"
+            )
+        self.engine_config("decode")  # ValueError on bad engine settings
+        return self
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def parse_deploy_config(data: dict[str, Any]) -> DeployConfig:
+    """Build and validate a deployment from a parsed YAML/JSON mapping (ValueError if bad)."""
+    if not isinstance(data, dict):
+        raise ValueError("a deployment config must be a mapping")
+    d = dict(data)
+    clusters = []
+    for i, c in enumerate(d.pop("clusters", []) or []):
+        c = dict(c) if isinstance(c, dict) else c
+        if not isinstance(c, dict):
+            raise ValueError(f"clusters[{i}]: expected a mapping")
+        nodes = [
+            _build(NodeConfig, n, f"clusters[{i}].nodes[{j}]")
+            for j, n in enumerate(c.pop("nodes", []) or [])
+        ]
+        clusters.append(_build(ClusterConfig, {**c, "nodes": nodes}, f"clusters[{i}]"))
+    links = [_build(LinkConfig, lk, f"links[{i}]") for i, lk in enumerate(d.pop("links", []) or [])]
+    router = _build(RouterConfig, d.pop("router", {}) or {}, "router")
+    engine = d.pop("engine", {}) or {}
+    cfg = _build(DeployConfig, {**d, "engine": engine}, "deployment")
+    cfg.clusters, cfg.links, cfg.router = clusters, links, router
+    return cfg.validate()
+
+
+def load_deploy_config(path: str | Path | None = None) -> DeployConfig:
+    """Read a deployment file (default: the packaged ``deploy_local.yaml``)."""
+    p = Path(path) if path is not None else DEFAULT_CONFIG
+    if not p.exists():
+        raise ValueError(f"deployment config {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    return parse_deploy_config(data)
