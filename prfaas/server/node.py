@@ -123,6 +123,7 @@ class NodeServer:
         self.kv_port = 0
         self.max_expect = 4 * self.engine.config.max_num_seqs
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self.app = self._build_app()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -210,6 +211,12 @@ class NodeServer:
                 self.senders[cluster] = s
             return s
 
+    def _send_export(self, sender: Any, peer: tuple[str, int], exp: Any) -> Any:
+        # one open at a time: PeerSession.open takes a stream id and queues its header without a
+        # lock, and the receiver refuses (and drops the session on) a non-increasing stream id
+        with self._send_lock:
+            return sender.send_export(peer, exp)
+
     def cut_link(self, cluster: str, up: bool) -> int:
         """Fault injection: cut (abort in-flight sends, refuse new ones) or restore a link."""
         if up:
@@ -279,7 +286,7 @@ class NodeServer:
         if dst in self.link_down:
             raise TransferError(f"link {self.cluster.name}->{dst} is down")
         sender = self._sender(dst)
-        stream = await asyncio.to_thread(sender.send_export, peer, exp)
+        stream = await asyncio.to_thread(self._send_export, sender, peer, exp)
         self.peers.setdefault(dst, set()).add(peer)
         self.inflight.setdefault(dst, set()).add(stream)
         try:

@@ -1,0 +1,447 @@
+"""End-to-end: a deployment started exactly as ``prfaas up`` starts it (node OS processes on
+loopback, tiny model on CPU, emulated PrfaaS->PD link, the gateway), driven over HTTP and with the
+official ``openai`` client.  One deployment for the module (1 PrfaaS node, 1 PD-P, 2 PD-D); the
+fault tests run last because they kill nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from prfaas import LLM, SamplingParams
+
+THRESHOLD = 256
+MAX_INFLIGHT = 4
+# tiny model payload: 6 KDA layers (state 2x32x32 fp32 + conv 3x64x3 fp32) + 2 MLA layers x 40 fp32
+KDA_BYTES = 6 * (2 * 32 * 32 * 4 + 3 * 64 * 3 * 4)
+MLA_BYTES_PER_TOKEN = 2 * 40 * 4
+
+CONFIG = {
+    "model": "tiny",
+    "device": "cpu",
+    "secret": "test-secret-0123456789abcdef",
+    "transfer_backend": "tcp",
+    "engine": {"max_num_seqs": 8, "max_model_len": 1024, "checkpoint_interval": 64},
+    "clusters": [
+        {"name": "prfaas", "kind": "prfaas", "nodes": [{"name": "prfaas-0", "role": "prefill"}]},
+        {
+            "name": "pd",
+            "kind": "pd",
+            "nodes": [
+                {"name": "pd-p0", "role": "prefill"},
+                {"name": "pd-d0", "role": "decode"},
+                {"name": "pd-d1", "role": "decode"},
+            ],
+        },
+    ],
+    "links": [{"src": "prfaas", "dst": "pd", "gbps": 2.0, "rtt_ms": 4.0}],
+    "router": {
+        "threshold": THRESHOLD,
+        "max_inflight": MAX_INFLIGHT,
+        "poll_interval_s": 0.2,
+        "prefill_timeout_s": 30.0,
+    },
+}
+
+
+def rand_prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    d = tmp_path_factory.mktemp("deploy")
+    cfg = d / "deploy.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    ready = d / "gateway.json"
+    with open(d / "up.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prfaas.cli", "up", "--config", str(cfg), "--port", "0"]
+            + ["--ready-file", str(ready), "--log-dir", str(d / "logs")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None, (d / "up.log").read_text()
+        assert time.monotonic() < deadline, "deployment did not start"
+        time.sleep(0.1)
+    info = json.loads(ready.read_text())
+    info["proc"], info["dir"] = proc, d
+    yield info
+    if proc.poll() is None:  # Ctrl-C stops everything cleanly
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    for n in info["nodes"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(n["pid"], 0)
+
+
+@pytest.fixture(scope="module")
+def url(deployment) -> str:
+    return deployment["url"]
+
+
+@pytest.fixture(scope="module")
+def offline() -> LLM:
+    return LLM("tiny")
+
+
+def complete(url: str, prompt, **kw) -> httpx.Response:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, **kw}
+    return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+
+def node_info(url: str, name: str) -> dict:
+    nodes = httpx.get(url + "/admin/nodes").json()["nodes"]
+    return next(n for n in nodes if n["name"] == name)
+
+
+def wait_for(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------ normal operation
+
+
+def test_models_and_health(url):
+    m = httpx.get(url + "/v1/models").json()
+    assert [x["id"] for x in m["data"]] == ["tiny"]
+    h = httpx.get(url + "/health").json()
+    assert h["status"] == "ok"
+    assert sorted(h["nodes"]) == ["pd-d0", "pd-d1", "pd-p0", "prfaas-0"]
+
+
+@pytest.mark.parametrize("n, seeded", [(40, False), (300, False), (300, True), (90, True)])
+def test_outputs_identical_to_offline_engine(url, offline, n, seeded):
+    prompt = rand_prompt(n, n)
+    kw = {"temperature": 0.8, "top_p": 0.9, "seed": 1234} if seeded else {"temperature": 0}
+    r = complete(url, prompt, max_tokens=12, ignore_eos=True, **kw)
+    assert r.status_code == 200, r.text
+    b = r.json()
+    sp = SamplingParams(
+        temperature=kw["temperature"],
+        top_p=kw.get("top_p", 1.0),
+        seed=kw.get("seed"),
+        max_tokens=12,
+        ignore_eos=True,
+    )
+    (want,) = offline.generate([prompt], sp)
+    assert b["prfaas"]["token_ids"] == want.token_ids
+    assert b["choices"][0]["text"] == want.text
+    assert b["choices"][0]["finish_reason"] == "length"
+    assert b["usage"] == {
+        "prompt_tokens": n,
+        "completion_tokens": 12,
+        "total_tokens": n + 12,
+        "prompt_tokens_details": {"cached_tokens": b["prfaas"]["cached_tokens"]},
+    }
+
+
+def test_long_prompts_prefill_in_prfaas_short_in_pd(url):
+    short = complete(url, rand_prompt(1, 200))
+    long = complete(url, rand_prompt(2, 400))
+    assert short.status_code == long.status_code == 200
+    s, lg = short.json()["prfaas"], long.json()["prfaas"]
+    assert (s["prefill_cluster"], s["prefill_node"], s["offloaded"]) == ("pd", "pd-p0", False)
+    assert (lg["prefill_cluster"], lg["prefill_node"], lg["offloaded"]) == (
+        "prfaas",
+        "prfaas-0",
+        True,
+    )
+    assert lg["link"] == "prfaas->pd" and s["link"] is None
+    # the whole uncached cache crossed: KDA states + MLA KV of every prompt token
+    assert s["transfer_bytes"] == KDA_BYTES + 200 * MLA_BYTES_PER_TOKEN
+    assert lg["transfer_bytes"] == KDA_BYTES + 400 * MLA_BYTES_PER_TOKEN
+    # headers say the same as the body
+    h = long.headers
+    assert h["x-prfaas-prefill-cluster"] == "prfaas"
+    assert h["x-prfaas-prefill-node"] == "prfaas-0"
+    assert int(h["x-prfaas-transfer-bytes"]) == lg["transfer_bytes"]
+    assert int(h["x-prfaas-cached-tokens"]) == lg["cached_tokens"] == 0
+    assert float(h["x-prfaas-transfer-ms"]) > 0
+
+
+def test_prefix_hit_reduces_bytes_that_cross(url):
+    base = rand_prompt(3, 400)
+    a = complete(url, base).json()["prfaas"]
+    b = complete(url, base + rand_prompt(4, 40)).json()["prfaas"]
+    assert a["prefill_cluster"] == b["prefill_cluster"] == "prfaas"
+    assert a["decode_node"] == b["decode_node"]
+    # the decode node holds the 400-token prefix (25 blocks of 16): only the 40-token tail crosses
+    assert b["decode_prefix_tokens"] == 400
+    assert b["transfer_bytes"] == KDA_BYTES + 40 * MLA_BYTES_PER_TOKEN
+    assert a["transfer_bytes"] - b["transfer_bytes"] == 360 * MLA_BYTES_PER_TOKEN
+    # and the PrfaaS node reused its own prefix up to the last state checkpoint (6 x 64 tokens)
+    assert b["cached_tokens"] == 384
+
+
+def test_openai_client_streaming_and_not(url, offline):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    prompt = "The prefill cluster and the decode cluster "
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == full.choices[0].finish_reason
+    assert last.usage.completion_tokens == full.usage.completion_tokens
+    assert last.model_extra["prfaas"]["prefill_cluster"] == "pd"
+    (want,) = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=10))
+    assert full.choices[0].text == want.text
+
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=msgs, max_tokens=6, seed=5, temperature=1.0
+    )
+    chat = raw.parse()
+    templated = "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+    (want,) = offline.generate([templated], SamplingParams(temperature=1.0, seed=5, max_tokens=6))
+    assert chat.choices[0].message.content == want.text
+    assert chat.usage.prompt_tokens == len(templated.encode())
+    assert raw.headers["x-prfaas-decode-node"] == chat.model_extra["prfaas"]["decode_node"]
+    streamed = list(
+        client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=6, seed=5, temperature=1.0, stream=True
+        )
+    )
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == want.text
+
+
+def test_stop_strings_and_stop_token_ids(url, offline):
+    prompt = rand_prompt(5, 30)
+    (ref,) = offline.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    )
+    # a stop string taken from the middle of the reference text
+    i = next(k for k in range(4, len(ref.text) - 2) if "\ufffd" not in ref.text[k : k + 2])
+    stop = ref.text[i : i + 2]
+    b = complete(url, prompt, max_tokens=24, ignore_eos=True, stop=[stop, "never-appears"]).json()
+    assert b["choices"][0]["text"] == ref.text[: ref.text.find(stop)]
+    assert b["choices"][0]["finish_reason"] == "stop"
+    # streamed: the same text, the stop string never leaks out
+    r = httpx.post(
+        url + "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": 24,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stop": stop,
+            "stream": True,
+        },
+        timeout=60,
+    )
+    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == ref.text[: ref.text.find(stop)]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and "prfaas" in events[-1]
+    # token-id stops: exactly the offline engine's behaviour
+    sid = ref.token_ids[5]
+    b = complete(url, prompt, max_tokens=24, stop_token_ids=[sid]).json()
+    (want,) = offline.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[sid])
+    )
+    assert (
+        b["prfaas"]["token_ids"] == want.token_ids == ref.token_ids[: ref.token_ids.index(sid) + 1]
+    )
+    assert b["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": "x"}, 400, "model"),
+        ({"model": "tiny"}, 400, "prompt"),
+        ({"model": "gpt-9", "prompt": "x"}, 404, "model"),
+        ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+        ({"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop"),
+        ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+        ({"model": "tiny", "prompt": "x", "seed": "s"}, 400, "seed"),
+        ({"model": "tiny", "prompt": [1, 2, 99999]}, 400, "prompt"),
+        ({"model": "tiny", "prompt": "x" * 1100}, 400, "prompt"),
+    ],
+)
+def test_malformed_requests_get_openai_errors(url, body, status, param):
+    r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_malformed_json_and_chat(url):
+    r = httpx.post(url + "/v1/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": []}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="x", temperature=5)
+
+
+def test_overload_gets_429_with_retry_after(url):
+    async def one(c: httpx.AsyncClient, i: int) -> tuple[int, dict, dict]:
+        r = await c.post(
+            "/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": rand_prompt(100 + i, 50),
+                "max_tokens": 40,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
+        return r.status_code, dict(r.headers), r.json()
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(12)))
+
+    results = asyncio.run(burst())
+    codes = [r[0] for r in results]
+    assert set(codes) <= {200, 429}, [r[2] for r in results if r[0] not in (200, 429)]
+    assert set(codes) <= {200, 429}  # nothing dropped, nothing else
+    assert codes.count(200) >= 1 and codes.count(429) >= 12 - 2 * MAX_INFLIGHT
+    for code, headers, body in results:
+        if code == 429:
+            assert headers["retry-after"] == "1"
+            assert body["error"]["type"] == "rate_limit_error"
+        else:
+            assert body["usage"]["completion_tokens"] == 40
+    wait_for(lambda: httpx.get(url + "/metrics").text.count("prfaas_inflight_requests 0.0") == 1)
+
+
+def test_metrics(url):
+    text = httpx.get(url + "/metrics").text
+    for needle in [
+        "prfaas_ttft_seconds_count",
+        "prfaas_tpot_seconds_count",
+        'prfaas_route_decisions_total{offloaded="true",prefill_cluster="prfaas"}',
+        'prfaas_route_decisions_total{offloaded="false",prefill_cluster="pd"}',
+        'prfaas_node_queue_depth{cluster="pd",node="pd-d0"}',
+        'prfaas_link_gbps{dst="pd",src="prfaas"}',
+        'prfaas_link_capacity_gbps{dst="pd",src="prfaas"} 2.0',
+        'prfaas_prefix_cache_hit_rate{cluster="prfaas",node="prfaas-0"}',
+        'prfaas_requests_total{outcome="rejected_429"}',
+        "prfaas_kv_transfer_bytes_total",
+    ]:
+        assert needle in text, needle
+
+
+# ------------------------------------------------------------------------ faults (kill nodes last)
+
+
+def test_link_cut_falls_back_to_pd_p(url):
+    prfaas_url = node_info(url, "prfaas-0")["url"]
+    r = httpx.post(prfaas_url + "/admin/link", json={"cluster": "pd", "up": False})
+    assert r.status_code == 200
+    got = complete(url, rand_prompt(6, 400))  # long: would go to PrfaaS
+    assert got.status_code == 200, got.text
+    p = got.json()["prfaas"]
+    assert p["prefill_cluster"] == "pd" and p["prefill_node"] == "pd-p0"
+    assert p["transfer_bytes"] == KDA_BYTES + 400 * MLA_BYTES_PER_TOKEN
+    wait_for(lambda: not node_info(url, "prfaas-0")["available"])
+    assert complete(url, rand_prompt(7, 400)).json()["prfaas"]["prefill_cluster"] == "pd"
+    # restored: long prompts go back to PrfaaS
+    httpx.post(prfaas_url + "/admin/link", json={"cluster": "pd", "up": True})
+    wait_for(lambda: node_info(url, "prfaas-0")["available"])
+    assert complete(url, rand_prompt(8, 400)).json()["prfaas"]["prefill_cluster"] == "prfaas"
+
+
+def test_decode_node_dies_only_its_requests_fail(url):
+    async def stream(c: httpx.AsyncClient, seed: int, started: asyncio.Event, out: dict):
+        body = {
+            "model": "tiny",
+            "prompt": rand_prompt(seed, 20),
+            "max_tokens": 150,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            out["status"] = r.status_code
+            out["node"] = r.headers["x-prfaas-decode-node"]
+            out["events"] = []
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    out["events"].append(json.loads(line[6:]))
+                    started.set()
+                elif line == "data: [DONE]":
+                    out["done"] = True
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            a, b = {}, {}
+            ea, eb = asyncio.Event(), asyncio.Event()
+            ta = asyncio.create_task(stream(c, 11, ea, a))
+            await ea.wait()
+            tb = asyncio.create_task(stream(c, 12, eb, b))
+            await eb.wait()
+            assert a["node"] != b["node"]  # least-loaded decode placement
+            victim = node_info(url, a["node"])
+            os.kill(victim["pid"], signal.SIGKILL)
+            await asyncio.gather(ta, tb)
+            return a, b
+
+    a, b = asyncio.run(run())
+    # the dead node's request ends with a clear error event, then [DONE]
+    assert a["status"] == 200 and a.get("done")
+    err = a["events"][-1]["error"]
+    assert err["code"] == "decode_node_failed" and a["node"] in err["message"]
+    # the other one is unaffected
+    assert b["events"][-1]["choices"][0]["finish_reason"] == "length"
+    assert b["events"][-1]["prfaas"]["token_ids"].__len__() == 150
+    # new requests avoid the dead node
+    r = complete(url, rand_prompt(13, 30))
+    assert r.status_code == 200 and r.json()["prfaas"]["decode_node"] == b["node"]
+    assert httpx.get(url + "/health").json()["status"] == "degraded"
+
+
+def test_prfaas_node_down_falls_back_without_error(url):
+    victim = node_info(url, "prfaas-0")
+    os.kill(victim["pid"], signal.SIGKILL)
+    r = complete(url, rand_prompt(9, 400))
+    assert r.status_code == 200, r.text
+    p = r.json()["prfaas"]
+    assert p["prefill_cluster"] == "pd"
+    wait_for(lambda: not node_info(url, "prfaas-0")["up"])
+    assert complete(url, rand_prompt(10, 400)).json()["prfaas"]["prefill_cluster"] == "pd"
+
+
+def test_ctrl_c_stops_everything(deployment):
+    proc: subprocess.Popen = deployment["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    log = Path(deployment["dir"], "up.log").read_text()
+    assert "stopped." in log
+    for n in deployment["nodes"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(n["pid"], 0)
