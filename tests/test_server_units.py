@@ -1,0 +1,315 @@
+"""Server parts without processes: deployment config, OpenAI request parsing, chat template, stop
+strings on detokenized text, the router's state and decisions, the engine thread, the KV layout."""
+
+from __future__ import annotations
+
+import copy
+import random
+import threading
+
+import pytest
+import torch
+
+from prfaas import EngineConfig, LLMEngine, SamplingParams
+from prfaas.model.tokenizer import ByteTokenizer
+from prfaas.scheduling.types import INF
+from prfaas.server.config import load_deploy_config, parse_deploy_config
+from prfaas.server.engine_worker import EngineWorker
+from prfaas.server.kv_layout import layout_for_engine
+from prfaas.server.launcher import endpoints_from_config
+from prfaas.server.openai_protocol import APIError, apply_chat_template, parse_request
+from prfaas.server.router import NodeEndpoint, Router
+from prfaas.server.text_output import TextAssembler
+from prfaas.transfer import wire
+
+BASE = {
+    "model": "tiny",
+    "secret": "unit-secret-0123456789",
+    "clusters": [
+        {"name": "prfaas", "kind": "prfaas", "nodes": [{"name": "f0", "role": "prefill"}]},
+        {
+            "name": "pd",
+            "kind": "pd",
+            "nodes": [
+                {"name": "p0", "role": "prefill"},
+                {"name": "d0", "role": "decode"},
+                {"name": "d1", "role": "decode"},
+            ],
+        },
+    ],
+    "links": [{"src": "prfaas", "dst": "pd", "gbps": 1.0, "rtt_ms": 5}],
+    "router": {"threshold": 256},
+}
+
+
+def cfg_with(**changes):
+    d = copy.deepcopy(BASE)
+    for k, v in changes.items():
+        d[k] = v
+    return d
+
+
+# ------------------------------------------------------------------------ config
+
+
+def test_default_config_is_the_readme_deployment():
+    cfg = load_deploy_config()
+    assert [(c.name, c.kind, [n.role for n in c.nodes]) for c in cfg.clusters] == [
+        ("prfaas", "prfaas", ["prefill"]),
+        ("pd", "pd", ["prefill", "decode"]),
+    ]
+    assert cfg.model == "tiny" and cfg.device == "cpu" and cfg.router.threshold == 256
+    assert cfg.link("prfaas", "pd").spec().build().current_gbps() == 1.0
+    assert all(n.host == "127.0.0.1" for c in cfg.clusters for n in c.nodes)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"secret": "short"}, "at least 16"),
+        ({"transfer_backend": "carrier-pigeon"}, "transfer_backend"),
+        ({"router": {"policy": "random"}}, "router.policy"),
+        ({"router": {"cache_mode": "abundant"}}, "cache_mode"),
+        ({"router": {"max_inflight": 0}}, "max_inflight"),
+        ({"router": {"bogus": 1}}, "unknown keys"),
+        ({"links": [{"src": "prfaas", "dst": "nowhere", "gbps": 1}]}, "unknown cluster"),
+        ({"links": [{"src": "prfaas", "dst": "pd", "gbps": -1}]}, "bandwidth"),
+        ({"engine": {"max_num_seqs": 0}}, "max_num_seqs"),
+        ({"clusters": [BASE["clusters"][0]]}, "exactly one PD cluster"),
+    ],
+)
+def test_bad_configs_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        parse_deploy_config(cfg_with(**change))
+
+
+def test_bad_nodes_are_refused():
+    d = cfg_with()
+    d["clusters"][0]["nodes"][0]["role"] = "decode"
+    with pytest.raises(ValueError, match="prefill nodes only"):
+        parse_deploy_config(d)
+    d = cfg_with()
+    d["clusters"][1]["nodes"][0]["name"] = "f0"
+    with pytest.raises(ValueError, match="used twice"):
+        parse_deploy_config(d)
+    d = cfg_with()
+    d["clusters"][1]["nodes"] = [{"name": "d0", "role": "decode"}]
+    with pytest.raises(ValueError, match="at least one prefill and one decode"):
+        parse_deploy_config(d)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_deploy_config("/nonexistent/deploy.yaml")
+    # separate machines need fixed ports
+    with pytest.raises(ValueError, match="http_port must be set"):
+        endpoints_from_config(parse_deploy_config(cfg_with()))
+
+
+# ------------------------------------------------------------------------ OpenAI protocol
+
+
+def test_chat_template():
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
+    assert apply_chat_template(msgs) == "<|system|>\nS\n<|user|>\nab\n<|assistant|>\n"
+    with pytest.raises(APIError, match="role"):
+        apply_chat_template([{"role": "wizard", "content": "x"}])
+    with pytest.raises(APIError, match="text parts"):
+        apply_chat_template([{"role": "user", "content": [{"type": "image_url"}]}])
+
+
+def test_parse_request_maps_every_field():
+    body = {
+        "model": "tiny",
+        "prompt": ["hello"],
+        "max_tokens": 7,
+        "temperature": 0.5,
+        "top_p": 0.8,
+        "seed": 3,
+        "stop": "\n",
+        "stop_token_ids": [10, 257],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    r = parse_request(body, "completion", 384)
+    assert r.prompt == "hello" and r.stop == ["\n"] and r.stream and r.include_usage
+    assert r.params == SamplingParams(
+        temperature=0.5, top_p=0.8, max_tokens=7, seed=3, stop_token_ids=[10, 257]
+    )
+    chat = parse_request(
+        {"model": "m", "messages": [{"role": "user", "content": "q"}], "max_completion_tokens": 3},
+        "chat",
+        384,
+    )
+    assert chat.prompt == "<|user|>\nq\n<|assistant|>\n" and chat.params.max_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ([], None),
+        ({"model": "m", "prompt": [[1], [2]]}, "prompt"),
+        ({"model": "m", "prompt": [1, -1]}, "prompt"),
+        ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "temperature": float("nan")}, "temperature"),
+        ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+        ({"model": "m", "prompt": "x", "stop": ["a"] * 9}, "stop"),
+        ({"model": "m", "prompt": "x", "stop_token_ids": [500]}, "stop_token_ids"),
+        ({"model": "m", "prompt": "x", "logprobs": 5}, "logprobs"),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
+    ],
+)
+def test_parse_request_errors(body, param):
+    with pytest.raises(APIError) as e:
+        parse_request(body, "completion", 384)
+    assert e.value.status == 400 and e.value.param == param
+    assert e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+# ------------------------------------------------------------------------ stop strings
+
+
+def feed(asm: TextAssembler, ids: list[int]) -> str:
+    out = "".join(asm.add([t]) for t in ids)
+    return out + asm.finish()
+
+
+def test_stop_string_across_tokens_never_leaks():
+    tok = ByteTokenizer()
+    ids = tok.encode("hello STOP world")
+    asm = TextAssembler(tok, ["STOP", "zzz"])
+    pieces = [asm.add([t]) for t in ids]
+    assert "".join(pieces) + asm.finish() == "hello "
+    assert asm.stopped and "S" not in "".join(pieces)
+    # no stop: everything, incrementally, equal to decoding all at once
+    asm = TextAssembler(tok, [])
+    assert feed(asm, ids) == "hello STOP world" and not asm.stopped
+
+
+def test_utf8_is_held_back_until_complete():
+    tok = ByteTokenizer()
+    ids = tok.encode("é€x")
+    asm = TextAssembler(tok, [])
+    outs = [asm.add([t]) for t in ids]
+    assert outs == ["", "é", "", "", "€", "x"]
+    # a stop string made of a multi-byte character
+    assert feed(TextAssembler(tok, ["€"]), ids) == "é"
+    # invalid bytes stay replacement characters (as the offline engine decodes them)
+    assert feed(TextAssembler(tok, []), [0xFF, 0x41]) == tok.decode([0xFF, 0x41]) == "\ufffdA"
+
+
+# ------------------------------------------------------------------------ router decisions
+
+
+@pytest.fixture
+def router():
+    cfg = parse_deploy_config(cfg_with())
+    eps = [
+        NodeEndpoint("f0", "prfaas", "prefill", "http://h:1"),
+        NodeEndpoint("p0", "pd", "prefill", "http://h:2"),
+        NodeEndpoint("d0", "pd", "decode", "http://h:3"),
+        NodeEndpoint("d1", "pd", "decode", "http://h:4"),
+    ]
+    return Router(cfg, eps)
+
+
+def info(router, prompt):
+    from prfaas.scheduling.types import RequestInfo
+
+    return RequestInfo("r", len(prompt), router.hash_ids(prompt))
+
+
+def test_router_state_mirrors_the_deployment(router):
+    st = router.build_state(now=100.0)
+    pd = st.clusters["pd"]
+    assert pd.prefill.busy_until == [100.0, INF, INF]  # decode nodes take no prefill work
+    assert pd.decode.bs_max == [0, 32, 32] and pd.decode.load == [INF, 0.0, 0.0]
+    assert st.clusters["prfaas"].prefill.busy_until == [100.0]
+    assert st.links[("prfaas", "pd")].capacity_gbps == 1.0
+    router.prefill_outstanding["p0"] = 5000
+    router.decode_active["d0"] = 4
+    st = router.build_state(now=100.0)
+    assert st.clusters["pd"].prefill.busy_until[0] == pytest.approx(101.0)  # 5000 tok / 5000 tok/s
+    assert st.clusters["pd"].decode.load == [INF, 0.125, 0.0]
+
+
+def test_router_threshold_prefix_and_fallback(router):
+    rng = random.Random(0)
+    long, short = [rng.randrange(256) for _ in range(300)], [rng.randrange(256) for _ in range(200)]
+    d = router.decide(info(router, long))
+    assert (d.prefill_cluster, d.decode_cluster, d.uncached_len) == ("prfaas", "pd", 300)
+    assert router.decide(info(router, short)).prefill_cluster == "pd"
+    # hash blocks are engine checkpoints (64 tokens); at least one token is left to compute
+    assert len(router.hash_ids(long)) == 4 and len(router.hash_ids(long[:257])) == 4
+    assert len(router.hash_ids(long[:256])) == 3
+    # a PD-P prefix hit makes the uncached part short: PD-P prefills (scarce mode)
+    router.prefix["pd"].insert(router.hash_ids(long), 300, 0)
+    d = router.decide(info(router, long))
+    assert (d.prefill_cluster, d.cached_len, d.uncached_len) == ("pd", 256, 44)
+    # the PrfaaS node down (or its link cut): the policy itself falls back to PD-P
+    router.prefix["pd"] = type(router.prefix["pd"])(64, 64)
+    router.mark_down("f0")
+    assert router.decide(info(router, long)).prefill_cluster == "pd"
+    router.node_up["f0"] = True
+    router.node_state["f0"] = {"links": {"pd": {"up": False}}}
+    assert router.decide(info(router, long)).prefill_cluster == "pd"
+    router.node_state["f0"] = {"links": {"pd": {"up": True}}}
+    assert router.decide(info(router, long)).prefill_cluster == "prfaas"
+    # decode placement: least loaded, dead nodes skipped, none left -> 503
+    router.decode_active["d0"] = 1
+    assert router.decide(info(router, short)).decode_instance == 2
+    router.mark_down("d1")
+    assert router.decide(info(router, short)).decode_instance == 1
+    router.mark_down("d0")
+    with pytest.raises(APIError) as e:
+        router.decide(info(router, short))
+    assert e.value.status == 503 and e.value.code == "no_capacity"
+
+
+# ------------------------------------------------------------------------ engine thread, layout
+
+
+def test_engine_worker_runs_requests_like_the_offline_engine(tiny_model):
+    prompts = [[random.Random(i).randrange(256) for _ in range(20 + 30 * i)] for i in range(3)]
+    sp = SamplingParams(temperature=0.7, seed=9, max_tokens=6, ignore_eos=True)
+    offline = LLMEngine(EngineConfig(model="tiny"), model=tiny_model)
+    want = {}
+    for i, p in enumerate(prompts):
+        offline.add_request(p, sp, f"r{i}")
+    while offline.has_unfinished():
+        for o in offline.step():
+            if o.finished:
+                want[o.request_id] = o.token_ids
+    w = EngineWorker(LLMEngine(EngineConfig(model="tiny"), model=tiny_model)).start()
+    got, done = {}, threading.Event()
+
+    def on_out(o):
+        if o.finished:
+            got[o.request_id] = o.token_ids
+            if len(got) == 3:
+                done.set()
+
+    try:
+        for i, p in enumerate(prompts):
+            w.subscribe(f"r{i}", on_out)
+            w.call(lambda eng, p=p, i=i: eng.add_request(p, sp, f"r{i}")).result(10)
+        with pytest.raises(ValueError, match="empty"):
+            w.call(lambda eng: eng.add_request([], sp)).result(10)
+        assert done.wait(30)
+    finally:
+        w.stop()
+    assert got == want
+
+
+def test_kv_layout_matches_engine_exports(tiny_model):
+    eng = LLMEngine(EngineConfig(model="tiny", role="prefill"), model=tiny_model)
+    eng.add_request(list(range(100)), SamplingParams(max_tokens=2), "a")
+    while eng.has_unfinished():
+        eng.step()
+    exp = eng.export_request("a", token_start=32)
+    layout = layout_for_engine(eng)
+    assert layout.request_nbytes(68) == exp.nbytes()
+    wh = wire.build_wire_header(exp.header, layout, 1, exp.parts)
+    wire.validate_header(wh, layout, 1 << 30)  # the receiver accepts it
+    assert exp.parts[3].tensors["kv"].dtype == torch.float32
