@@ -75,15 +75,22 @@ class MLAAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.vdim], -1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(L, self.nh, self.rope)], -1)
         q = torch.cat([q_nope, q_pe], -1)
-        qpos = torch.arange(start, start + n, device=lat.device)
-        mask = torch.arange(L, device=lat.device)[None, :] <= qpos[:, None]
+        qk = self.nope + self.rope
+        if self.vdim < qk:  # fused SDPA kernels want one head size: pad v, slice the output
+            v = F.pad(v, (0, qk - self.vdim))
+        if start == 0 and n == L:  # plain causal: lets SDPA pick a flash kernel
+            mask, causal = None, True
+        else:
+            qpos = torch.arange(start, start + n, device=lat.device)
+            mask, causal = torch.arange(L, device=lat.device)[None, :] <= qpos[:, None], False
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1),
             k.transpose(0, 1),
             v.transpose(0, 1),
             attn_mask=mask,
+            is_causal=causal,
             scale=self.scale,
-        )
+        )[..., : self.vdim]
         return o.transpose(0, 1).reshape(n, self.nh * self.vdim)
 
     def attend_absorbed(
