@@ -41,6 +41,7 @@ def run_engine(model, prompt, steps, fla: bool) -> list[torch.Tensor]:
             max_model_len=len(prompt) + steps + 8,
             enable_prefix_cache=False,
             max_num_seqs=2,
+            num_blocks=len(prompt) // 16 + 64,
         ),
         model=model,
     )
