@@ -445,3 +445,19 @@ def test_ctrl_c_stops_everything(deployment):
     for n in deployment["nodes"]:
         with pytest.raises(ProcessLookupError):
             os.kill(n["pid"], 0)
+
+
+def test_prfaas_up_smoke_exits_zero(tmp_path):
+    """The README's set-up-and-run command: default deployment, a few requests, exit 0."""
+    r = subprocess.run(
+        [sys.executable, "-m", "prfaas.cli", "up", "--smoke", "--port", "0"]
+        + ["--log-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "prefill pd/pd-p0" in out and "prefill prfaas/prfaas-0" in out
+    assert "decode-side prefix 400" in out  # the shared-prefix request sent only its tail
+    assert "ends with [DONE]: True" in out and "stopped." in out
