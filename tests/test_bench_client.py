@@ -22,7 +22,8 @@ from prfaas.bench.metrics import summarize
 from prfaas.bench.prompts import PromptBuilder
 from prfaas.bench.workload import BenchRequest, prepare
 
-TOL_MS = 15.0  # upper tolerance on a shared 2-core machine
+TOL_MS = 25.0  # upper tolerance of percentiles on a shared, possibly busy 2-core machine
+ONE_MS = 100.0  # upper tolerance of a single request's latency (one late time slice shows here)
 
 
 def parse(argv: list[str]):
@@ -53,9 +54,9 @@ def free_port() -> int:
 
 
 def test_known_latencies() -> None:
-    # request n (30 ms apart, so arrival order is fixed) gets its first token 50 + 10 n ms after
-    # arrival, then one token every 10 ms: TTFT 50..140 ms, TPOT 10 ms, E2E = TTFT + 50 ms
-    spec = FakeServerSpec(ttft_s=0.05, itl_s=0.01, stall_s={n: 0.01 * n for n in range(10)})
+    # request n (30 ms apart, so arrival order is fixed) gets its first token 50 + 30 n ms after
+    # arrival, then one token every 10 ms: TTFT 50..320 ms, TPOT 10 ms, E2E = TTFT + 50 ms
+    spec = FakeServerSpec(ttft_s=0.05, itl_s=0.01, stall_s={n: 0.03 * n for n in range(10)})
     app, seen = make_app(spec)
     reqs = [BenchRequest(i, 0.03 * i, 64, 6) for i in range(10)]
     with serve_in_thread(app) as url:
@@ -64,20 +65,20 @@ def test_known_latencies() -> None:
     assert [s.number for s in seen] == list(range(10))
     for r in out.results:
         assert r.ok and r.output_tokens == 6 and len(r.chunk_s) == 6
-        want = 0.05 + 0.01 * r.index
-        assert want - 0.002 <= r.ttft_s <= want + TOL_MS / 1000
-        assert want + 0.05 - 0.002 <= r.e2e_s <= want + 0.05 + TOL_MS / 1000
-    rep = summarize(out.results, out.duration_s, slo_ttft_s=0.0955, slo_tpot_s=0.02)
+        want = 0.05 + 0.03 * r.index
+        assert want - 0.002 <= r.ttft_s <= want + ONE_MS / 1000
+        assert want + 0.05 - 0.002 <= r.e2e_s <= want + 0.05 + ONE_MS / 1000
+    rep = summarize(out.results, out.duration_s, slo_ttft_s=0.185, slo_tpot_s=0.02)
     assert rep.total == rep.completed == 10 and rep.errors == {}
-    for got, want in ((rep.ttft_ms.p50, 95.0), (rep.ttft_ms.p90, 131.0), (rep.ttft_ms.p99, 139.1)):
+    for got, want in ((rep.ttft_ms.p50, 185.0), (rep.ttft_ms.p90, 293.0), (rep.ttft_ms.p99, 317.3)):
         assert want - 2 <= got <= want + TOL_MS
-    assert rep.ttft_ms.mean == pytest.approx(95.0, abs=TOL_MS)
-    assert rep.e2e_ms.p50 == pytest.approx(145.0, abs=TOL_MS)
-    assert rep.tpot_ms.mean == pytest.approx(10.0, abs=1.5)
-    assert rep.tpot_ms.p50 == pytest.approx(10.0, abs=1.5)
-    assert rep.itl_ms.n == 50 and rep.itl_ms.mean == pytest.approx(10.0, abs=1.5)
+    assert 185.0 - 2 <= rep.ttft_ms.mean <= 185.0 + TOL_MS
+    assert 235.0 - 2 <= rep.e2e_ms.p50 <= 235.0 + TOL_MS
+    assert rep.tpot_ms.mean == pytest.approx(10.0, abs=3.0)
+    assert rep.tpot_ms.p50 == pytest.approx(10.0, abs=3.0)
+    assert rep.itl_ms.n == 50 and rep.itl_ms.mean == pytest.approx(10.0, abs=3.0)
     assert rep.output_tokens == 60 and rep.input_tokens == 640  # usage from the server
-    # TTFT <= 95.5 ms: requests 0..4 (50..90 ms), 5 (100 ms) misses
+    # TTFT <= 185 ms: requests 0..4 (50..170 ms) meet it, 5.. (200 ms..) miss
     assert rep.goodput.requests == 5
     # the body that went out: streaming, max_tokens = output length, ignore-EOS options, usage
     b = seen[0].body
@@ -111,10 +112,10 @@ def test_time_scaling_of_arrivals() -> None:
     with serve_in_thread(app) as url:
         out = run(prepare(reqs, time_scale=2.0), BenchConfig(url))
     gaps = [b.t - a.t for a, b in zip(seen, seen[1:], strict=False)]
-    assert gaps == pytest.approx([0.2, 0.2, 0.2], abs=0.015)  # open loop at the scaled times
+    assert gaps == pytest.approx([0.2, 0.2, 0.2], abs=0.025)  # open loop at the scaled times
     assert [r.scheduled_s for r in out.results] == pytest.approx([0.0, 0.2, 0.4, 0.6])
     for r in out.results:
-        assert r.sent_s == pytest.approx(r.scheduled_s, abs=0.015)
+        assert r.sent_s == pytest.approx(r.scheduled_s, abs=0.025)
 
 
 def test_cli_trace_cap_lengths_prefixes_and_json(tmp_path: Path, capsys) -> None:
@@ -189,7 +190,7 @@ def test_chat_endpoint_skips_role_chunk_and_no_extras() -> None:
         out = run([BenchRequest(0, 0.0, 20, 3)], BenchConfig(**{**cfg.__dict__, "url": url}))
     r = out.results[0]
     assert r.ok and r.output_tokens == 3 and r.usage_output_tokens is None
-    assert 0.038 <= r.ttft_s <= 0.04 + TOL_MS / 1000  # the role-only chunk is not a token
+    assert 0.038 <= r.ttft_s <= 0.04 + ONE_MS / 1000  # the role-only chunk is not a token
     b = seen[0].body
     assert seen[0].path == "/v1/chat/completions"
     assert b["messages"] == [{"role": "user", "content": b["messages"][0]["content"]}]
