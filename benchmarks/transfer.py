@@ -45,6 +45,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the host skews figures
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -234,6 +235,8 @@ def write(out_dir: Path, name: str, result: dict) -> None:
         f"Machine: {m['cpu_model']}, nproc {m['nproc']}, {m['platform']}, torch {m['torch']}"
         + (f", GPU {m['gpu']}" if "gpu" in m else ""),
         f"Command: `{result['command']}`",
+        f"Host load average (1 min) when the run ended: {m['loadavg_1m_at_end']} "
+        "(the dev VM is shared with other engineers' test runs).",
         "",
     ]
     if "loopback" in result:

@@ -197,6 +197,29 @@ def test_shaped_link_200mbps(make) -> None:
     assert snap.capacity_gbps == 0.2
 
 
+def test_shaped_link_rtt_adds_one_way_delay(make, backend) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(connections=2, link=LinkSpec(gbps=0.5, rtt_ms=200.0))
+    ex = random_export(SMALL, "far", 0, 10, seed=3)  # ~0.43 MB: 7 ms at 0.5 Gbps
+    tx.send_export(rx.address, ex).wait(30)  # warm: connections and Mooncake segment set up
+    _get(rx).release()
+    stream = tx.send_export(rx.address, ex)
+    stats = stream.wait(30)
+    d = _get(rx)
+    assert isinstance(d, Delivery)
+    # tcp: serialisation + RTT/2. mooncake: the header, the BUFFER reply (address of the
+    # registered buffer), the bulk write and the COMMIT each cross the link once: 2 RTT
+    one_way = 1 if backend == "tcp" else 4
+    expected = stats.total_bytes * 8 / 0.5e9 + 0.100 * one_way
+    assert d.timings.header_at - stats.opened_at >= 0.100
+    # lower bounds only (bytes must never arrive before the emulated link allows them); the
+    # one accuracy test with a tolerance is the 200 Mbps one above
+    assert d.timings.last_byte_at - stats.opened_at >= expected - 0.002
+    assert stats.acked_at - d.timings.delivered_at >= 0.100 - 0.002  # the ack travels back
+    assert tx.snapshot(rx.address).rtt_ms >= 200.0
+
+
 # ---------------------------------------------------------------- refusals
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from prfaas.transfer import wire
 from prfaas.transfer.auth import BACKEND_CODES
-from prfaas.transfer.errors import BackendError, FrameError
+from prfaas.transfer.errors import BackendError, FrameError, TransferError
 from prfaas.transfer.receiver import Assembly, ReceiverBase, _Session
 from prfaas.transfer.sender import PeerSession, SenderBase, SenderStream
 
@@ -67,7 +68,6 @@ class MooncakeSender(SenderBase):
         except (KeyError, TypeError, ValueError) as e:
             raise FrameError(f"malformed BUFFER reply: {e}") from e
         crc = wire.part_crc32(tensors)
-        eng = self.engine()
         srcs, dsts, lens = [], [], []
         for ti, t in enumerate(tensors):
             n = t.numel() * t.element_size()
@@ -76,26 +76,57 @@ class MooncakeSender(SenderBase):
                 srcs.append(t.data_ptr() + off)
                 dsts.append(dst + off)
                 lens.append(min(self.slice_bytes, n - off))
-        if session.link is None and srcs:
-            rc = eng.batch_transfer_sync_write(target, srcs, dsts, lens)
-            if rc != 0:
-                raise BackendError(f"mooncake write of layer {layer} failed ({rc})")
-        elif srcs:
-            link = session.link
-            assert link is not None
-            dues = [link.reserve(n) for n in lens]  # book the whole layer: write latency overlaps
-            for s, d, n, due in zip(srcs, dsts, lens, dues, strict=True):
-                link.wait_until(due)
-                rc = eng.transfer_sync_write(target, s, d, n)
-                if rc != 0:
-                    raise BackendError(f"mooncake write of layer {layer} failed ({rc})")
-        nbytes = sum(lens)
-        session.monitor.add_sent(nbytes)
-        with stream._lock:
-            stream.stats.payload_bytes += nbytes
-            stream.stats.bulk_bytes += nbytes
-        commit = wire.COMMIT.pack(stream.stream_id, layer, nbytes, crc)
-        session.enqueue(0, [wire.frame(wire.COMMIT_T, commit)], stream, "commit", 0)
+        dues = [session.link.reserve(n) for n in lens] if session.link is not None else None
+        bulk = session.__dict__.get("bulk")
+        if bulk is None:  # one writer per peer: layer i is written while layer i + 1 is booked
+            bulk = session.__dict__["bulk"] = ThreadPoolExecutor(1, thread_name_prefix="mc-write")
+        stream._add_pending(1)
+        bulk.submit(
+            self._write_layer, session, stream, layer, tensors, target, srcs, dsts, lens, dues, crc
+        )
+
+    def _write_layer(
+        self,
+        session: PeerSession,
+        stream: SenderStream,
+        layer: int,
+        tensors: list[torch.Tensor],  # keeps the source memory alive until written
+        target: str,
+        srcs: list[int],
+        dsts: list[int],
+        lens: list[int],
+        dues: list[float] | None,
+        crc: int,
+    ) -> None:
+        try:
+            if stream.done:
+                return
+            eng = self.engine()
+            if dues is None:
+                if srcs and eng.batch_transfer_sync_write(target, srcs, dsts, lens) != 0:
+                    raise BackendError(f"mooncake write of layer {layer} failed")
+            else:
+                link = session.link
+                assert link is not None
+                for s, d, n, due in zip(srcs, dsts, lens, dues, strict=True):
+                    link.wait_until(due)
+                    if eng.transfer_sync_write(target, s, d, n) != 0:
+                        raise BackendError(f"mooncake write of layer {layer} failed")
+            nbytes = sum(lens)
+            session.monitor.add_sent(nbytes)
+            with stream._lock:
+                stream.stats.payload_bytes += nbytes
+                stream.stats.bulk_bytes += nbytes
+            commit = wire.COMMIT.pack(stream.stream_id, layer, nbytes, crc)
+            # the COMMIT rides the control connection: it does not queue behind bulk bytes
+            session.enqueue(
+                0, [wire.frame(wire.COMMIT_T, commit)], stream, "commit", 0, shaped=False
+            )
+        except TransferError as e:
+            if not stream._done.wait(1.0):  # the receiver's verdict usually explains it
+                stream.abort(str(e))
+        finally:
+            stream._on_sent("bulk", 0, 0)
 
 
 class MooncakeReceiver(ReceiverBase):

@@ -232,14 +232,23 @@ class PeerSession:
         self.dispatch_q.put((stream, item))
 
     def enqueue(
-        self, conn: int, buffers: list, stream: SenderStream | None, kind: str, payload: int
+        self,
+        conn: int,
+        buffers: list,
+        stream: SenderStream | None,
+        kind: str,
+        payload: int,
+        shaped: bool = True,
     ) -> None:
+        """Queue a frame on connection ``conn``; ``shaped=False``: delay only, no bandwidth."""
         nbytes = sum(len(b) for b in buffers)
         if stream is not None:
             stream._add_pending(1)
         self.monitor.add_queued(nbytes)
         # the link is booked in dispatch order, so slow writes never stretch its timeline
-        due = self.link.reserve(nbytes) if self.link is not None else None
+        due = None
+        if self.link is not None:
+            due = self.link.reserve(nbytes) if shaped else time.monotonic() + self.link.one_way_s
         self.queues[conn].put((buffers, nbytes, stream, kind, payload, due))
 
     def next_conn(self) -> int:
@@ -266,6 +275,9 @@ class PeerSession:
         self.dispatch_q.put(None)
         for t in self.threads[: len(self.socks)]:
             t.join(timeout=5)
+        bulk = getattr(self, "bulk", None)
+        if bulk is not None:
+            bulk.shutdown(wait=True, cancel_futures=True)
         self._shutdown()
         with self._lock:
             streams = list(self.streams.values())
@@ -312,6 +324,8 @@ class PeerSession:
         try:
             while True:
                 ftype, payload = wire.read_small_frame(sock, {wire.DONE, wire.BUFFER, wire.ERROR})
+                if self.link is not None:  # the way back takes RTT/2 too (unshaped: tiny frames)
+                    self.link.wait_until(time.monotonic() + self.link.one_way_s)
                 o = wire.parse_json_payload(payload, wire.FRAME_NAMES[ftype])
                 sid = o.get("stream_id")
                 with self._lock:
