@@ -57,6 +57,7 @@ def run_engine(model, prompt, steps, fla: bool) -> list[torch.Tensor]:
     eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
     while eng.has_unfinished():
         eng.step()
+    del eng.model.step  # back to the class method (the model is shared between runs)
     os.environ.pop("PRFAAS_DISABLE_FLA", None)
     return captured
 

@@ -83,14 +83,14 @@ class MLAAttention(nn.Module):
         else:
             qpos = torch.arange(start, start + n, device=lat.device)
             mask, causal = torch.arange(L, device=lat.device)[None, :] <= qpos[:, None], False
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
+        o = F.scaled_dot_product_attention(  # fused kernels need 4-D (batch, heads, seq, dim)
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
             attn_mask=mask,
             is_causal=causal,
             scale=self.scale,
-        )[..., : self.vdim]
+        )[0, ..., : self.vdim]
         return o.transpose(0, 1).reshape(n, self.nh * self.vdim)
 
     def attend_absorbed(
