@@ -46,6 +46,7 @@ class SenderStream:
         self._all_sent = threading.Event()
         self.error: TransferError | None = None
         self.buffer: dict | None = None  # mooncake: where to write
+        self._staging: list[torch.Tensor] = []  # pinned host copies of GPU parts
         self.buffer_ready = threading.Event()
 
     # --- compute-thread API
@@ -63,7 +64,10 @@ class SenderStream:
         for d in desc.tensors:
             t = part.tensors[d.name].detach()
             if t.is_cuda:  # GPU -> pinned host, asynchronously; the dispatcher waits on the event
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                n = t.numel() * t.element_size()
+                staging = self.session.owner._take_pinned(n)
+                self._staging.append(staging)
+                host = staging[:n].view(t.dtype).view(t.shape)
                 host.copy_(t, non_blocking=True)
                 t = host
                 event = torch.cuda.Event()
@@ -175,6 +179,11 @@ class SenderStream:
             self.stats.acked_at = time.time()
         self.buffer_ready.set()
         self._done.set()
+        with self.session._lock:
+            self.session.streams.pop(self.stream_id, None)
+        staging, self._staging = self._staging, []
+        for buf in staging:
+            self.session.owner._give_pinned(buf)
 
 
 class PeerSession:
@@ -403,10 +412,25 @@ class SenderBase:
         self.slice_bytes = slice_bytes
         self.connect_timeout = connect_timeout
         self._sessions: dict[Peer, PeerSession] = {}
+        self._pinned: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
     def _n_conns(self) -> int:
         return self.connections
+
+    def _take_pinned(self, nbytes: int) -> torch.Tensor:
+        """A pinned host staging buffer of at least ``nbytes`` (reused: pinning is slow)."""
+        with self._lock:
+            fits = [b for b in self._pinned if nbytes <= b.numel() <= 2 * nbytes]
+            if fits:
+                best = min(fits, key=lambda b: b.numel())
+                self._pinned.remove(best)
+                return best
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+
+    def _give_pinned(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._pinned.append(buf)
 
     def session(self, peer: Peer) -> PeerSession:
         """The (re)connected session to ``peer``; AuthError if the peer fails authentication."""
