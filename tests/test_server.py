@@ -461,3 +461,63 @@ def test_prfaas_up_smoke_exits_zero(tmp_path):
     assert "prefill pd/pd-p0" in out and "prefill prfaas/prfaas-0" in out
     assert "decode-side prefix 400" in out  # the shared-prefix request sent only its tail
     assert "ends with [DONE]: True" in out and "stopped." in out
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # all open at once: n distinct ports
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_components_started_one_by_one(tmp_path):
+    """`prfaas node` per node and `prfaas router`, as on separate machines (fixed addresses)."""
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["clusters"][1]["nodes"] = cfg["clusters"][1]["nodes"][:2]
+    ports = iter(_free_ports(4))
+    for c in cfg["clusters"]:
+        for n in c["nodes"]:
+            n.update(host="127.0.0.1", http_port=next(ports))
+            if n["role"] == "decode":
+                n["kv_port"] = next(ports)
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    names = ["prfaas-0", "pd-p0", "pd-d0"]
+    procs = []
+    try:
+        for name in names + ["router"]:
+            extra = ["--node", name] if name != "router" else ["--port", "0"]
+            cmd = "router" if name == "router" else "node"
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "prfaas.cli", cmd, "--config", str(path)]
+                    + extra
+                    + ["--ready-file", str(tmp_path / f"{name}.json")],
+                    stdout=(tmp_path / f"{name}.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+
+        def ready() -> bool:
+            for p, n in zip(procs, names + ["router"], strict=True):
+                assert p.poll() is None, (tmp_path / f"{n}.log").read_text()
+            return all((tmp_path / f"{n}.json").exists() for n in names + ["router"])
+
+        wait_for(ready, 90)
+        gw = json.loads((tmp_path / "router.json").read_text())["url"]
+        wait_for(lambda: httpx.get(gw + "/health").json()["status"] == "ok")
+        long = complete(gw, rand_prompt(20, 300)).json()["prfaas"]
+        short = complete(gw, rand_prompt(21, 30)).json()["prfaas"]
+        assert (long["prefill_node"], short["prefill_node"]) == ("prfaas-0", "pd-p0")
+        assert long["decode_node"] == short["decode_node"] == "pd-d0"
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(30) for p in procs]
+    assert codes == [0, 0, 0, 0]

@@ -106,8 +106,11 @@ def run_router_cmd(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}")
         return 2
+    from prfaas.server.node import install_sigterm_as_interrupt
+
     host = args.host or cfg.router.host
     port = cfg.router.port if args.port is None else args.port
+    install_sigterm_as_interrupt()
     try:
         return asyncio.run(serve_gateway(cfg, eps, host, port, ready_file=args.ready_file))
     except KeyboardInterrupt:

@@ -517,8 +517,20 @@ def run_node(
             print(json.dumps(info), flush=True)
         await task
 
+    install_sigterm_as_interrupt()
     try:
         asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
     finally:
         server.close()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def install_sigterm_as_interrupt() -> None:
+    """SIGTERM ends the process like Ctrl-C (uvicorn re-raises the signal after its shutdown)."""
+    signal.signal(signal.SIGTERM, _interrupt)
