@@ -356,3 +356,14 @@ def test_monitor_accounting_and_capacity() -> None:
     assert snap.utilisation == pytest.approx(snap.gbps / 2.5)
     with pytest.raises(ValueError, match="halflife"):
         LinkMonitor(halflife_s=0)
+
+
+def test_tune_socket_sets_nodelay_and_keepalive() -> None:
+    s = socket.socket()
+    wire.tune_socket(s)
+    assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    s.close()

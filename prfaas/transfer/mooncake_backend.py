@@ -108,9 +108,11 @@ class MooncakeSender(SenderBase):
             else:
                 link = session.link
                 assert link is not None
-                for s, d, n, due in zip(srcs, dsts, lens, dues, strict=True):
-                    link.wait_until(due)
-                    if eng.transfer_sync_write(target, s, d, n) != 0:
+                # batches of ~4 slices, written once the last of them may have arrived
+                for i in range(0, len(srcs), 4):
+                    link.wait_until(dues[i + len(srcs[i : i + 4]) - 1])
+                    j = slice(i, i + 4)
+                    if eng.batch_transfer_sync_write(target, srcs[j], dsts[j], lens[j]) != 0:
                         raise BackendError(f"mooncake write of layer {layer} failed")
             nbytes = sum(lens)
             session.monitor.add_sent(nbytes)

@@ -244,7 +244,7 @@ class ReceiverBase:
                 continue
             except OSError:
                 return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            wire.tune_socket(sock)
             t = threading.Thread(target=self._conn_main, args=(sock, addr[:2]), daemon=True)
             t.start()
 

@@ -204,7 +204,7 @@ class PeerSession:
         try:
             for i in range(n_conns):
                 s = socket.create_connection(peer, timeout=owner.connect_timeout)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                wire.tune_socket(s)
                 self.socks.append(s)
                 client_handshake(s, owner.secret, owner.backend_code, self.session_id, i, n_conns)
                 s.settimeout(None)

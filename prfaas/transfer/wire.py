@@ -105,6 +105,15 @@ def parse_frame_head(
 # ---------------------------------------------------------------- socket I/O
 
 
+def tune_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY, and keep-alive probes so a peer host that dies silently is noticed in ~25 s."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, val in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+
+
 def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` from ``sock``; PeerClosed if the stream ends first."""
     got, n = 0, len(view)
