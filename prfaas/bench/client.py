@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from prfaas.bench import routing as rt
+from prfaas.bench.pool import ShardedClient
 from prfaas.bench.prompts import DEFAULT_BLOCK_TOKENS, PromptBuilder
 from prfaas.bench.workload import BenchRequest
 
@@ -216,12 +217,14 @@ async def _stream_one(
             res.error, res.error_detail = f"http_{resp.status_code}", detail
             res.e2e_s = time.perf_counter() - t_send
             return
+        done = False
         async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
+            if done or not line.startswith("data:"):
+                continue  # read to the end: a fully read response keeps its connection alive
             payload = line[5:].strip()
             if payload == "[DONE]":
-                break
+                done = True
+                continue
             now = time.perf_counter() - t_send
             try:
                 obj = json.loads(payload)
@@ -275,14 +278,12 @@ async def run_async(
     ``cfg.concurrency`` at most that many in flight, the rest queue in arrival order)."""
     if not requests:
         raise ValueError("no requests to send")
-    limits = httpx.Limits(
-        max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections
-    )
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s, pool=None)
     url = cfg.base_url + ENDPOINTS[cfg.endpoint]
     headers = _headers(cfg)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        model = await resolve_model(client, cfg)
+    pool = ShardedClient(cfg.max_connections, timeout)
+    try:
+        model = await resolve_model(pool.first, cfg)
         builder = PromptBuilder(cfg.block_tokens, cfg.prompt_seed)
         bodies = [
             json.dumps(
@@ -301,7 +302,7 @@ async def run_async(
                     await sem.acquire()
                 try:
                     res.sent_s = time.perf_counter() - t0
-                    async with asyncio.timeout(cfg.request_timeout_s):
+                    async with asyncio.timeout(cfg.request_timeout_s), pool.lease() as client:
                         await _stream_one(client, url, bodies[i], headers, res)
                 finally:
                     if sem is not None:
@@ -339,6 +340,8 @@ async def run_async(
                 on_done(res)
         ends = [r.end_s for r in results if r.end_s is not None]
         duration = max(ends) if ends else time.perf_counter() - t0
+    finally:
+        await pool.aclose()
     return BenchRun(model, results, duration)
 
 
