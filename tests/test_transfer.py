@@ -220,6 +220,19 @@ def test_shaped_link_rtt_adds_one_way_delay(make, backend) -> None:
     assert tx.snapshot(rx.address).rtt_ms >= 200.0
 
 
+def test_send_does_not_wait_for_the_network(make) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(connections=2, link=LinkSpec(gbps=0.02))  # 20 Mbps: ~0.2 s for this request
+    ex = random_export(SMALL, "slow-link", 0, 100, seed=8)
+    stream = tx.send_export(rx.address, ex)  # every layer handed over
+    snap = tx.snapshot(rx.address)
+    assert not stream.done
+    assert snap.bytes_in_flight > ex.nbytes() // 2  # still queued behind the link
+    stream.wait(30)
+    assert isinstance(_get(rx), Delivery)
+
+
 # ---------------------------------------------------------------- refusals
 
 

@@ -81,6 +81,7 @@ class MooncakeSender(SenderBase):
         if bulk is None:  # one writer per peer: layer i is written while layer i + 1 is booked
             bulk = session.__dict__["bulk"] = ThreadPoolExecutor(1, thread_name_prefix="mc-write")
         stream._add_pending(1)
+        session.monitor.add_queued(sum(lens))
         bulk.submit(
             self._write_layer, session, stream, layer, tensors, target, srcs, dsts, lens, dues, crc
         )
@@ -98,6 +99,8 @@ class MooncakeSender(SenderBase):
         dues: list[float] | None,
         crc: int,
     ) -> None:
+        nbytes = sum(lens)
+        queued = nbytes
         try:
             if stream.done:
                 return
@@ -114,8 +117,8 @@ class MooncakeSender(SenderBase):
                     j = slice(i, i + 4)
                     if eng.batch_transfer_sync_write(target, srcs[j], dsts[j], lens[j]) != 0:
                         raise BackendError(f"mooncake write of layer {layer} failed")
-            nbytes = sum(lens)
-            session.monitor.add_sent(nbytes)
+            session.monitor.add_sent(nbytes, was_queued=nbytes)
+            queued = 0
             with stream._lock:
                 stream.stats.payload_bytes += nbytes
                 stream.stats.bulk_bytes += nbytes
@@ -128,6 +131,8 @@ class MooncakeSender(SenderBase):
             if not stream._done.wait(1.0):  # the receiver's verdict usually explains it
                 stream.abort(str(e))
         finally:
+            if queued:
+                session.monitor.add_queued(-queued)
             stream._on_sent("bulk", 0, 0)
 
 

@@ -76,7 +76,9 @@ class SenderStream:
                 t = t.contiguous()
             tensors.append(t)
         self._sent.add(part.layer)
-        self.session.submit(self, (part.layer, tensors, event))
+        nbytes = part.nbytes()
+        self.session.monitor.add_queued(nbytes)  # in flight from now on, for the scheduler
+        self.session.submit(self, (part.layer, tensors, event, nbytes))
 
     def finish(self) -> None:
         """All layers given: the receiver will deliver once they are in."""
@@ -367,9 +369,10 @@ class PeerSession:
             if work is _FINISH:
                 stream._mark_dispatched()
                 continue
+            layer, tensors, event, nbytes = work
             if stream.done:
+                self.monitor.add_queued(-nbytes)
                 continue
-            layer, tensors, event = work
             if event is not None:
                 event.synchronize()
             try:
@@ -379,6 +382,8 @@ class PeerSession:
                 # writing into) usually explains a backend error: give it a moment to arrive
                 if not stream._done.wait(1.0):
                     stream.abort(str(e))
+            finally:  # its slices are counted where they were queued now
+                self.monitor.add_queued(-nbytes)
 
 
 class SenderBase:
