@@ -283,3 +283,41 @@ def test_model_resolution() -> None:
         "stream_options": {"include_usage": True}, "min_tokens": 7,
     }  # fmt: skip
     assert BenchConfig("http://h:1/v1/").base_url == "http://h:1"
+
+
+def test_connections_kept_alive_and_pool_bounded() -> None:
+    app, seen = make_app(FakeServerSpec(ttft_s=0.005, itl_s=0.001))
+    seq = [BenchRequest(i, 0.03 * i, 8, 2) for i in range(6)]  # each ends before the next
+    burst = [BenchRequest(i, 0.0, 8, 2) for i in range(12)]  # 12 at once over 5 connections
+    with serve_in_thread(app) as url:
+        assert all(r.ok for r in run(seq, BenchConfig(url)).results)
+        ports_seq = {s.client_port for s in seen}
+        n = len(seen)
+        assert all(r.ok for r in run(burst, BenchConfig(url, max_connections=5)).results)
+        ports_burst = {s.client_port for s in seen[n:]}
+    assert len(ports_seq) == 1  # one connection, reused (streams are read to the end)
+    assert len(ports_burst) == 5
+
+
+def test_sharded_pool() -> None:
+    import asyncio
+
+    import httpx
+
+    from prfaas.bench.pool import ShardedClient
+
+    async def go() -> None:
+        p = ShardedClient(10, httpx.Timeout(1.0), shard_size=4)
+        try:
+            sizes = [c._transport._pool._max_connections for c in p.clients]
+            assert sizes == [4, 3, 3]  # 10 connections over ceil(10 / 4) shards
+            async with p.lease() as a, p.lease() as b, p.lease() as c, p.lease() as d:
+                assert [a, b, c] == p.clients and d is p.clients[0]  # least busy first
+                assert p.in_flight == [2, 1, 1]
+            assert p.in_flight == [0, 0, 0]
+        finally:
+            await p.aclose()
+
+    asyncio.run(go())
+    with pytest.raises(ValueError, match="max_connections"):
+        ShardedClient(0, None)  # type: ignore[arg-type]

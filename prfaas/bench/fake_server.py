@@ -39,12 +39,14 @@ class FakeServerSpec:
 
 @dataclass
 class Received:
-    """A request the fake server saw: arrival number, time (perf_counter) and JSON body."""
+    """A request the fake server saw: arrival number, time (perf_counter), path, JSON body and the
+    client's port (one per connection)."""
 
     number: int
     t: float
     path: str
     body: dict[str, Any]
+    client_port: int | None = None
 
 
 def make_app(spec: FakeServerSpec) -> tuple[FastAPI, list[Received]]:
@@ -62,7 +64,8 @@ def make_app(spec: FakeServerSpec) -> tuple[FastAPI, list[Received]]:
         body = await request.json()
         with lock:
             n = len(seen)
-            seen.append(Received(n, t_arr, request.url.path, body))
+            port = request.client.port if request.client else None
+            seen.append(Received(n, t_arr, request.url.path, body, port))
         if n in spec.fail_status:
             code = spec.fail_status[n]
             return JSONResponse({"error": {"message": f"fake error {code}"}}, status_code=code)
@@ -120,7 +123,9 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1") -> Iterator[str]:
     """Serve ``app`` with uvicorn in a daemon thread on a free port; yields the base URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only then (else
+    # Nagle + delayed ACK hold each reused connection's first chunk for 40 ms)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
