@@ -21,8 +21,21 @@ from prfaas.transfer.errors import BackendError, FrameError, TransferError
 from prfaas.transfer.receiver import Assembly, ReceiverBase, _Session
 from prfaas.transfer.sender import PeerSession, SenderBase, SenderStream
 
+_ENGINES: dict[str, object] = {}
+_ENGINES_LOCK = threading.Lock()
+
 
 def _engine(host: str):  # type: ignore[no-untyped-def]
+    """The process's TransferEngine for ``host`` (one per process, shared by all senders and
+    receivers, as Mooncake intends; creating and tearing one down costs about a second)."""
+    with _ENGINES_LOCK:
+        eng = _ENGINES.get(host)
+        if eng is None:
+            eng = _ENGINES[host] = _new_engine(host)
+        return eng
+
+
+def _new_engine(host: str):  # type: ignore[no-untyped-def]
     try:
         from mooncake.engine import TransferEngine
     except ImportError as e:  # pragma: no cover - depends on the install
