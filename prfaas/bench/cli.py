@@ -113,7 +113,7 @@ def execute(args: argparse.Namespace) -> tuple[BenchReport, list[dict[str, Any]]
     else:
         if args.rate is not None:
             raise ValueError("--rate applies to --synthetic; use --time-scale with --trace")
-        reqs = load_trace(args.trace, limit=args.max_requests)
+        reqs = load_trace(args.trace)  # all, then the first arrivals (a file may be unsorted)
         source = f"trace:{args.trace}"
     reqs = prepare(
         reqs, args.time_scale, args.max_requests, args.max_input_tokens, args.max_output_tokens

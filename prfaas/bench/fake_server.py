@@ -49,8 +49,9 @@ class Received:
     client_port: int | None = None
 
 
-def make_app(spec: FakeServerSpec) -> tuple[FastAPI, list[Received]]:
-    """The app and the (growing) list of requests it has received."""
+def make_app(spec: FakeServerSpec, record: bool = True) -> tuple[FastAPI, list[Received]]:
+    """The app and the (growing) list of requests it has received (``record=False``: bodies are
+    not kept, for long load runs)."""
     app = FastAPI()
     seen: list[Received] = []
     lock = threading.Lock()
@@ -65,7 +66,7 @@ def make_app(spec: FakeServerSpec) -> tuple[FastAPI, list[Received]]:
         with lock:
             n = len(seen)
             port = request.client.port if request.client else None
-            seen.append(Received(n, t_arr, request.url.path, body, port))
+            seen.append(Received(n, t_arr, request.url.path, body if record else {}, port))
         if n in spec.fail_status:
             code = spec.fail_status[n]
             return JSONResponse({"error": {"message": f"fake error {code}"}}, status_code=code)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import uvicorn
 
-    app, _ = make_app(FakeServerSpec(ttft_s=a.ttft, itl_s=a.itl))
+    app, _ = make_app(FakeServerSpec(ttft_s=a.ttft, itl_s=a.itl), record=False)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     return 0
 
