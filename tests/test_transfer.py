@@ -460,6 +460,23 @@ def test_sender_api_misuse(make) -> None:
         tx_f(connections=0)
 
 
+def test_receiver_gone_mid_transfer(make) -> None:
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(connections=2, link=LinkSpec(gbps=0.02))  # ~0.2 s: still sending when rx closes
+    stream = tx.send_export(rx.address, random_export(SMALL, "orphan", 0, 100))
+    deadline = time.monotonic() + 10
+    while rx.inflight_bytes == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    rx.close()
+    with pytest.raises(PeerClosed):
+        stream.wait(15)
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and f.request_id == "orphan"
+    assert rx.inflight_bytes == 0
+
+
 # ---------------------------------------------------------------- a sender process dies
 
 
