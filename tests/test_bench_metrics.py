@@ -142,3 +142,24 @@ def test_routing_summary() -> None:
     assert (s.cached_tokens_total, s.cached_tokens_known) == (1536, 2)
     assert (s.transfer_bytes_total, s.transfer_bytes_known) == (4000, 2)
     assert "offloaded 2/3 (66.7%)" in format_text(summarize(res, 1.0))
+
+
+def test_token_chunks() -> None:
+    from prfaas.bench.client import _is_token_chunk
+
+    def comp(text, finish=None):
+        return {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+
+    def chat(delta, finish=None):
+        return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    assert _is_token_chunk(comp("a"))
+    assert _is_token_chunk(comp(""))  # a token whose bytes are not text yet
+    assert _is_token_chunk(comp("z", "length"))  # last token with the finish
+    assert not _is_token_chunk(comp("", "length"))  # finish only
+    assert not _is_token_chunk({"choices": [], "usage": {"completion_tokens": 3}})
+    assert _is_token_chunk(chat({"content": "hi"}))
+    assert _is_token_chunk(chat({"reasoning_content": "hm"}))
+    assert not _is_token_chunk(chat({"role": "assistant", "content": ""}))  # vLLM's first chunk
+    assert not _is_token_chunk(chat({}, "stop"))
+    assert not _is_token_chunk({"choices": ["junk"]})

@@ -190,19 +190,22 @@ async def resolve_model(client: httpx.AsyncClient, cfg: BenchConfig) -> str:
         ) from e
 
 
-def _chunk_text(obj: dict[str, Any]) -> str:
-    parts = []
+def _is_token_chunk(obj: dict[str, Any]) -> bool:
+    """Whether a stream chunk carries output: non-empty text / content, or (completions) a text
+    field before the finish (a token whose bytes do not decode to text yet). Chat role-only chunks,
+    finish-only chunks and usage chunks do not."""
     for c in obj.get("choices") or ():
         if not isinstance(c, dict):
             continue
-        if isinstance(c.get("text"), str):
-            parts.append(c["text"])
+        text = c.get("text")
+        if isinstance(text, str) and (text or c.get("finish_reason") is None):
+            return True
         delta = c.get("delta")
-        if isinstance(delta, dict):
-            for k in ("content", "reasoning_content"):
-                if isinstance(delta.get(k), str):
-                    parts.append(delta[k])
-    return "".join(parts)
+        if isinstance(delta, dict) and any(
+            isinstance(delta.get(k), str) and delta[k] for k in ("content", "reasoning_content")
+        ):
+            return True
+    return False
 
 
 async def _stream_one(
@@ -239,7 +242,7 @@ async def _stream_one(
                 res.error, res.error_detail = "stream_error", json.dumps(obj["error"])[:300]
                 res.e2e_s = now
                 return
-            if _chunk_text(obj):
+            if _is_token_chunk(obj):
                 if res.ttft_s is None:
                     res.ttft_s = now
                 res.chunk_s.append(now)

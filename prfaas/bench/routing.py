@@ -13,15 +13,37 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 HEADER_PREFIX = "x-prfaas-"
-INT_KEYS = ("cached_tokens", "transfer_bytes", "prompt_tokens", "uncached_tokens")
+INT_KEYS = (
+    "cached_tokens",
+    "uncached_tokens",
+    "prompt_tokens",
+    "decode_prefix_tokens",
+    "transfer_bytes",
+    "transfer_wire_bytes",
+)
+FLOAT_KEYS = ("transfer_ms", "prefill_ms")
 BOOL_KEYS = ("offloaded",)
-STR_KEYS = ("prefill_cluster", "decode_cluster", "prefill_instance", "decode_instance", "route")
+STR_KEYS = (
+    "request_id",
+    "prefill_cluster",
+    "decode_cluster",
+    "prefill_node",
+    "decode_node",
+    "prefill_instance",
+    "decode_instance",
+    "route",
+    "reason",
+    "link",
+)
+DROPPED_KEYS = ("token_ids",)  # the output itself: not routing, and large
 
 
 def _typed(key: str, value: Any) -> Any:
     try:
         if key in INT_KEYS:
             return int(value)
+        if key in FLOAT_KEYS:
+            return float(value)
         if key in BOOL_KEYS:
             if isinstance(value, str):
                 return value.strip().lower() in ("1", "true", "yes", "y")
@@ -49,7 +71,8 @@ def merge_body(routing: dict[str, Any], obj: Mapping[str, Any]) -> None:
     info = obj.get("prfaas")
     if isinstance(info, Mapping):
         for k, v in info.items():
-            routing[str(k)] = _typed(str(k), v)
+            if str(k) not in DROPPED_KEYS:
+                routing[str(k)] = _typed(str(k), v)
     usage = obj.get("usage")
     if isinstance(usage, Mapping) and "cached_tokens" not in routing:
         details = usage.get("prompt_tokens_details")
