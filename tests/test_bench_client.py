@@ -321,3 +321,31 @@ def test_sharded_pool() -> None:
     asyncio.run(go())
     with pytest.raises(ValueError, match="max_connections"):
         ShardedClient(0, None)  # type: ignore[arg-type]
+
+
+def test_cli_synthetic_text_report_and_exit_codes(capsys) -> None:
+    def routing(n: int) -> dict:
+        return {"prefill_cluster": "prfaas", "offloaded": "true", "transfer_bytes": 2048}
+
+    app, seen = make_app(FakeServerSpec(ttft_s=0.01, itl_s=0.002, routing=routing))
+    with serve_in_thread(app) as url:
+        argv = ["--url", url, "--synthetic", "lognormal", "--rate", "50", "--num-requests", "5"]
+        argv += ["--output-len", "3", "--max-input-tokens", "200", "--concurrency", "2"]
+        argv += ["--endpoint", "chat", "--model", "m1", "--no-progress", "--slo-ttft", "5"]
+        assert cli_main(parse(argv)) == 0
+    out = capsys.readouterr().out
+    assert "model=m1 endpoint=chat source=synthetic:lognormal:rate=50:n=5" in out
+    assert "requests: 5 total, 5 completed, 0 failed" in out
+    assert "goodput (TTFT <= 5000 ms): 5/5 requests (100.0%)" in out
+    assert "prefill by prfaas=5" in out and "offloaded 5/5 (100.0%)" in out
+    assert "KV bytes crossed 10.00 KiB (5 reported)" in out
+    assert len(seen) == 5 and all(s.body["model"] == "m1" for s in seen)
+    assert all(len(s.body["messages"][0]["content"]) <= 200 for s in seen)
+    assert {s.body["max_tokens"] for s in seen} == {3}
+    # nothing completes: exit status 1, every failure in the report
+    app2, _ = make_app(FakeServerSpec(fail_status={n: 503 for n in range(3)}))
+    with serve_in_thread(app2) as url2:
+        argv = ["--url", url2, "--synthetic", "lognormal", "--rate", "100", "--num-requests", "3"]
+        assert cli_main(parse([*argv, "--json", "--no-progress"])) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["errors"] == {"http_503": 3} and rep["ttft_ms"] is None
