@@ -149,6 +149,37 @@ def test_many_requests_interleaved(make) -> None:
         _assert_same(ex, got[ex.header.request_id])
 
 
+def test_concurrent_opens_from_many_threads(make) -> None:
+    """Stream ids reach the receiver in order even when threads open streams at once."""
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f(connections=2)
+    exports = [random_export(SMALL, f"c{i}", 0, 64 + i, seed=i) for i in range(16)]
+    barrier = threading.Barrier(len(exports))
+    errors: list[BaseException] = []
+
+    def send(ex) -> None:
+        try:
+            barrier.wait()
+            tx.send_export(rx.address, ex).wait(15)
+        except BaseException as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(ex,)) for ex in exports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    got = {}
+    for _ in exports:
+        d = _get(rx)
+        assert isinstance(d, Delivery), d
+        got[d.export.header.request_id] = d.export
+    for ex in exports:
+        _assert_same(ex, got[ex.header.request_id])
+
+
 def test_only_given_parts_are_sent(make, backend) -> None:
     rx_f, tx_f = make
     rx = rx_f()

