@@ -349,3 +349,22 @@ def test_cli_synthetic_text_report_and_exit_codes(capsys) -> None:
         assert cli_main(parse([*argv, "--json", "--no-progress"])) == 1
     rep = json.loads(capsys.readouterr().out)
     assert rep["errors"] == {"http_503": 3} and rep["ttft_ms"] is None
+
+
+def test_stop_event_reports_what_ran() -> None:
+    import asyncio
+
+    from prfaas.bench.client import run_async
+
+    app, seen = make_app(FakeServerSpec(ttft_s=0.01, itl_s=0.001, stall_s={1: 5.0}))
+    reqs = [BenchRequest(0, 0.0, 8, 2), BenchRequest(1, 0.02, 8, 2), BenchRequest(2, 3.0, 8, 2)]
+
+    async def go(url: str):
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, stop.set)  # what Ctrl-C does in run()
+        return await run_async(reqs, BenchConfig(url), stop=stop)
+
+    with serve_in_thread(app) as url:
+        out = asyncio.run(go(url))
+    assert [r.error for r in out.results] == [None, "cancelled", "not_sent"]
+    assert out.results[0].ok and out.duration_s < 1.0 and len(seen) == 2

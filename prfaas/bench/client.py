@@ -5,8 +5,10 @@ request accounted for (success, error kind, cancelled, not sent)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -277,11 +279,15 @@ async def run_async(
     requests: list[BenchRequest],
     cfg: BenchConfig,
     on_done: Callable[[RequestResult], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> BenchRun:
     """Replay ``requests`` open-loop (each sent at its ``arrival_s`` after the start; with
-    ``cfg.concurrency`` at most that many in flight, the rest queue in arrival order)."""
+    ``cfg.concurrency`` at most that many in flight, the rest queue in arrival order). Setting
+    ``stop`` ends the run early like ``cfg.max_duration_s`` does (in flight: cancelled, later
+    arrivals: not sent)."""
     if not requests:
         raise ValueError("no requests to send")
+    stop = stop if stop is not None else asyncio.Event()
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s, pool=None)
     url = cfg.base_url + ENDPOINTS[cfg.endpoint]
     headers = _headers(cfg)
@@ -316,7 +322,7 @@ async def run_async(
                     if sem is not None:
                         sem.release()
             except asyncio.CancelledError:
-                res.error, res.error_detail = "cancelled", "run stopped (--max-duration)"
+                res.error, res.error_detail = "cancelled", "run stopped (--max-duration / Ctrl-C)"
             except Exception as e:  # every failure is counted, never dropped
                 res.error, res.error_detail = _error_kind(e), f"{type(e).__name__}: {e}"[:300]
             if res.error is not None:
@@ -332,18 +338,26 @@ async def run_async(
             if deadline is not None and send_at >= deadline:
                 break
             delay = send_at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if delay > 0 and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                break
             tasks.append(asyncio.create_task(one(i)))
         if tasks:
             wait_s = None if deadline is None else max(0.0, deadline - time.perf_counter())
-            _, pending = await asyncio.wait(tasks, timeout=wait_s)
+            all_done = asyncio.ensure_future(asyncio.wait(tasks))
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([all_done, stopped], timeout=wait_s, return_when="FIRST_COMPLETED")
+            stopped.cancel()
+            pending = [t for t in tasks if not t.done()]
             for t in pending:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending)
+            await all_done
         for res in results[len(tasks) :]:
-            res.error, res.error_detail = "not_sent", "arrival after --max-duration"
+            res.error, res.error_detail = "not_sent", "arrival after --max-duration / Ctrl-C"
             if on_done is not None:
                 on_done(res)
         ends = [r.end_s for r in results if r.end_s is not None]
@@ -359,5 +373,21 @@ def run(
     cfg: BenchConfig,
     on_done: Callable[[RequestResult], None] | None = None,
 ) -> BenchRun:
-    """Synchronous wrapper of :func:`run_async` (own event loop)."""
-    return asyncio.run(run_async(requests, cfg, on_done))
+    """Synchronous wrapper of :func:`run_async` (own event loop); in the main thread, Ctrl-C
+    stops the run and the requests so far are still reported."""
+
+    async def main() -> BenchRun:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            installed = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / Windows
+            installed = False
+        try:
+            return await run_async(requests, cfg, on_done, stop)
+        finally:
+            if installed:
+                loop.remove_signal_handler(signal.SIGINT)
+
+    return asyncio.run(main())
