@@ -230,7 +230,7 @@ def test_prefill_decode_split_equals_mixed(tiny_model, with_prefix):
     token_start = 0
     if with_prefix:  # the decode node already holds the shared prefix in its prefix cache
         warm = make_engine(tiny_model, role="prefill")
-        run_all(warm, [shared + [1]], [sp])
+        run_all(warm, [shared + [1, 2]], [sp])
         e = warm.export_request(next(iter(warm.prefilled)))
         dec.import_request(e, sp)
         while dec.has_unfinished():
@@ -238,19 +238,23 @@ def test_prefill_decode_split_equals_mixed(tiny_model, with_prefix):
         token_start = 64
     streamed = []
     pre.layer_listener = lambda req, part: streamed.append(part)
-    (p,) = run_all(pre, [prompt], [sp])
-    assert p.finish_reason == "prefilled" and len(p.token_ids) == 1
+    rid = pre.add_request(prompt, sp, kv_start=token_start)
+    outs = []
+    while pre.has_unfinished():
+        outs += pre.step()
+    (p,) = [o for o in outs if o.request_id == rid]
+    # the prefill node computes all prompt tokens but the last and samples nothing
+    assert p.finish_reason == "prefilled" and p.token_ids == []
+    assert pre.num_prefill_tokens_computed == len(prompt) - 1
     exp = pre.export_request(p.request_id, token_start=token_start)
-    # layer-wise: every layer streamed once, in order, with the exported bytes
+    assert (exp.header.token_start, exp.header.token_end) == (token_start, len(prompt) - 1)
+    # layer-wise: every layer streamed once, in order, during the last chunk, with the exported bytes
     assert [s.layer for s in streamed] == list(range(tiny_model.config.num_hidden_layers))
-    kv_full = streamed[tiny_model.config.mla_layers[0]].tensors["kv"]
-    assert torch.equal(
-        kv_full[token_start:], exp.parts[tiny_model.config.mla_layers[0]].tensors["kv"]
-    )
-    assert (
-        exp.parts[tiny_model.config.mla_layers[0]].tensors["kv"].shape[0]
-        == len(prompt) - token_start
-    )
+    for s_part, e_part in zip(streamed, exp.parts, strict=True):
+        for k, t in e_part.tensors.items():
+            assert torch.equal(s_part.tensors[k], t)
+    mla0 = tiny_model.config.mla_layers[0]
+    assert exp.parts[mla0].tensors["kv"].shape[0] == len(prompt) - 1 - token_start
     pre.release(p.request_id)
     assert pre.cache.blocks.num_in_use() == 0
     dec.import_request(exp, sp)

@@ -167,8 +167,8 @@ def test_long_prompts_prefill_in_prfaas_short_in_pd(url):
     )
     assert lg["link"] == "prfaas->pd" and s["link"] is None
     # the whole uncached cache crossed: KDA states + MLA KV of every prompt token
-    assert s["transfer_bytes"] == KDA_BYTES + 200 * MLA_BYTES_PER_TOKEN
-    assert lg["transfer_bytes"] == KDA_BYTES + 400 * MLA_BYTES_PER_TOKEN
+    assert s["transfer_bytes"] == KDA_BYTES + 199 * MLA_BYTES_PER_TOKEN
+    assert lg["transfer_bytes"] == KDA_BYTES + 399 * MLA_BYTES_PER_TOKEN
     # headers say the same as the body
     h = long.headers
     assert h["x-prfaas-prefill-cluster"] == "prfaas"
@@ -184,9 +184,10 @@ def test_prefix_hit_reduces_bytes_that_cross(url):
     b = complete(url, base + rand_prompt(4, 40)).json()["prfaas"]
     assert a["prefill_cluster"] == b["prefill_cluster"] == "prfaas"
     assert a["decode_node"] == b["decode_node"]
-    # the decode node holds the 400-token prefix (25 blocks of 16): only the 40-token tail crosses
+    # the decode node holds the 400-token prefix (25 blocks of 16): only the tail crosses (the
+    # decode node computes the last prompt token itself: 39 tokens)
     assert b["decode_prefix_tokens"] == 400
-    assert b["transfer_bytes"] == KDA_BYTES + 40 * MLA_BYTES_PER_TOKEN
+    assert b["transfer_bytes"] == KDA_BYTES + 39 * MLA_BYTES_PER_TOKEN
     assert a["transfer_bytes"] - b["transfer_bytes"] == 360 * MLA_BYTES_PER_TOKEN
     # and the PrfaaS node reused its own prefix up to the last state checkpoint (6 x 64 tokens)
     assert b["cached_tokens"] == 384
@@ -367,7 +368,7 @@ def test_link_cut_falls_back_to_pd_p(url):
     assert got.status_code == 200, got.text
     p = got.json()["prfaas"]
     assert p["prefill_cluster"] == "pd" and p["prefill_node"] == "pd-p0"
-    assert p["transfer_bytes"] == KDA_BYTES + 400 * MLA_BYTES_PER_TOKEN
+    assert p["transfer_bytes"] == KDA_BYTES + 399 * MLA_BYTES_PER_TOKEN
     wait_for(lambda: not node_info(url, "prfaas-0")["available"])
     assert complete(url, rand_prompt(7, 400)).json()["prfaas"]["prefill_cluster"] == "pd"
     # restored: long prompts go back to PrfaaS

@@ -142,8 +142,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        kv_start: int = 0,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError on bad input."""
+        """Queue a request; returns its id. Raises ValueError on bad input.
+
+        Prefill role: the engine computes all prompt tokens but the last, then holds the cache for
+        ``export_request``; ``kv_start`` (block aligned: the prefix the decode node already holds)
+        is where the layer-wise stream of the MLA KV starts."""
         if self.config.role == "decode":
             raise ValueError("a decode-role engine takes requests only through import_request")
         params = params or SamplingParams()
@@ -153,6 +158,12 @@ class LLMEngine:
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} already in use")
         req = Request(rid, ids, params, self.config.seed * 1_000_003 + zlib.crc32(rid.encode()))
+        if self.config.role == "prefill":
+            if not 0 <= kv_start <= len(ids) - 1 or kv_start % self.cache.block_size:
+                raise ValueError(
+                    f"kv_start {kv_start} must be block aligned and at most {len(ids) - 1}"
+                )
+            req.handoff_at, req.kv_start = len(ids) - 1, kv_start
         self.requests[rid] = req
         self.waiting.append(req)
         return rid
@@ -198,7 +209,18 @@ class LLMEngine:
             req.num_cached_tokens = seq.num_cached_tokens
         req.status = Status.RUNNING
         self.running.append(req)
+        if req.num_pending <= 0:  # prefill role, prefix all cached (or a 1-token prompt)
+            self._handoff(req)
         return True
+
+    def _handoff(self, req: Request) -> None:
+        """Prefill role: the request's prefill is done; hold its cache for export."""
+        self.running.remove(req)
+        req.status = Status.PREFILLED
+        req.finish_reason = "prefilled"
+        req.metrics.finished = time.monotonic()
+        self.prefilled[req.request_id] = req
+        self._forced.append(self._output(req))
 
     def _schedule(self) -> list[tuple[Request, int]]:
         budget = self.config.max_num_batched_tokens
@@ -251,6 +273,8 @@ class LLMEngine:
             if not self._admit(req):
                 break
             self.waiting.popleft()
+            if req.status != Status.RUNNING:
+                continue  # handed off at admission
             n = self._chunk(req, budget)
             batch.append((req, n))
             budget -= n
@@ -284,6 +308,14 @@ class LLMEngine:
                 self.num_decode_tokens += 1
             req.num_computed += n
             self.cache.on_computed(req.cache, req.num_computed)
+            if req.handoff_at is not None and req.num_computed >= req.handoff_at:
+                self.running.remove(req)
+                req.status = Status.PREFILLED
+                req.finish_reason = "prefilled"
+                req.metrics.finished = time.monotonic()
+                self.prefilled[req.request_id] = req
+                outs.append(self._output(req))
+                continue
             if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk
             tok = req.sampler.sample(lg, len(req.output))
@@ -291,25 +323,20 @@ class LLMEngine:
             if req.metrics.first_token is None:
                 req.metrics.first_token = time.monotonic()
             self._check_stop(req, tok)
-            if req.status == Status.RUNNING and self.config.role == "prefill":
-                self.running.remove(req)
-                req.status = Status.PREFILLED
-                req.finish_reason = "prefilled"
-                self.prefilled[req.request_id] = req
             outs.append(self._output(req))
         return outs
 
     def _streaming_callback(self, batch: list[tuple[Request, int]]) -> Callable[[int], None] | None:
         if self.config.role != "prefill" or self.layer_listener is None:
             return None
-        done = [r for r, n in batch if not r.output and r.num_computed + n == r.num_tokens]
+        done = [r for r, n in batch if r.num_computed + n == r.handoff_at]
         if not done:
             return None
         listener = self.layer_listener
 
         def on_layer(layer: int) -> None:
             for r in done:
-                listener(r, export_layer(self.cache, r.cache, layer, 0, r.num_tokens))
+                listener(r, export_layer(self.cache, r.cache, layer, r.kv_start, r.handoff_at))
 
         return on_layer
 
@@ -341,7 +368,8 @@ class LLMEngine:
         return req.to_output(self.tokenizer.decode(req.output))
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Work left: queued or running requests, or outputs not yet returned by step()."""
+        return bool(self.waiting or self.running or self._forced)
 
     # ----- prefill → decode hand-off ----------------------------------------------------------
     def make_header(self, req: Request, token_start: int = 0) -> TransferHeader:
@@ -352,25 +380,24 @@ class LLMEngine:
             num_layers=self.model_config.num_hidden_layers,
             layer_kinds=self.model_config.layer_kinds,
             token_start=token_start,
-            token_end=len(req.prompt),
+            token_end=len(req.prompt) - 1,
             prompt_token_ids=list(req.prompt),
             prefix_hashes=hash_chain(req.prompt, bs),
-            first_token=req.output[0] if req.output else None,
             meta={"seed": req.sampler.seed},
         )
 
     def export_request(self, request_id: str, token_start: int = 0) -> KVExport:
-        """The cache of a prefilled request: MLA KV of prompt tokens [token_start, end) and the
-        final KDA/conv states (prefill role)."""
+        """The cache of a prefilled request (prefill role): the MLA KV of prompt tokens
+        [token_start, L - 1) and the KDA/conv states after L - 1 tokens. The decode node computes
+        the last prompt token itself and samples the first output token."""
         req = self.prefilled.get(request_id)
         if req is None:
             raise KeyError(f"no prefilled request {request_id!r}")
-        if not 0 <= token_start < len(req.prompt) or token_start % self.cache.block_size:
-            raise ValueError(
-                f"token_start {token_start} must be block aligned and inside the prompt"
-            )
+        end = len(req.prompt) - 1
+        if not 0 <= token_start <= end or token_start % self.cache.block_size:
+            raise ValueError(f"token_start {token_start} must be block aligned and at most {end}")
         parts = [
-            export_layer(self.cache, req.cache, i, token_start, len(req.prompt))
+            export_layer(self.cache, req.cache, i, token_start, end)
             for i in range(self.model_config.num_hidden_layers)
         ]
         return KVExport(self.make_header(req, token_start), parts)
@@ -415,13 +442,10 @@ class LLMEngine:
         req = Request(rid, prompt, params, seed)
         req.sampler.seed = params.seed if params.seed is not None else seed
         req.cache = seq
-        req.num_computed = len(prompt)
+        req.num_computed = h.token_end  # the last prompt token is this node's first input
         req.num_cached_tokens = h.token_start
-        req.output = [int(h.first_token)]
-        req.metrics.first_token = time.monotonic()
         req.status = Status.RUNNING
-        self.cache.on_computed(seq, len(prompt))
+        self.cache.on_computed(seq, h.token_end)
         self.requests[rid] = req
         self.running.append(req)
-        self._check_stop(req, req.output[0])
         return self._output(req)

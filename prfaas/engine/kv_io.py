@@ -1,7 +1,9 @@
 """Export a request's cache from a HybridCache and import one into it (the prefill → decode hand-off).
 
 What is exported: the MLA latent KV of tokens [token_start, token_end) and the KDA recurrent + short-conv
-state at the end of the prefill. Imports are validated completely before the cache is touched.
+state after token_end tokens, where token_end = prompt length - 1: as in vLLM's disaggregated serving the
+decode node computes the last prompt token itself, so it samples the first output token and the prefill
+node can stream every layer's part while the prefill is still running. Imports are validated completely before the cache is touched.
 """
 
 from __future__ import annotations
@@ -54,13 +56,11 @@ def validate_export(model: ModelConfig, exp: KVExport) -> None:
         )
     if h.num_layers != model.num_hidden_layers or list(h.layer_kinds) != model.layer_kinds:
         raise ImportMismatch("layer count or kinds differ from this node's model")
-    if not 0 <= h.token_start < h.token_end or h.token_end != len(h.prompt_token_ids):
+    if not 0 <= h.token_start <= h.token_end or h.token_end != len(h.prompt_token_ids) - 1:
         raise ImportMismatch(
             f"bad token range [{h.token_start}, {h.token_end}) for a "
-            f"{len(h.prompt_token_ids)}-token prompt"
+            f"{len(h.prompt_token_ids)}-token prompt (expected [start, prompt length - 1))"
         )
-    if h.first_token is None:
-        raise ImportMismatch("export carries no first token")
     if [p.layer for p in exp.parts] != list(range(model.num_hidden_layers)):
         raise ImportMismatch("export must hold exactly one part per layer, in order")
     n = h.token_end - h.token_start

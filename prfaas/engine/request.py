@@ -55,6 +55,10 @@ class Request:
         self.error: str | None = None
         self.metrics = RequestMetrics()
         self.num_preemptions = 0
+        # prefill role: compute up to here, then hand off (the decode node computes the last
+        # prompt token and samples the first output token); None = run to the end
+        self.handoff_at: int | None = None
+        self.kv_start = 0  # prefill role: first token whose MLA KV the decode node needs
 
     @property
     def tokens(self) -> list[int]:
@@ -65,9 +69,14 @@ class Request:
         return len(self.prompt) + len(self.output)
 
     @property
+    def target(self) -> int:
+        """Tokens to have in the cache before the next sample (or the hand-off)."""
+        return self.num_tokens if self.handoff_at is None else self.handoff_at
+
+    @property
     def num_pending(self) -> int:
-        """Known tokens not yet in the cache (the next step's input)."""
-        return self.num_tokens - self.num_computed
+        """Tokens still to compute before the next sample (the next step's input)."""
+        return self.target - self.num_computed
 
     @property
     def in_prefill(self) -> bool:

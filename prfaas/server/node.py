@@ -238,9 +238,9 @@ class NodeServer:
         if not isinstance(token_start, int) or token_start < 0:
             raise ValueError("token_start must be an integer >= 0")
         params = params_from_dict(body.get("params", {}))
-        # the prefill node never stops at the first token: the decode node applies the real stop
-        # rules to it (sampling does not depend on these fields)
-        run_params = dataclasses.replace(params, ignore_eos=True, stop_token_ids=[], max_tokens=2)
+        # the prefill node samples nothing (it computes all prompt tokens but the last; the decode
+        # node computes that one and samples): stop rules do not apply here
+        run_params = dataclasses.replace(params, ignore_eos=True, stop_token_ids=[], max_tokens=1)
         dst = str(dec.get("cluster", ""))
         peer = (str(dec.get("kv_host")), int(dec.get("kv_port", 0)))
         timeout = float(body.get("timeout_s", 60.0))
@@ -256,7 +256,7 @@ class NodeServer:
         def add(eng: LLMEngine) -> None:
             self.worker.subscribe(rid, on_out)
             try:
-                eng.add_request(prompt, run_params, rid)
+                eng.add_request(prompt, run_params, rid, kv_start=token_start)
             except BaseException:
                 self.worker.unsubscribe(rid)
                 raise
@@ -295,7 +295,6 @@ class NodeServer:
             "request_id": rid,
             "node": self.node.name,
             "cluster": self.cluster.name,
-            "first_token": out.token_ids[0],
             "prompt_tokens": len(prompt),
             "cached_tokens": out.num_cached_tokens,
             "token_start": token_start,

@@ -39,9 +39,9 @@ def random_export(
         layer_kinds=list(layout.layer_kinds),
         token_start=token_start,
         token_end=token_end,
-        prompt_token_ids=torch.randint(0, 163840, (token_end,), generator=gen).tolist(),
-        prefix_hashes=list(range(token_end // 512)),
-        first_token=7,
+        # token_end = prompt length - 1: the decode node computes the last prompt token
+        prompt_token_ids=torch.randint(0, 163840, (token_end + 1,), generator=gen).tolist(),
+        prefix_hashes=list(range((token_end + 1) // 512)),
         meta={"seed": seed},
     )
     return KVExport(header, parts)

@@ -10,6 +10,8 @@ layer ``i`` while layer ``i + 1`` is still computing:
   ``(3, num_heads * head_dim, conv_kernel - 1)`` (q, k, v convs).
 
 The tokens before ``token_start`` are the prefix the receiver already holds (its own prefix cache);
+``token_end`` is the prompt length - 1: as in vLLM's disaggregated serving, the decode node computes the
+last prompt token itself (so it samples the first output token, and nothing sampled needs to travel).
 ``prefix_hashes`` is the hash chain of the full blocks of the whole prompt so the receiver can check it.
 """
 
@@ -41,10 +43,9 @@ class TransferHeader:
     num_layers: int
     layer_kinds: list[str]  # "mla" / "kda" per layer, len == num_layers
     token_start: int  # first token whose MLA KV is carried
-    token_end: int  # == prompt length
+    token_end: int  # == prompt length - 1
     prompt_token_ids: list[int]
     prefix_hashes: list[int] = field(default_factory=list)
-    first_token: int | None = None  # the token sampled at the end of the prefill, if any
     meta: dict = field(default_factory=dict)  # free-form (sampling params, timings)
 
 

@@ -302,7 +302,6 @@ def encode_header(wh: WireHeader) -> bytes:
         "token_end": h.token_end,
         "prompt_token_ids": list(h.prompt_token_ids),
         "prefix_hashes": list(h.prefix_hashes),
-        "first_token": h.first_token,
         "meta": h.meta,
         "layers": [
             {
@@ -353,9 +352,6 @@ def decode_header(payload: bytes) -> WireHeader:
             raise FrameError("header fields request_id/model_fingerprint must be str")
         if not isinstance(o["meta"], dict):
             raise FrameError("header field meta must be an object")
-        first = o["first_token"]
-        if first is not None:
-            _int(first, "first_token")
         th = TransferHeader(
             request_id=o["request_id"],
             model_fingerprint=o["model_fingerprint"],
@@ -365,7 +361,6 @@ def decode_header(payload: bytes) -> WireHeader:
             token_end=_int(o["token_end"], "token_end"),
             prompt_token_ids=toks,
             prefix_hashes=hashes,
-            first_token=first,
             meta=o["meta"],
         )
         layers = []
@@ -417,11 +412,12 @@ def validate_header(wh: WireHeader, layout: CacheLayout, max_request_bytes: int)
         raise LayoutMismatch(
             f"token range [{h.token_start}, {h.token_end}) invalid (max {layout.max_tokens})"
         )
-    if len(h.prompt_token_ids) != h.token_end:
+    if len(h.prompt_token_ids) != h.token_end + 1:  # the decode node computes the last token
         raise LayoutMismatch(
-            f"{len(h.prompt_token_ids)} prompt tokens but token_end = {h.token_end}"
+            f"{len(h.prompt_token_ids)} prompt tokens but token_end = {h.token_end} "
+            "(expected prompt length - 1)"
         )
-    if len(h.prefix_hashes) > h.token_end:
+    if len(h.prefix_hashes) > len(h.prompt_token_ids):
         raise LayoutMismatch("more prefix hashes than tokens")
     if len(wh.layers) != layout.num_layers:
         raise LayoutMismatch(f"{len(wh.layers)} layer descriptions for {layout.num_layers} layers")
