@@ -1,0 +1,87 @@
+"""Layer-wise streaming of a prefill node's caches: each request's layer ``i`` goes on the wire as soon
+as the last prefill chunk has written it, while layer ``i + 1`` computes (the engine's
+``layer_listener``). Requests with nothing left to compute (whole prefix cached) are sent whole."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+
+from prfaas.engine.engine import LLMEngine
+from prfaas.engine.request import Request
+from prfaas.transfer.backend import Peer
+from prfaas.transfer.sender import SenderBase, SenderStream
+from prfaas.transfer.unit import LayerPart
+
+
+@dataclass
+class StreamedRequest:
+    stream: SenderStream
+    opened_at: float
+    layers_sent: int = 0
+    finished_at: float | None = None  # the last layer was queued (≈ the prefill's end)
+    whole: bool = False  # sent after the prefill in one go (nothing was computed in a step)
+
+
+class LayerStreamer:
+    """Attach to a prefill-role engine; ``expect(request_id, peer)`` before (or right after)
+    ``add_request``; ``handoff(request_id)`` once the engine reports it prefilled returns the stream
+    (opening and sending it whole if the listener never ran) and releases the engine's cache."""
+
+    def __init__(self, engine: LLMEngine, sender: SenderBase) -> None:
+        if engine.config.role != "prefill":
+            raise ValueError("layer-wise streaming needs a prefill-role engine")
+        self.engine, self.sender = engine, sender
+        self.num_layers = engine.model_config.num_hidden_layers
+        self._dest: dict[str, Peer] = {}
+        self._streams: dict[str, StreamedRequest] = {}
+        self._lock = threading.Lock()
+        engine.layer_listener = self._on_layer
+
+    def expect(self, request_id: str, peer: Peer) -> None:
+        with self._lock:
+            self._dest[request_id] = peer
+
+    def _header(self, req: Request):  # noqa: ANN202
+        h = self.engine.make_header(req, req.kv_start)
+        h.meta["params"] = dataclasses.asdict(req.params)
+        return h
+
+    def _on_layer(self, req: Request, part: LayerPart) -> None:  # engine thread, inside step()
+        rid = req.request_id
+        with self._lock:
+            peer = self._dest.get(rid)
+            st = self._streams.get(rid)
+        if peer is None:
+            return
+        if st is None:
+            st = StreamedRequest(self.sender.open(peer, self._header(req)), time.monotonic())
+            with self._lock:
+                self._streams[rid] = st
+        st.stream.send(part)  # queues; the network work runs on the sender's threads
+        st.layers_sent += 1
+        if st.layers_sent == self.num_layers:
+            st.stream.finish()
+            st.finished_at = time.monotonic()
+
+    def handoff(self, request_id: str) -> StreamedRequest:
+        """Call when the engine reports ``request_id`` prefilled (engine thread)."""
+        with self._lock:
+            peer = self._dest.pop(request_id, None)
+            st = self._streams.pop(request_id, None)
+        if peer is None:
+            raise KeyError(f"no destination for {request_id!r}")
+        try:
+            if st is None:  # nothing was computed in a step: send the export whole
+                req = self.engine.prefilled[request_id]
+                exp = self.engine.export_request(request_id, req.kv_start)
+                exp.header.meta["params"] = dataclasses.asdict(req.params)
+                now = time.monotonic()
+                st = StreamedRequest(
+                    self.sender.send_export(peer, exp), now, self.num_layers, now, whole=True
+                )
+        finally:
+            self.engine.release(request_id)  # parts were copied out: the cache is free again
+        return st
