@@ -119,45 +119,59 @@ class HybridForCausalLM(nn.Module):
         offs = [0]
         for n in lens:
             offs.append(offs[-1] + n)
-        tokens = torch.cat([s.token_ids for s in seqs]).to(dev)
-        x = self.model.embed_tokens(tokens)
         dec = [i for i, s in enumerate(seqs) if lens[i] == 1 and s.start > 0]
-        pre = [i for i in range(len(seqs)) if i not in set(dec)]
-        # flat cache row of every cached position of every sequence: block * bs + offset
-        rows = []
+        dec_set = set(dec)
+        pre = [i for i in range(len(seqs)) if i not in dec_set]
+        # Index tensors are built on the CPU and moved in one copy: the flat cache row (block *
+        # block_size + offset) of every position each sequence reads, the rows the new tokens write,
+        # and the new tokens' positions.
+        rows_cpu = []
         for s, n in zip(seqs, lens, strict=True):
+            if len(s.block_table) * bs < s.start + n:
+                raise ValueError(
+                    f"block table covers {len(s.block_table) * bs} positions, "
+                    f"sequence needs {s.start + n}"
+                )
             pos = torch.arange(s.start + n)
             bt = torch.as_tensor(s.block_table, dtype=torch.long)
-            if bt.numel() * bs < s.start + n:
-                raise ValueError(
-                    f"block table covers {bt.numel() * bs} positions, sequence needs {s.start + n}"
-                )
-            rows.append((bt[pos // bs] * bs + pos % bs).to(dev))
-        positions = [
-            torch.arange(s.start, s.start + n, device=dev) for s, n in zip(seqs, lens, strict=True)
-        ]
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
-        dec_idx = torch.tensor([offs[i] for i in dec], dtype=torch.long, device=dev)
+            rows_cpu.append(bt[pos // bs] * bs + pos % bs)
+        new_rows = torch.cat([r[s.start :] for r, s in zip(rows_cpu, seqs, strict=True)])
+        positions = torch.cat(
+            [torch.arange(s.start, s.start + n) for s, n in zip(seqs, lens, strict=True)]
+        )
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+        parts = [torch.cat([s.token_ids for s in seqs]), new_rows, positions, slots]
         if dec:
-            dec_len = torch.tensor([seqs[i].start + 1 for i in dec], device=dev)
-            lmax = int(dec_len.max())
-            dec_rows = torch.zeros(len(dec), lmax, dtype=torch.long, device=dev)
+            dec_len = torch.tensor([seqs[i].start + 1 for i in dec])
+            dec_rows = torch.zeros(len(dec), int(dec_len.max()), dtype=torch.long)
             for j, i in enumerate(dec):
-                dec_rows[j, : rows[i].numel()] = rows[i]
+                dec_rows[j, : rows_cpu[i].numel()] = rows_cpu[i]
+            parts += [dec_len, dec_rows.view(-1), torch.tensor([offs[i] for i in dec])]
+        sizes = [t.numel() for t in parts]
+        moved = torch.cat(parts).to(dev, non_blocking=True).split(sizes)
+        tokens, new_rows, positions, slots = moved[:4]
+        if dec:
+            dec_len, dec_rows, dec_idx = moved[4], moved[5].view(len(dec), -1), moved[6]
+            dec_slots = slots[dec_idx.new_tensor(dec)]
+            dec_pos = dec_len - 1
+        x = self.model.embed_tokens(tokens)
 
         for li, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
-            out = torch.empty_like(h)
+            out = torch.empty_like(h) if pre else None
             ki = self._kind_index[li]
             attn = layer.self_attn
             if layer.kind == "kda":
                 st_all, cv_all = cache.kda_state[ki], cache.conv_state[ki]
                 if dec:
-                    sl = slots[dec]
-                    o, st, cv = attn(h[dec_idx][:, None, :], st_all[sl], cv_all[sl])
-                    st_all[sl] = st
-                    cv_all[sl] = cv.to(cv_all.dtype)
-                    out[dec_idx] = o[:, 0]
+                    o, st, cv = attn(h[dec_idx][:, None, :], st_all[dec_slots], cv_all[dec_slots])
+                    st_all[dec_slots] = st
+                    cv_all[dec_slots] = cv.to(cv_all.dtype)
+                    o = o[:, 0]
+                    if out is None:
+                        out = o
+                    else:
+                        out[dec_idx] = o
                 for i in pre:
                     sl = seqs[i].slot
                     o, st, cv = attn(
@@ -168,19 +182,21 @@ class HybridForCausalLM(nn.Module):
                     out[offs[i] : offs[i + 1]] = o[0]
             else:
                 flat = cache.mla_kv[ki].view(-1, cache.mla_kv[ki].shape[-1])
-                for i, s in enumerate(seqs):
-                    new_rows = rows[i][s.start :]
-                    flat[new_rows] = attn.latent(h[offs[i] : offs[i + 1]], positions[i]).to(
-                        flat.dtype
-                    )
+                flat[new_rows] = attn.latent(h, positions).to(flat.dtype)  # all new tokens at once
                 if dec:
-                    q_nope, q_pe = attn.queries(h[dec_idx], dec_len - 1)
-                    o = attn.attend_absorbed(q_nope, q_pe, flat[dec_rows], dec_len)
-                    out[dec_idx] = attn.o_proj(o.to(h.dtype))
+                    hd = h[dec_idx]
+                    q_nope, q_pe = attn.queries(hd, dec_pos)
+                    o = attn.o_proj(
+                        attn.attend_absorbed(q_nope, q_pe, flat[dec_rows], dec_len).to(h.dtype)
+                    )
+                    if out is None:
+                        out = o
+                    else:
+                        out[dec_idx] = o
                 for i in pre:
                     hs = h[offs[i] : offs[i + 1]]
-                    q_nope, q_pe = attn.queries(hs, positions[i])
-                    lat = flat[rows[i]].to(hs.dtype)
+                    q_nope, q_pe = attn.queries(hs, positions[offs[i] : offs[i + 1]])
+                    lat = flat[rows_cpu[i].to(dev)].to(hs.dtype)
                     out[offs[i] : offs[i + 1]] = attn.o_proj(
                         attn.attend_expanded(q_nope, q_pe, lat, seqs[i].start)
                     )
