@@ -40,14 +40,34 @@ class KDAAttention(nn.Module):
         self.o_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.o_proj = nn.Linear(W, h, bias=False)
         self.scale = 1.0 / math.sqrt(D)
+        self._fused: tuple[tuple, torch.Tensor] | None = None
+        self._fused_conv: tuple[tuple, torch.Tensor] | None = None
 
-    def _conv(
-        self, conv: nn.Conv1d, x: torch.Tensor, state: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv with carried state. x (B, n, W), state (B, W, k-1)."""
-        xt = torch.cat([state.to(x.dtype), x.transpose(1, 2)], -1)  # (B, W, k-1+n)
+    def _in_weight(self) -> torch.Tensor:
+        """q/k/v/f_a/g_a/b weights stacked into one matrix (one GEMM per step instead of six),
+        rebuilt when any of them is replaced or modified in place."""
+        mods = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.b_proj)
+        key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in mods)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                self._fused = (key, torch.cat([m.weight for m in mods]).detach())
+        return self._fused[1]
+
+    def _conv_weight(self) -> torch.Tensor:
+        """The q/k/v depthwise conv weights stacked to (3W, kernel), cached like _in_weight."""
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        key = tuple((c.weight.data_ptr(), c.weight._version, c.weight.dtype) for c in convs)
+        if self._fused_conv is None or self._fused_conv[0] != key:
+            with torch.no_grad():
+                w = torch.cat([c.weight[:, 0] for c in convs]).detach()
+            self._fused_conv = (key, w)
+        return self._fused_conv[1]
+
+    def _conv(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv of q|k|v with carried state. x (B, n, 3W), state (B, 3W, k-1)."""
+        xt = torch.cat([state.to(x.dtype), x.transpose(1, 2)], -1)  # (B, 3W, k-1+n)
         n = x.shape[1]
-        w = conv.weight.to(x.dtype)[:, 0]  # (W, k)
+        w = self._conv_weight().to(x.dtype)  # (3W, k)
         # depthwise causal conv as k shifted multiply-adds (much faster than conv1d for k = 4)
         y = xt[..., 0:n] * w[:, 0, None]
         for j in range(1, self.kernel):
@@ -62,16 +82,17 @@ class KDAAttention(nn.Module):
         B, n, _ = x.shape
         if conv_state is None:
             conv_state = x.new_zeros(B, 3, self.W, self.kernel - 1)
-        q, cq = self._conv(self.q_conv1d, self.q_proj(x), conv_state[:, 0])
-        k, ck = self._conv(self.k_conv1d, self.k_proj(x), conv_state[:, 1])
-        v, cv = self._conv(self.v_conv1d, self.v_proj(x), conv_state[:, 2])
-        new_conv = torch.stack([cq, ck, cv], 1)
-        q = F.normalize(q.view(B, n, self.H, self.D).float(), dim=-1, eps=1e-6)
-        k = F.normalize(k.view(B, n, self.H, self.D).float(), dim=-1, eps=1e-6)
-        v = v.view(B, n, self.H, self.D)
-        g = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
+        W, D = self.W, self.D
+        qkv, fa, ga, bb = F.linear(x, self._in_weight()).split([3 * W, D, D, self.H], -1)
+        # conv_state (B, 3, W, k-1) is q|k|v in the channel order of the stacked conv weight
+        qkv, new_conv = self._conv(qkv, conv_state.reshape(B, 3 * W, self.kernel - 1))
+        new_conv = new_conv.view(B, 3, W, self.kernel - 1)
+        qk = F.normalize(qkv[..., : 2 * W].reshape(B, n, 2 * self.H, D).float(), dim=-1, eps=1e-6)
+        q, k = qk.split(self.H, dim=2)
+        v = qkv[..., 2 * W :].reshape(B, n, self.H, D)
+        g = self.f_b_proj(fa).float() + self.dt_bias.float()
         g = -self.A_log.float().exp() * F.softplus(g.view(B, n, self.H, self.D))
-        beta = torch.sigmoid(self.b_proj(x).float())
+        beta = torch.sigmoid(bb.float())
         fn = kda_ops.kda_decode if n == 1 else kda_ops.kda_prefill
         o, new_state = fn(
             q.to(v.dtype),
@@ -83,6 +104,6 @@ class KDAAttention(nn.Module):
             initial_state=state,
         )
         of = self.o_norm(o.float())
-        gate = self.g_b_proj(self.g_a_proj(x)).view(B, n, self.H, self.D)
+        gate = self.g_b_proj(ga).view(B, n, self.H, self.D)
         of = of * torch.sigmoid(gate.float())
         return self.o_proj(of.to(x.dtype).reshape(B, n, self.W)), new_state, new_conv

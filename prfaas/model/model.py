@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,6 +20,20 @@ from prfaas.model.config import ModelConfig
 from prfaas.model.kda import KDAAttention
 from prfaas.model.layers import DenseMLP, RMSNorm, SparseMoE
 from prfaas.model.mla import MLAAttention
+
+
+@dataclass
+class DecodeBatch:
+    """Device tensors of a decode-only step with static shapes (B rows, L context columns), as a
+    CUDA graph needs them. Rows with ``valid`` False are padding: they point at state slots and
+    cache rows no valid row uses, and write back the values they read (the cache is unchanged)."""
+
+    tokens: torch.Tensor  # (B,) the new token of each row
+    slots: torch.Tensor  # (B,) KDA state slot, all distinct
+    new_rows: torch.Tensor  # (B,) flat MLA cache row the new token writes, all distinct
+    block_tables: torch.Tensor  # (B, NB) MLA blocks of positions 0..NB*block_size-1 (pad: any)
+    lengths: torch.Tensor  # (B,) context length including the new token (position + 1), >= 1
+    valid: torch.Tensor  # (B,) nonzero for real rows
 
 
 class DecoderLayer(nn.Module):
@@ -205,6 +220,39 @@ class HybridForCausalLM(nn.Module):
             x = layer.ffn(x + out)
         last = torch.tensor([o - 1 for o in offs[1:]], device=dev)
         return self.lm_head(self.model.norm(x[last])).float()
+
+    # ----- decode with static shapes (CUDA-graph capturable) -----------------------------------
+    def decode(self, b: DecodeBatch, cache: CacheTensors) -> torch.Tensor:
+        """One decode token per row; no host synchronisation and no host-to-device copies, so it
+        can be captured in a CUDA graph (dense MLP models; the MoE routing syncs). Computes what
+        ``step`` computes for decode rows. Returns (B, vocab) fp32 logits."""
+        x = self.model.embed_tokens(b.tokens)
+        pos = b.lengths - 1
+        keep = b.valid.bool()[:, None]
+        bs = cache.block_size
+        arange = torch.arange(bs, device=x.device)
+        rows = (b.block_tables[:, :, None] * bs + arange).view(b.block_tables.shape[0], -1)
+        for li, layer in enumerate(self.model.layers):
+            h = layer.input_layernorm(x)
+            ki = self._kind_index[li]
+            attn = layer.self_attn
+            if layer.kind == "kda":
+                st_all, cv_all = cache.kda_state[ki], cache.conv_state[ki]
+                st_old, cv_old = st_all[b.slots], cv_all[b.slots]
+                o, st, cv = attn(h[:, None, :], st_old, cv_old)
+                st_all[b.slots] = torch.where(keep[:, :, None, None], st, st_old)
+                cv_all[b.slots] = torch.where(keep[:, :, None, None], cv.to(cv_all.dtype), cv_old)
+                out = o[:, 0]
+            else:
+                flat = cache.mla_kv[ki].view(-1, cache.mla_kv[ki].shape[-1])
+                lat = attn.latent(h, pos).to(flat.dtype)
+                flat[b.new_rows] = torch.where(keep, lat, flat[b.new_rows])
+                q_nope, q_pe = attn.queries(h, pos)
+                out = attn.o_proj(
+                    attn.attend_absorbed(q_nope, q_pe, flat[rows], b.lengths).to(h.dtype)
+                )
+            x = layer.ffn(x + out)
+        return self.lm_head(self.model.norm(x)).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
