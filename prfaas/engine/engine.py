@@ -22,6 +22,7 @@ import torch
 from prfaas.cache.hashing import hash_chain
 from prfaas.cache.hybrid import CacheConfig, CacheFull, HybridCache
 from prfaas.engine.kv_io import export_layer, validate_export, write_import
+from prfaas.engine.model_runner import ModelRunner
 from prfaas.engine.request import Request, RequestOutput, Status
 from prfaas.engine.sampling import SamplingParams
 from prfaas.model.batch import SeqInput
@@ -48,6 +49,7 @@ class EngineConfig:
     checkpoint_interval: int = 64
     num_checkpoints: int = 64
     enable_prefix_cache: bool = True
+    cuda_graphs: bool = True  # decode-only steps replay captured CUDA graphs (CUDA, dense MLP)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -102,6 +104,7 @@ class LLMEngine:
         self.model_config = self.model.config
         self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
         self.cache = HybridCache(self.model_config, cfg.cache_config(), self.device, self.dtype)
+        self.runner = ModelRunner(self.model, cuda_graphs=cfg.cuda_graphs)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.prefilled: dict[str, Request] = {}  # prefill role: done, cache held for export
@@ -300,7 +303,7 @@ class LLMEngine:
             )
             seqs.append(SeqInput(toks, req.num_computed, req.cache.blocks, req.cache.slot))
         callback = self._streaming_callback(batch)
-        logits = self.model.step(seqs, self.cache.tensors, callback)
+        logits = self.runner.step(seqs, self.cache.tensors, callback)
         for (req, n), lg in zip(batch, logits, strict=True):
             if req.in_prefill:
                 self.num_prefill_tokens_computed += n

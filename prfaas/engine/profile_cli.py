@@ -1,0 +1,99 @@
+"""``prfaas profile``: measure the model on this device and write a HardwareProfile file that the
+planner and simulator load (``prfaas.scheduling.profile.load_profiles``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from prfaas.engine.profiling import run_profile
+from prfaas.scheduling.profile import gbps
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="measure S_kv, prefill latency and decode step time; write a hardware profile",
+        description=__doc__,
+    )
+    p.add_argument("--model", default="tiny", help="preset name or checkpoint directory")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[1024, 8192, 32768, 131072],
+        help="prefill lengths (those that do not fit are skipped)",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16, 32, 64, 128],
+        help="decode batch sizes",
+    )
+    p.add_argument("--ctx", type=int, default=1024, help="decode context length")
+    p.add_argument("--steps", type=int, default=10, help="decode steps timed per batch size")
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: whole)")
+    p.add_argument("--name", default=None, help="profile name (default: model-device)")
+    p.add_argument("--gpus-per-instance", type=int, default=1)
+    p.add_argument("--out", default=None, help="profile file (.yaml or .json); default: print")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.gpus_per_instance < 1:
+        print("error: --gpus-per-instance must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        res = run_profile(
+            args.model,
+            args.lengths,
+            args.batches,
+            args.ctx,
+            args.steps,
+            args.device,
+            args.name,
+            args.chunk,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prof = res.profile(args.gpus_per_instance)
+    data = {
+        "profiles": {prof.name: prof.to_dict()},
+        "meta": {
+            "model": res.model,
+            "device": res.device,
+            "torch": str(torch.__version__),
+            "decode_ctx": res.decode_ctx,
+            "skipped_lengths": {str(k): v for k, v in res.skipped.items()},
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    }
+    rows = [f"{'length':>8} {'S_kv MiB':>10} {'prefill s':>10} {'Phi_kv Gbps':>12}"]
+    for n, kv, t in zip(res.lengths, res.kv_bytes, res.prefill_s, strict=True):
+        rows.append(f"{n:>8} {kv / 2**20:>10.2f} {t:>10.4f} {gbps(kv / t):>12.2f}")
+    rows.append(f"{'batch':>8} {'step s':>10}  (decode, ctx {res.decode_ctx})")
+    for b, t in zip(res.decode_batch, res.decode_step_s, strict=True):
+        rows.append(f"{b:>8} {t:>10.5f}")
+    print("\n".join(rows), file=sys.stderr)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".json":
+            out.write_text(json.dumps(data, indent=2) + "\n")
+        else:
+            import yaml
+
+            out.write_text(yaml.safe_dump(data, sort_keys=False))
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(json.dumps(data, indent=2))
+    return 0

@@ -1,0 +1,193 @@
+"""Measure a model on the current device as the planner needs it (the paper's Table 5): KV bytes
+S_kv and prefill latency at several input lengths, decode step time against batch size."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from prfaas.engine.engine import EngineConfig, LLMEngine
+from prfaas.engine.sampling import SamplingParams
+from prfaas.model.checkpoint import build_model
+from prfaas.model.model import HybridForCausalLM
+from prfaas.scheduling.profile import HardwareProfile
+
+
+@dataclass
+class ProfileResult:
+    """Measured points; ``profile()`` turns them into a HardwareProfile."""
+
+    name: str
+    model: str
+    device: str
+    lengths: list[int] = field(default_factory=list)
+    kv_bytes: list[float] = field(default_factory=list)
+    prefill_s: list[float] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)  # length -> why
+    decode_ctx: int = 0
+    decode_batch: list[int] = field(default_factory=list)
+    decode_step_s: list[float] = field(default_factory=list)
+
+    def profile(self, gpus_per_instance: int = 1) -> HardwareProfile:
+        return HardwareProfile(
+            name=self.name,
+            gpus_per_instance=gpus_per_instance,
+            lengths=tuple(self.lengths),
+            kv_bytes=tuple(self.kv_bytes),
+            prefill_s=tuple(self.prefill_s),
+            decode_batch=tuple(self.decode_batch),
+            decode_step_s=tuple(self.decode_step_s),
+        )
+
+
+def kv_bytes(model: HybridForCausalLM, length: int, dtype_bytes: int) -> int:
+    """Bytes a prefill of ``length`` tokens leaves in the cache: MLA latents of every token plus the
+    fixed KDA recurrent (fp32) and short-conv states."""
+    cfg = model.config
+    return cfg.mla_bytes_per_token(dtype_bytes) * length + cfg.kda_state_bytes(dtype_bytes)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def time_prefill(
+    model: HybridForCausalLM, length: int, reps: int = 2, chunk: int | None = None
+) -> float:
+    """Best of ``reps`` (after one warm-up) seconds to prefill ``length`` tokens on a fresh cache."""
+    budget = chunk or length
+    eng = LLMEngine(
+        EngineConfig(
+            model=model.config.name,
+            max_num_batched_tokens=budget,
+            max_model_len=length + 8,
+            max_num_seqs=2,
+            enable_prefix_cache=False,
+            num_blocks=-(-(length + 8) // 16) + 4,
+            device=str(model.lm_head.weight.device),
+            dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
+        ),
+        model=model,
+    )
+    best = float("inf")
+    for r in range(reps + 1):
+        prompt = [(7 * i + r) % 250 for i in range(length)]
+        eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
+        _sync(eng.device)
+        t0 = time.perf_counter()
+        while any(q.in_prefill for q in eng.running) or eng.waiting:
+            eng.step()
+        _sync(eng.device)
+        if r:
+            best = min(best, time.perf_counter() - t0)
+        while eng.has_unfinished():
+            eng.step()
+    return best
+
+
+def time_decode(
+    model: HybridForCausalLM, batch: int, ctx: int, steps: int, cuda_graphs: bool = True
+) -> float:
+    """Mean seconds per decode step of ``batch`` sequences at context ``ctx``."""
+    eng = LLMEngine(
+        EngineConfig(
+            model=model.config.name,
+            max_num_batched_tokens=max(min(batch * ctx, 16384), ctx),
+            max_num_seqs=batch,
+            max_model_len=ctx + steps + 8,
+            enable_prefix_cache=False,
+            num_blocks=batch * (-(-(ctx + steps + 8) // 16)) + 8,
+            device=str(model.lm_head.weight.device),
+            dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
+            cuda_graphs=cuda_graphs,
+        ),
+        model=model,
+    )
+    for b in range(batch):
+        eng.add_request(
+            [(b + 3 * i) % 250 for i in range(ctx)],
+            SamplingParams(temperature=0, max_tokens=steps + 3, ignore_eos=True),
+        )
+    while any(r.in_prefill for r in eng.running) or eng.waiting:
+        eng.step()
+    for _ in range(2):
+        eng.step()  # warm-up (graph capture)
+    _sync(eng.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    _sync(eng.device)
+    return (time.perf_counter() - t0) / steps
+
+
+def run_profile(
+    model: str | HybridForCausalLM,
+    lengths: Sequence[int],
+    batches: Sequence[int],
+    ctx: int,
+    steps: int = 10,
+    device: str = "auto",
+    name: str | None = None,
+    chunk: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ProfileResult:
+    """Measure prefill at each length (lengths that run out of memory are skipped) and decode at
+    each batch size. Raises ValueError on bad arguments."""
+    lengths, batches = sorted(set(lengths)), sorted(set(batches))
+    if len(lengths) < 2 or lengths[0] < 2:
+        raise ValueError(f"need at least 2 distinct prefill lengths >= 2, got {list(lengths)}")
+    if not batches or batches[0] < 1:
+        raise ValueError(f"decode batch sizes must be >= 1, got {list(batches)}")
+    if ctx < 2 or steps < 1:
+        raise ValueError(f"decode context must be >= 2 and steps >= 1 (got {ctx}, {steps})")
+    say = log or (lambda s: None)
+    if isinstance(model, str):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"bad device {device!r}") from e
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        model = build_model(model, dev, dtype)
+    dev = model.lm_head.weight.device
+    dtype_bytes = model.lm_head.weight.element_size()
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    res = ProfileResult(
+        name=name or f"{model.config.name}-{dev_name.replace(' ', '_')}",
+        model=model.config.name,
+        device=dev_name,
+        decode_ctx=ctx,
+    )
+    with torch.inference_mode():
+        for n in lengths:
+            try:
+                t = time_prefill(model, n, chunk=chunk)
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                if not _is_oom(e):
+                    raise
+                res.skipped[n] = "out of memory"
+                say(f"prefill {n}: skipped (out of memory)")
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            res.lengths.append(n)
+            res.kv_bytes.append(float(kv_bytes(model, n, dtype_bytes)))
+            res.prefill_s.append(t)
+            say(f"prefill {n}: {t * 1e3:.2f} ms, S_kv {res.kv_bytes[-1] / 2**20:.2f} MiB")
+        for b in batches:
+            t = time_decode(model, b, ctx, steps)
+            res.decode_batch.append(b)
+            res.decode_step_s.append(t)
+            say(f"decode batch {b} ctx {ctx}: {t * 1e3:.2f} ms/step")
+    if len(res.lengths) < 2:
+        raise ValueError(f"fewer than 2 prefill lengths fit on {dev_name}: {res.skipped}")
+    return res
