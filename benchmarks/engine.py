@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from prfaas.model import kda_ops  # noqa: E402
+from prfaas.model.checkpoint import build_model  # noqa: E402
 from prfaas.model.config import ModelConfig  # noqa: E402
 
 # dense bf16 peak FLOP/s and HBM bytes/s (SXM parts, vendor figures)
@@ -91,16 +92,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_prefill(cfg_kw: dict, T: int, reps: int) -> tuple[float, LLMEngine]:
+def bench_prefill(cfg_kw: dict, T: int, reps: int, model=None) -> tuple[float, LLMEngine]:
     eng = LLMEngine(
-        EngineConfig(
+        model=model,
+        config=EngineConfig(
             **cfg_kw,
             max_num_batched_tokens=T,
             max_model_len=T + 8,
             max_num_seqs=2,
             enable_prefix_cache=False,
             num_blocks=-(-(T + 8) // 16) * 2 + 8,
-        )
+        ),
     )
     times = []
     for r in range(reps + 1):
@@ -117,16 +119,20 @@ def bench_prefill(cfg_kw: dict, T: int, reps: int) -> tuple[float, LLMEngine]:
     return min(times), eng
 
 
-def bench_decode(cfg_kw: dict, B: int, ctx: int, steps: int) -> tuple[float, LLMEngine]:
+def bench_decode(
+    cfg_kw: dict, B: int, ctx: int, steps: int, model=None, graphs: bool = True
+) -> tuple[float, LLMEngine]:
     eng = LLMEngine(
-        EngineConfig(
+        model=model,
+        config=EngineConfig(
+            cuda_graphs=graphs,
             **cfg_kw,
             max_num_batched_tokens=max(B * ctx, 256),
             max_num_seqs=B,
             max_model_len=ctx + steps + 8,
             enable_prefix_cache=False,
             num_blocks=B * (-(-(ctx + steps + 8) // 16)) + 8,
-        )
+        ),
     )
     for b in range(B):
         eng.add_request(
@@ -154,6 +160,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=None, help="decode context length")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--eager", action="store_true", help="also time decode without CUDA graphs")
     args = ap.parse_args()
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     prefill = args.prefill or ([8192, 32768] if gpu else [512, 2048])
@@ -163,10 +170,12 @@ def main() -> int:
     if not gpu:
         torch.set_num_threads(os.cpu_count() or 1)
     cfg_kw = {"model": args.model, "device": args.device}
+    device = torch.device("cuda" if gpu else "cpu")
+    model = build_model(args.model, device, torch.bfloat16 if gpu else torch.float32)
     rows = []
     info = None
     for T in prefill:
-        dt, eng = bench_prefill(cfg_kw, T, reps=2)
+        dt, eng = bench_prefill(cfg_kw, T, reps=2, model=model)
         info = info or device_info(eng.device)
         n_lin = linear_params(eng.model_config, eng.model)
         fl = prefill_flops(eng.model_config, n_lin, T)
@@ -182,23 +191,26 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del eng
+    modes = [True, False] if args.eager else [True]
     for B in batches:
-        dt, eng = bench_decode(cfg_kw, B, ctx, steps)
-        info = info or device_info(eng.device)
-        by = decode_bytes(eng.model_config, eng.model, B, ctx, eng.dtype.itemsize)
-        row = {
-            "phase": "decode",
-            "batch": B,
-            "context": ctx,
-            "step_s": dt,
-            "tokens_per_s": B / dt,
-            "gbytes_per_s": by / dt / 1e9,
-        }
-        if info["peak_bw"]:
-            row["frac_hbm_roofline"] = by / dt / info["peak_bw"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del eng
+        for graphs in modes:
+            dt, eng = bench_decode(cfg_kw, B, ctx, steps, model=model, graphs=graphs)
+            info = info or device_info(eng.device)
+            by = decode_bytes(eng.model_config, eng.model, B, ctx, eng.dtype.itemsize)
+            row = {
+                "phase": "decode",
+                "batch": B,
+                "context": ctx,
+                "cuda_graphs": eng.runner.graphs is not None,
+                "step_s": dt,
+                "tokens_per_s": B / dt,
+                "gbytes_per_s": by / dt / 1e9,
+            }
+            if info["peak_bw"]:
+                row["frac_hbm_roofline"] = by / dt / info["peak_bw"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del eng
     dev = "cuda" if gpu else "cpu"
     result = {
         "model": args.model,
@@ -214,7 +226,7 @@ def main() -> int:
         f"# Engine benchmark: `{args.model}` on {info['device']}",
         "",
         f"torch {torch.__version__}; fla kernels: {info.get('fla', False)}; "
-        f"command: `python benchmarks/engine.py --model {args.model} --device {args.device}`",
+        f"command: `python benchmarks/engine.py {' '.join(sys.argv[1:])}`",
         "",
         "| phase | size | time | tokens/s | achieved | fraction of peak |",
         "|---|---|---|---|---|---|",
@@ -228,8 +240,10 @@ def main() -> int:
             )
         else:
             frac = f"{r['frac_hbm_roofline']:.1%} of HBM" if "frac_hbm_roofline" in r else "-"
+            mode = "graphs" if r.get("cuda_graphs") else "eager"
             lines.append(
-                f"| decode | batch {r['batch']}, ctx {r['context']} | {r['step_s'] * 1e3:.2f} ms/step | "
+                f"| decode ({mode}) | batch {r['batch']}, ctx {r['context']} | "
+                f"{r['step_s'] * 1e3:.2f} ms/step | "
                 f"{r['tokens_per_s']:.0f} | {r['gbytes_per_s']:.1f} GB/s | {frac} |"
             )
     (out / f"engine_{args.model}_{dev}.md").write_text("\n".join(lines) + "\n")

@@ -109,7 +109,10 @@ def test_pack_decode_bad_input(tiny_model):
 
 def test_buckets():
     assert [bucket(n, (1, 2, 4, 8)) for n in (1, 3, 8, 9)] == [1, 4, 8, 9]
-    assert [blocks_bucket(n, 1000) for n in (1, 16, 17, 100, 600)] == [16, 16, 32, 128, 1000]
+    got = [blocks_bucket(n, 10**6) for n in range(1, 161)]
+    assert sorted(set(got)) == [16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160]
+    assert all(n <= b for n, b in zip(range(1, 161), got, strict=True))
+    assert [blocks_bucket(n, 1000) for n in (17, 65, 600, 900)] == [20, 80, 640, 1000]
     assert blocks_bucket(5, 8) == 8 and blocks_bucket(12, 8) == 12
 
 

@@ -25,10 +25,14 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
 
 
 def blocks_bucket(n: int, total: int) -> int:
-    """Context bucket in blocks: the next power of two >= n (at least MIN_BLOCKS, at most total)."""
-    b = MIN_BLOCKS
+    """Context bucket in blocks: the smallest m * 2**k >= n with m in 4..7 (steps of at most 25%),
+    at least MIN_BLOCKS and at most ``total`` (n itself when n exceeds total)."""
+    b, k = MIN_BLOCKS, 2
     while b < n:
-        b *= 2
+        m = b >> k
+        b = (m + 1) << k
+        if m == 7:  # 8 * 2**k == 4 * 2**(k+1)
+            k += 1
     return max(n, min(b, total))
 
 
