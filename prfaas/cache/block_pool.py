@@ -5,6 +5,7 @@ eviction of cached blocks that nobody references. Used for MLA latent-KV blocks 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class PoolExhausted(RuntimeError):
@@ -23,6 +24,8 @@ class BlockPool:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         # cached blocks with ref 0, oldest first: evicted when the free list runs dry
         self._evictable: OrderedDict[int, None] = OrderedDict()
+        # called as on_evict(entry, hash) before a cached entry is reused (second-tier write-back)
+        self.on_evict: Callable[[int, int], None] | None = None
 
     # ----- accounting -------------------------------------------------------------------------
     @property
@@ -43,6 +46,9 @@ class BlockPool:
             b = self._free.pop()
         elif self._evictable:
             b, _ = self._evictable.popitem(last=False)
+            h = self.hash_of[b]
+            if self.on_evict is not None and h is not None:
+                self.on_evict(b, h)
             self._drop_hash(b)
         else:
             raise PoolExhausted(f"{self.name} pool exhausted ({self.num_blocks} entries in use)")

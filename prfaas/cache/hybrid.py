@@ -13,6 +13,7 @@ in LRU order when the pools run dry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from prfaas.cache.block_pool import BlockPool, PoolExhausted
 from prfaas.cache.hashing import hash_chain
 from prfaas.model.batch import CacheTensors
 from prfaas.model.config import ModelConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prfaas.cache.store_tier import StoreTier
 
 
 class CacheFull(RuntimeError):
@@ -134,6 +138,14 @@ class HybridCache:
         self._free_slots = list(range(cfg.max_seqs - 1, -1, -1))
         self.hits = 0  # prompt tokens served from the prefix cache
         self.queries = 0  # prompt tokens looked up
+        self.tier: StoreTier | None = None  # second tier (cluster prefix pool), off by default
+
+    def attach_tier(self, tier: StoreTier) -> None:
+        """Evicted cached blocks/checkpoints go to ``tier``; prefix misses are looked up there."""
+        tier.bind(self)
+        self.tier = tier
+        self.blocks.on_evict = tier.on_block_evicted
+        self.checkpoints.on_evict = tier.on_checkpoint_evicted
 
     # ----- capacity ---------------------------------------------------------------------------
     @property
@@ -164,6 +176,8 @@ class HybridCache:
         if max_tokens is not None:
             limit = min(limit, max_tokens)
         hashes = hash_chain(tokens[: (limit // bs) * bs], bs)
+        if self.tier is not None:
+            return self._match_with_tier(hashes, need_state)
         blocks: list[int] = []
         for h in hashes:
             b = self.blocks.lookup(h)
@@ -180,6 +194,43 @@ class HybridCache:
             if c is not None:
                 return PrefixMatch(nb * bs, blocks[:nb], c)
         return PrefixMatch(0, [], None)
+
+    def _match_with_tier(self, hashes: list[int], need_state: bool) -> PrefixMatch:
+        """``match`` with misses looked up in the second tier; fetched blocks and checkpoints are
+        published as cached (unreferenced) entries, matched ones held while fetching."""
+        bs, tier = self.cfg.block_size, self.tier
+        blocks: list[int] = []
+        for h in hashes:
+            b = self.blocks.lookup(h)
+            if b is not None:
+                self.blocks.incref(b)  # keep it while later fetches allocate
+            else:
+                if not tier.available or not self.blocks.num_free:
+                    break
+                b = self.blocks.allocate()
+                if not tier.fetch_block(h, b):
+                    self.blocks.decref(b)
+                    break
+                self.blocks.set_hash(b, h)
+            blocks.append(b)
+        ck = None
+        nb_ok = len(blocks) if not need_state else 0
+        if need_state:
+            step = self.cfg.checkpoint_interval // bs
+            for nb in range(len(blocks) - len(blocks) % step, 0, -step):
+                ck = self.checkpoints.lookup(hashes[nb - 1])
+                if ck is None and tier.available and self.checkpoints.num_free:
+                    c = self.checkpoints.allocate()
+                    if tier.fetch_state(hashes[nb - 1], c):
+                        self.checkpoints.set_hash(c, hashes[nb - 1])
+                        ck = c
+                    self.checkpoints.decref(c)
+                if ck is not None:
+                    nb_ok = nb
+                    break
+        for b in blocks:
+            self.blocks.decref(b)
+        return PrefixMatch(nb_ok * bs, blocks[:nb_ok], ck)
 
     # ----- a request's life -------------------------------------------------------------------
     def open(
