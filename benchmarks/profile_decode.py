@@ -22,6 +22,7 @@ def main() -> int:
     ap.add_argument("--model", default="small")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--eager", action="store_true", help="profile without CUDA graphs")
     args = ap.parse_args()
     B, ctx = args.batch, args.ctx
     eng = LLMEngine(
@@ -31,6 +32,7 @@ def main() -> int:
             max_num_seqs=B,
             max_model_len=ctx + 64,
             enable_prefix_cache=False,
+            cuda_graphs=not args.eager,
             num_blocks=B * ((ctx + 64) // 16 + 1) + 8,
         )
     )

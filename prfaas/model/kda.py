@@ -18,6 +18,14 @@ from prfaas.model.config import ModelConfig
 from prfaas.model.layers import RMSNorm
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place update counter; inference tensors keep none (-1: only a new tensor is noticed)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class KDAAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -47,7 +55,7 @@ class KDAAttention(nn.Module):
         """q/k/v/f_a/g_a/b weights stacked into one matrix (one GEMM per step instead of six),
         rebuilt when any of them is replaced or modified in place."""
         mods = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.b_proj)
-        key = tuple((m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in mods)
+        key = tuple((m.weight.data_ptr(), _version(m.weight), m.weight.dtype) for m in mods)
         if self._fused is None or self._fused[0] != key:
             with torch.no_grad():
                 self._fused = (key, torch.cat([m.weight for m in mods]).detach())
@@ -56,7 +64,7 @@ class KDAAttention(nn.Module):
     def _conv_weight(self) -> torch.Tensor:
         """The q/k/v depthwise conv weights stacked to (3W, kernel), cached like _in_weight."""
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        key = tuple((c.weight.data_ptr(), c.weight._version, c.weight.dtype) for c in convs)
+        key = tuple((c.weight.data_ptr(), _version(c.weight), c.weight.dtype) for c in convs)
         if self._fused_conv is None or self._fused_conv[0] != key:
             with torch.no_grad():
                 w = torch.cat([c.weight[:, 0] for c in convs]).detach()
