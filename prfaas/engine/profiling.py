@@ -102,19 +102,22 @@ def time_decode(
             model=model.config.name,
             max_num_batched_tokens=max(min(batch * ctx, 16384), ctx),
             max_num_seqs=batch,
-            max_model_len=ctx + steps + 8,
+            max_model_len=ctx + steps + 8 + batch * ctx // 1024,
             enable_prefix_cache=False,
-            num_blocks=batch * (-(-(ctx + steps + 8) // 16)) + 8,
+            num_blocks=batch * (-(-(ctx + steps + 8 + batch * ctx // 1024) // 16)) + 8,
             device=str(model.lm_head.weight.device),
             dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
             cuda_graphs=cuda_graphs,
         ),
         model=model,
     )
+    # sequences prefilled in early steps decode while later ones prefill: enough tokens that all
+    # ``batch`` sequences are still running through the timed steps
+    prefill_steps = -(-batch * ctx // eng.config.max_num_batched_tokens) + 1
     for b in range(batch):
         eng.add_request(
             [(b + 3 * i) % 250 for i in range(ctx)],
-            SamplingParams(temperature=0, max_tokens=steps + 3, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=steps + 3 + prefill_steps, ignore_eos=True),
         )
     while any(r.in_prefill for r in eng.running) or eng.waiting:
         eng.step()
@@ -125,6 +128,8 @@ def time_decode(
     for _ in range(steps):
         eng.step()
     _sync(eng.device)
+    if len(eng.running) != batch:
+        raise RuntimeError(f"decode timing ran with {len(eng.running)} sequences, not {batch}")
     return (time.perf_counter() - t0) / steps
 
 
