@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prfaas.cache.store_tier import StoreError
 
+MIN_SEGMENT_MB = 16  # Mooncake refuses smaller segments
 _CLOSING: list[object] = []  # clients being closed in the background (kept alive until exit)
 
 
@@ -119,8 +120,10 @@ class MooncakeKVStore:
         segment_mb: int = 64,
         buffer_mb: int = 16,
     ) -> None:
-        if segment_mb < 1 or buffer_mb < 1:
-            raise ValueError("segment_mb and buffer_mb must be >= 1")
+        if segment_mb < MIN_SEGMENT_MB or buffer_mb < 1:
+            raise ValueError(
+                f"segment_mb must be >= {MIN_SEGMENT_MB} (Mooncake's minimum) and buffer_mb >= 1"
+            )
         from mooncake.store import MooncakeDistributedStore
 
         self.address = address

@@ -17,7 +17,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "deploy_lo
 NODE_ROLES = ("prefill", "decode")
 CLUSTER_KINDS = ("prfaas", "pd")
 POLICIES = ("prfaas", "homogeneous", "naive")
-ROUTER_CACHE_MODES = ("oblivious", "scarce")  # abundant/auto need prefix copies between clusters
+ROUTER_CACHE_MODES = ("oblivious", "scarce", "abundant", "auto")  # abundant/auto: prefix_pool on
 
 
 @dataclass
@@ -38,6 +38,10 @@ class ClusterConfig:
     name: str
     kind: str  # "prfaas" (prefill only) | "pd" (PD-P and PD-D nodes)
     nodes: list[NodeConfig]
+    # the cluster's Mooncake Store (prefix pool): master host:port and HTTP metadata URL; empty
+    # with prefix_pool on: `prfaas up` starts a mooncake_master for the cluster and fills them in
+    pool_master: str = ""
+    pool_metadata: str = ""
 
 
 @dataclass
@@ -81,6 +85,9 @@ class DeployConfig:
     clusters: list[ClusterConfig] = field(default_factory=list)
     links: list[LinkConfig] = field(default_factory=list)
     router: RouterConfig = field(default_factory=RouterConfig)
+    prefix_pool: bool = False  # second cache tier on each cluster's Mooncake Store + KV manager
+    prefix_pool_segment_mb: int = 256  # host DRAM each node contributes to its cluster's pool
+    prefix_pool_retry_s: float = 5.0  # back-off after a store failure (recompute meanwhile)
 
     # ---- look-ups ---------------------------------------------------------------------------
     def node(self, name: str) -> tuple[ClusterConfig, NodeConfig]:
@@ -160,6 +167,20 @@ class DeployConfig:
             raise ValueError(f"router.policy must be one of {POLICIES}, got {r.policy!r}")
         if r.cache_mode not in ROUTER_CACHE_MODES:
             raise ValueError(f"router.cache_mode must be one of {ROUTER_CACHE_MODES}")
+        if r.cache_mode in ("abundant", "auto") and not self.prefix_pool:
+            raise ValueError(
+                f"router.cache_mode {r.cache_mode!r} copies prefixes between clusters: "
+                "it needs prefix_pool: true"
+            )
+        if self.prefix_pool_segment_mb < 16 or self.prefix_pool_retry_s < 0:
+            raise ValueError("need prefix_pool_segment_mb >= 16 and prefix_pool_retry_s >= 0")
+        for c in self.clusters:
+            if bool(c.pool_master) != bool(c.pool_metadata):
+                raise ValueError(f"cluster {c.name!r}: set both pool_master and pool_metadata")
+            if c.pool_master:
+                from prfaas.cache.pool_mooncake import PoolAddress
+
+                PoolAddress(c.pool_master, c.pool_metadata)  # ValueError if malformed
         if r.policy in ("prfaas", "naive") and self.prfaas_cluster is None:
             raise ValueError(f"policy {r.policy!r} needs a PrfaaS cluster")
         if r.max_inflight < 1 or r.threshold < 0 or r.prefill_timeout_s <= 0:

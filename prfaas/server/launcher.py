@@ -20,6 +20,7 @@ import httpx
 import uvicorn
 import yaml
 
+from prfaas.cache.pool_mooncake import MooncakeMaster
 from prfaas.server.api import build_gateway_app
 from prfaas.server.config import DeployConfig
 from prfaas.server.node import bind_socket
@@ -233,9 +234,14 @@ def run_up(
 ) -> int:
     run_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="prfaas-up-"))
     run_dir.mkdir(parents=True, exist_ok=True)
+    masters = start_pool_masters(cfg, run_dir)
     n = sum(len(c.nodes) for c in cfg.clusters)
     print(f"starting {n} node processes (logs in {run_dir}) ...", flush=True)
-    procs = start_nodes(cfg, run_dir)
+    try:
+        procs = start_nodes(cfg, run_dir)
+    except BaseException:
+        stop_pool_masters(masters)
+        raise
     try:
         for np_ in procs:
             i = np_.info or {}
@@ -266,4 +272,30 @@ def run_up(
     finally:
         print("stopping nodes ...", flush=True)
         stop_nodes(procs)
+        stop_pool_masters(masters)
         print("stopped.", flush=True)
+
+
+def start_pool_masters(cfg: DeployConfig, run_dir: Path) -> list[MooncakeMaster]:
+    """With ``prefix_pool`` on: one ``mooncake_master`` per cluster without a pool address (bound
+    to 127.0.0.1 on free ports); fills the addresses into ``cfg``."""
+    masters: list[MooncakeMaster] = []
+    if not cfg.prefix_pool:
+        return masters
+    try:
+        for c in cfg.clusters:
+            if c.pool_master:
+                continue
+            m = MooncakeMaster("127.0.0.1", run_dir / f"{c.name}.mooncake_master.log").start()
+            masters.append(m)
+            c.pool_master, c.pool_metadata = m.address.master, m.address.metadata
+            print(f"  {c.name:>8} prefix pool: mooncake_master {c.pool_master}", flush=True)
+    except BaseException:
+        stop_pool_masters(masters)
+        raise
+    return masters
+
+
+def stop_pool_masters(masters: list[MooncakeMaster]) -> None:
+    for m in masters:
+        m.stop()

@@ -12,6 +12,10 @@ Control plane (JSON over HTTP, used by the router):
   if the import was refused), ``token`` lines with new token ids, the last one ``finished``.
 * ``POST /internal/abort/{rid}``, ``GET /state``, ``GET /health``, ``POST /admin/link`` (cut or
   restore this node's link to a cluster: fault injection).
+* With ``prefix_pool`` on (docs/prefix_pool.md): ``GET /internal/cache_events?since=N`` (the
+  prefixes this node and its pool writes hold, for the global KVCache manager),
+  ``POST /internal/prefix_publish`` (write a resident prefix to the cluster's pool) and
+  ``POST /internal/prefix_copy`` (copy a prefix from another cluster's pool into this one's).
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from prfaas.cache.hashing import hash_chain
 from prfaas.cache.hybrid import CacheFull
+from prfaas.cache.store_tier import CacheLayout, StoreTier
 from prfaas.engine import LLMEngine, RequestOutput, SamplingParams
 from prfaas.server.config import DeployConfig
 from prfaas.server.engine_worker import EngineWorker
 from prfaas.server.kv_layout import layout_for_engine
+from prfaas.server.kv_manager import NodeCacheEvents, copy_prefix
 from prfaas.transfer.backend import Delivery, TransferFailure, create_receiver, create_sender
 from prfaas.transfer.errors import TransferError
 
@@ -123,7 +130,29 @@ class NodeServer:
         self.kv_port = 0
         self.max_expect = 4 * self.engine.config.max_num_seqs
         self._lock = threading.Lock()
+        self.cache_events = NodeCacheEvents()
+        self.pools: dict[str, Any] = {}  # cluster -> Mooncake Store client (engine thread only)
+        self.tier: StoreTier | None = None
+        if cfg.prefix_pool:
+            self.tier = StoreTier(self._pool(self.cluster.name), cfg.prefix_pool_retry_s)
+            self.engine.cache.attach_tier(self.tier)
         self.app = self._build_app()
+
+    def _pool(self, cluster: str) -> Any:
+        """The Mooncake Store client of ``cluster``'s pool (opened once)."""
+        st = self.pools.get(cluster)
+        if st is None:
+            from prfaas.cache.pool_mooncake import MooncakeKVStore, PoolAddress
+
+            c = self.cfg.cluster(cluster)
+            if not c.pool_master:
+                raise ValueError(f"cluster {cluster!r} has no prefix pool address")
+            mb = self.cfg.prefix_pool_segment_mb if cluster == self.cluster.name else 16
+            st = MooncakeKVStore(
+                PoolAddress(c.pool_master, c.pool_metadata), self.node.host, segment_mb=mb
+            )
+            self.pools[cluster] = st
+        return st
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> NodeServer:
@@ -149,6 +178,8 @@ class NodeServer:
         if self.receiver is not None:
             self.receiver.close()
         self.worker.stop()
+        for st in self.pools.values():
+            st.close(wait=False)
 
     # ---- KV in (decode role) ----------------------------------------------------------------
     def _on_delivery(self, d: Delivery) -> None:  # receiver thread
@@ -343,7 +374,59 @@ class NodeServer:
             "decode_tokens": eng.num_decode_tokens,
             "links": links,
             "stats": dataclasses.asdict(self.stats),
+            "pool": self._pool_stats(),
         }
+
+    def _pool_stats(self) -> dict[str, Any] | None:
+        if self.tier is None:
+            return None
+        d = dataclasses.asdict(self.tier.stats)
+        d.pop("put_hashes")
+        d["available"] = self.tier.available
+        return d
+
+    # ---- prefix pool ------------------------------------------------------------------------
+    async def cache_events_since(self, since: int) -> dict[str, Any]:
+        def sync(eng: LLMEngine) -> dict[str, Any]:
+            self.cache_events.sync(eng)
+            return self.cache_events.since(since)
+
+        return await self.worker.acall(sync)
+
+    async def prefix_publish(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Write the resident prefix ``prompt[:tokens]`` (blocks + checkpoint) to this cluster's pool."""
+        prompt, tokens = _prompt_and_tokens(body)
+        if self.tier is None:
+            raise ValueError("this node has no prefix pool (prefix_pool is off)")
+
+        def publish(eng: LLMEngine) -> dict[str, Any]:
+            m = eng.cache.match(prompt, need_state=True, max_tokens=tokens)
+            nb = m.num_tokens // eng.cache.block_size
+            hs = hash_chain(prompt[: m.num_tokens], eng.cache.block_size)
+            n = self.tier.publish(hs[:nb], m.blocks, m.checkpoint)
+            return {"tokens": m.num_tokens, "bytes": n}
+
+        return await self.worker.acall(publish)
+
+    async def prefix_copy(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Copy ``prompt[:tokens]`` from cluster ``source``'s pool into this cluster's pool over the
+        (emulated) link between them."""
+        prompt, tokens = _prompt_and_tokens(body)
+        src = str(body.get("source", ""))
+        self.cfg.cluster(src)  # ValueError if unknown
+        if self.tier is None or src == self.cluster.name:
+            raise ValueError("prefix copy needs prefix_pool on and another source cluster")
+        t0 = time.time()
+
+        def copy(eng: LLMEngine) -> int:
+            lay = CacheLayout.of(eng.cache)
+            return copy_prefix(self._pool(src), self._pool(self.cluster.name), lay, prompt, tokens)
+
+        n = await self.worker.acall(copy)
+        lk = self.cfg.link(src, self.cluster.name) or self.cfg.link(self.cluster.name, src)
+        if n and lk is not None:  # the bytes crossed the inter-cluster link (emulated)
+            await asyncio.sleep(n * 8 / (lk.nominal_gbps * 1e9) + lk.rtt_ms / 1000)
+        return {"bytes": n, "tokens": tokens if n else 0, "copy_s": time.time() - t0}
 
     # ---- HTTP -------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
@@ -415,6 +498,27 @@ class NodeServer:
                 self._decode_stream(exp, token_start), media_type="application/x-ndjson"
             )
 
+        @app.get("/internal/cache_events")
+        async def cache_events(since: int = 0) -> dict[str, Any]:
+            return await self.cache_events_since(since)
+
+        @app.post("/internal/prefix_publish")
+        async def prefix_publish(request: Request) -> JSONResponse:
+            try:
+                return JSONResponse(await self.prefix_publish(await _json(request)))
+            except ValueError as e:
+                return _err(400, "bad_request", str(e))
+
+        @app.post("/internal/prefix_copy")
+        async def prefix_copy(request: Request) -> JSONResponse:
+            try:
+                return JSONResponse(await self.prefix_copy(await _json(request)))
+            except ValueError as e:
+                return _err(400, "bad_request", str(e))
+            except Exception as e:  # noqa: BLE001 - a failed copy means: recompute
+                log.warning("prefix copy failed: %s", e)
+                return _err(503, "copy_failed", f"{type(e).__name__}: {e}")
+
         @app.post("/internal/abort/{rid}")
         async def abort(rid: str) -> dict[str, Any]:
             exp = self.expect.get(rid)
@@ -445,6 +549,17 @@ class NodeServer:
             if not exp.finished:
                 self.worker.unsubscribe(rid)
                 self.worker.call(lambda eng: eng.abort(rid))
+
+
+def _prompt_and_tokens(body: Any) -> tuple[list[int], int]:
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    prompt, tokens = body.get("prompt_token_ids"), body.get("tokens")
+    if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+        raise ValueError("prompt_token_ids must be a list of integers")
+    if not isinstance(tokens, int) or not 0 < tokens <= len(prompt):
+        raise ValueError("tokens must be an integer in [1, len(prompt_token_ids)]")
+    return prompt, tokens
 
 
 def _line(obj: dict[str, Any]) -> bytes:

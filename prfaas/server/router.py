@@ -46,6 +46,7 @@ from prfaas.scheduling.types import (
     SystemState,
 )
 from prfaas.server.config import DeployConfig
+from prfaas.server.kv_manager import GlobalKVManager, Replication
 from prfaas.server.metrics import RouterMetrics
 from prfaas.server.node import params_to_dict
 from prfaas.server.openai_protocol import APIError
@@ -82,6 +83,9 @@ class RouteInfo:
     link: str | None = None
     reason: str = ""
     fallback_from: list[str] = field(default_factory=list)
+    copied_from: str | None = None  # cluster a cached prefix was copied from (prefix pool)
+    copied_tokens: int = 0
+    copied_bytes: int = 0
 
     def headers(self) -> dict[str, str]:
         return {
@@ -250,6 +254,16 @@ class Router:
             for c in cfg.clusters
             if self.block_tokens
         }
+        self.kvm: GlobalKVManager | None = None
+        if cfg.prefix_pool and self.block_tokens:
+            self.kvm = GlobalKVManager(
+                {c: [e.name for e in eps] for c, eps in self.by_cluster.items()},
+                ecfg.block_size,
+                ecfg.checkpoint_interval,
+            )
+            self.prefix = {c.name: self.kvm.view(c.name) for c in cfg.clusters}
+        self._hot_prompts: dict[int, list[int]] = {}
+        self._bg: set[asyncio.Task] = set()
         self.node_up = {n: True for n in self.endpoints}
         self.node_state: dict[str, dict[str, Any]] = {}
         self.prefill_outstanding = {n: 0 for n in self.endpoints}
@@ -356,8 +370,74 @@ class Router:
                     m.link_capacity.labels(ep.cluster, dst).set(ls.capacity_gbps)
 
         await asyncio.gather(*(one(ep) for ep in self.endpoints.values()))
+        if self.kvm is not None:
+            await self.poll_cache_events()
         if self.policy.threshold is not None:
             self.metrics.threshold.set(self.policy.threshold)
+
+    # ---- global KVCache manager (prefix_pool on) --------------------------------------------
+    async def poll_cache_events(self) -> None:
+        """Feed every reachable node's cache events to the manager."""
+
+        async def one(ep: NodeEndpoint) -> None:
+            since = self.kvm.node_seq.get(ep.name, 0)
+            try:
+                r = await self.client.get(
+                    ep.url + "/internal/cache_events", params={"since": since}, timeout=2.0
+                )
+                r.raise_for_status()
+                self.kvm.apply(ep.name, r.json())
+            except (httpx.HTTPError, ValueError) as e:
+                log.debug("cache events of %s: %s", ep.name, e)
+
+        await asyncio.gather(*(one(ep) for ep in self.endpoints.values() if self.node_up[ep.name]))
+
+    async def copy_prefix(
+        self, prompt: list[int], tokens: int, src: str, dst_ep: NodeEndpoint
+    ) -> dict[str, Any]:
+        """The paper's cross-cluster cache copy: a node of ``src`` holding the prefix writes it to
+        its pool, ``dst_ep`` copies it from there into its own cluster's pool (over the link).
+        Returns the copy node's answer ({"bytes": 0} when nothing could be copied)."""
+        hs = self.kvm.hashes(prompt)
+        nb = tokens // self.kvm.interval
+        owner = self.prefix[src].owner(hs, nb)
+        body = {"prompt_token_ids": prompt, "tokens": tokens}
+        if owner >= 0:
+            src_ep = self.by_cluster[src][owner]
+            r = await self.client.post(src_ep.url + "/internal/prefix_publish", json=body)
+            r.raise_for_status()
+            if r.json().get("tokens", 0) < tokens:
+                return {"bytes": 0, "tokens": 0}
+        r = await self.client.post(
+            dst_ep.url + "/internal/prefix_copy",
+            json={**body, "source": src},
+            timeout=self.cfg.router.prefill_timeout_s,
+        )
+        r.raise_for_status()
+        res = r.json()
+        if res.get("bytes"):
+            self.kvm.add(dst_ep.cluster, "pool", hs[:nb])
+            self.kvm.copies += 1
+            self.kvm.copy_bytes += int(res["bytes"])
+        return res
+
+    def _start_replications(self, reps: list[Replication]) -> None:
+        for rep in reps:
+            eps = [
+                e for e in self.by_cluster[rep.dst] if e.role == "prefill" and self._available(e)
+            ]
+            if not eps or not rep.prompt:
+                continue
+
+            async def run(rep: Replication = rep, ep: NodeEndpoint = eps[0]) -> None:
+                try:
+                    await self.copy_prefix(rep.prompt, rep.tokens, rep.src, ep)
+                except (httpx.HTTPError, ValueError) as err:
+                    log.warning("hot-prefix replication %s->%s failed: %s", rep.src, rep.dst, err)
+
+            t = asyncio.create_task(run())
+            self._bg.add(t)
+            t.add_done_callback(self._bg.discard)
 
     async def _poll_loop(self) -> None:
         while True:
@@ -381,6 +461,8 @@ class Router:
 
     # ---- routing ----------------------------------------------------------------------------
     def hash_ids(self, prompt: list[int]) -> list[int]:
+        if self.kvm is not None:
+            return self.kvm.hashes(prompt)
         bt = self.block_tokens
         if not bt:
             return []
@@ -469,6 +551,17 @@ class Router:
         token_start = int(ready["token_start"])
         kv_host, kv_port = ready["kv_addr"]
         tried: set[str] = set()
+        if decision.copy_from and decision.copy_tokens and self.kvm is not None:
+            dst_ep = self.by_cluster[decision.prefill_cluster][decision.prefill_instance]
+            try:
+                res = await self.copy_prefix(
+                    prompt, decision.cached_len, decision.copy_from, dst_ep
+                )
+                route.copied_from = decision.copy_from if res.get("bytes") else None
+                route.copied_tokens = int(res.get("tokens", 0))
+                route.copied_bytes = int(res.get("bytes", 0))
+            except (httpx.HTTPError, ValueError) as e:  # the prefill recomputes it
+                log.warning("prefix copy from %s failed: %s", decision.copy_from, e)
         while True:
             ep = self.by_cluster[decision.prefill_cluster][decision.prefill_instance]
             if ep.name in tried:
@@ -525,6 +618,13 @@ class Router:
         cluster = decision.prefill_cluster
         if cluster in self.prefix and info.hash_ids:
             self.prefix[cluster].insert(info.hash_ids, info.prompt_len, decision.prefill_instance)
+        if self.kvm is not None and info.hash_ids and decision.cached_len:
+            nb = decision.cached_len // self.kvm.interval
+            self.kvm.note_use(info.hash_ids, nb)
+            self._hot_prompts[info.hash_ids[nb - 1]] = prompt[: nb * self.kvm.interval + 1]
+            if len(self._hot_prompts) > 4096:
+                self._hot_prompts.pop(next(iter(self._hot_prompts)))
+            self._start_replications(self.kvm.hot_replications(self._hot_prompts))
         self.recent_uncached.append(max(info.prompt_len - res["cached_tokens"], 0))
         route.prefill_cluster, route.prefill_node = cluster, ep.name
         route.offloaded = cluster != self.pd
