@@ -128,9 +128,13 @@ class MooncakeKVStore:
 
         self.address = address
         self.store = MooncakeDistributedStore()
-        rc = self.store.setup(
-            host, address.metadata, segment_mb << 20, buffer_mb << 20, "tcp", "", address.master
-        )
+        for attempt in range(3):  # a transient metadata-server hiccup fails setup with -1
+            rc = self.store.setup(
+                host, address.metadata, segment_mb << 20, buffer_mb << 20, "tcp", "", address.master
+            )
+            if rc == 0 or rc == -600:  # -600: segment refused, retrying does not help
+                break
+            time.sleep(0.5 * (attempt + 1))
         if rc != 0:
             raise StoreError(f"Mooncake Store setup against {address.master} failed ({rc})")
 
