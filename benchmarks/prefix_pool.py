@@ -79,7 +79,7 @@ def run_one(pool: bool, args: argparse.Namespace, work: Path) -> dict:
 
 def summary(r: dict) -> dict:
     b = r["bench"]
-    ttft = b.get("ttft_s") or b.get("ttft") or {}
+    ttft = {k: round(v, 1) for k, v in b.get("ttft_ms", {}).items() if k in ("n", "p50", "p90")}
     prefill = sum(n["prefill_tokens_computed"] for n in r["nodes"].values() if n)
     hits = sum(n["cache_hit_tokens"] for n in r["nodes"].values())
     fetched = sum((n["pool"] or {}).get("blocks_fetched", 0) for n in r["nodes"].values())
@@ -126,7 +126,7 @@ def main() -> int:
         f"| prefill tokens computed (all nodes) | {a['prefill_tokens_computed']} | {b['prefill_tokens_computed']} |",
         f"| cache hit tokens | {a['cache_hit_tokens']} | {b['cache_hit_tokens']} |",
         f"| blocks fetched from the pool | {a['pool_blocks_fetched']} | {b['pool_blocks_fetched']} |",
-        f"| TTFT | {json.dumps(a['ttft'])} | {json.dumps(b['ttft'])} |",
+        f"| TTFT ms | {json.dumps(a['ttft'])} | {json.dumps(b['ttft'])} |",
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
