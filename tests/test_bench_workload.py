@@ -98,12 +98,16 @@ def test_prepare_time_scale_and_caps() -> None:
     assert [(r.input_len, r.output_len) for r in out] == [(1000, 10), (1500, 15), (1500, 15)]
     assert [r.hash_ids for r in out] == [(0,), (1,), (2,)]
     assert prepare(reqs) == reqs
+    skipped = prepare(reqs, time_scale=2.0, skip_requests=2, max_requests=2)
+    assert [r.hash_ids for r in skipped] == [(2,), (3,)]
+    assert [r.arrival_s for r in skipped] == pytest.approx([0.0, 0.2])  # from the first kept one
     for kw, msg in (
         (dict(time_scale=0.0), "--time-scale"),
         (dict(time_scale=float("inf")), "--time-scale"),
         (dict(max_requests=0), "--max-requests"),
         (dict(max_input_tokens=0), "--max-input-tokens"),
         (dict(max_output_tokens=-1), "--max-output-tokens"),
+        (dict(skip_requests=-1), "--skip-requests"),
     ):
         with pytest.raises(ValueError, match=msg):
             prepare(reqs, **kw)

@@ -52,6 +52,9 @@ def register(subparsers: Any) -> None:
         help="multiply arrival times by this (2 = half the rate, 0.5 = twice the rate)",
     )
     p.add_argument("--max-requests", type=int, default=None, help="send only the first N")
+    p.add_argument(
+        "--skip-requests", type=int, default=0, help="start at request N of the trace (0-based)"
+    )
     p.add_argument("--max-input-tokens", type=int, default=None, help="cap prompt lengths")
     p.add_argument("--max-output-tokens", type=int, default=None, help="cap max_tokens")
     p.add_argument("--concurrency", type=int, default=None, help="max requests in flight")
@@ -116,7 +119,12 @@ def execute(args: argparse.Namespace) -> tuple[BenchReport, list[dict[str, Any]]
         reqs = load_trace(args.trace)  # all, then the first arrivals (a file may be unsorted)
         source = f"trace:{args.trace}"
     reqs = prepare(
-        reqs, args.time_scale, args.max_requests, args.max_input_tokens, args.max_output_tokens
+        reqs,
+        args.time_scale,
+        args.max_requests,
+        args.max_input_tokens,
+        args.max_output_tokens,
+        skip_requests=args.skip_requests,
     )
     cfg = BenchConfig(
         url=args.url,
@@ -155,6 +163,7 @@ def execute(args: argparse.Namespace) -> tuple[BenchReport, list[dict[str, Any]]
         "requests": len(reqs),
         "time_scale": args.time_scale,
         "max_requests": args.max_requests,
+        "skip_requests": args.skip_requests,
         "max_input_tokens": args.max_input_tokens,
         "max_output_tokens": args.max_output_tokens,
         "concurrency": cfg.concurrency,

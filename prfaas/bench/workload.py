@@ -103,10 +103,18 @@ def prepare(
     max_requests: int | None = None,
     max_input_tokens: int | None = None,
     max_output_tokens: int | None = None,
+    skip_requests: int = 0,
 ) -> list[BenchRequest]:
-    """Stretch arrivals by ``time_scale`` (> 1 slower, < 1 faster), keep the first
-    ``max_requests`` and cap prompt / output lengths (prefix-block ids are kept: a capped prompt is
-    a prefix of the full one)."""
+    """Drop the first ``skip_requests`` (arrivals then start at the first kept one), stretch
+    arrivals by ``time_scale`` (> 1 slower, < 1 faster), keep the first ``max_requests`` and cap
+    prompt / output lengths (prefix-block ids are kept: a capped prompt is a prefix of the full
+    one)."""
+    if skip_requests < 0:
+        raise ValueError(f"--skip-requests must be >= 0, got {skip_requests}")
+    if skip_requests:
+        requests = requests[skip_requests:]
+        t0 = requests[0].arrival_s if requests else 0.0
+        requests = [replace(r, arrival_s=r.arrival_s - t0) for r in requests]
     if not (time_scale > 0 and math.isfinite(time_scale)):
         raise ValueError(f"--time-scale must be a finite value > 0, got {time_scale}")
     for name, v in (
