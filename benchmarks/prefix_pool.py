@@ -56,7 +56,14 @@ def run_one(pool: bool, args: argparse.Namespace, work: Path) -> dict:
             [sys.executable, "-m", "prfaas.cli", "bench", "--url", info["url"], "--trace"]
             + [str(args.trace), "--max-requests", str(args.max_requests)]
             + ["--time-scale", str(args.time_scale), "--max-input-tokens", str(args.max_input)]
-            + ["--max-output-tokens", "8", "--block-tokens", "512", "--no-progress"]
+            + ["--skip-requests", str(args.skip_requests)]
+            + [
+                "--max-output-tokens",
+                "8",
+                "--block-tokens",
+                str(args.block_tokens),
+                "--no-progress",
+            ]
             + ["--save", str(out)],
             check=True,
             stdout=subprocess.DEVNULL,
@@ -98,6 +105,8 @@ def main() -> int:
     ap.add_argument("--max-requests", type=int, default=120)
     ap.add_argument("--time-scale", type=float, default=0.05)
     ap.add_argument("--max-input", type=int, default=2000)
+    ap.add_argument("--skip-requests", type=int, default=0, help="start at this trace request")
+    ap.add_argument("--block-tokens", type=int, default=512, help="prompt tokens per hash id")
     ap.add_argument("--num-blocks", type=int, default=160, help="MLA blocks per node (small)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prefix_pool")
     args = ap.parse_args()
@@ -115,10 +124,13 @@ def main() -> int:
     lines = [
         "# Prefix pool (Mooncake Store second tier) on/off",
         "",
-        f"Machine: {out['machine']}. Trace: {args.trace.name}, first {args.max_requests} requests,",
+        f"Machine: {out['machine']}. Trace: {args.trace.name}, requests {args.skip_requests} to"
+        f" {args.skip_requests + args.max_requests - 1}, {args.block_tokens} prompt tokens per hash id,",
         f"time scale {args.time_scale}, prompts capped at {args.max_input} tokens, tiny model on CPU,",
-        f"{args.num_blocks} MLA blocks per node. Command: `python -m benchmarks.prefix_pool`"
-        f" --max-requests {args.max_requests} --time-scale {args.time_scale}`.",
+        f"{args.num_blocks} MLA blocks per node. Command: `python -m benchmarks.prefix_pool"
+        f" --skip-requests {args.skip_requests} --max-requests {args.max_requests}"
+        f" --block-tokens {args.block_tokens} --max-input {args.max_input}"
+        f" --num-blocks {args.num_blocks} --time-scale {args.time_scale}`.",
         "",
         "| | without pool | with pool |",
         "|---|---|---|",
