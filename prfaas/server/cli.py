@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--link-gbps", type=float, default=None, help="bandwidth of every emulated link"
     )
     up.add_argument("--smoke", action="store_true", help="send a few requests, print them, exit")
+    up.add_argument(
+        "--prefix-pool",
+        action="store_true",
+        help="per-cluster Mooncake Store prefix pool + global KV manager (one mooncake_master each)",
+    )
+    up.add_argument("--cache-mode", default=None, help="oblivious | scarce | abundant | auto")
     up.add_argument("--log-dir", default=None, help="where node logs go (default: a temp dir)")
     up.add_argument("--ready-file", default=None, help="write the gateway URL here once serving")
     up.set_defaults(func=run_up_cmd)
@@ -73,6 +79,10 @@ def run_up_cmd(args: argparse.Namespace) -> int:
             cfg.model = args.model
         if args.device is not None:
             cfg.device = args.device
+        if args.prefix_pool:
+            cfg.prefix_pool = True
+        if args.cache_mode is not None:
+            cfg.router.cache_mode = args.cache_mode
         if args.link_gbps is not None:
             for lk in cfg.links:
                 lk.gbps, lk.schedule = args.link_gbps, []
