@@ -100,15 +100,16 @@ class MLAAttention(nn.Module):
         Returns (B, H*v)."""
         w_uk, w_uv = self._absorb_weights()
         c, k_pe = lat.split([self.rank, self.rope], -1)
+        dt = lat.dtype  # the big products read the cache in its own dtype (fp32 accumulation)
         q_abs = torch.einsum("bhn,hnr->bhr", q_nope.float(), w_uk.float())
-        s = torch.einsum("bhr,blr->bhl", q_abs, c.float())
+        s = torch.matmul(q_abs.to(dt), c.transpose(1, 2)).float()  # (B, H, L)
         if self.rope:
-            s = s + torch.einsum("bhp,blp->bhl", q_pe.float(), k_pe.float())
+            s = s + torch.matmul(q_pe.to(dt), k_pe.transpose(1, 2)).float()
         s = s * self.scale
         valid = torch.arange(lat.shape[1], device=lat.device)[None, :] < lengths[:, None]
         s = s.masked_fill(~valid[:, None, :], float("-inf"))
         p = torch.softmax(s, -1)
-        o_lat = torch.einsum("bhl,blr->bhr", p, c.float())
+        o_lat = torch.matmul(p.to(dt), c).float()  # (B, H, r)
         o = torch.einsum("bhr,hvr->bhv", o_lat, w_uv.float())
         return o.reshape(o.shape[0], -1).to(q_nope.dtype)
 
