@@ -327,6 +327,32 @@ def _fla_args(
     )
 
 
+def _call_fla(
+    fn: Callable[..., tuple[Tensor, Tensor]],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """One fla KDA kernel (chunk_kda or fused_recurrent_kda: same signature) on our layouts."""
+    qf, kf, vf, gf, h0 = _fla_args(q, k, v, g, initial_state)
+    o, state = fn(
+        qf,
+        kf,
+        vf,
+        gf,
+        beta.contiguous(),
+        scale=float(scale),
+        initial_state=h0,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=False,
+    )
+    return o.to(v.dtype), state.to(torch.float32)
+
+
 def kda_prefill(
     q: Tensor,
     k: Tensor,
@@ -347,20 +373,7 @@ def kda_prefill(
         return kda_chunk(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size
         )
-    chunk_kda, _ = _fla_ops()  # type: ignore[misc]
-    qf, kf, vf, gf, h0 = _fla_args(q, k, v, g, initial_state)
-    o, state = chunk_kda(
-        qf,
-        kf,
-        vf,
-        gf,
-        beta.contiguous(),
-        scale=float(scale),
-        initial_state=h0,
-        output_final_state=True,
-        use_qk_l2norm_in_kernel=False,
-    )
-    return o.to(v.dtype), state.to(torch.float32)
+    return _call_fla(_fla_ops()[0], q, k, v, g, beta, scale, initial_state)  # type: ignore[index]
 
 
 def kda_decode(
@@ -378,17 +391,4 @@ def kda_decode(
     B, T, H, K, V = _check_inputs(q, k, v, g, beta, scale, initial_state)
     if T == 0 or not _use_fla(q):
         return kda_recurrent(q, k, v, g, beta, scale=scale, initial_state=initial_state)
-    _, fused_recurrent_kda = _fla_ops()  # type: ignore[misc]
-    qf, kf, vf, gf, h0 = _fla_args(q, k, v, g, initial_state)
-    o, state = fused_recurrent_kda(
-        qf,
-        kf,
-        vf,
-        gf,
-        beta.contiguous(),
-        scale=float(scale),
-        initial_state=h0,
-        output_final_state=True,
-        use_qk_l2norm_in_kernel=False,
-    )
-    return o.to(v.dtype), state.to(torch.float32)
+    return _call_fla(_fla_ops()[1], q, k, v, g, beta, scale, initial_state)  # type: ignore[index]
