@@ -68,6 +68,18 @@ def summary_table(summaries: list[dict]) -> str:
     )
 
 
+def _save(fig, path: str | Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    """Lay out, write as PNG (creating the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
 def plot_series(results: list[SimResult], path: str | Path, title: str = "") -> Path:
     """Egress Gbps, prefill queues and requests in system over time, one line per system."""
     import matplotlib
@@ -93,12 +105,7 @@ def plot_series(results: list[SimResult], path: str | Path, title: str = "") -> 
     ax[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, path)
 
 
 def plot_ttft_cdf(results: list[SimResult], path: str | Path, title: str = "") -> Path:
@@ -119,12 +126,7 @@ def plot_ttft_cdf(results: list[SimResult], path: str | Path, title: str = "") -
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, path)
 
 
 def plot_bars(
@@ -150,9 +152,4 @@ def plot_bars(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, path)
