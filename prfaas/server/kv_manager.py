@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prfaas.cache.hashing import hash_chain
+from prfaas.scheduling.prefix_index import PrefixIndex
 
 if TYPE_CHECKING:  # pragma: no cover
     from prfaas.cache.store_tier import CacheLayout, KVStore
@@ -122,9 +123,8 @@ class ClusterPrefixView:
             n += 1
         return n
 
-    def match_tokens(self, hash_ids: Sequence[int], prompt_len: int) -> int:
-        n = self.match_blocks(hash_ids[: prompt_len // self.block_tokens])
-        return min(n * self.block_tokens, max(prompt_len - 1, 0))
+    # the prefix index's rule (whole blocks, at least one token left) over this view's match_blocks
+    match_tokens = PrefixIndex.match_tokens
 
     def owner(self, hash_ids: Sequence[int], n_blocks: int) -> int:
         """Index (in the cluster) of a node holding the prefix in its own cache; -1 if none."""
