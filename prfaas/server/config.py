@@ -27,6 +27,7 @@ class NodeConfig:
     host: str = "127.0.0.1"
     http_port: int = 0
     kv_port: int = 0
+    device: str = ""  # this node's engine device ("cuda:1", "cpu", ...); "" = the deployment's
 
     @property
     def url(self) -> str:
@@ -110,8 +111,17 @@ class DeployConfig:
                 return lk
         return None
 
-    def engine_config(self, role: str) -> EngineConfig:
-        return EngineConfig(model=self.model, role=role, device=self.device, **self.engine)
+    def engine_config(self, role: str, device: str | None = None) -> EngineConfig:
+        """The engine settings of a node of ``role``; ``device`` (a node's own) overrides the
+        deployment's."""
+        return EngineConfig(
+            model=self.model, role=role, device=device or self.device, **self.engine
+        )
+
+    def node_engine_config(self, name: str) -> EngineConfig:
+        """The engine settings of node ``name`` (its role, and its device if it names one)."""
+        _, n = self.node(name)
+        return self.engine_config(n.role, n.device or None)
 
     @property
     def prfaas_cluster(self) -> str | None:
@@ -147,6 +157,11 @@ class DeployConfig:
                 if n.name in names:
                     raise ValueError(f"node name {n.name!r} used twice")
                 names.add(n.name)
+                if n.device:
+                    try:
+                        self.engine_config(n.role, n.device).resolved_device()
+                    except RuntimeError as e:
+                        raise ValueError(f"node {n.name!r}: bad device {n.device!r}: {e}") from None
         pds = [c for c in self.clusters if c.kind == "pd"]
         if len(pds) != 1:
             raise ValueError(f"a deployment needs exactly one PD cluster, got {len(pds)}")

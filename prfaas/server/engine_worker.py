@@ -81,6 +81,11 @@ class EngineWorker:
 
     def _run(self) -> None:
         eng = self.engine
+        dev = getattr(eng, "device", None)
+        if dev is not None and dev.type == "cuda" and dev.index is not None:
+            import torch
+
+            torch.cuda.set_device(dev)  # this thread's current device: the engine's (cuda:1 ...)
         while not self._stop.is_set():
             try:  # idle: wait for a command (briefly, so loop hooks still run)
                 item = (

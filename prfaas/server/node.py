@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -66,6 +67,12 @@ def params_from_dict(d: Any) -> SamplingParams:
     return SamplingParams(**d)
 
 
+def wall_time(mono: float | None) -> float | None:
+    """A ``time.monotonic()`` reading (the engine's request metrics) as ``time.time()``: the
+    per-request timings cross processes and are compared with the transfer layer's."""
+    return None if mono is None else mono + (time.time() - time.monotonic())
+
+
 def _err(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
@@ -87,17 +94,19 @@ class Expectation:
 
     def on_output(self, out: RequestOutput) -> None:  # engine thread
         new = out.token_ids[self.sent :]
+        ev: dict[str, Any] = {
+            "event": "token",
+            "token_ids": new,
+            "finished": out.finished,
+            "finish_reason": out.finish_reason,
+        }
+        m = out.metrics
+        if new and not self.sent and m is not None and m.first_token is not None:
+            ev["first_token_at"] = wall_time(m.first_token)  # the engine sampled it (time.time())
         self.sent = len(out.token_ids)
         if out.finished:
             self.finished = True
-        self.push(
-            {
-                "event": "token",
-                "token_ids": new,
-                "finished": out.finished,
-                "finish_reason": out.finish_reason,
-            }
-        )
+        self.push(ev)
 
 
 @dataclass
@@ -116,7 +125,8 @@ class NodeServer:
         self.cfg = cfg
         self.cluster, self.node = cfg.node(node_name)
         self.role = self.node.role
-        self.engine = engine or LLMEngine(cfg.engine_config(self.role))
+        _use_device(cfg.node_engine_config(node_name).resolved_device())
+        self.engine = engine or LLMEngine(cfg.node_engine_config(node_name))
         self.worker = EngineWorker(self.engine)
         self.layout = layout_for_engine(self.engine)
         self.stats = NodeStats()
@@ -167,6 +177,8 @@ class NodeServer:
                 port=self.node.kv_port,
                 on_delivery=self._on_delivery,
                 on_failure=self._on_failure,
+                # pinned receive buffers on a GPU node (torch's host allocator caches them)
+                pin_memory=self.engine.device.type == "cuda",
             ).start()
             self.kv_port = self.receiver.address[1]
         return self
@@ -183,10 +195,20 @@ class NodeServer:
 
     # ---- KV in (decode role) ----------------------------------------------------------------
     def _on_delivery(self, d: Delivery) -> None:  # receiver thread
+        self._drain_receiver_queue()
         self.worker.call(lambda eng: self._import(eng, d))
 
     def _on_failure(self, f: TransferFailure) -> None:
+        self._drain_receiver_queue()
         log.warning("KV transfer failed for %s: %s", f.request_id, f.error)
+
+    def _drain_receiver_queue(self) -> None:
+        """The receiver also puts every item it hands to our callbacks on its ``deliveries``
+        queue, which nobody reads here: take one out per callback so it does not keep every
+        request's receive buffer alive."""
+        if self.receiver is not None:
+            with contextlib.suppress(queue.Empty):
+                self.receiver.deliveries.get_nowait()
 
     def _import(self, eng: LLMEngine, d: Delivery) -> None:  # engine thread
         h = d.export.header
@@ -194,6 +216,7 @@ class NodeServer:
         if exp is None or exp.imported:
             log.warning("KV for %s arrived but nobody waits for it; dropped", h.request_id)
             return
+        t_import = time.time()
         try:
             out = eng.import_request(d.export, exp.params, h.request_id)
         except CacheFull:
@@ -213,6 +236,14 @@ class NodeServer:
                 "payload_bytes": t.payload_bytes,
                 "wire_bytes": t.wire_bytes,
                 "receive_s": t.delivered_at - t.header_at,
+                "timings": {  # time.time() on this node
+                    "header_at": t.header_at,
+                    "first_data_at": t.first_data_at,
+                    "last_byte_at": t.last_byte_at,
+                    "delivered_at": t.delivered_at,
+                    "import_start": t_import,
+                    "import_end": time.time(),
+                },
             }
         )
         if not out.finished:
@@ -280,8 +311,17 @@ class NodeServer:
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
-        def on_out(out: RequestOutput) -> None:
+        marks: dict[str, float | None] = {}
+
+        def on_out(out: RequestOutput) -> None:  # engine thread, right after the step
             if out.finished:
+                # the engine's stamps as of now: release() stamps ``finished`` again later
+                marks.update(_engine_marks(out))
+                if self.engine.device.type == "cuda":  # the step's kernels may still run
+                    import torch
+
+                    torch.cuda.synchronize(self.engine.device)
+                    marks["synced"] = time.time()
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(out))
 
         def add(eng: LLMEngine) -> None:
@@ -310,6 +350,7 @@ class NodeServer:
                 eng.release(rid)
 
         exp = await self.worker.acall(export)
+        t_export = time.time()
         if dst in self.link_down:
             raise TransferError(f"link {self.cluster.name}->{dst} is down")
         sender = self._sender(dst)
@@ -334,6 +375,7 @@ class NodeServer:
             "prefill_s": t_prefill - t0,
             "transfer_s": (st.acked_at or time.time()) - st.opened_at,
             "link": f"{self.cluster.name}->{dst}" if dst != self.cluster.name else None,
+            "timings": _prefill_timings(marks, t0, t_prefill, t_export, st),
         }
 
     # ---- state --------------------------------------------------------------------------------
@@ -549,6 +591,53 @@ class NodeServer:
             if not exp.finished:
                 self.worker.unsubscribe(rid)
                 self.worker.call(lambda eng: eng.abort(rid))
+
+
+def _engine_marks(out: RequestOutput) -> dict[str, float | None]:
+    """The engine's per-request stamps of ``out`` (``RequestMetrics``) as ``time.time()``."""
+    m = out.metrics
+    if m is None:
+        return {}
+    return {
+        "arrival": wall_time(m.arrival),
+        "first_scheduled": wall_time(m.first_scheduled),
+        "finished": wall_time(m.finished),
+    }
+
+
+def _prefill_timings(
+    marks: dict[str, float | None], received: float, seen: float, exported: float, st: Any
+) -> dict[str, float | None]:
+    """Where one prefill's time went on this node (``time.time()`` seconds): request received,
+    engine admission (``engine_arrival``), first step that computed it (``prefill_start``), prefill
+    done (``prefill_end``: the engine's hand-off stamp ``engine_finished``, on a GPU after a device
+    sync) and seen by the server (``prefill_seen``), cache exported to host memory
+    (``export_done``), then the sender's open / finish / last byte / receiver ack."""
+    # on a GPU the end is after a device sync (the engine may stamp it before its kernels ran)
+    end = marks.get("synced") or marks.get("finished") or seen
+    start = marks.get("first_scheduled")
+    return {
+        "received": received,
+        "engine_arrival": marks.get("arrival"),
+        "engine_finished": marks.get("finished"),
+        "prefill_start": end if start is None else start,  # None: all of it was cached
+        "prefill_end": end,
+        "prefill_seen": seen,
+        "export_done": exported,
+        "send_opened": st.opened_at,
+        "send_finished": st.finished_at,
+        "last_byte_sent": st.last_byte_sent_at,
+        "acked": st.acked_at,
+    }
+
+
+def _use_device(dev: Any) -> None:
+    """Make a node's CUDA device the current one of this thread, so that streams, graphs and
+    pinned buffers created without an explicit device land on it (a node on ``cuda:1``)."""
+    if dev.type == "cuda" and dev.index is not None:
+        import torch
+
+        torch.cuda.set_device(dev)
 
 
 def _prompt_and_tokens(body: Any) -> tuple[list[int], int]:

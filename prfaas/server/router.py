@@ -86,6 +86,12 @@ class RouteInfo:
     copied_from: str | None = None  # cluster a cached prefix was copied from (prefix pool)
     copied_tokens: int = 0
     copied_bytes: int = 0
+    # where the time to the first token went, as time.time() stamps: the router's own (arrival,
+    # decode_ready, prefill_sent, prefill_answered, kv_seen, first_token_seen), the prefill node's
+    # ("p." + the keys of its answer's "timings") and the decode node's ("d." + its kv event's
+    # "timings", and "d.first_token": the engine sampled the first token); one host's clock per
+    # node (compare across hosts only as far as their clocks agree)
+    timings: dict[str, float | None] = field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
         return {
@@ -211,10 +217,13 @@ class Generation:
             ev = self._buffered.pop(0) if self._buffered else await self.stream.next()
             if ev.get("event") == "error":
                 raise DecodeFailed(ev.get("message", "decode failed"))
-            if ev.get("event") != "token":
-                continue
+            if ev.get("event") != "token" or not (ev["token_ids"] or ev["finished"]):
+                continue  # the import's own output carries no token: nothing for the client yet
             if ev["token_ids"] and self.first_token_at is None:
                 self.first_token_at = time.monotonic()
+                self.route.timings["first_token_seen"] = time.time()
+                if ev.get("first_token_at") is not None:
+                    self.route.timings["d.first_token"] = float(ev["first_token_at"])
             self.num_tokens += len(ev["token_ids"])
             self.finished = bool(ev["finished"])
             yield ev
@@ -500,8 +509,8 @@ class Router:
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         rid = f"cmpl-{self._prefix_id}-{next(self._ids)}"
+        route = RouteInfo(rid, timings={"arrival": time.time()})
         info = RequestInfo(rid, len(prompt), self.hash_ids(prompt), arrival_s=time.monotonic())
-        route = RouteInfo(rid)
         stream: DecodeStream | None = None
         try:
             decision = self.decide(info)
@@ -521,6 +530,7 @@ class Router:
                 raise APIError(503, "no decode node answered", "server_error", code="no_capacity")
             self.decode_active[dec_ep.name] += 1
             route.decode_node = dec_ep.name
+            route.timings["decode_ready"] = time.time()
             first = await self._prefill_and_handover(
                 info, prompt, params, decision, stream, ready, route
             )
@@ -578,6 +588,7 @@ class Router:
             }
             work = decision.uncached_len
             self.prefill_outstanding[ep.name] += work
+            route.timings["prefill_sent"] = time.time()
             try:
                 r = await self.client.post(
                     ep.url + "/internal/prefill",
@@ -601,6 +612,7 @@ class Router:
                 continue
             finally:
                 self.prefill_outstanding[ep.name] -= work
+            route.timings["prefill_answered"] = time.time()
             ev = await stream.next()
             if ev.get("event") == "kv_error" and token_start > 0:
                 token_start = 0  # the decode node lost the prefix meanwhile: send everything
@@ -614,6 +626,11 @@ class Router:
                     code="decode_node_failed",
                 )
             break
+        route.timings["kv_seen"] = time.time()
+        for k, v in (res.get("timings") or {}).items():
+            route.timings[f"p.{k}"] = v
+        for k, v in (ev.get("timings") or {}).items():
+            route.timings[f"d.{k}"] = v
         # routing bookkeeping
         cluster = decision.prefill_cluster
         if cluster in self.prefix and info.hash_ids:
