@@ -205,9 +205,16 @@ def main() -> int:
                 "step_s": dt,
                 "tokens_per_s": B / dt,
                 "gbytes_per_s": by / dt / 1e9,
+                "roofline_bytes": by,
             }
             if info["peak_bw"]:
                 row["frac_hbm_roofline"] = by / dt / info["peak_bw"]
+            if eng.runner.graphs is not None and len(eng.runner.graphs):
+                # the graph replay alone: the GPU's share of the step, without the host's
+                gdt = eng.runner.graphs.replay_seconds(*eng.runner.graphs.buckets()[-1], steps)
+                row["gpu_step_s"] = gdt
+                if info["peak_bw"]:
+                    row["frac_hbm_roofline_gpu"] = by / gdt / info["peak_bw"]
             rows.append(row)
             print(json.dumps(row), flush=True)
             del eng
@@ -240,6 +247,11 @@ def main() -> int:
             )
         else:
             frac = f"{r['frac_hbm_roofline']:.1%} of HBM" if "frac_hbm_roofline" in r else "-"
+            if "frac_hbm_roofline_gpu" in r:
+                frac += (
+                    f" (GPU replay alone: {r['gpu_step_s'] * 1e3:.2f} ms, "
+                    f"{r['frac_hbm_roofline_gpu']:.1%})"
+                )
             mode = "graphs" if r.get("cuda_graphs") else "eager"
             lines.append(
                 f"| decode ({mode}) | batch {r['batch']}, ctx {r['context']} | "

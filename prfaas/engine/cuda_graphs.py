@@ -46,6 +46,24 @@ class DecodeGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def buckets(self) -> list[tuple[int, int]]:
+        """The (batch, blocks) buckets captured so far."""
+        return list(self._graphs)
+
+    def replay_seconds(self, batch: int, blocks: int, iters: int = 20) -> float:
+        """GPU time of one replay of a captured graph (CUDA events, mean of ``iters`` back-to-back
+        replays of the last inputs; they update the cache like decode steps do): the decode step
+        without the host's share of the engine step."""
+        g = self._graphs[(batch, blocks)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.graph.replay()
+        start.record()
+        for _ in range(iters):
+            g.graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+
     @staticmethod
     def _key_of(cache: CacheTensors) -> tuple[int, ...]:
         ts = [*cache.mla_kv, *cache.kda_state, *cache.conv_state]

@@ -304,7 +304,12 @@ class LLMEngine:
             seqs.append(SeqInput(toks, req.num_computed, req.cache.blocks, req.cache.slot))
         callback = self._streaming_callback(batch)
         logits = self.runner.step(seqs, self.cache.tensors, callback)
-        for (req, n), lg in zip(batch, logits, strict=True):
+        # one device-to-host copy per step: every row's argmax, and the logits themselves only
+        # when some row samples (a per-row copy would synchronise once per request)
+        argmax = logits.argmax(-1).tolist()
+        if not all(r.sampler.params.greedy for r, _ in batch):
+            logits = logits.cpu()
+        for (req, n), lg, top in zip(batch, logits, argmax, strict=True):
             if req.in_prefill:
                 self.num_prefill_tokens_computed += n
             else:
@@ -321,7 +326,7 @@ class LLMEngine:
                 continue
             if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk
-            tok = req.sampler.sample(lg, len(req.output))
+            tok = top if req.sampler.params.greedy else req.sampler.sample(lg, len(req.output))
             req.output.append(tok)
             if req.metrics.first_token is None:
                 req.metrics.first_token = time.monotonic()

@@ -13,17 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prfaas.model import kda_ops
+from prfaas.model import kda_ops, triton_ops
 from prfaas.model.config import ModelConfig
-from prfaas.model.layers import RMSNorm
-
-
-def _version(t: torch.Tensor) -> int:
-    """In-place update counter; inference tensors keep none (-1: only a new tensor is noticed)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
+from prfaas.model.layers import RMSNorm, _version, stacked_weight
 
 
 class KDAAttention(nn.Module):
@@ -48,18 +40,14 @@ class KDAAttention(nn.Module):
         self.o_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.o_proj = nn.Linear(W, h, bias=False)
         self.scale = 1.0 / math.sqrt(D)
-        self._fused: tuple[tuple, torch.Tensor] | None = None
+        self._fused: dict = {}
         self._fused_conv: tuple[tuple, torch.Tensor] | None = None
 
     def _in_weight(self) -> torch.Tensor:
         """q/k/v/f_a/g_a/b weights stacked into one matrix (one GEMM per step instead of six),
         rebuilt when any of them is replaced or modified in place."""
         mods = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.b_proj)
-        key = tuple((m.weight.data_ptr(), _version(m.weight), m.weight.dtype) for m in mods)
-        if self._fused is None or self._fused[0] != key:
-            with torch.no_grad():
-                self._fused = (key, torch.cat([m.weight for m in mods]).detach())
-        return self._fused[1]
+        return stacked_weight(self._fused, mods)
 
     def _conv_weight(self) -> torch.Tensor:
         """The q/k/v depthwise conv weights stacked to (3W, kernel), cached like _in_weight."""
@@ -88,6 +76,8 @@ class KDAAttention(nn.Module):
         """x (B, n, h) with per-sequence states (B, H, K, V) and (B, 3, W, k-1) (None = zeros).
         n == 1 uses the recurrent kernel, n > 1 the chunked one. Returns (out, state, conv_state)."""
         B, n, _ = x.shape
+        if n > 1 and triton_ops.enabled(x) and kda_ops.fused_available(x):
+            return self._forward_fused(x, state, conv_state)
         if conv_state is None:
             conv_state = x.new_zeros(B, 3, self.W, self.kernel - 1)
         W, D = self.W, self.D
@@ -115,3 +105,78 @@ class KDAAttention(nn.Module):
         gate = self.g_b_proj(ga).view(B, n, self.H, self.D)
         of = of * torch.sigmoid(gate.float())
         return self.o_proj(of.to(x.dtype).reshape(B, n, self.W)), new_state, new_conv
+
+    # ----- fused GPU paths (fla + prfaas.model.triton_ops); the code above is their reference ----
+    def _forward_fused(
+        self, x: torch.Tensor, state: torch.Tensor | None, conv_state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` for a prefill chunk on the GPU: fla's causal conv (SiLU fused) and chunked
+        KDA with the gate, beta sigmoid and q/k L2 norm inside the kernels; fused gated norm."""
+        from fla.modules.causal_conv1d import causal_conv1d  # type: ignore[import-not-found]
+
+        B, n, _ = x.shape
+        W, D, H, k1 = self.W, self.D, self.H, self.kernel - 1
+        qkv, fa, ga, bb = F.linear(x, self._in_weight()).split([3 * W, D, D, H], -1)
+        # fla's conv state holds `kernel` inputs (the oldest unused on input); ours kernel - 1
+        init = None
+        if conv_state is not None:
+            init = F.pad(conv_state.reshape(B, 3 * W, k1).to(x.dtype), (1, 0)).contiguous()
+        y, fin = causal_conv1d(
+            qkv,
+            weight=self._conv_weight(),
+            initial_state=init,
+            output_final_state=True,
+            activation="silu",
+        )
+        q, k, v = (t.reshape(B, n, H, D) for t in y.split(W, -1))
+        o, new_state = kda_ops.kda_prefill_fused(
+            q,
+            k,
+            v,
+            self.f_b_proj(fa).view(B, n, H, D),
+            bb,
+            self.A_log,
+            self.dt_bias,
+            scale=self.scale,
+            initial_state=state,
+        )
+        gate = self.g_b_proj(ga).view(B, n, H, D)
+        of = triton_ops.rms_norm_gated(o, gate, self.o_norm.weight, self.o_norm.eps, x.dtype)
+        new_conv = fin[..., 1:].reshape(B, 3, W, k1)
+        return self.o_proj(of.reshape(B, n, W)), new_state, new_conv
+
+    def decode_slots(
+        self,
+        x: torch.Tensor,
+        states: torch.Tensor,
+        conv_states: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode token per row on the GPU, reading and updating the recurrent and conv states
+        in their cache slots in place. x (B, h); states (S, H, K, V) and conv_states
+        (S, 3, W, kernel-1) are the whole cache tensors of this layer; slots, valid (B,);
+        cu_seqlens (B+1,) = [0, 1, .., n, n, ..] (padding rows trail). Returns (B, h)."""
+        B = x.shape[0]
+        W, D, H = self.W, self.D, self.H
+        qkv, fa, ga, bb = F.linear(x, self._in_weight()).split([3 * W, D, D, H], -1)
+        conv = conv_states.view(conv_states.shape[0], 3 * W, self.kernel - 1)
+        y = triton_ops.conv_update(qkv, conv, self._conv_weight(), slots, valid, parts=3)
+        q, k, v = (t.view(B, H, D) for t in y)
+        o = kda_ops.kda_decode_slots(
+            q,
+            k,
+            v,
+            self.f_b_proj(fa).view(B, H, D),
+            bb.contiguous(),
+            self.A_log,
+            self.dt_bias,
+            scale=self.scale,
+            states=states,
+            slots=slots,
+            cu_seqlens=cu_seqlens,
+        )
+        gate = self.g_b_proj(ga).view(B, H, D)
+        of = triton_ops.rms_norm_gated(o, gate, self.o_norm.weight, self.o_norm.eps, x.dtype)
+        return self.o_proj(of.view(B, W))

@@ -23,6 +23,9 @@ from torch import Tensor
 
 __all__ = [
     "fla_available",
+    "fused_available",
+    "kda_decode_slots",
+    "kda_prefill_fused",
     "kda_chunk",
     "kda_decode",
     "kda_prefill",
@@ -392,3 +395,97 @@ def kda_decode(
     if T == 0 or not _use_fla(q):
         return kda_recurrent(q, k, v, g, beta, scale=scale, initial_state=initial_state)
     return _call_fla(_fla_ops()[1], q, k, v, g, beta, scale, initial_state)  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# fused GPU path: gate, beta sigmoid and q/k L2 norm inside fla's kernels, states in cache slots
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_recurrent_fwd() -> Callable[..., tuple[Tensor, Tensor]] | None:
+    try:
+        from fla.ops.kda.fused_recurrent import (  # type: ignore[import-not-found]
+            fused_recurrent_kda_fwd,
+        )
+    except Exception:
+        return None
+    return fused_recurrent_kda_fwd
+
+
+def fused_available(x: Tensor) -> bool:
+    """True when :func:`kda_prefill_fused` / :func:`kda_decode_slots` can run for ``x``."""
+    return x.is_cuda and fla_available() and _fla_recurrent_fwd() is not None
+
+
+def kda_prefill_fused(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_raw: Tensor,
+    beta_raw: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    *,
+    scale: float,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """fla ``chunk_kda`` with the un-normalised q/k, the raw gate input (before ``dt_bias``,
+    softplus and ``-exp(A_log)``) and the raw beta logits: the same function as
+    :func:`kda_prefill` on ``normalize(q)``, ``normalize(k)``, the gate and ``sigmoid(beta)``."""
+    o, state = _fla_ops()[0](  # type: ignore[index]
+        q,
+        k,
+        v,
+        g_raw,
+        beta_raw,
+        scale=float(scale),
+        initial_state=None if initial_state is None else initial_state.float().contiguous(),
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        A_log=A_log.reshape(-1),
+        dt_bias=dt_bias.reshape(-1),
+    )
+    return o, state
+
+
+def kda_decode_slots(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g_raw: Tensor,
+    beta_raw: Tensor,
+    A_log: Tensor,
+    dt_bias: Tensor,
+    *,
+    scale: float,
+    states: Tensor,
+    slots: Tensor,
+    cu_seqlens: Tensor,
+) -> Tensor:
+    """One decode token per row with the recurrent state read from and written back to
+    ``states[slots[i]]`` in place (fla's continuous-batching mode). q, k (B, H, K), v (B, H, V),
+    g_raw (B, H, K), beta_raw (B, H), all contiguous; ``cu_seqlens`` (B+1,) = [0, 1, .., n, n, ..]
+    gives padding rows (the trailing B - n) zero tokens, so they neither compute nor write.
+    Returns o (B, H, V)."""
+    B = q.shape[0]
+    o, _ = _fla_recurrent_fwd()(  # type: ignore[misc]
+        q[None],
+        k[None],
+        v[None],
+        g_raw[None],
+        beta_raw[None],
+        A_log=A_log.reshape(-1),
+        dt_bias=dt_bias.reshape(-1),
+        initial_state=states,
+        scale=float(scale),
+        inplace_final_state=True,
+        cu_seqlens=cu_seqlens,
+        ssm_state_indices=slots,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+    )
+    return o.view(B, *o.shape[2:])

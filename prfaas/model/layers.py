@@ -6,7 +6,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prfaas.model import triton_ops
 from prfaas.model.config import ModelConfig
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place update counter; inference tensors keep none (-1: only a new tensor is noticed)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def stacked_weight(cache: dict, mods: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """The weights of ``mods`` stacked along the output dim (one GEMM instead of several), kept in
+    ``cache`` and rebuilt when any of them is replaced or modified in place."""
+    key = tuple((m.weight.data_ptr(), _version(m.weight), m.weight.dtype) for m in mods)
+    if cache.get("key") != key:
+        with torch.no_grad():
+            cache["w"] = torch.cat([m.weight for m in mods]).detach()
+        cache["key"] = key
+    return cache["w"]
 
 
 class RMSNorm(nn.Module):
@@ -16,10 +36,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops.enabled(x):
+            return triton_ops.rms_norm(x, self.weight, self.eps)[0]
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x * self.weight.float()).to(dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))``: the residual add and the norm after it (one kernel on
+        the GPU)."""
+        if triton_ops.enabled(x):
+            y, s = triton_ops.rms_norm(x, self.weight, self.eps, residual=delta)
+            return s, y
+        s = x + delta
+        return s, self(s)
 
 
 class DenseMLP(nn.Module):
@@ -30,8 +63,12 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self._gate_up: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops.enabled(x):  # one GEMM for gate|up, one kernel for silu(gate) * up
+            w = stacked_weight(self._gate_up, (self.gate_proj, self.up_proj))
+            return self.down_proj(triton_ops.silu_mul(F.linear(x, w)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

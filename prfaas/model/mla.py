@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from prfaas.model.config import ModelConfig
 from prfaas.model.layers import RMSNorm
+from prfaas.model.mla_paged import paged_mla_decode
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -29,6 +31,8 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 class MLAAttention(nn.Module):
+    _narrow_v_ok: bool | None = None  # does SDPA run a fused kernel with v narrower than q/k?
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -76,21 +80,37 @@ class MLAAttention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, None, :].expand(L, self.nh, self.rope)], -1)
         q = torch.cat([q_nope, q_pe], -1)
         qk = self.nope + self.rope
-        if self.vdim < qk:  # fused SDPA kernels want one head size: pad v, slice the output
-            v = F.pad(v, (0, qk - self.vdim))
         if start == 0 and n == L:  # plain causal: lets SDPA pick a flash kernel
             mask, causal = None, True
         else:
             qpos = torch.arange(start, start + n, device=lat.device)
             mask, causal = torch.arange(L, device=lat.device)[None, :] <= qpos[:, None], False
-        o = F.scaled_dot_product_attention(  # fused kernels need 4-D (batch, heads, seq, dim)
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            attn_mask=mask,
-            is_causal=causal,
-            scale=self.scale,
-        )[0, ..., : self.vdim]
+
+        def sdpa(vv: torch.Tensor) -> torch.Tensor:  # fused kernels need 4-D (batch, heads, ..)
+            return F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                vv.transpose(0, 1)[None],
+                attn_mask=mask,
+                is_causal=causal,
+                scale=self.scale,
+            )[0, ..., : self.vdim]
+
+        o = None
+        if self.vdim < qk and q.is_cuda and MLAAttention._narrow_v_ok is not False:
+            # cuDNN's attention takes a narrower v (a sixth fewer FLOPs than padding it); where
+            # no fused kernel does, SDPA would fall back to the slow math path, so check once
+            fused = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+            with sdpa_kernel(fused + [SDPBackend.EFFICIENT_ATTENTION]):
+                try:
+                    o = sdpa(v)
+                    MLAAttention._narrow_v_ok = True
+                except RuntimeError:
+                    MLAAttention._narrow_v_ok = False
+        if o is None:
+            if self.vdim < qk:  # one head size for every fused kernel: pad v, slice the output
+                v = F.pad(v, (0, qk - self.vdim))
+            o = sdpa(v)
         return o.transpose(0, 1).reshape(n, self.nh * self.vdim)
 
     def attend_absorbed(
@@ -112,6 +132,28 @@ class MLAAttention(nn.Module):
         o_lat = torch.matmul(p.to(dt), c).float()  # (B, H, r)
         o = torch.einsum("bhr,hvr->bhv", o_lat, w_uv.float())
         return o.reshape(o.shape[0], -1).to(q_nope.dtype)
+
+    def attend_paged(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+        block_size: int,
+    ) -> torch.Tensor:
+        """:meth:`attend_absorbed` reading the paged cache in place (GPU: prfaas.model.mla_paged's
+        Triton kernel). cache (rows, r+rope) flat; block_tables (B, NB); lengths (B,).
+        Returns (B, H*v)."""
+        w_uk, w_uv = self._absorb_weights()
+        dt = cache.dtype
+        # absorb W_UK into the queries and W_UV into the output: batched GEMMs over the heads
+        q_lat = torch.bmm(q_nope.transpose(0, 1).to(dt), w_uk.to(dt)).transpose(0, 1)
+        o_lat = paged_mla_decode(
+            q_lat, q_pe.to(dt), cache, block_tables, lengths, block_size, self.scale, out_dtype=dt
+        )
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.to(dt).transpose(1, 2))  # (H, B, v)
+        return o.transpose(0, 1).reshape(o.shape[1], -1).to(q_nope.dtype)
 
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:
         """Cache-free causal attention over one whole sequence x (T, h)."""

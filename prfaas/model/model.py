@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from prfaas.model import kda_ops, triton_ops
 from prfaas.model.batch import CacheTensors, SeqInput
 from prfaas.model.config import ModelConfig
 from prfaas.model.kda import KDAAttention
@@ -33,7 +35,7 @@ class DecodeBatch:
     new_rows: torch.Tensor  # (B,) flat MLA cache row the new token writes, all distinct
     block_tables: torch.Tensor  # (B, NB) MLA blocks of positions 0..NB*block_size-1 (pad: any)
     lengths: torch.Tensor  # (B,) context length including the new token (position + 1), >= 1
-    valid: torch.Tensor  # (B,) nonzero for real rows
+    valid: torch.Tensor  # (B,) nonzero for real rows; they come first, padding rows trail
 
 
 class DecoderLayer(nn.Module):
@@ -48,9 +50,21 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
+    def mlp_out(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP (or MoE) of the already normalised h, without the residual."""
+        return self.block_sparse_moe(h) if hasattr(self, "block_sparse_moe") else self.mlp(h)
+
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.post_attention_layernorm(x)
-        return x + (self.block_sparse_moe(h) if hasattr(self, "block_sparse_moe") else self.mlp(h))
+        return x + self.mlp_out(self.post_attention_layernorm(x))
+
+    def input_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, input_layernorm(x + delta))``: the previous layer's MLP residual fused
+        with this layer's norm (``delta`` None: x as it is)."""
+        if delta is None:
+            return x, self.input_layernorm(x)
+        return self.input_layernorm.add_forward(x, delta)
 
 
 class _Backbone(nn.Module):
@@ -156,11 +170,19 @@ class HybridForCausalLM(nn.Module):
         )
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
         parts = [torch.cat([s.token_ids for s in seqs]), new_rows, positions, slots]
+        w = self.lm_head.weight
+        fused = bool(dec) and triton_ops.enabled(w) and kda_ops.fused_available(w)
         if dec:
             dec_len = torch.tensor([seqs[i].start + 1 for i in dec])
-            dec_rows = torch.zeros(len(dec), int(dec_len.max()), dtype=torch.long)
-            for j, i in enumerate(dec):
-                dec_rows[j, : rows_cpu[i].numel()] = rows_cpu[i]
+            if fused:  # block tables: the paged kernel reads the latents in place
+                nb = [seqs[i].start // bs + 1 for i in dec]
+                dec_rows = torch.zeros(len(dec), max(nb), dtype=torch.long)
+                for j, i in enumerate(dec):
+                    dec_rows[j, : nb[j]] = torch.as_tensor(seqs[i].block_table[: nb[j]])
+            else:  # the flat row of every position, padded
+                dec_rows = torch.zeros(len(dec), int(dec_len.max()), dtype=torch.long)
+                for j, i in enumerate(dec):
+                    dec_rows[j, : rows_cpu[i].numel()] = rows_cpu[i]
             parts += [dec_len, dec_rows.view(-1), torch.tensor([offs[i] for i in dec])]
         sizes = [t.numel() for t in parts]
         moved = torch.cat(parts).to(dev, non_blocking=True).split(sizes)
@@ -170,19 +192,30 @@ class HybridForCausalLM(nn.Module):
             dec_slots = slots[dec_idx.new_tensor(dec)]
             dec_pos = dec_len - 1
         x = self.model.embed_tokens(tokens)
+        if fused:
+            dec_valid = torch.ones_like(dec_slots)
+            dec_cu = torch.arange(len(dec) + 1, device=dev)
 
+        delta = None
         for li, layer in enumerate(self.model.layers):
-            h = layer.input_layernorm(x)
+            x, h = layer.input_norm(x, delta)
             out = torch.empty_like(h) if pre else None
             ki = self._kind_index[li]
             attn = layer.self_attn
             if layer.kind == "kda":
                 st_all, cv_all = cache.kda_state[ki], cache.conv_state[ki]
                 if dec:
-                    o, st, cv = attn(h[dec_idx][:, None, :], st_all[dec_slots], cv_all[dec_slots])
-                    st_all[dec_slots] = st
-                    cv_all[dec_slots] = cv.to(cv_all.dtype)
-                    o = o[:, 0]
+                    if fused:
+                        o = attn.decode_slots(
+                            h[dec_idx], st_all, cv_all, dec_slots, dec_valid, dec_cu
+                        )
+                    else:
+                        o, st, cv = attn(
+                            h[dec_idx][:, None, :], st_all[dec_slots], cv_all[dec_slots]
+                        )
+                        st_all[dec_slots] = st
+                        cv_all[dec_slots] = cv.to(cv_all.dtype)
+                        o = o[:, 0]
                     if out is None:
                         out = o
                     else:
@@ -201,9 +234,11 @@ class HybridForCausalLM(nn.Module):
                 if dec:
                     hd = h[dec_idx]
                     q_nope, q_pe = attn.queries(hd, dec_pos)
-                    o = attn.o_proj(
-                        attn.attend_absorbed(q_nope, q_pe, flat[dec_rows], dec_len).to(h.dtype)
-                    )
+                    if fused:
+                        o = attn.attend_paged(q_nope, q_pe, flat, dec_rows, dec_len, bs)
+                    else:
+                        o = attn.attend_absorbed(q_nope, q_pe, flat[dec_rows], dec_len)
+                    o = attn.o_proj(o.to(h.dtype))
                     if out is None:
                         out = o
                     else:
@@ -217,9 +252,10 @@ class HybridForCausalLM(nn.Module):
                     )
             if layer_callback is not None:
                 layer_callback(li)
-            x = layer.ffn(x + out)
+            x, h = layer.post_attention_layernorm.add_forward(x, out)
+            delta = layer.mlp_out(h)
         last = torch.tensor([o - 1 for o in offs[1:]], device=dev)
-        return self.lm_head(self.model.norm(x[last])).float()
+        return self.lm_head(self.model.norm((x + delta)[last])).float()
 
     # ----- decode with static shapes (CUDA-graph capturable) -----------------------------------
     def decode(self, b: DecodeBatch, cache: CacheTensors) -> torch.Tensor:
@@ -231,12 +267,20 @@ class HybridForCausalLM(nn.Module):
         keep = b.valid.bool()[:, None]
         bs = cache.block_size
         arange = torch.arange(bs, device=x.device)
-        rows = (b.block_tables[:, :, None] * bs + arange).view(b.block_tables.shape[0], -1)
+        fused = triton_ops.enabled(x) and kda_ops.fused_available(x)
+        if not fused:
+            rows = (b.block_tables[:, :, None] * bs + arange).view(b.block_tables.shape[0], -1)
+        if fused:  # padding rows trail: they get zero tokens and write no state
+            cu = F.pad(b.valid.cumsum(0), (1, 0))
+        delta = None
         for li, layer in enumerate(self.model.layers):
-            h = layer.input_layernorm(x)
+            x, h = layer.input_norm(x, delta)
             ki = self._kind_index[li]
             attn = layer.self_attn
-            if layer.kind == "kda":
+            if layer.kind == "kda" and fused:
+                st_all, cv_all = cache.kda_state[ki], cache.conv_state[ki]
+                out = attn.decode_slots(h, st_all, cv_all, b.slots, b.valid, cu)
+            elif layer.kind == "kda":
                 st_all, cv_all = cache.kda_state[ki], cache.conv_state[ki]
                 st_old, cv_old = st_all[b.slots], cv_all[b.slots]
                 o, st, cv = attn(h[:, None, :], st_old, cv_old)
@@ -248,11 +292,14 @@ class HybridForCausalLM(nn.Module):
                 lat = attn.latent(h, pos).to(flat.dtype)
                 flat[b.new_rows] = torch.where(keep, lat, flat[b.new_rows])
                 q_nope, q_pe = attn.queries(h, pos)
-                out = attn.o_proj(
-                    attn.attend_absorbed(q_nope, q_pe, flat[rows], b.lengths).to(h.dtype)
-                )
-            x = layer.ffn(x + out)
-        return self.lm_head(self.model.norm(x)).float()
+                if fused:  # the paged kernel reads the latents where they lie
+                    o = attn.attend_paged(q_nope, q_pe, flat, b.block_tables, b.lengths, bs)
+                else:
+                    o = attn.attend_absorbed(q_nope, q_pe, flat[rows], b.lengths)
+                out = attn.o_proj(o.to(h.dtype))
+            x, h = layer.post_attention_layernorm.add_forward(x, out)
+            delta = layer.mlp_out(h)
+        return self.lm_head(self.model.norm.add_forward(x, delta)[1]).float()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

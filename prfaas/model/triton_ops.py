@@ -1,0 +1,235 @@
+"""Small fused Triton kernels of the GPU path (the torch modules they replace are the reference).
+
+* :func:`rms_norm` — RMSNorm, optionally fused with the residual add before it;
+* :func:`rms_norm_gated` — KDA's output norm times a sigmoid gate;
+* :func:`silu_mul` — SwiGLU's ``silu(gate) * up`` over the fused gate|up projection;
+* :func:`conv_update` — one decode step of KDA's causal depthwise convolutions, reading and
+  updating the per-request conv state in its cache slot in place (padding rows write nothing).
+
+Each replaces several elementwise PyTorch kernels (and their fp32 round trips through memory) with
+one. :func:`enabled` decides per tensor: CUDA tensors, Triton importable, ``PRFAAS_DISABLE_FLA``
+unset. The tests run these kernels on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton is present wherever there is a GPU (torch's CUDA wheels depend on it)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+__all__ = ["conv_update", "enabled", "rms_norm", "rms_norm_gated", "silu_mul"]
+
+
+def enabled(x: Tensor) -> bool:
+    """True when the model uses the fused kernels for ``x``: a CUDA tensor, Triton importable, and
+    the pure-PyTorch path not forced by ``PRFAAS_DISABLE_FLA``. (The kernels themselves also run
+    on CPU tensors under Triton's interpreter; the tests call them directly that way.)"""
+    disabled = os.environ.get("PRFAAS_DISABLE_FLA", "").strip() not in ("", "0")
+    return x.is_cuda and triton is not None and not disabled
+
+
+def _require() -> None:
+    if triton is None:
+        raise RuntimeError("the fused GPU kernels need Triton (pip install triton)")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x as (rows, last dim) with unit stride along the last dim (a view where possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        y_ptr,
+        sum_ptr,
+        stride_x,
+        stride_r,
+        D,
+        eps,
+        HAS_RES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < D
+        x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0)
+        if HAS_RES:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=m, other=0.0)
+            # the residual stream keeps the input dtype, as the unfused ``x + out`` does
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype, fp_downcast_rounding="rtne")
+            tl.store(sum_ptr + row * D + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * D + cols, (xf * rstd * w).to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rms_norm_gated_kernel(
+        x_ptr, g_ptr, w_ptr, y_ptr, stride_x, stride_g, D, eps, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < D
+        x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * stride_g + cols, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+        y = x * rstd * w * tl.sigmoid(g)
+        tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, y_ptr, stride_gu, N_COLS, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < N_COLS
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + N_COLS + cols, mask=m, other=0.0).to(tl.float32)
+        y = g * tl.sigmoid(g) * u
+        tl.store(y_ptr + row * N_COLS + cols, y.to(y_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _conv_update_kernel(
+        x_ptr,
+        state_ptr,
+        w_ptr,
+        slot_ptr,
+        valid_ptr,
+        y_ptr,
+        stride_x,
+        stride_slot,
+        C,
+        PARTS,
+        KERNEL: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        ch = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = ch < C
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        valid = tl.load(valid_ptr + b) != 0
+        x = tl.load(x_ptr + b * stride_x + ch, mask=m, other=0.0)
+        st = state_ptr + slot * stride_slot + ch * (KERNEL - 1)
+        # y = sum_j w[:, j] * window[j], window = [state (KERNEL-1 oldest first), x]
+        acc = x.to(tl.float32) * tl.load(w_ptr + ch * KERNEL + KERNEL - 1, mask=m).to(tl.float32)
+        prev = tl.load(st, mask=m, other=0.0)
+        for j in tl.static_range(KERNEL - 1):
+            wj = tl.load(w_ptr + ch * KERNEL + j, mask=m).to(tl.float32)
+            acc += prev.to(x.dtype).to(tl.float32) * wj
+            if j + 1 < KERNEL - 1:
+                nxt = tl.load(st + j + 1, mask=m, other=0.0)
+                tl.store(st + j, nxt, mask=m & valid)
+                prev = nxt
+            else:
+                tl.store(st + j, x.to(prev.dtype), mask=m & valid)
+        y = acc * tl.sigmoid(acc)
+        # output as PARTS contiguous (B, C / PARTS) planes: q, k and v come out contiguous
+        width = C // PARTS
+        dst = (ch // width) * (tl.num_programs(0) * width) + b * width + ch % width
+        tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(norm(s) * weight, s)`` with ``s = x + residual`` (or ``x``), over the last dim; the
+    normalised output and the sum have x's dtype."""
+    _require()
+    shape, D = x.shape, x.shape[-1]
+    x2 = _rows(x)
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if residual is not None:
+        r2 = _rows(residual)
+        s = torch.empty_like(y)
+    else:
+        r2, s = x2, x
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2,
+            r2,
+            weight,
+            y,
+            s if residual is not None else y,
+            x2.stride(0),
+            r2.stride(0),
+            D,
+            eps,
+            HAS_RES=residual is not None,
+            BLOCK=triton.next_power_of_2(D),
+            num_warps=4 if D <= 4096 else 8,
+        )
+    return y.view(shape), (s.view(shape) if residual is not None else x)
+
+
+def rms_norm_gated(x: Tensor, gate: Tensor, weight: Tensor, eps: float, out_dtype) -> Tensor:
+    """``norm(x) * weight * sigmoid(gate)`` over the last dim (fp32 math), as ``out_dtype``."""
+    _require()
+    shape, D = x.shape, x.shape[-1]
+    x2, g2 = _rows(x), _rows(gate)
+    y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    if x2.shape[0]:
+        _rms_norm_gated_kernel[(x2.shape[0],)](
+            x2, g2, weight, y, x2.stride(0), g2.stride(0), D, eps, BLOCK=triton.next_power_of_2(D)
+        )
+    return y.view(shape)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """``silu(gate) * up`` where the last dim of ``gate_up`` is ``[gate | up]``."""
+    _require()
+    shape = gate_up.shape
+    n = shape[-1] // 2
+    gu = _rows(gate_up)
+    y = torch.empty((gu.shape[0], n), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    if gu.shape[0]:
+        _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, y, gu.stride(0), n, BLOCK=block)
+    return y.view(*shape[:-1], n)
+
+
+def conv_update(
+    x: Tensor, state: Tensor, weight: Tensor, slots: Tensor, valid: Tensor, parts: int
+) -> Tensor:
+    """One token of a causal depthwise conv with SiLU, per row, state kept in cache slots.
+
+    x (B, C) the new inputs (rows may be strided); state (S, C, kernel-1) all slots, oldest input
+    first, updated in place for rows with ``valid`` nonzero; weight (C, kernel); slots (B,).
+    Returns (parts, B, C / parts): the C outputs split into ``parts`` contiguous planes."""
+    _require()
+    B, C = x.shape
+    kernel = weight.shape[1]
+    if state.shape[1:] != (C, kernel - 1) or state.stride(2) != 1 or state.stride(1) != kernel - 1:
+        raise ValueError(f"conv state must be (slots, {C}, {kernel - 1}) row-major per slot")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty((parts, B, C // parts), dtype=x.dtype, device=x.device)
+    block = 256
+    if B:
+        _conv_update_kernel[(B, triton.cdiv(C, block))](
+            x,
+            state,
+            weight.contiguous(),
+            slots,
+            valid,
+            y,
+            x.stride(0),
+            state.stride(0),
+            C,
+            parts,
+            KERNEL=kernel,
+            BLOCK=block,
+        )
+    return y

@@ -1,0 +1,108 @@
+"""The fused Triton kernels of the GPU path against the torch modules they replace (run on the CPU
+under Triton's interpreter, set in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prfaas.model import triton_ops
+from prfaas.model.checkpoint import build_model
+from prfaas.model.layers import RMSNorm
+
+pytestmark = pytest.mark.skipif(
+    triton_ops.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton's interpreter (conftest.py turns it on where there is no GPU)",
+)
+
+
+def test_model_does_not_use_kernels_on_cpu():
+    assert not triton_ops.enabled(torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_module(dtype, with_residual):
+    g = torch.Generator().manual_seed(0)
+    D = 96  # not a power of two: the block is masked
+    norm = RMSNorm(D, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    x = torch.randn(7, 3, D, generator=g).to(dtype)
+    res = torch.randn(7, 3, D, generator=g).to(dtype) if with_residual else None
+    y, s = triton_ops.rms_norm(x, norm.weight.to(dtype), 1e-6, res)
+    want_s = x + res if with_residual else x
+    if dtype == torch.float32:
+        assert torch.equal(s, want_s)
+    else:  # the interpreter narrows fp32 to bf16 by truncation (the GPU rounds): one ulp
+        torch.testing.assert_close(s, want_s, rtol=1e-2, atol=0)
+    want = norm.to(dtype)(want_s)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y, want, rtol=tol, atol=tol)
+
+
+def test_rms_norm_strided_rows():
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(5, 80, generator=g)
+    x = big[:, 8:72]  # rows with stride 80
+    w = torch.rand(64, generator=g)
+    y, _ = triton_ops.rms_norm(x, w, 1e-5)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_gated_matches_kda_output_norm():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 2, 5, 32, generator=g).to(torch.bfloat16)
+    gate = torch.randn(4, 2, 5, 32, generator=g).to(torch.bfloat16)
+    norm = RMSNorm(32, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(32, generator=g) + 0.5)
+    y = triton_ops.rms_norm_gated(x, gate, norm.weight, 1e-6, torch.bfloat16)
+    want = (norm(x.float()) * torch.sigmoid(gate.float())).to(torch.bfloat16)
+    torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)
+    y32 = triton_ops.rms_norm_gated(x.float(), gate.float(), norm.weight, 1e-6, torch.float32)
+    want32 = norm(x.float()) * torch.sigmoid(gate.float())
+    torch.testing.assert_close(y32, want32, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul():
+    g = torch.Generator().manual_seed(3)
+    gu = torch.randn(3, 4, 2 * 1500, generator=g)  # more columns than one block
+    y = triton_ops.silu_mul(gu)
+    gate, up = gu.chunk(2, -1)
+    torch.testing.assert_close(y, F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_conv_update_matches_kda_conv(state_dtype):
+    """One decode token through KDAAttention._conv vs the slot-indexed in-place kernel; padding
+    rows leave their slots untouched."""
+    model = build_model("tiny", seed=0)
+    attn = next(m.self_attn for m in model.model.layers if m.kind == "kda")
+    W, k = attn.W, attn.kernel
+    g = torch.Generator().manual_seed(4)
+    S, B = 6, 4
+    state = torch.randn(S, 3, W, k - 1, generator=g).to(state_dtype)
+    big = torch.randn(B, 3 * W + 5, generator=g)
+    x = big[:, : 3 * W]  # strided rows, as the fused in-projection's split gives them
+    slots = torch.tensor([4, 0, 2, 5])
+    valid = torch.tensor([1, 1, 1, 0])
+    before = state.clone()
+    want_y, want_st = attn._conv(x[:, None, :], state[slots].reshape(B, 3 * W, k - 1))
+    y = triton_ops.conv_update(
+        x, state.view(S, 3 * W, k - 1), attn._conv_weight(), slots, valid, parts=3
+    )
+    assert y.shape == (3, B, W)
+    got = y.permute(1, 0, 2).reshape(B, 3 * W)
+    torch.testing.assert_close(got, want_y[:, 0], rtol=1e-5, atol=1e-5)
+    exact = 0 if state_dtype == torch.float32 else 1e-2  # interpreter: bf16 by truncation
+    for b in range(3):
+        torch.testing.assert_close(
+            state[slots[b]].reshape(3 * W, k - 1), want_st[b].to(state_dtype), rtol=exact, atol=0
+        )
+    for s in (1, 3, 5):  # untouched: never named, or a padding row's slot
+        assert torch.equal(state[s], before[s])
