@@ -64,6 +64,7 @@ def forced_logits(
 def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
     errs = [rel(x, y) for x, y in zip(a, b, strict=True)]
     return {
+        "per_step": [round(e, 4) for e in errs],
         "prefill_logits_rel_err": errs[0],
         "decode_logits_rel_err_max": max(errs[1:]),
         "decode_logits_rel_err_mean": sum(errs[1:]) / len(errs[1:]),
@@ -91,13 +92,14 @@ def main() -> int:
         forced_logits(small, toks, args.tokens, True, graphs=True), ref
     )
     print(json.dumps(res), flush=True)
+    res["small_bf16_static_eager_vs_torch_path"] = compare(
+        forced_logits(small, toks, args.tokens, True, static=True), ref
+    )
+    print(json.dumps(res), flush=True)
     if args.quick:
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=2))
         return 0
-    res["small_bf16_static_eager_vs_torch_path"] = compare(
-        forced_logits(small, toks, args.tokens, True, static=True), ref
-    )
     del small
     cpu = build_model("tiny", device="cpu", dtype=torch.float32, seed=0)
     gpu = build_model("tiny", device="cuda", dtype=torch.bfloat16, seed=0)

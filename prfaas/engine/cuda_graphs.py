@@ -29,6 +29,7 @@ class _Captured:
     staging: torch.Tensor  # pinned host buffer
     inputs: torch.Tensor  # device buffer the graph reads
     logits: torch.Tensor  # device buffer the graph writes
+    copied: torch.cuda.Event  # the last staging -> inputs copy has been done
 
 
 class DecodeGraphs:
@@ -83,8 +84,12 @@ class DecodeGraphs:
         if g is None:
             g = self._capture(packed, batch, blocks, cache)
             self._graphs[(batch, blocks)] = g
+        # the pinned staging buffer is copied asynchronously: it must not be overwritten before
+        # the previous step's copy has run (a caller need not synchronise between steps)
+        g.copied.synchronize()
         g.staging.copy_(packed)
         g.inputs.copy_(g.staging, non_blocking=True)
+        g.copied.record()
         g.graph.replay()
         return g.logits
 
@@ -105,4 +110,4 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self.model.decode(views, cache)
-        return _Captured(graph, staging, inputs, logits)
+        return _Captured(graph, staging, inputs, logits, torch.cuda.Event())
