@@ -583,6 +583,27 @@ def test_released_buffer_is_reused(make) -> None:
     assert rx.pooled_bytes == 0
 
 
+def test_best_fit_among_several_released_buffers(make) -> None:
+    """With several buffers pooled, the smallest that fits is taken (picking one out of the pool
+    once compared tensors elementwise and failed)."""
+    rx_f, tx_f = make
+    rx = rx_f()
+    tx = tx_f()
+    ptrs, held = {}, []
+    for name, n in (("a", 600), ("b", 300), ("c", 450)):  # all held: three buffers
+        tx.send_export(rx.address, random_export(SMALL, name, 0, n, seed=n)).wait(15)
+        held.append(_get(rx))
+        ptrs[name] = held[-1].export.parts[0].tensors["state"].data_ptr()
+    for d in held:
+        d.release()
+    assert len(set(ptrs.values())) == 3 and rx.pooled_bytes > 0
+    again = random_export(SMALL, "again", 0, 420, seed=9)  # fits c (450) and a (600): c is smaller
+    tx.send_export(rx.address, again).wait(15)
+    d = _get(rx)
+    _assert_same(again, d.export)
+    assert d.export.parts[0].tensors["state"].data_ptr() == ptrs["c"]
+
+
 def test_header_checksum_disagreeing_with_commit(make, monkeypatch: pytest.MonkeyPatch) -> None:
     rx_f, tx_f = make
     rx = rx_f()

@@ -183,10 +183,9 @@ class ReceiverBase:
         """The one place a request's receive buffer is allocated (after validation): a released
         buffer of size in [n, 2n] if the pool has one (already faulted in / pinned), else new."""
         with self._lock:
-            fits = [b for b in self._pool if nbytes <= b.numel() <= 2 * nbytes]
-            if fits:
-                best = min(fits, key=lambda b: b.numel())
-                self._pool.remove(best)
+            fits = [i for i, b in enumerate(self._pool) if nbytes <= b.numel() <= 2 * nbytes]
+            if fits:  # by index: list.remove would compare tensors elementwise
+                best = self._pool.pop(min(fits, key=lambda i: self._pool[i].numel()))
                 return best[:nbytes]
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
 
