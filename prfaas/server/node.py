@@ -224,8 +224,12 @@ class NodeServer:
             return
         except ValueError as e:
             self.stats.import_errors += 1
+            d.release()
             exp.push({"event": "kv_error", "message": str(e)})
             return
+        # the import copied the KV into the cache (synchronously): the receive buffer goes back
+        # to the receiver's pool, where the next request reuses it (pinned on GPU nodes)
+        d.release()
         self.stats.imports += 1
         exp.imported = True
         t = d.timings
