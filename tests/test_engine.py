@@ -294,3 +294,13 @@ def test_llm_offline_api_with_text():
     with pytest.raises(ValueError, match="empty"):
         llm.generate([""])
     assert CacheFull  # exported for callers
+
+
+def test_token_slice_equals_slicing_the_whole_list():
+    from prfaas.engine.request import Request
+
+    req = Request("r", list(range(10)), SamplingParams(), default_seed=0)
+    req.output = [100, 101, 102]
+    for start in range(14):
+        for n in range(0, 15 - start):
+            assert req.token_slice(start, n) == req.tokens[start : start + n]

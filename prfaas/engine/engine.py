@@ -231,8 +231,14 @@ class LLMEngine:
         preempt_before = self.num_preemptions
         # 1. decodes first, oldest request first: one token each; when blocks run out the newest
         #    running request is preempted (recomputed later), possibly the one asking
+        gone: set[int] = set()  # preempted in this loop (a set: `in self.running` is O(n))
+
+        def preempt(r: Request) -> None:
+            self._preempt(r)
+            gone.add(id(r))
+
         for req in list(self.running):
-            if req not in self.running or req.in_prefill:
+            if id(req) in gone or req.in_prefill:
                 continue
             if budget <= 0:
                 break
@@ -245,12 +251,12 @@ class LLMEngine:
                         del batch[k]
                         budget += n
                         break
-                self._preempt(victim)
+                preempt(victim)
             if not self.cache.can_reserve(req.cache, req.num_tokens + 1):
                 if len(self.running) == 1:  # alone and still no room: the cache is its length limit
                     self._finish(req, "length", emit=True)
                 else:
-                    self._preempt(req)
+                    preempt(req)
                 continue
             self.cache.reserve(req.cache, req.num_tokens + 1)
             batch.append((req, 1))
@@ -298,9 +304,7 @@ class LLMEngine:
         for req, n in batch:
             if req.metrics.first_scheduled is None:
                 req.metrics.first_scheduled = now
-            toks = torch.tensor(
-                req.tokens[req.num_computed : req.num_computed + n], dtype=torch.long
-            )
+            toks = torch.tensor(req.token_slice(req.num_computed, n), dtype=torch.long)
             seqs.append(SeqInput(toks, req.num_computed, req.cache.blocks, req.cache.slot))
         callback = self._streaming_callback(batch)
         logits = self.runner.step(seqs, self.cache.tensors, callback)
@@ -373,7 +377,10 @@ class LLMEngine:
             self._forced.append(self._output(req))
 
     def _output(self, req: Request) -> RequestOutput:
-        return req.to_output(self.tokenizer.decode(req.output))
+        out = req.to_output()
+        if out.finished:  # decoding the whole output on every step would cost O(n) per token
+            out.text = self.tokenizer.decode(req.output)
+        return out
 
     def has_unfinished(self) -> bool:
         """Work left: queued or running requests, or outputs not yet returned by step()."""

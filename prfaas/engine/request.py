@@ -33,7 +33,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "prefilled" | "error"
     num_cached_tokens: int
-    text: str = ""
+    text: str = ""  # the decoded output: on the final output only (finished or prefilled)
     error: str | None = None
     metrics: RequestMetrics | None = None
 
@@ -63,6 +63,15 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def token_slice(self, start: int, n: int) -> list[int]:
+        """``tokens[start : start + n]`` without building the whole list."""
+        p = len(self.prompt)
+        if start + n <= p:
+            return self.prompt[start : start + n]
+        if start >= p:
+            return self.output[start - p : start - p + n]
+        return self.prompt[start:] + self.output[: start + n - p]
 
     @property
     def num_tokens(self) -> int:
