@@ -604,6 +604,21 @@ def test_best_fit_among_several_released_buffers(make) -> None:
     assert d.export.parts[0].tensors["state"].data_ptr() == ptrs["c"]
 
 
+def test_sender_staging_pool_takes_the_best_fit() -> None:
+    """The sender's pinned staging pool (GPU parts) picks the smallest buffer that fits out of
+    several (plain CPU tensors stand in for pinned ones here)."""
+    tx = create_sender("tcp", SMALL, SECRET)
+    try:
+        bufs = [torch.empty(n, dtype=torch.uint8) for n in (1000, 600, 500)]
+        for b in bufs:
+            tx._give_pinned(b)
+        assert tx._take_pinned(450) is bufs[2]
+        assert tx._take_pinned(450) is bufs[1]
+        assert tx._take_pinned(900) is bufs[0]
+    finally:
+        tx.close()
+
+
 def test_header_checksum_disagreeing_with_commit(make, monkeypatch: pytest.MonkeyPatch) -> None:
     rx_f, tx_f = make
     rx = rx_f()

@@ -431,11 +431,9 @@ class SenderBase:
     def _take_pinned(self, nbytes: int) -> torch.Tensor:
         """A pinned host staging buffer of at least ``nbytes`` (reused: pinning is slow)."""
         with self._lock:
-            fits = [b for b in self._pinned if nbytes <= b.numel() <= 2 * nbytes]
-            if fits:
-                best = min(fits, key=lambda b: b.numel())
-                self._pinned.remove(best)
-                return best
+            fits = [i for i, b in enumerate(self._pinned) if nbytes <= b.numel() <= 2 * nbytes]
+            if fits:  # by index: list.remove would compare tensors elementwise
+                return self._pinned.pop(min(fits, key=lambda i: self._pinned[i].numel()))
         return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
 
     def _give_pinned(self, buf: torch.Tensor) -> None:
