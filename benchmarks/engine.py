@@ -10,10 +10,8 @@ Writes benchmarks/results/engine_<model>_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_model  # noqa: E402
 from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from prfaas.model import kda_ops  # noqa: E402
 from prfaas.model.checkpoint import build_model  # noqa: E402
@@ -41,13 +40,7 @@ def device_info(device: torch.device) -> dict:
             "peak_bw": peak[1],
             "fla": kda_ops.fla_available(),
         }
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+    cpu = cpu_model()
     return {"device": f"{cpu} ({os.cpu_count()} cores)", "peak_flops": None, "peak_bw": None}
 
 

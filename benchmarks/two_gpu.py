@@ -531,13 +531,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or "cpu"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
+    from benchmarks.machine import cpu_model
+
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "host": platform.node(),
         "cpu": f"{cpu} ({os.cpu_count()} cores)",

@@ -23,13 +23,11 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@torch.inference_mode()
-def test_graph_replay_matches_eager_step():
+def _random_cache(nb: int, slots: int, seed: int, bs: int = 16) -> CacheTensors:
+    """A cache of CFG's geometry on the GPU filled with random values."""
     dev = torch.device("cuda")
-    model = HybridForCausalLM(CFG).init_weights(0).to(dev, torch.bfloat16).eval()
-    bs, nb, slots = 16, 256, 16
-    g = torch.Generator(device=dev).manual_seed(0)
-    cache = CacheTensors(
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return CacheTensors(
         bs,
         [
             torch.randn(nb, bs, CFG.latent_dim, device=dev, generator=g).bfloat16()
@@ -41,6 +39,13 @@ def test_graph_replay_matches_eager_step():
             for _ in CFG.kda_layers
         ],
     )
+
+
+@torch.inference_mode()
+def test_graph_replay_matches_eager_step():
+    dev = torch.device("cuda")
+    model = HybridForCausalLM(CFG).init_weights(0).to(dev, torch.bfloat16).eval()
+    cache = _random_cache(nb=256, slots=16, seed=0)
     ref_cache = copy.deepcopy(cache)
     runner = ModelRunner(model)
     assert runner.graphs is not None
@@ -98,20 +103,7 @@ def test_graph_steps_back_to_back_without_sync():
     staging buffer is not overwritten before its copy has run)."""
     dev = torch.device("cuda")
     model = HybridForCausalLM(CFG).init_weights(2).to(dev, torch.bfloat16).eval()
-    bs, nb, slots = 16, 64, 4
-    g = torch.Generator(device=dev).manual_seed(1)
-    cache = CacheTensors(
-        bs,
-        [
-            torch.randn(nb, bs, CFG.latent_dim, device=dev, generator=g).bfloat16()
-            for _ in CFG.mla_layers
-        ],
-        [torch.randn(slots, 16, 128, 128, device=dev, generator=g) * 0.05 for _ in CFG.kda_layers],
-        [
-            torch.randn(slots, 3, CFG.kda_width, 3, device=dev, generator=g).bfloat16()
-            for _ in CFG.kda_layers
-        ],
-    )
+    cache = _random_cache(nb=64, slots=4, seed=1)
     ref_cache = copy.deepcopy(cache)
     graphs, static = ModelRunner(model), ModelRunner(model, cuda_graphs=False, pad=True)
     steps = [
