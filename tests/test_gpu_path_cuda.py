@@ -141,3 +141,55 @@ def test_fused_chunked_prefill_matches_torch_path(monkeypatch):
         assert _rel(o, r) < 3e-2
     for a, b in zip(fc.kda_state + fc.conv_state, rc.kda_state + rc.conv_state, strict=True):
         assert _rel(a[0], b[0]) < 3e-2
+
+
+@torch.inference_mode()
+def test_gpu_export_over_tcp_through_pinned_memory():
+    """A prefill engine's export stays on the GPU; the tcp sender stages it through pinned memory
+    (from a thread whose current device may differ), the receiver lands it in pinned buffers: the
+    bytes are the export's, and a decode engine importing them decodes what one importing the
+    export directly does."""
+    import threading
+
+    from prfaas.server.kv_layout import layout_for_engine
+    from prfaas.transfer.backend import create_receiver, create_sender
+
+    model = HybridForCausalLM(CFG).init_weights(5).to("cuda", torch.bfloat16).eval()
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = [(5 * i + 1) % 250 for i in range(300)]
+
+    def engine(role):
+        return LLMEngine(EngineConfig(model="small", role=role, max_num_seqs=4), model=model)
+
+    def decode(exp):
+        dec = engine("decode")
+        dec.import_request(exp, sp)
+        done = []
+        while dec.has_unfinished():
+            done += [o for o in dec.step() if o.finished]
+        return done[-1].token_ids
+
+    pre = engine("prefill")
+    rid = pre.add_request(prompt, sp)
+    while pre.has_unfinished():
+        pre.step()
+    exp = pre.export_request(rid)
+    pre.release(rid)
+    assert all(t.is_cuda for p in exp.parts for t in p.tensors.values())
+    secret = "gpu-test-secret-0123456789"
+    rx = create_receiver("tcp", layout_for_engine(pre), secret, pin_memory=True).start()
+    tx = create_sender("tcp", layout_for_engine(pre), secret)
+    try:
+        th = threading.Thread(target=lambda: tx.send_export(rx.address, exp).wait(30))
+        th.start()
+        th.join(60)
+        d = rx.deliveries.get(timeout=30)
+        for got, sent in zip(d.export.parts, exp.parts, strict=True):
+            for k, t in sent.tensors.items():
+                assert got.tensors[k].is_pinned()
+                assert torch.equal(got.tensors[k], t.cpu())
+        assert decode(d.export) == decode(exp)
+        d.release()
+    finally:
+        tx.close()
+        rx.close()

@@ -22,21 +22,24 @@ class ImportMismatch(ValueError):
 def export_layer(
     cache: HybridCache, seq: SeqCache, layer: int, token_start: int, token_end: int
 ) -> LayerPart:
-    """The part of model layer ``layer`` (copied out of the cache, on the CPU)."""
+    """The part of model layer ``layer``, copied out of the cache on the cache's device (the
+    cache may be released and reused right after). On a GPU the copies stay there: the sender stages
+    them through pinned host memory asynchronously, so the engine thread never waits on a
+    device-to-host copy."""
     model = cache.model
     kind = model.layer_kind(layer)
     if kind == "mla":
         j = model.mla_layers.index(layer)
         flat = cache.tensors.mla_kv[j].view(-1, model.latent_dim)
-        kv = flat[cache.rows(seq, token_start, token_end)].cpu()
+        kv = flat[cache.rows(seq, token_start, token_end)]  # a gather: a copy
         return LayerPart(layer, "mla", {"kv": kv})
     j = model.kda_layers.index(layer)
     return LayerPart(
         layer,
         "kda",
         {
-            "state": cache.tensors.kda_state[j][seq.slot].cpu().clone(),
-            "conv": cache.tensors.conv_state[j][seq.slot].cpu().clone(),
+            "state": cache.tensors.kda_state[j][seq.slot].clone(),
+            "conv": cache.tensors.conv_state[j][seq.slot].clone(),
         },
     )
 

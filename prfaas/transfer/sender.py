@@ -71,7 +71,7 @@ class SenderStream:
                 host.copy_(t, non_blocking=True)
                 t = host
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(t.device))  # the stream the copy ran on
             elif not t.is_contiguous():
                 t = t.contiguous()
             tensors.append(t)
