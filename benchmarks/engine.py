@@ -113,12 +113,19 @@ def bench_prefill(cfg_kw: dict, T: int, reps: int, model=None) -> tuple[float, L
 
 
 def bench_decode(
-    cfg_kw: dict, B: int, ctx: int, steps: int, model=None, graphs: bool = True
+    cfg_kw: dict,
+    B: int,
+    ctx: int,
+    steps: int,
+    model=None,
+    graphs: bool = True,
+    async_decode: bool = False,
 ) -> tuple[float, LLMEngine]:
     eng = LLMEngine(
         model=model,
         config=EngineConfig(
             cuda_graphs=graphs,
+            async_decode=async_decode,
             **cfg_kw,
             max_num_batched_tokens=max(B * ctx, 256),
             max_num_seqs=B,
@@ -154,6 +161,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--eager", action="store_true", help="also time decode without CUDA graphs")
+    ap.add_argument(
+        "--async-decode",
+        action="store_true",
+        help="also time decode with EngineConfig.async_decode (host work overlapping the GPU's)",
+    )
     args = ap.parse_args()
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     prefill = args.prefill or ([8192, 32768] if gpu else [512, 2048])
@@ -184,10 +196,12 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del eng
-    modes = [True, False] if args.eager else [True]
+    modes = [(True, False)] + [(False, False)] * args.eager + [(True, True)] * args.async_decode
     for B in batches:
-        for graphs in modes:
-            dt, eng = bench_decode(cfg_kw, B, ctx, steps, model=model, graphs=graphs)
+        for graphs, pipelined in modes:
+            dt, eng = bench_decode(
+                cfg_kw, B, ctx, steps, model=model, graphs=graphs, async_decode=pipelined
+            )
             info = info or device_info(eng.device)
             by = decode_bytes(eng.model_config, eng.model, B, ctx, eng.dtype.itemsize)
             row = {
@@ -195,6 +209,7 @@ def main() -> int:
                 "batch": B,
                 "context": ctx,
                 "cuda_graphs": eng.runner.graphs is not None,
+                "async_decode": pipelined,
                 "step_s": dt,
                 "tokens_per_s": B / dt,
                 "gbytes_per_s": by / dt / 1e9,
@@ -246,6 +261,8 @@ def main() -> int:
                     f"{r['frac_hbm_roofline_gpu']:.1%})"
                 )
             mode = "graphs" if r.get("cuda_graphs") else "eager"
+            if r.get("async_decode"):
+                mode += ", async"
             lines.append(
                 f"| decode ({mode}) | batch {r['batch']}, ctx {r['context']} | "
                 f"{r['step_s'] * 1e3:.2f} ms/step | "

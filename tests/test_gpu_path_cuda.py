@@ -193,3 +193,29 @@ def test_gpu_export_over_tcp_through_pinned_memory():
     finally:
         tx.close()
         rx.close()
+
+
+def test_async_decode_gives_the_synchronous_tokens():
+    """Pipelined greedy decode on the GPU (graph inputs' tokens written on the device, host copies
+    of the tokens through pinned memory): the same tokens as the synchronous engine."""
+    model = HybridForCausalLM(CFG).init_weights(6).to("cuda", torch.bfloat16).eval()
+
+    def run(pipelined):
+        eng = LLMEngine(
+            EngineConfig(model="small", max_num_seqs=8, async_decode=pipelined), model=model
+        )
+        ids = [
+            eng.add_request(
+                [(3 * i + j) % 250 for j in range(30 + 11 * i)],
+                SamplingParams(temperature=0, max_tokens=10 + 3 * i, ignore_eos=True),
+            )
+            for i in range(6)
+        ]
+        done = {}
+        while eng.has_unfinished():
+            done.update({o.request_id: o.token_ids for o in eng.step() if o.finished})
+        return [done[i] for i in ids], eng
+
+    want, _ = run(False)
+    got, eng = run(True)
+    assert got == want and eng.num_pipelined_steps > 10

@@ -71,10 +71,16 @@ class DecodeGraphs:
         return (cache.block_size, *(t.data_ptr() for t in ts))
 
     def run(
-        self, packed: torch.Tensor, batch: int, blocks: int, cache: CacheTensors
+        self,
+        packed: torch.Tensor,
+        batch: int,
+        blocks: int,
+        cache: CacheTensors,
+        device_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Replay (capturing first if needed) the graph for ``packed`` (host int64, see
-        :func:`pack_views`); returns the (batch, vocab) logits buffer (overwritten next replay)."""
+        :func:`pack_views`); returns the (batch, vocab) logits buffer (overwritten next replay).
+        ``device_tokens``: the first rows' input tokens, taken on the device instead."""
         key = self._key_of(cache)
         if key != self._cache_key:
             self._graphs.clear()
@@ -90,6 +96,8 @@ class DecodeGraphs:
         g.staging.copy_(packed)
         g.inputs.copy_(g.staging, non_blocking=True)
         g.copied.record()
+        if device_tokens is not None:  # the tokens field leads the packed buffer
+            g.inputs[: device_tokens.numel()].copy_(device_tokens)
         g.graph.replay()
         return g.logits
 

@@ -50,6 +50,10 @@ class EngineConfig:
     num_checkpoints: int = 64
     enable_prefix_cache: bool = True
     cuda_graphs: bool = True  # decode-only steps replay captured CUDA graphs (CUDA, dense MLP)
+    # greedy decode-only steps: launch step k+1 (its input tokens taken on the device from step k)
+    # before step k's tokens are read back, so the host's work overlaps the GPU's; outputs come
+    # one step() call later
+    async_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -91,6 +95,16 @@ class EngineConfig:
 LayerListener = Callable[[Request, LayerPart], None]
 
 
+@dataclass
+class _PendingDecode:
+    """A greedy decode step launched and not yet read back (``EngineConfig.async_decode``)."""
+
+    batch: list[Request]
+    tokens: torch.Tensor  # (n,) int64 on the device: each row's greedy token
+    host: torch.Tensor  # (n,) its host copy (pinned on CUDA), filled asynchronously
+    event: torch.cuda.Event | None  # set once ``host`` holds the tokens (CUDA)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -111,12 +125,14 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.layer_listener: LayerListener | None = None
         self._forced: list[RequestOutput] = []  # finished outside a model step (abort, no room)
+        self._pending: _PendingDecode | None = None  # async_decode: launched, not read back
         self._ids = itertools.count()
         # counters (tests and metrics)
         self.num_prefill_tokens_computed = 0
         self.num_decode_tokens = 0
         self.num_steps = 0
         self.num_preemptions = 0
+        self.num_pipelined_steps = 0  # async_decode: steps launched before the last was read back
 
     # ----- requests in ------------------------------------------------------------------------
     def _new_id(self) -> str:
@@ -293,10 +309,15 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; returns an output for every request that got a new token
-        or finished."""
+        or finished (with ``async_decode``, a pipelined decode step's outputs come one call later)."""
+        if self._pending is not None:
+            return self._step_pipelined()
         batch = self._schedule()
         outs, self._forced = self._forced, []
         if not batch:
+            return outs
+        if self._pipelinable(batch):
+            self._pending = self._launch([r for r, _ in batch], None)
             return outs
         self.num_steps += 1
         now = time.monotonic()
@@ -331,11 +352,90 @@ class LLMEngine:
             if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk
             tok = top if req.sampler.params.greedy else req.sampler.sample(lg, len(req.output))
-            req.output.append(tok)
-            if req.metrics.first_token is None:
-                req.metrics.first_token = time.monotonic()
-            self._check_stop(req, tok)
-            outs.append(self._output(req))
+            outs.append(self._append_token(req, tok))
+        return outs
+
+    def _append_token(self, req: Request, tok: int) -> RequestOutput:
+        req.output.append(tok)
+        if req.metrics.first_token is None:
+            req.metrics.first_token = time.monotonic()
+        self._check_stop(req, tok)
+        return self._output(req)
+
+    # ----- pipelined greedy decode (async_decode) ---------------------------------------------
+    def _pipelinable(self, batch: list[tuple[Request, int]]) -> bool:
+        """A decode-only step of every running request, all greedy, nothing waiting to be admitted:
+        the next step can be launched before this one's tokens are read back."""
+        return (
+            self.config.async_decode
+            and self.config.role != "prefill"
+            and not self.waiting
+            and len(batch) == len(self.running)
+            and all(n == 1 and not r.in_prefill and r.params.greedy for r, n in batch)
+        )
+
+    def _launch(self, rows: list[Request], device_tokens: torch.Tensor | None) -> _PendingDecode:
+        """Launch a decode step of ``rows``, one token each: the host's next tokens, or (with
+        ``device_tokens``, the tokens of a step not yet read back) one position further."""
+        now = time.monotonic()
+        seqs = []
+        ahead = 0 if device_tokens is None else 1  # positions not yet counted in num_computed
+        for r in rows:
+            if r.metrics.first_scheduled is None:
+                r.metrics.first_scheduled = now
+            tok = [0] if ahead else r.token_slice(r.num_computed, 1)
+            seqs.append(
+                SeqInput(torch.tensor(tok), r.num_computed + ahead, r.cache.blocks, r.cache.slot)
+            )
+        logits = self.runner.step(seqs, self.cache.tensors, None, device_tokens=device_tokens)
+        tokens = logits.argmax(-1)
+        event = None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = tokens
+        self.num_steps += 1
+        self.num_pipelined_steps += device_tokens is not None
+        return _PendingDecode(rows, tokens, host, event)
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        p, self._pending = self._pending, None
+        assert p is not None
+        live = [r for r in p.batch if r.status == Status.RUNNING]  # not aborted meanwhile
+        # rows that step p does not finish by length go on, if nothing else needs the engine
+        go = [
+            r
+            for r in live
+            if len(r.output) + 1 < r.params.max_tokens
+            and r.num_tokens + 1 < self.config.max_model_len
+        ]
+        nxt = None
+        if (
+            go
+            and not self.waiting
+            and len(live) == len(self.running)
+            and all(self.cache.can_reserve(r.cache, r.num_tokens + 2) for r in go)
+        ):
+            for r in go:
+                self.cache.reserve(r.cache, r.num_tokens + 2)
+            index = {id(r): i for i, r in enumerate(p.batch)}
+            pick = torch.tensor([index[id(r)] for r in go], device=p.tokens.device)
+            nxt = self._launch(go, p.tokens.index_select(0, pick))
+        # read step p back while the device runs the next one
+        if p.event is not None:
+            p.event.synchronize()
+        outs, self._forced = self._forced, []
+        for req, tok in zip(p.batch, p.host.tolist(), strict=True):
+            if req.status != Status.RUNNING:
+                continue  # aborted, or stopped by an earlier token: its row is dropped
+            self.num_decode_tokens += 1
+            req.num_computed += 1
+            self.cache.on_computed(req.cache, req.num_computed)
+            outs.append(self._append_token(req, tok))
+        self._pending = nxt
         return outs
 
     def _streaming_callback(self, batch: list[tuple[Request, int]]) -> Callable[[int], None] | None:
@@ -384,7 +484,7 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         """Work left: queued or running requests, or outputs not yet returned by step()."""
-        return bool(self.waiting or self.running or self._forced)
+        return bool(self.waiting or self.running or self._forced or self._pending)
 
     # ----- prefill → decode hand-off ----------------------------------------------------------
     def make_header(self, req: Request, token_start: int = 0) -> TransferHeader:

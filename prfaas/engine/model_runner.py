@@ -106,14 +106,23 @@ class ModelRunner:
         seqs: list[SeqInput],
         cache: CacheTensors,
         layer_callback: Callable[[int], None] | None = None,
+        device_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Same contract as ``HybridForCausalLM.step``."""
+        """Same contract as ``HybridForCausalLM.step``. ``device_tokens`` (decode-only steps):
+        the rows' input tokens, already on the device (those in ``seqs`` are ignored)."""
         if layer_callback is not None or not self.is_decode_only(seqs):
+            if device_tokens is not None:
+                raise ValueError("device_tokens apply to decode-only steps")
             self.num_eager_steps += 1
             return self.model.step(seqs, cache, layer_callback)
-        return self.decode(seqs, cache)
+        return self.decode(seqs, cache, device_tokens)
 
-    def decode(self, seqs: Sequence[SeqInput], cache: CacheTensors) -> torch.Tensor:
+    def decode(
+        self,
+        seqs: Sequence[SeqInput],
+        cache: CacheTensors,
+        device_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """A decode-only step through the static-shape path; returns (len(seqs), vocab) fp32."""
         if not self.is_decode_only(seqs):
             raise ValueError("decode() takes one new token per sequence, each after position 0")
@@ -131,7 +140,9 @@ class ModelRunner:
         self.num_decode_steps += 1
         if self.graphs is not None:
             self.num_graph_steps += 1
-            return self.graphs.run(packed, batch, blocks, cache)[:n].clone()
+            return self.graphs.run(packed, batch, blocks, cache, device_tokens)[:n].clone()
         dev = self.model.lm_head.weight.device
         b = pack_views(packed.to(dev, non_blocking=True), batch, blocks)
+        if device_tokens is not None:
+            b.tokens[:n] = device_tokens
         return self.model.decode(b, cache)[:n]
