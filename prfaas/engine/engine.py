@@ -421,9 +421,14 @@ class LLMEngine:
         ):
             for r in go:
                 self.cache.reserve(r.cache, r.num_tokens + 2)
-            index = {id(r): i for i, r in enumerate(p.batch)}
-            pick = torch.tensor([index[id(r)] for r in go], device=p.tokens.device)
-            nxt = self._launch(go, p.tokens.index_select(0, pick))
+            tokens = p.tokens
+            if len(go) < len(p.batch):  # some rows end: gather the others' tokens on the device
+                index = {id(r): i for i, r in enumerate(p.batch)}
+                pick = torch.tensor([index[id(r)] for r in go])
+                if tokens.is_cuda:  # from pinned memory: a pageable copy would wait for step p
+                    pick = pick.pin_memory().to(tokens.device, non_blocking=True)
+                tokens = tokens.index_select(0, pick)
+            nxt = self._launch(go, tokens)
         # read step p back while the device runs the next one
         if p.event is not None:
             p.event.synchronize()
