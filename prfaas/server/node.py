@@ -215,6 +215,7 @@ class NodeServer:
         exp = self.expect.get(h.request_id)
         if exp is None or exp.imported:
             log.warning("KV for %s arrived but nobody waits for it; dropped", h.request_id)
+            d.release()
             return
         t_import = time.time()
         try:
