@@ -31,7 +31,8 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 class MLAAttention(nn.Module):
-    _narrow_v_ok: bool | None = None  # does SDPA run a fused kernel with v narrower than q/k?
+    # does SDPA run a fused kernel with v narrower than q/k? (per kind: causal, explicit mask)
+    _narrow_v_ok: dict[bool, bool] = {}
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -97,16 +98,16 @@ class MLAAttention(nn.Module):
             )[0, ..., : self.vdim]
 
         o = None
-        if self.vdim < qk and q.is_cuda and MLAAttention._narrow_v_ok is not False:
+        if self.vdim < qk and q.is_cuda and MLAAttention._narrow_v_ok.get(causal, True):
             # cuDNN's attention takes a narrower v (a sixth fewer FLOPs than padding it); where
             # no fused kernel does, SDPA would fall back to the slow math path, so check once
             fused = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
             with sdpa_kernel(fused + [SDPBackend.EFFICIENT_ATTENTION]):
                 try:
                     o = sdpa(v)
-                    MLAAttention._narrow_v_ok = True
+                    MLAAttention._narrow_v_ok[causal] = True
                 except RuntimeError:
-                    MLAAttention._narrow_v_ok = False
+                    MLAAttention._narrow_v_ok[causal] = False
         if o is None:
             if self.vdim < qk:  # one head size for every fused kernel: pad v, slice the output
                 v = F.pad(v, (0, qk - self.vdim))
