@@ -320,13 +320,7 @@ class LLMEngine:
             self._pending = self._launch([r for r, _ in batch], None)
             return outs
         self.num_steps += 1
-        now = time.monotonic()
-        seqs = []
-        for req, n in batch:
-            if req.metrics.first_scheduled is None:
-                req.metrics.first_scheduled = now
-            toks = torch.tensor(req.token_slice(req.num_computed, n), dtype=torch.long)
-            seqs.append(SeqInput(toks, req.num_computed, req.cache.blocks, req.cache.slot))
+        seqs = self._inputs(batch)
         callback = self._streaming_callback(batch)
         logits = self.runner.step(seqs, self.cache.tensors, callback)
         # one device-to-host copy per step: every row's argmax, and the logits themselves only
@@ -355,6 +349,19 @@ class LLMEngine:
             outs.append(self._append_token(req, tok))
         return outs
 
+    def _inputs(self, batch: list[tuple[Request, int]], ahead: bool = False) -> list[SeqInput]:
+        """The model inputs of ``batch``: each request's next ``n`` tokens at its next position;
+        ``ahead``: one position further, the token not known on the host yet (a placeholder)."""
+        now = time.monotonic()
+        seqs = []
+        for req, n in batch:
+            if req.metrics.first_scheduled is None:
+                req.metrics.first_scheduled = now
+            start = req.num_computed + ahead
+            toks = [0] * n if ahead else req.token_slice(start, n)
+            seqs.append(SeqInput(torch.tensor(toks), start, req.cache.blocks, req.cache.slot))
+        return seqs
+
     def _append_token(self, req: Request, tok: int) -> RequestOutput:
         req.output.append(tok)
         if req.metrics.first_token is None:
@@ -377,16 +384,7 @@ class LLMEngine:
     def _launch(self, rows: list[Request], device_tokens: torch.Tensor | None) -> _PendingDecode:
         """Launch a decode step of ``rows``, one token each: the host's next tokens, or (with
         ``device_tokens``, the tokens of a step not yet read back) one position further."""
-        now = time.monotonic()
-        seqs = []
-        ahead = 0 if device_tokens is None else 1  # positions not yet counted in num_computed
-        for r in rows:
-            if r.metrics.first_scheduled is None:
-                r.metrics.first_scheduled = now
-            tok = [0] if ahead else r.token_slice(r.num_computed, 1)
-            seqs.append(
-                SeqInput(torch.tensor(tok), r.num_computed + ahead, r.cache.blocks, r.cache.slot)
-            )
+        seqs = self._inputs([(r, 1) for r in rows], ahead=device_tokens is not None)
         logits = self.runner.step(seqs, self.cache.tensors, None, device_tokens=device_tokens)
         tokens = logits.argmax(-1)
         event = None

@@ -15,7 +15,7 @@ from torch import nn
 
 from prfaas.model import kda_ops, triton_ops
 from prfaas.model.config import ModelConfig
-from prfaas.model.layers import RMSNorm, _version, stacked_weight
+from prfaas.model.layers import RMSNorm, stacked_weight
 
 
 class KDAAttention(nn.Module):
@@ -41,23 +41,18 @@ class KDAAttention(nn.Module):
         self.o_proj = nn.Linear(W, h, bias=False)
         self.scale = 1.0 / math.sqrt(D)
         self._fused: dict = {}
-        self._fused_conv: tuple[tuple, torch.Tensor] | None = None
+        self._fused_conv: dict = {}
 
     def _in_weight(self) -> torch.Tensor:
         """q/k/v/f_a/g_a/b weights stacked into one matrix (one GEMM per step instead of six),
         rebuilt when any of them is replaced or modified in place."""
         mods = (self.q_proj, self.k_proj, self.v_proj, self.f_a_proj, self.g_a_proj, self.b_proj)
-        return stacked_weight(self._fused, mods)
+        return stacked_weight(self._fused, tuple(m.weight for m in mods))
 
     def _conv_weight(self) -> torch.Tensor:
         """The q/k/v depthwise conv weights stacked to (3W, kernel), cached like _in_weight."""
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        key = tuple((c.weight.data_ptr(), _version(c.weight), c.weight.dtype) for c in convs)
-        if self._fused_conv is None or self._fused_conv[0] != key:
-            with torch.no_grad():
-                w = torch.cat([c.weight[:, 0] for c in convs]).detach()
-            self._fused_conv = (key, w)
-        return self._fused_conv[1]
+        return stacked_weight(self._fused_conv, tuple(c.weight for c in convs))[:, 0]
 
     def _conv(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise conv of q|k|v with carried state. x (B, n, 3W), state (B, 3W, k-1)."""
@@ -76,7 +71,7 @@ class KDAAttention(nn.Module):
         """x (B, n, h) with per-sequence states (B, H, K, V) and (B, 3, W, k-1) (None = zeros).
         n == 1 uses the recurrent kernel, n > 1 the chunked one. Returns (out, state, conv_state)."""
         B, n, _ = x.shape
-        if n > 1 and triton_ops.enabled(x) and kda_ops.fused_available(x):
+        if n > 1 and kda_ops.fused_available(x):
             return self._forward_fused(x, state, conv_state)
         if conv_state is None:
             conv_state = x.new_zeros(B, 3, self.W, self.kernel - 1)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from prfaas.model import triton_ops
+
 __all__ = [
     "fla_available",
     "fused_available",
@@ -414,8 +416,9 @@ def _fla_recurrent_fwd() -> Callable[..., tuple[Tensor, Tensor]] | None:
 
 
 def fused_available(x: Tensor) -> bool:
-    """True when :func:`kda_prefill_fused` / :func:`kda_decode_slots` can run for ``x``."""
-    return x.is_cuda and fla_available() and _fla_recurrent_fwd() is not None
+    """True when the fused GPU path runs for ``x``: :func:`kda_prefill_fused` /
+    :func:`kda_decode_slots` and the Triton kernels of :mod:`prfaas.model.triton_ops` beside them."""
+    return triton_ops.enabled(x) and fla_available() and _fla_recurrent_fwd() is not None
 
 
 def kda_prefill_fused(

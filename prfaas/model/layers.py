@@ -18,13 +18,13 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-def stacked_weight(cache: dict, mods: tuple[nn.Linear, ...]) -> torch.Tensor:
-    """The weights of ``mods`` stacked along the output dim (one GEMM instead of several), kept in
+def stacked_weight(cache: dict, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``weights`` concatenated along dim 0 (one GEMM or kernel instead of several), kept in
     ``cache`` and rebuilt when any of them is replaced or modified in place."""
-    key = tuple((m.weight.data_ptr(), _version(m.weight), m.weight.dtype) for m in mods)
+    key = tuple((w.data_ptr(), _version(w), w.dtype) for w in weights)
     if cache.get("key") != key:
         with torch.no_grad():
-            cache["w"] = torch.cat([m.weight for m in mods]).detach()
+            cache["w"] = torch.cat(weights).detach()
         cache["key"] = key
     return cache["w"]
 
@@ -67,7 +67,7 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if triton_ops.enabled(x):  # one GEMM for gate|up, one kernel for silu(gate) * up
-            w = stacked_weight(self._gate_up, (self.gate_proj, self.up_proj))
+            w = stacked_weight(self._gate_up, (self.gate_proj.weight, self.up_proj.weight))
             return self.down_proj(triton_ops.silu_mul(F.linear(x, w)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

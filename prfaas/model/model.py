@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prfaas.model import kda_ops, triton_ops
+from prfaas.model import kda_ops
 from prfaas.model.batch import CacheTensors, SeqInput
 from prfaas.model.config import ModelConfig
 from prfaas.model.kda import KDAAttention
@@ -171,7 +171,7 @@ class HybridForCausalLM(nn.Module):
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
         parts = [torch.cat([s.token_ids for s in seqs]), new_rows, positions, slots]
         w = self.lm_head.weight
-        fused = bool(dec) and triton_ops.enabled(w) and kda_ops.fused_available(w)
+        fused = bool(dec) and kda_ops.fused_available(w)
         if dec:
             dec_len = torch.tensor([seqs[i].start + 1 for i in dec])
             if fused:  # block tables: the paged kernel reads the latents in place
@@ -267,7 +267,7 @@ class HybridForCausalLM(nn.Module):
         keep = b.valid.bool()[:, None]
         bs = cache.block_size
         arange = torch.arange(bs, device=x.device)
-        fused = triton_ops.enabled(x) and kda_ops.fused_available(x)
+        fused = kda_ops.fused_available(x)
         if not fused:
             rows = (b.block_tables[:, :, None] * bs + arange).view(b.block_tables.shape[0], -1)
         if fused:  # padding rows trail: they get zero tokens and write no state
