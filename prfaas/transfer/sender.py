@@ -69,9 +69,9 @@ class SenderStream:
                 self._staging.append(staging)
                 host = staging[:n].view(t.dtype).view(t.shape)
                 host.copy_(t, non_blocking=True)
-                t = host
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(t.device))  # the stream the copy ran on
+                t = host
             elif not t.is_contiguous():
                 t = t.contiguous()
             tensors.append(t)
