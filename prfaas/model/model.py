@@ -161,15 +161,17 @@ class HybridForCausalLM(nn.Module):
                     f"block table covers {len(s.block_table) * bs} positions, "
                     f"sequence needs {s.start + n}"
                 )
-            pos = torch.arange(s.start + n)
-            bt = torch.as_tensor(s.block_table, dtype=torch.long)
-            rows_cpu.append(bt[pos // bs] * bs + pos % bs)
+            nb = -(-(s.start + n) // bs)  # every row of the blocks in use, cut at the last one
+            bt = torch.as_tensor(s.block_table[:nb], dtype=torch.long)
+            rows_cpu.append((bt[:, None] * bs + torch.arange(bs)).view(-1)[: s.start + n])
         new_rows = torch.cat([r[s.start :] for r, s in zip(rows_cpu, seqs, strict=True)])
         positions = torch.cat(
             [torch.arange(s.start, s.start + n) for s, n in zip(seqs, lens, strict=True)]
         )
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
-        parts = [torch.cat([s.token_ids for s in seqs]), new_rows, positions, slots]
+        last = torch.tensor([o - 1 for o in offs[1:]], dtype=torch.long)
+        parts = [torch.cat([s.token_ids for s in seqs]), new_rows, positions, slots, last]
+        parts += [rows_cpu[i] for i in pre]  # the rows each prefill's attention reads
         w = self.lm_head.weight
         fused = bool(dec) and kda_ops.fused_available(w)
         if dec:
@@ -185,10 +187,13 @@ class HybridForCausalLM(nn.Module):
                     dec_rows[j, : rows_cpu[i].numel()] = rows_cpu[i]
             parts += [dec_len, dec_rows.view(-1), torch.tensor([offs[i] for i in dec])]
         sizes = [t.numel() for t in parts]
+        # one copy before the first kernel: nothing after it waits for the GPU
         moved = torch.cat(parts).to(dev, non_blocking=True).split(sizes)
-        tokens, new_rows, positions, slots = moved[:4]
+        tokens, new_rows, positions, slots, last = moved[:5]
+        pre_rows = dict(zip(pre, moved[5 : 5 + len(pre)], strict=True))
         if dec:
-            dec_len, dec_rows, dec_idx = moved[4], moved[5].view(len(dec), -1), moved[6]
+            m = 5 + len(pre)
+            dec_len, dec_rows, dec_idx = moved[m], moved[m + 1].view(len(dec), -1), moved[m + 2]
             dec_slots = slots[dec_idx.new_tensor(dec)]
             dec_pos = dec_len - 1
         x = self.model.embed_tokens(tokens)
@@ -197,9 +202,10 @@ class HybridForCausalLM(nn.Module):
             dec_cu = torch.arange(len(dec) + 1, device=dev)
 
         delta = None
+        whole = not dec and len(pre) == 1  # one prefill: its outputs are the layer's outputs
         for li, layer in enumerate(self.model.layers):
             x, h = layer.input_norm(x, delta)
-            out = torch.empty_like(h) if pre else None
+            out = torch.empty_like(h) if pre and not whole else None
             ki = self._kind_index[li]
             attn = layer.self_attn
             if layer.kind == "kda":
@@ -227,7 +233,10 @@ class HybridForCausalLM(nn.Module):
                     )
                     st_all[sl] = st[0]
                     cv_all[sl] = cv[0].to(cv_all.dtype)
-                    out[offs[i] : offs[i + 1]] = o[0]
+                    if whole:
+                        out = o[0]
+                    else:
+                        out[offs[i] : offs[i + 1]] = o[0]
             else:
                 flat = cache.mla_kv[ki].view(-1, cache.mla_kv[ki].shape[-1])
                 flat[new_rows] = attn.latent(h, positions).to(flat.dtype)  # all new tokens at once
@@ -246,15 +255,16 @@ class HybridForCausalLM(nn.Module):
                 for i in pre:
                     hs = h[offs[i] : offs[i + 1]]
                     q_nope, q_pe = attn.queries(hs, positions[offs[i] : offs[i + 1]])
-                    lat = flat[rows_cpu[i].to(dev)].to(hs.dtype)
-                    out[offs[i] : offs[i + 1]] = attn.o_proj(
-                        attn.attend_expanded(q_nope, q_pe, lat, seqs[i].start)
-                    )
+                    lat = flat[pre_rows[i]].to(hs.dtype)
+                    o = attn.o_proj(attn.attend_expanded(q_nope, q_pe, lat, seqs[i].start))
+                    if whole:
+                        out = o
+                    else:
+                        out[offs[i] : offs[i + 1]] = o
             if layer_callback is not None:
                 layer_callback(li)
             x, h = layer.post_attention_layernorm.add_forward(x, out)
             delta = layer.mlp_out(h)
-        last = torch.tensor([o - 1 for o in offs[1:]], device=dev)
         return self.lm_head(self.model.norm((x + delta)[last])).float()
 
     # ----- decode with static shapes (CUDA-graph capturable) -----------------------------------
