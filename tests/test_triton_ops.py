@@ -106,3 +106,26 @@ def test_conv_update_matches_kda_conv(state_dtype):
         )
     for s in (1, 3, 5):  # untouched: never named, or a padding row's slot
         assert torch.equal(state[s], before[s])
+
+
+@pytest.mark.parametrize("n", [1, 2, 37])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_causal_conv_matches_kda_conv(n, with_state):
+    """A prefill chunk through KDAAttention._conv vs the kernel reading the projection's strided
+    output: outputs as contiguous q/k/v planes, and the carried state (chunks shorter than the
+    kernel take part of it from the previous state)."""
+    model = build_model("tiny", seed=0)
+    attn = next(m.self_attn for m in model.model.layers if m.kind == "kda")
+    W, k = attn.W, attn.kernel
+    g = torch.Generator().manual_seed(n)
+    B = 2
+    big = torch.randn(B, n, 3 * W + 7, generator=g)
+    x = big[..., : 3 * W]  # strided rows
+    state = torch.randn(B, 3 * W, k - 1, generator=g) if with_state else None
+    ref_state = state if with_state else torch.zeros(B, 3 * W, k - 1)
+    want_y, want_st = attn._conv(x, ref_state)
+    y, fin = triton_ops.causal_conv(x, attn._conv_weight(), state, parts=3)
+    assert y.shape == (3, B, n, W) and y.is_contiguous()
+    got = y.permute(1, 2, 0, 3).reshape(B, n, 3 * W)
+    torch.testing.assert_close(got, want_y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fin, want_st)

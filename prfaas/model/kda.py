@@ -105,25 +105,15 @@ class KDAAttention(nn.Module):
     def _forward_fused(
         self, x: torch.Tensor, state: torch.Tensor | None, conv_state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``forward`` for a prefill chunk on the GPU: fla's causal conv (SiLU fused) and chunked
-        KDA with the gate, beta sigmoid and q/k L2 norm inside the kernels; fused gated norm."""
-        from fla.modules.causal_conv1d import causal_conv1d  # type: ignore[import-not-found]
-
+        """``forward`` for a prefill chunk on the GPU: the causal conv (SiLU fused) reads the
+        in-projection's output in place and writes q, k, v contiguous; chunked KDA with the gate,
+        beta sigmoid and q/k L2 norm inside fla's kernels; fused gated norm."""
         B, n, _ = x.shape
         W, D, H, k1 = self.W, self.D, self.H, self.kernel - 1
         qkv, fa, ga, bb = F.linear(x, self._in_weight()).split([3 * W, D, D, H], -1)
-        # fla's conv state holds `kernel` inputs (the oldest unused on input); ours kernel - 1
-        init = None
-        if conv_state is not None:
-            init = F.pad(conv_state.reshape(B, 3 * W, k1).to(x.dtype), (1, 0)).contiguous()
-        y, fin = causal_conv1d(
-            qkv,
-            weight=self._conv_weight(),
-            initial_state=init,
-            output_final_state=True,
-            activation="silu",
-        )
-        q, k, v = (t.reshape(B, n, H, D) for t in y.split(W, -1))
+        init = None if conv_state is None else conv_state.reshape(B, 3 * W, k1)
+        y, fin = triton_ops.causal_conv(qkv, self._conv_weight(), init, parts=3)
+        q, k, v = (t.view(B, n, H, D) for t in y)
         o, new_state = kda_ops.kda_prefill_fused(
             q,
             k,
@@ -137,8 +127,7 @@ class KDAAttention(nn.Module):
         )
         gate = self.g_b_proj(ga).view(B, n, H, D)
         of = triton_ops.rms_norm_gated(o, gate, self.o_norm.weight, self.o_norm.eps, x.dtype)
-        new_conv = fin[..., 1:].reshape(B, 3, W, k1)
-        return self.o_proj(of.reshape(B, n, W)), new_state, new_conv
+        return self.o_proj(of.reshape(B, n, W)), new_state, fin.view(B, 3, W, k1)
 
     def decode_slots(
         self,

@@ -4,7 +4,10 @@
 * :func:`rms_norm_gated` — KDA's output norm times a sigmoid gate;
 * :func:`silu_mul` — SwiGLU's ``silu(gate) * up`` over the fused gate|up projection;
 * :func:`conv_update` — one decode step of KDA's causal depthwise convolutions, reading and
-  updating the per-request conv state in its cache slot in place (padding rows write nothing).
+  updating the per-request conv state in its cache slot in place (padding rows write nothing);
+* :func:`causal_conv` — the same convolutions over a prefill chunk, reading the in-projection's
+  strided output in place and writing q, k and v as contiguous planes (no copies before the
+  chunked KDA kernels, which need contiguous inputs).
 
 Each replaces several elementwise PyTorch kernels (and their fp32 round trips through memory) with
 one. :func:`enabled` decides per tensor: CUDA tensors, Triton importable, ``PRFAAS_DISABLE_FLA``
@@ -25,7 +28,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
 
-__all__ = ["conv_update", "enabled", "rms_norm", "rms_norm_gated", "silu_mul"]
+__all__ = ["causal_conv", "conv_update", "enabled", "rms_norm", "rms_norm_gated", "silu_mul"]
 
 
 def enabled(x: Tensor) -> bool:
@@ -141,6 +144,58 @@ if triton is not None:
         dst = (ch // width) * (tl.num_programs(0) * width) + b * width + ch % width
         tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _causal_conv_kernel(
+        x_ptr,
+        state_ptr,
+        w_ptr,
+        y_ptr,
+        fin_ptr,
+        stride_xb,
+        stride_xt,
+        N,
+        C,
+        PARTS,
+        HAS_STATE: tl.constexpr,
+        KERNEL: tl.constexpr,
+        BT: tl.constexpr,
+        BC: tl.constexpr,
+    ):
+        pt, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        t = pt * BT + tl.arange(0, BT)
+        ch = pc * BC + tl.arange(0, BC)
+        mc = ch < C
+        xb = x_ptr + b * stride_xb
+        sb = state_ptr + b * C * (KERNEL - 1)
+        # y[t] = sum_j w[:, j] * input[t - (KERNEL-1) + j]; inputs before 0 come from the state
+        acc = tl.zeros((BT, BC), dtype=tl.float32)
+        for j in tl.static_range(KERNEL):
+            src = t - (KERNEL - 1) + j
+            m = (src >= 0)[:, None] & (src < N)[:, None] & mc[None, :]
+            v = tl.load(xb + src[:, None].to(tl.int64) * stride_xt + ch[None, :], mask=m, other=0.0)
+            v = v.to(tl.float32)
+            if HAS_STATE:
+                ms = (src < 0)[:, None] & (t < N)[:, None] & mc[None, :]
+                sv = tl.load(sb + ch[None, :] * (KERNEL - 1) + (src[:, None] + KERNEL - 1), mask=ms)
+                v += tl.where(ms, sv.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            acc += v * tl.load(w_ptr + ch * KERNEL + j, mask=mc, other=0.0).to(tl.float32)[None, :]
+        y = acc * tl.sigmoid(acc)
+        width = C // PARTS
+        dst = (ch // width).to(tl.int64)[None, :] * (tl.num_programs(2) * N * width)
+        dst += (b * N + t.to(tl.int64))[:, None] * width + (ch % width)[None, :]
+        tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=(t < N)[:, None] & mc[None, :])
+        if pt == tl.num_programs(0) - 1:  # the new state: the last KERNEL - 1 inputs
+            for i in tl.static_range(KERNEL - 1):
+                src = N - (KERNEL - 1) + i
+                if src >= 0:
+                    v = tl.load(xb + src * stride_xt + ch, mask=mc, other=0.0)
+                elif HAS_STATE:
+                    v = tl.load(sb + ch * (KERNEL - 1) + N + i, mask=mc, other=0.0)
+                    v = v.to(x_ptr.dtype.element_ty)
+                else:
+                    v = tl.zeros((BC,), dtype=x_ptr.dtype.element_ty)
+                tl.store(fin_ptr + b * C * (KERNEL - 1) + ch * (KERNEL - 1) + i, v, mask=mc)
+
 
 def rms_norm(
     x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
@@ -233,3 +288,47 @@ def conv_update(
             BLOCK=block,
         )
     return y
+
+
+def causal_conv(
+    x: Tensor, weight: Tensor, state: Tensor | None, parts: int
+) -> tuple[Tensor, Tensor]:
+    """A causal depthwise conv with SiLU over a chunk, carrying state.
+
+    x (B, n, C), unit stride along C (rows may be strided: a slice of a wider projection);
+    weight (C, kernel); state (B, C, kernel-1), the previous inputs oldest first (None: zeros).
+    Returns ``(y, new_state)``: y (parts, B, n, C / parts), the outputs as contiguous planes, and
+    new_state (B, C, kernel-1), the chunk's last inputs (in x's dtype)."""
+    _require()
+    B, n, C = x.shape
+    kernel = weight.shape[1]
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    if state is not None:
+        if state.shape != (B, C, kernel - 1):
+            raise ValueError(
+                f"conv state must be ({B}, {C}, {kernel - 1}), got {tuple(state.shape)}"
+            )
+        state = state.contiguous()
+    y = torch.empty((parts, B, n, C // parts), dtype=x.dtype, device=x.device)
+    fin = torch.empty((B, C, kernel - 1), dtype=x.dtype, device=x.device)
+    bt, bc = 32, 128
+    if B and n:
+        _causal_conv_kernel[(triton.cdiv(n, bt), triton.cdiv(C, bc), B)](
+            x,
+            state if state is not None else fin,
+            weight.contiguous(),
+            y,
+            fin,
+            x.stride(0),
+            x.stride(1),
+            n,
+            C,
+            parts,
+            HAS_STATE=state is not None,
+            KERNEL=kernel,
+            BT=bt,
+            BC=bc,
+            num_warps=4,
+        )
+    return y, fin
