@@ -30,7 +30,14 @@ class _StubGraphs:
     def __init__(self, vocab: int) -> None:
         self.vocab = vocab
 
-    def run(self, packed: torch.Tensor, batch: int, blocks: int, cache: object) -> torch.Tensor:
+    def run(
+        self,
+        packed: torch.Tensor,
+        batch: int,
+        blocks: int,
+        cache: object,
+        device_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return torch.zeros(batch, self.vocab)
 
 

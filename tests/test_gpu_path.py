@@ -130,7 +130,9 @@ def test_runner_sends_prefill_and_streaming_steps_to_model_step(tiny_model):
 
 def test_engine_tokens_equal_with_and_without_the_decode_path(tiny_model):
     def run(static):
-        eng = LLMEngine(EngineConfig(model="tiny", max_num_seqs=4), model=tiny_model)
+        # the reference: the model's own step (which takes no device tokens: not pipelined)
+        cfg = EngineConfig(model="tiny", max_num_seqs=4, async_decode=static)
+        eng = LLMEngine(cfg, model=tiny_model)
         if not static:
             eng.runner.step = tiny_model.step
         ids = [

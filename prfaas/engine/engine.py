@@ -53,7 +53,7 @@ class EngineConfig:
     # greedy decode-only steps: launch step k+1 (its input tokens taken on the device from step k)
     # before step k's tokens are read back, so the host's work overlaps the GPU's; outputs come
     # one step() call later
-    async_decode: bool = False
+    async_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -353,14 +353,16 @@ class LLMEngine:
         """The model inputs of ``batch``: each request's next ``n`` tokens at its next position;
         ``ahead``: one position further, the token not known on the host yet (a placeholder)."""
         now = time.monotonic()
-        seqs = []
+        toks: list[int] = []
         for req, n in batch:
             if req.metrics.first_scheduled is None:
                 req.metrics.first_scheduled = now
-            start = req.num_computed + ahead
-            toks = [0] * n if ahead else req.token_slice(start, n)
-            seqs.append(SeqInput(torch.tensor(toks), start, req.cache.blocks, req.cache.slot))
-        return seqs
+            toks += [0] * n if ahead else req.token_slice(req.num_computed, n)
+        ids = torch.tensor(toks).split([n for _, n in batch])  # one tensor, a view per request
+        return [
+            SeqInput(t, req.num_computed + ahead, req.cache.blocks, req.cache.slot)
+            for (req, _), t in zip(batch, ids, strict=True)
+        ]
 
     def _append_token(self, req: Request, tok: int) -> RequestOutput:
         req.output.append(tok)

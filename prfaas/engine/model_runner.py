@@ -50,18 +50,23 @@ def pack_decode(
     buf = np.zeros(batch * (5 + blocks), dtype=np.int64)
     tokens, slots, new_rows, lengths, valid = buf[: 5 * batch].reshape(5, batch)
     tables = buf[5 * batch :].reshape(batch, blocks)
-    for i, s in enumerate(seqs):
-        bt, nb = s.block_table, s.start // bs + 1  # blocks of positions 0..start
+    # whole columns at once; the loop only copies block tables (this runs every decode step)
+    starts = [s.start for s in seqs]
+    tokens[:n] = torch.cat([s.token_ids for s in seqs]).numpy()
+    slots[:n] = [s.slot for s in seqs]
+    last = []
+    for i, (s, start) in enumerate(zip(seqs, starts, strict=True)):
+        bt, nb = s.block_table, start // bs + 1  # blocks of positions 0..start
         if len(bt) < nb or nb > blocks:
             raise ValueError(
-                f"row {i}: position {s.start} needs {nb} blocks; the table has {len(bt)}, "
+                f"row {i}: position {start} needs {nb} blocks; the table has {len(bt)}, "
                 f"the bucket {blocks}"
             )
-        tokens[i] = int(s.token_ids[0])
-        slots[i] = s.slot
-        new_rows[i] = bt[nb - 1] * bs + s.start % bs
-        lengths[i] = s.start + 1
         tables[i, :nb] = bt[:nb]
+        last.append(bt[nb - 1])
+    st = np.asarray(starts, dtype=np.int64)
+    new_rows[:n] = np.asarray(last, dtype=np.int64) * bs + st % bs
+    lengths[:n] = st + 1
     valid[:n] = 1
     if batch > n:
         used_slots, used_rows = set(slots[:n].tolist()), set(new_rows[:n].tolist())
