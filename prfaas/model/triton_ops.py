@@ -154,47 +154,55 @@ if triton is not None:
         stride_xb,
         stride_xt,
         N,
-        C,
-        PARTS,
         HAS_STATE: tl.constexpr,
         KERNEL: tl.constexpr,
+        PARTS: tl.constexpr,
+        WIDTH: tl.constexpr,
         BT: tl.constexpr,
         BC: tl.constexpr,
     ):
+        # program (time tile, channel tile, sequence); a channel tile lies inside one plane, so
+        # loads and stores stay contiguous along channels
         pt, pc, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        C: tl.constexpr = PARTS * WIDTH
+        plane = pc // (WIDTH // BC)
+        inner = (pc % (WIDTH // BC)) * BC + tl.arange(0, BC)
+        ch = plane * WIDTH + inner
         t = pt * BT + tl.arange(0, BT)
-        ch = pc * BC + tl.arange(0, BC)
-        mc = ch < C
+        tm = t < N
         xb = x_ptr + b * stride_xb
         sb = state_ptr + b * C * (KERNEL - 1)
         # y[t] = sum_j w[:, j] * input[t - (KERNEL-1) + j]; inputs before 0 come from the state
         acc = tl.zeros((BT, BC), dtype=tl.float32)
         for j in tl.static_range(KERNEL):
             src = t - (KERNEL - 1) + j
-            m = (src >= 0)[:, None] & (src < N)[:, None] & mc[None, :]
-            v = tl.load(xb + src[:, None].to(tl.int64) * stride_xt + ch[None, :], mask=m, other=0.0)
-            v = v.to(tl.float32)
-            if HAS_STATE:
-                ms = (src < 0)[:, None] & (t < N)[:, None] & mc[None, :]
-                sv = tl.load(sb + ch[None, :] * (KERNEL - 1) + (src[:, None] + KERNEL - 1), mask=ms)
-                v += tl.where(ms, sv.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
-            acc += v * tl.load(w_ptr + ch * KERNEL + j, mask=mc, other=0.0).to(tl.float32)[None, :]
+            m = ((src >= 0) & (src < N))[:, None]
+            xv = tl.load(
+                xb + src[:, None].to(tl.int64) * stride_xt + ch[None, :], mask=m, other=0.0
+            )
+            xv = xv.to(tl.float32)
+            if HAS_STATE:  # noqa: SIM102 (constexpr, then runtime: two ifs in Triton)
+                if pt * BT < KERNEL - 1:  # only the first tile reaches back into the state
+                    ms = ((src < 0) & tm)[:, None]
+                    sv = tl.load(
+                        sb + ch[None, :] * (KERNEL - 1) + (src[:, None] + KERNEL - 1), mask=ms
+                    )
+                    xv += tl.where(ms, sv.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            acc += xv * tl.load(w_ptr + ch * KERNEL + j).to(tl.float32)[None, :]
         y = acc * tl.sigmoid(acc)
-        width = C // PARTS
-        dst = (ch // width).to(tl.int64)[None, :] * (tl.num_programs(2) * N * width)
-        dst += (b * N + t.to(tl.int64))[:, None] * width + (ch % width)[None, :]
-        tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=(t < N)[:, None] & mc[None, :])
+        dst = y_ptr + plane.to(tl.int64) * (tl.num_programs(2) * N * WIDTH)
+        dst += (b * N + t.to(tl.int64))[:, None] * WIDTH + inner[None, :]
+        tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=tm[:, None])
         if pt == tl.num_programs(0) - 1:  # the new state: the last KERNEL - 1 inputs
             for i in tl.static_range(KERNEL - 1):
-                src = N - (KERNEL - 1) + i
-                if src >= 0:
-                    v = tl.load(xb + src * stride_xt + ch, mask=mc, other=0.0)
+                at = N - (KERNEL - 1) + i
+                if at >= 0:
+                    last = tl.load(xb + at * stride_xt + ch)
                 elif HAS_STATE:
-                    v = tl.load(sb + ch * (KERNEL - 1) + N + i, mask=mc, other=0.0)
-                    v = v.to(x_ptr.dtype.element_ty)
+                    last = tl.load(sb + ch * (KERNEL - 1) + N + i).to(x_ptr.dtype.element_ty)
                 else:
-                    v = tl.zeros((BC,), dtype=x_ptr.dtype.element_ty)
-                tl.store(fin_ptr + b * C * (KERNEL - 1) + ch * (KERNEL - 1) + i, v, mask=mc)
+                    last = tl.zeros((BC,), dtype=x_ptr.dtype.element_ty)
+                tl.store(fin_ptr + b * C * (KERNEL - 1) + ch * (KERNEL - 1) + i, last)
 
 
 def rms_norm(
@@ -310,11 +318,17 @@ def causal_conv(
                 f"conv state must be ({B}, {C}, {kernel - 1}), got {tuple(state.shape)}"
             )
         state = state.contiguous()
-    y = torch.empty((parts, B, n, C // parts), dtype=x.dtype, device=x.device)
+    width = C // parts
+    if width * parts != C:
+        raise ValueError(f"{C} channels do not split into {parts} planes")
+    y = torch.empty((parts, B, n, width), dtype=x.dtype, device=x.device)
     fin = torch.empty((B, C, kernel - 1), dtype=x.dtype, device=x.device)
-    bt, bc = 32, 128
+    bc = 128
+    while width % bc:  # a channel tile must not straddle two planes
+        bc //= 2
+    bt = max(16, 4096 // bc)
     if B and n:
-        _causal_conv_kernel[(triton.cdiv(n, bt), triton.cdiv(C, bc), B)](
+        _causal_conv_kernel[(triton.cdiv(n, bt), C // bc, B)](
             x,
             state if state is not None else fin,
             weight.contiguous(),
@@ -323,10 +337,10 @@ def causal_conv(
             x.stride(0),
             x.stride(1),
             n,
-            C,
-            parts,
             HAS_STATE=state is not None,
             KERNEL=kernel,
+            PARTS=parts,
+            WIDTH=width,
             BT=bt,
             BC=bc,
             num_warps=4,
