@@ -342,3 +342,20 @@ def test_hopper_config_compiles_and_fits():
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["shared"] <= 227 * 1024 // 2 - 1024, res  # two programs per SM
     assert res["double_buffered"], "the latent tile is no longer double-buffered: retune stages"
+
+
+@pytest.mark.usefixtures("interpreter")
+def test_kernels_compile_for_sm90(monkeypatch):
+    """Both kernels, with and without split-K, compile for an H100 (see test_triton_compile.py)."""
+    from test_triton_compile import check_compiles
+
+    def run():
+        q_lat, q_pe, cache, bt, lens, scale = _case(
+            2, 4, 64, 16, 16, [40, 17], dtype=torch.bfloat16
+        )
+        for splits in (1, 2):
+            mp.paged_mla_decode(
+                q_lat.bfloat16(), q_pe.bfloat16(), cache, bt, lens, 16, scale, num_splits=splits
+            )
+
+    check_compiles(monkeypatch, mp, run, min_kernels=2)
