@@ -112,6 +112,18 @@ def bench_prefill(cfg_kw: dict, T: int, reps: int, model=None) -> tuple[float, L
     return min(times), eng
 
 
+def start_decodes(eng: LLMEngine, B: int, ctx: int, max_tokens: int) -> None:
+    """Add ``B`` greedy requests with ``ctx``-token prompts and run their prefills, so that the
+    next steps are decode-only steps of all ``B`` rows."""
+    for b in range(B):
+        eng.add_request(
+            [(b + 3 * i) % 250 for i in range(ctx)],
+            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+        )
+    while any(r.in_prefill for r in eng.running) or eng.waiting:
+        eng.step()
+
+
 def bench_decode(
     cfg_kw: dict,
     B: int,
@@ -134,13 +146,7 @@ def bench_decode(
             num_blocks=B * (-(-(ctx + steps + 8) // 16)) + 8,
         ),
     )
-    for b in range(B):
-        eng.add_request(
-            [(b + 3 * i) % 250 for i in range(ctx)],
-            SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True),
-        )
-    while any(r.in_prefill for r in eng.running) or eng.waiting:
-        eng.step()
+    start_decodes(eng, B, ctx, max_tokens=steps + 2)
     for _ in range(2):
         eng.step()  # warm-up decode steps
     sync(eng.device)

@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.engine import start_decodes  # noqa: E402
 from benchmarks.machine import cpu_model  # noqa: E402
-from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from prfaas import EngineConfig, LLMEngine  # noqa: E402
 
 
 class _StubGraphs:
@@ -56,13 +57,7 @@ def host_step_seconds(batch: int, ctx: int, steps: int, pipelined: bool = True) 
     vocab = eng.model_config.vocab_size
     eng.runner.model.step = lambda seqs, cache, cb=None: torch.zeros(len(seqs), vocab)
     eng.runner.graphs, eng.runner.pad = _StubGraphs(vocab), True
-    for b in range(batch):
-        eng.add_request(
-            [(b + 3 * i) % 250 for i in range(ctx)],
-            SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True),
-        )
-    while any(r.in_prefill for r in eng.running) or eng.waiting:
-        eng.step()
+    start_decodes(eng, batch, ctx, max_tokens=steps + 8)
     for _ in range(3):
         eng.step()
     t0 = time.perf_counter()
