@@ -1,17 +1,12 @@
 """prfaas: Prefill-as-a-Service for hybrid-attention (KDA + MLA) language models.
 
-The engine's names (``LLM``, ``EngineConfig``, ``LLMEngine``, ``RequestOutput``,
-``SamplingParams``) are loaded on first use, so that importing a torch-free part of the package
-(the gateway, the planner, the CLI's help) does not import torch.
+The engine names below load on first use, so importing a subpackage (``prfaas.transfer``,
+``prfaas.scheduling``) does not load the engine or torch.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover
-    from prfaas.engine import LLM, EngineConfig, LLMEngine, RequestOutput, SamplingParams
+from typing import Any
 
 __all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
@@ -19,5 +14,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        return getattr(importlib.import_module("prfaas.engine"), name)
+        import prfaas.engine
+
+        return getattr(prfaas.engine, name)
     raise AttributeError(f"module 'prfaas' has no attribute {name!r}")

@@ -13,8 +13,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "prfaas"
 
@@ -160,23 +158,18 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-# the one arrow that runs back up (transfer/streaming.py -> engine), removed by issue #15 item 3
-# on its own branch: drop this and the xfail below once main has it
-KNOWN_BACK_EDGES = {("prfaas.transfer", "prfaas.engine")}
-
-
-def _package_graph(drop: set[tuple[str, str]] = frozenset()) -> dict[str, set[str]]:
+def _package_graph() -> dict[str, set[str]]:
     pg: dict[str, set[str]] = defaultdict(set)
     for mod, deps in _graph().items():
         for d in deps:
             a, b = _package(mod), _package(d)
-            if a != b and (a, b) not in drop and b != "prfaas":
+            if a != b and b != "prfaas":
                 pg[a].add(b)
     return pg
 
 
 def test_no_import_cycles_between_packages():
-    assert _cycles(_package_graph(KNOWN_BACK_EDGES)) == []
+    assert _cycles(_package_graph()) == []
 
 
 def _module_cycles() -> list[list[str]]:
@@ -186,23 +179,14 @@ def _module_cycles() -> list[list[str]]:
     return _cycles(graph)
 
 
-def _in_transfer(cycle: list[str]) -> bool:
-    return all(m.startswith("prfaas.transfer.") for m in cycle)
-
-
 def test_no_import_cycles_between_modules():
-    # the transfer backends' registry circle is #15 item 3's (see the xfail below)
-    assert [c for c in _module_cycles() if not _in_transfer(c)] == []
+    assert _module_cycles() == []
 
 
-@pytest.mark.xfail(
-    reason="transfer/streaming.py imports the engine and transfer/backend.py is also the "
-    "backends' registry until #15 item 3 lands"
-)
 def test_transfer_imports_neither_engine_nor_server():
     pg = _package_graph()
+    assert pg["prfaas.transfer"], "the graph lost the transfer package"
     assert not pg["prfaas.transfer"] & {"prfaas.engine", "prfaas.server"}
-    assert [c for c in _module_cycles() if _in_transfer(c)] == []
 
 
 def test_gateway_imports_no_node_engine_or_transfer():

@@ -19,7 +19,7 @@ from prfaas.config_file import build_dataclass, read_mapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from prfaas.engine import EngineConfig
-    from prfaas.transfer.link import LinkSpec
+    from prfaas.transfer.link import LinkShaperSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "deploy_local.yaml"
 NODE_ROLES = ("prefill", "decode")
@@ -61,10 +61,10 @@ class LinkConfig:
     rtt_ms: float = 0.0
     schedule: list[tuple[float, float]] = field(default_factory=list)  # (t_s, gbps) segments
 
-    def spec(self) -> LinkSpec:
-        from prfaas.transfer.link import LinkSpec
+    def spec(self) -> LinkShaperSpec:
+        from prfaas.transfer.link import LinkShaperSpec
 
-        return LinkSpec(
+        return LinkShaperSpec(
             self.gbps, self.rtt_ms, tuple((float(t), float(g)) for t, g in self.schedule)
         )
 

@@ -11,15 +11,14 @@ retried every engine loop.  Events go to the stream as protocol messages (``read
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import queue
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from prfaas.cache.hybrid import CacheFull
 from prfaas.engine import LLMEngine, RequestOutput, SamplingParams
+from prfaas.kv.layout import CacheLayout
 from prfaas.server.config import DeployConfig, NodeConfig
 from prfaas.server.node.engine_worker import EngineWorker
 from prfaas.server.node.wire import engine_params, wall_time
@@ -34,8 +33,8 @@ from prfaas.server.protocol import (
     TokenEvent,
     event_line,
 )
-from prfaas.transfer.backend import Delivery, TransferFailure, create_receiver
-from prfaas.transfer.layout import CacheLayout
+from prfaas.transfer.backend import Delivery, TransferFailure
+from prfaas.transfer.registry import create_receiver
 
 log = logging.getLogger("prfaas.server.node")
 
@@ -165,21 +164,11 @@ class DecodeSide:
         return exp is not None
 
     # ---- deliveries -------------------------------------------------------------------------
-    def _on_delivery(self, d: Delivery) -> None:  # receiver thread
-        self._drain_receiver_queue()
+    def _on_delivery(self, d: Delivery) -> None:  # receiver thread (its one delivery path)
         self.worker.call(lambda eng: self._import(eng, d))
 
     def _on_failure(self, f: TransferFailure) -> None:
-        self._drain_receiver_queue()
         log.warning("KV transfer failed for %s: %s", f.request_id, f.error)
-
-    def _drain_receiver_queue(self) -> None:
-        """The receiver also puts every item it hands to our callbacks on its ``deliveries``
-        queue, which nobody reads here: take one out per callback so it does not keep every
-        request's receive buffer alive."""
-        if self.receiver is not None:
-            with contextlib.suppress(queue.Empty):
-                self.receiver.deliveries.get_nowait()
 
     def _import(self, eng: LLMEngine, d: Delivery) -> None:  # engine thread
         h = d.export.header

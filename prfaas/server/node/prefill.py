@@ -15,13 +15,13 @@ import time
 from typing import Any
 
 from prfaas.engine import LLMEngine, RequestOutput
+from prfaas.kv.layout import CacheLayout
 from prfaas.server.config import ClusterConfig, DeployConfig, NodeConfig
 from prfaas.server.node.engine_worker import EngineWorker
 from prfaas.server.node.wire import engine_marks, engine_params
 from prfaas.server.protocol import LinkReading, NodeCounters, PrefillRequest, PrefillResult
-from prfaas.transfer.backend import create_sender
 from prfaas.transfer.errors import TransferError
-from prfaas.transfer.layout import CacheLayout
+from prfaas.transfer.registry import create_sender
 
 
 class PrefillSide:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prfaas.cache.hashing import hash_chain
-from prfaas.cache.store_tier import CacheLayout, KVStore, StoreTier
+from prfaas.cache.store_tier import KVStore, StoreBlockLayout, StoreTier
 from prfaas.engine import LLMEngine
 from prfaas.server.config import ClusterConfig, DeployConfig, NodeConfig
 from prfaas.server.node.engine_worker import EngineWorker
@@ -69,7 +69,7 @@ class NodeCacheEvents:
 
 
 def copy_prefix(
-    src: KVStore, dst: KVStore, layout: CacheLayout, prompt: Sequence[int], tokens: int
+    src: KVStore, dst: KVStore, layout: StoreBlockLayout, prompt: Sequence[int], tokens: int
 ) -> int:
     """Copy the pooled blocks of ``prompt[:tokens]`` and the state checkpoint at ``tokens`` from the
     source cluster's pool to ``dst``; returns bytes copied (0 if the source lacks any piece: the
@@ -168,7 +168,7 @@ class PrefixPool:
         t0 = time.time()
 
         def copy(eng: LLMEngine) -> int:
-            lay = CacheLayout.of(eng.cache)
+            lay = StoreBlockLayout.of(eng.cache)
             return copy_prefix(self._pool(src), self._pool(self.cluster.name), lay, prompt, tokens)
 
         n = await self.worker.acall(copy)
