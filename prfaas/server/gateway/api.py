@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
@@ -23,6 +23,7 @@ from prfaas.server.gateway.handover import DecodeFailed, Generation
 from prfaas.server.gateway.openai_protocol import APIError, GenerationRequest, parse_request
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
+from prfaas.server.streaming import ClosingStreamingResponse, unless_disconnected
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -61,7 +62,11 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
 
     @app.get("/admin/nodes")
     async def admin_nodes() -> dict[str, Any]:
-        return {"nodes": router.nodes_info(), "threshold": router.policy.threshold}
+        return {
+            "nodes": router.nodes_info(),
+            "threshold": router.policy.threshold,
+            "inflight": router.admission.inflight,
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -84,14 +89,26 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                 code="model_not_found",
             )
         prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+        # the client may go away at any time: before the answer, that cancels the work (its
+        # clean-up aborts the request on its nodes and releases its admission slot)
+        answered, resp = await unless_disconnected(request, respond(req, kind, prompt))
+        if answered:
+            return resp
+        if isinstance(resp, ClosingStreamingResponse) and resp.on_close is not None:
+            resp.on_close(False)  # made just as the client left: never sent
+        return Response(status_code=499)
+
+    async def respond(req: GenerationRequest, kind: str, prompt: list[int]) -> Response:
         gen = await router.generate(prompt, req.params)
         headers = gen.route.headers()
         if req.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 _sse(gen, req, kind, served, len(prompt), tokenizer),
+                on_close=lambda completed: gen.close("ok" if completed else "cancelled"),
                 media_type="text/event-stream",
                 headers=headers,
             )
+        outcome = "cancelled"
         try:
             asm = TextAssembler(tokenizer, req.stop)
             finish = None
@@ -104,11 +121,12 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                     if ev.finished:
                         finish = ev.finish_reason
             except DecodeFailed as e:
-                await gen.close("decode_failed")
+                outcome = "decode_failed"
                 raise APIError(502, str(e), "server_error", code="decode_node_failed") from None
             asm.finish()
+            outcome = "ok"
         finally:
-            await gen.close()
+            gen.close(outcome)
         return JSONResponse(
             _final_body(gen, kind, served, asm.text, finish, len(prompt), asm.ids), headers=headers
         )
@@ -195,10 +213,12 @@ def _sse_line(obj: dict[str, Any]) -> str:
 async def _sse(
     gen: Generation, req: GenerationRequest, kind: str, model: str, n_prompt: int, tokenizer: Any
 ) -> AsyncIterator[str]:
+    """The SSE events of one response; the response's ``on_close`` releases ``gen`` whatever
+    happens (closed here first with the outcome when the stream ends by itself)."""
     asm = TextAssembler(tokenizer, req.stop)
     first = True
     finish = None
-    outcome = "ok"
+    outcome = "cancelled"
     try:
         try:
             async for ev in gen.events():
@@ -218,10 +238,11 @@ async def _sse(
                 if text or first:
                     yield _sse_line(_chunk(gen, kind, model, text, None, first))
                     first = False
+            outcome = "ok"
         except DecodeFailed as e:
             outcome = "decode_failed"
             err = APIError(502, str(e), "server_error", code="decode_node_failed")
             yield _sse_line({**err.body(), "prfaas": _prfaas_field(gen, asm.ids)})
         yield "data: [DONE]\n\n"
     finally:
-        await gen.close(outcome)
+        gen.close(outcome)
