@@ -20,7 +20,7 @@ PKG = ROOT / "prfaas"
 _PROBE = """
 import json, sys
 {body}
-heavy = sorted(m for m in ("torch", "triton", "prfaas.engine", "prfaas.transfer") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "triton", "prfaas.engine", "prfaas.server.node") if m in sys.modules)
 print("PROBE" + json.dumps(heavy))
 """
 
