@@ -116,7 +116,7 @@ def test_chat_template():
     assert apply_chat_template(msgs) == "<|system|>\nS\n<|user|>\nab\n<|assistant|>\n"
     with pytest.raises(APIError, match="role"):
         apply_chat_template([{"role": "wizard", "content": "x"}])
-    with pytest.raises(APIError, match="text parts"):
+    with pytest.raises(APIError, match="content.0.type"):
         apply_chat_template([{"role": "user", "content": [{"type": "image_url"}]}])
 
 
