@@ -177,7 +177,9 @@ class ClusterObserver:
             self._assigned.append([0] * n)
             self._up.append([True] * n)
             self._switching.append([None] * n)
-            cstates[spec.name] = ClusterState(spec.name, spec.kind, pre, dec, spec.prefix, roles)
+            cstates[spec.name] = ClusterState(
+                spec.name, spec.kind, pre, dec, spec.prefix, roles, self._switching[-1]
+            )
         self.monitors: dict[tuple[str, str], LinkMonitor] = {}
         lstates: dict[tuple[str, str], LinkState] = {}
         for lk in links:

@@ -109,6 +109,7 @@ class ClusterState:
     decode: DecodePool | None = None
     prefix: PrefixIndex | None = None
     roles: list[Role] = field(default_factory=list)  # PD cluster: current role per node
+    switching: list[Role | None] = field(default_factory=list)  # role a node drains towards
 
 
 @dataclass(slots=True)
