@@ -48,6 +48,42 @@ from prfaas.scheduling.types import (
 TABLE_STEP = 16  # tokens between the points of a prefill-time table
 
 
+def state_dict(state: SystemState) -> dict:
+    """A plain, comparable (and JSON-able, ``inf`` aside) copy of a :class:`SystemState`."""
+    out: dict = {"now": state.now, "recent_uncached": list(state.recent_uncached), "clusters": {}}
+    for name, c in state.clusters.items():
+        d: dict = {"kind": c.kind, "roles": [r.value for r in c.roles]}
+        d["switching"] = [None if r is None else r.value for r in c.switching]
+        if c.prefill is not None:
+            p = c.prefill
+            d["prefill"] = {
+                "busy_until": list(p.busy_until),
+                "queue_reqs": list(p.queue_reqs),
+                "queue_tokens": list(p.queue_tokens),
+            }
+        if c.decode is not None:
+            q = c.decode
+            d["decode"] = {
+                "slots_used": list(q.slots_used),
+                "waiting": list(q.waiting),
+                "bs_max": list(q.bs_max),
+                "load": list(q.load),
+            }
+        if c.prefix is not None and hasattr(c.prefix, "_blocks"):
+            d["prefix_blocks"] = list(c.prefix._blocks.items())  # noqa: SLF001
+        out["clusters"][name] = d
+    out["links"] = {
+        f"{s}->{t}": {
+            "capacity_gbps": ls.capacity_gbps,
+            "throughput_gbps": ls.throughput_gbps,
+            "bytes_in_flight": ls.bytes_in_flight,
+            "busy_fraction": ls.busy_fraction,
+        }
+        for (s, t), ls in state.links.items()
+    }
+    return out
+
+
 def length_table(fn: Callable, max_len: int) -> Callable[[int], float]:
     """Fast scalar version of a vectorised length function: a 16-token grid with linear
     interpolation up to ``max_len`` (beyond it, and below 16 tokens, ``fn`` itself)."""
@@ -407,3 +443,14 @@ class ClusterObserver:
         self._out_s[c][instance] = 0.0
         self._refresh(c, instance, now)
         self.stats.events.append(f"{now:.1f}s {cluster}#{instance} now {to.value}")
+
+    def switch_cancelled(self, now: float, cluster: str, instance: int) -> None:
+        """A switch that could not be carried out: the node takes work in its old role again."""
+        c = self.cidx[cluster]
+        if self._switching[c][instance] is None:
+            raise ValueError(f"{cluster}#{instance} is not switching")
+        self._switching[c][instance] = None
+        self._refresh(c, instance, now)
+        self.stats.events.append(
+            f"{now:.1f}s {cluster}#{instance} stays {self.cstates[c].roles[instance].value}"
+        )

@@ -99,10 +99,19 @@ class SimResult:
 class Simulator:
     """Runs one workload through one deployment under one policy."""
 
-    def __init__(self, deployment: Deployment, policy, options: SimOptions | None = None) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        policy,
+        options: SimOptions | None = None,
+        observer_hook=None,
+    ) -> None:
+        """``observer_hook(observer)``, if given, is called with the run's observer before the first
+        event (tests use it to record the events the simulator feeds)."""
         self.dep = deployment
         self.policy = policy
         self.opt = options or SimOptions()
+        self.observer_hook = observer_hook
 
     # ------------------------------------------------------------------------------------------
     def _build(self, max_len: int) -> None:
@@ -169,6 +178,8 @@ class Simulator:
         if n == 0:
             raise ValueError("workload has no requests")
         self._build(int(workload.input_len.max()))
+        if self.observer_hook is not None:
+            self.observer_hook(self.observer)
         obs = self.observer
         arr = workload.arrival_s.tolist()
         inp = workload.input_len.tolist()
