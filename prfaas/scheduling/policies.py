@@ -396,7 +396,7 @@ POLICY_NAMES = ("prfaas", "homogeneous", "naive")
 
 
 def make_policy(
-    name: str = "prfaas",
+    kind: str = "prfaas",
     threshold: float | None = None,
     *,
     fleet: Fleet | None = None,
@@ -409,7 +409,7 @@ def make_policy(
     grid=None,
     **kw,
 ) -> Policy:
-    """The one factory of routing policies, for the simulator and the live router.
+    """The one factory of routing policies, for the simulator and the live router (``kind``).
 
     ``homogeneous`` / ``naive``: the baselines.  ``prfaas`` is the paper's whole scheduler by default:
     the initial t from the planner (``best_threshold`` over ``prior``, the deployment's expected
@@ -421,18 +421,18 @@ def make_policy(
     their own settings.  ``adaptive`` (the old name) is ``prfaas`` with the short-term search on.
     Other keywords go to the policy's constructor (``affinity_slack_s``, ``abundant_util``, ``name``).
     """
-    if name in ("homogeneous", "homogeneous-pd"):
+    if kind in ("homogeneous", "homogeneous-pd"):
         return HomogeneousPD(pd=pd, **kw)
-    if name in ("naive", "naive-heterogeneous"):
+    if kind in ("naive", "naive-heterogeneous"):
         return NaiveHeterogeneous(prfaas=prfaas, pd=pd, **kw)
-    if name not in ("prfaas", "prfaas-fixed", "adaptive", "prfaas-adaptive"):
-        raise ValueError(f"unknown policy {name!r} ({', '.join(POLICY_NAMES)})")
+    if kind not in ("prfaas", "prfaas-fixed", "adaptive", "prfaas-adaptive"):
+        raise ValueError(f"unknown policy {kind!r} ({', '.join(POLICY_NAMES)})")
     if adaptive is None:
-        adaptive = name in ("adaptive", "prfaas-adaptive") or (
-            threshold is None and name in ("prfaas",)
+        adaptive = kind in ("adaptive", "prfaas-adaptive") or (
+            threshold is None and kind == "prfaas"
         )
     if rebalance is None:
-        rebalance = threshold is None and name == "prfaas"
+        rebalance = threshold is None and kind == "prfaas"
     if adaptive is True:
         if fleet is None:
             raise ValueError("the short-term threshold search needs fleet= (profiles, link)")
