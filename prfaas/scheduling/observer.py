@@ -14,7 +14,7 @@ Events (times in seconds on the caller's clock, lengths in tokens, bytes in byte
   (``slots_used``) or waits for one (``waiting``), FIFO, up to ``bs_max`` slots.
 * :meth:`~ClusterObserver.decode_done` — the request left its decode slot; a waiting one takes it.
 * :meth:`~ClusterObserver.link_counters` — cumulative link counters (delivered bytes, busy seconds,
-  bytes in flight) for the :class:`LinkMonitor` of that directed link.
+  bytes in flight) for the :class:`LinkCapacityEstimator` of that directed link.
 * :meth:`~ClusterObserver.set_available` (a node went down / came back), :meth:`~ClusterObserver.
   switch_started` / :meth:`~ClusterObserver.switch_done` (role switches).
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prfaas.scheduling.link_view import LinkMonitor
+from prfaas.scheduling.link_view import LinkCapacityEstimator
 from prfaas.scheduling.profile import HardwareProfile
 from prfaas.scheduling.types import (
     INF,
@@ -216,14 +216,14 @@ class ClusterObserver:
             cstates[spec.name] = ClusterState(
                 spec.name, spec.kind, pre, dec, spec.prefix, roles, self._switching[-1]
             )
-        self.monitors: dict[tuple[str, str], LinkMonitor] = {}
+        self.monitors: dict[tuple[str, str], LinkCapacityEstimator] = {}
         lstates: dict[tuple[str, str], LinkState] = {}
         for lk in links:
             if lk.src not in self.cidx or lk.dst not in self.cidx:
                 raise ValueError(f"link {lk.src}->{lk.dst} names an unknown cluster")
             ls = LinkState(lk.src, lk.dst, lk.nominal_gbps, lk.nominal_gbps)
             lstates[(lk.src, lk.dst)] = ls
-            self.monitors[(lk.src, lk.dst)] = LinkMonitor(ls, lk.busy_min, lk.recover)
+            self.monitors[(lk.src, lk.dst)] = LinkCapacityEstimator(ls, lk.busy_min, lk.recover)
         self.state = SystemState(0.0, cstates, lstates, deque(maxlen=recent_window))
         self.cstates = [cstates[c.name] for c in clusters]
         self._reqs: dict[object, _Req] = {}
