@@ -147,7 +147,7 @@ def test_one_event_trace_through_the_simulator_and_the_live_scheduler():
         elif name == "kv_delivered":
             live.kv_delivered(args[1], now)
         elif name == "decode_done":
-            live.decode_done(args[1], now)
+            live.decode_done(args[1], now, *args[2:])
         elif name == "link_counters":
             _, src, dst, delivered, busy, in_flight, *up = args
             live.link_reading(src, dst, delivered + in_flight, in_flight, *up, busy_s=busy, now=now)

@@ -156,8 +156,12 @@ class LiveScheduler:
     def kv_delivered(self, request_id: object, now: float | None = None) -> None:
         self.observer.kv_delivered(self.clock() if now is None else now, request_id)
 
-    def decode_done(self, request_id: object, now: float | None = None) -> None:
-        self.observer.forget(self.clock() if now is None else now, request_id)
+    def decode_done(
+        self, request_id: object, now: float | None = None, output_len: int | None = None
+    ) -> None:
+        """The request left (finished, aborted or failed at any stage); ``output_len``: tokens it
+        generated, when it finished."""
+        self.observer.forget(self.clock() if now is None else now, request_id, output_len)
 
     # ---- node readings ------------------------------------------------------------------------
     def set_available(

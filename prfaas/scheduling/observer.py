@@ -50,7 +50,12 @@ TABLE_STEP = 16  # tokens between the points of a prefill-time table
 
 def state_dict(state: SystemState) -> dict:
     """A plain, comparable (and JSON-able, ``inf`` aside) copy of a :class:`SystemState`."""
-    out: dict = {"now": state.now, "recent_uncached": list(state.recent_uncached), "clusters": {}}
+    out: dict = {
+        "now": state.now,
+        "recent_uncached": list(state.recent_uncached),
+        "recent_output": list(state.recent_output),
+        "clusters": {},
+    }
     for name, c in state.clusters.items():
         d: dict = {"kind": c.kind, "roles": [r.value for r in c.roles]}
         d["switching"] = [None if r is None else r.value for r in c.switching]
@@ -224,7 +229,9 @@ class ClusterObserver:
             ls = LinkState(lk.src, lk.dst, lk.nominal_gbps, lk.nominal_gbps)
             lstates[(lk.src, lk.dst)] = ls
             self.monitors[(lk.src, lk.dst)] = LinkCapacityEstimator(ls, lk.busy_min, lk.recover)
-        self.state = SystemState(0.0, cstates, lstates, deque(maxlen=recent_window))
+        self.state = SystemState(
+            0.0, cstates, lstates, deque(maxlen=recent_window), deque(maxlen=recent_window)
+        )
         self.cstates = [cstates[c.name] for c in clusters]
         self._reqs: dict[object, _Req] = {}
         self.stats = ObserverStats()
@@ -325,8 +332,9 @@ class ClusterObserver:
             dpool.waiting[di] += 1
         self.stats.delivered += 1
 
-    def decode_done(self, now: float, request_id: object) -> None:
-        """The request finished (or was aborted): its decode slot, or its place in the queue, frees."""
+    def decode_done(self, now: float, request_id: object, output_len: int | None = None) -> None:
+        """The request finished (or was aborted): its decode slot, or its place in the queue, frees;
+        ``output_len`` (tokens it generated) joins the recent window of output lengths."""
         r = self._reqs[request_id]
         if r.phase == 0:  # failed before its prefill ended
             self.prefill_done(now, request_id, insert_prefix=False)
@@ -344,11 +352,13 @@ class ClusterObserver:
         if dpool is not None and dpool.load[di] != INF:
             dpool.load[di] = da[di] / dpool.bs_max[di]
         self.stats.decoded += 1
+        if output_len is not None:
+            self.state.recent_output.append(int(output_len))
 
-    def forget(self, now: float, request_id: object) -> None:
-        """A request that was routed and then abandoned at any stage (same as decode_done)."""
+    def forget(self, now: float, request_id: object, output_len: int | None = None) -> None:
+        """decode_done for a request at any stage (routed and then abandoned too); unknown: no-op."""
         if request_id in self._reqs:
-            self.decode_done(now, request_id)
+            self.decode_done(now, request_id, output_len)
 
     # ---- links --------------------------------------------------------------------------------
     def link_counters(

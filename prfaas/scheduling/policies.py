@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from prfaas.scheduling.lengths import Empirical, LengthDist
-from prfaas.scheduling.planner import Fleet, best_threshold
+from prfaas.scheduling.planner import Fleet, best_threshold, optimize
 from prfaas.scheduling.types import (
     INF,
     ClusterState,
@@ -153,7 +153,9 @@ class LongTermRebalancing:
 
     Hysteresis, so roles do not flap: a switch needs the same imbalance on ``confirm`` consecutive
     checks; none starts while another node is still switching; a switch in the opposite direction of
-    the last one waits ``reverse_after_s`` after it."""
+    the last one waits ``reverse_after_s`` after it.  With ``planner_guided`` (and the short-term
+    search's fleet), the planner's best split at the observed lengths and outputs also calls for a
+    switch when the queues lean the same way (milder than the thresholds above)."""
 
     period_s: float = 60.0
     decode_wait_hi: float = 0.1
@@ -163,6 +165,7 @@ class LongTermRebalancing:
     min_each: int = 1
     confirm: int = 2
     reverse_after_s: float = 600.0
+    planner_guided: bool = True
     last_s: float = -INF
     streak: int = 0
     streak_to: Role | None = None
@@ -314,18 +317,8 @@ class PrfaaSPolicy(Policy):
             or len(state.recent_uncached) < a.min_samples
         ):
             return
-        samples = np.fromiter(state.recent_uncached, dtype=float)
-        n_f, n_p, n_d = self._counts(state)
-        fleet = replace(
-            a.fleet,
-            n_prfaas=n_f,
-            n_p=n_p,
-            n_d=max(n_d, 0),
-            link_gbps=max(cap * a.bandwidth_headroom, 1e-3),
-        )
-        grid = np.unique(np.quantile(samples, np.linspace(0, 1, a.grid_points)))
-        grid = np.concatenate([[0.0], grid])
-        new = best_threshold(Empirical(samples), fleet, grid).threshold
+        dist, fleet, grid = self._observed(state, cap)
+        new = best_threshold(dist, fleet, grid).threshold
         a.last_search_s = now
         a.last_capacity = cap
         a.searches += 1
@@ -333,6 +326,28 @@ class PrfaaSPolicy(Policy):
         if new != self.threshold:
             self.history.append((now, new, why))
         self.threshold = new
+
+    def _observed(self, state: SystemState, cap: float) -> tuple[Empirical, Fleet, np.ndarray]:
+        """The planner's inputs as observed now: the recent post-match lengths, the fleet at the
+        current instance counts, ``bandwidth_headroom`` × the link estimate and the mean output of
+        the recently finished requests (the fleet's own output length until enough have finished)."""
+        a = self.adaptive
+        samples = np.fromiter(state.recent_uncached, dtype=float)
+        n_f, n_p, n_d = self._counts(state)
+        outs = state.recent_output
+        out_len = a.fleet.output_len
+        if len(outs) >= max(2, a.min_samples // 4):
+            out_len = max(float(np.mean(np.fromiter(outs, dtype=float))), 1.0)
+        fleet = replace(
+            a.fleet,
+            n_prfaas=n_f,
+            n_p=n_p,
+            n_d=max(n_d, 0),
+            link_gbps=max(cap * a.bandwidth_headroom, 1e-3),
+            output_len=out_len,
+        )
+        grid = np.unique(np.quantile(samples, np.linspace(0, 1, a.grid_points)))
+        return Empirical(samples), fleet, np.concatenate([[0.0], grid])
 
     def _rebalance(self, now: float, state: SystemState) -> list[RoleSwitch]:
         rb = self.rebalance
@@ -345,7 +360,7 @@ class PrfaaSPolicy(Policy):
         if any(x is not None for x in pd.switching):
             rb.streak, rb.streak_to = 0, None
             return []
-        want = self._imbalance(now, pd)
+        want = self._imbalance(now, pd) or self._planned_imbalance(now, state, pd)
         if want is None:
             rb.streak, rb.streak_to = 0, None
             return []
@@ -389,6 +404,41 @@ class PrfaaSPolicy(Policy):
                 if cands:
                     k = min(cands, key=lambda j: dpool.load[j])
                     return Role.PREFILL, k, f"prefill backlog {backlog:.1f}s"
+        return None
+
+    def _planned_imbalance(
+        self, now: float, state: SystemState, pd: ClusterState
+    ) -> tuple[Role, int, str] | None:
+        """Paper: Θ_prfaas + Θ_pd-p ≪ Θ_pd-d (or the reverse) at the observed lengths and outputs.
+        The planner's best split of the PD nodes (Eqs. 3-8) tells the direction; a switch also needs
+        queues that show it (prefill backlog above ``prefill_lo_s`` with decode slack, or requests
+        waiting for decode slots)."""
+        rb, a = self.rebalance, self.adaptive
+        if not rb.planner_guided or a is None or len(state.recent_uncached) < a.min_samples:
+            return None
+        link = state.links.get((self.prfaas, self.pd))
+        cap = link.capacity_gbps if link is not None else a.fleet.link_gbps
+        dist, fleet, grid = self._observed(state, cap)
+        n_p, n_d = fleet.n_p, fleet.n_d
+        if fleet.n_prfaas == 0 and n_p == 0:
+            return None
+        best = optimize(dist, fleet, n_p + n_d, grid)
+        pool, dpool = pd.prefill, pd.decode
+        active_p = pool.active()
+        backlog = pool.backlog_s(now) / len(active_p) if active_p else INF
+        slots = sum(dpool.bs_max)
+        bs = max(dpool.bs_max) if slots else 0
+        slack = bs and sum(dpool.slots_used) <= rb.decode_util_lo * (slots - bs)
+        if best.n_p > n_p and n_d > rb.min_each and backlog > rb.prefill_lo_s and slack:
+            cands = [
+                k for k, ld in enumerate(dpool.load) if ld != INF and pd.roles[k] is Role.DECODE
+            ]
+            if cands:
+                k = min(cands, key=lambda j: dpool.load[j])
+                return Role.PREFILL, k, f"planner: N_p {n_p}->{best.n_p}, backlog {backlog:.1f}s"
+        if best.n_p < n_p and n_p > rb.min_each and sum(dpool.waiting) > 0 and active_p:
+            i = min(active_p, key=lambda k: pool.busy_until[k])
+            return Role.DECODE, i, f"planner: N_p {n_p}->{best.n_p}, decode waiting"
         return None
 
 

@@ -430,7 +430,7 @@ class Simulator:
                 done_t[r] = now
                 completed += 1
                 c, d = dc_[r], dinst[r]
-                obs.decode_done(now, r)
+                obs.decode_done(now, r, out[r])
                 dused[c][d] -= 1
                 q = dq[c][d]
                 if q:
