@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from prfaas.config_file import read_mapping
 from prfaas.scheduling.lengths import TruncatedLogNormal
 from prfaas.scheduling.planner import Capacity, Fleet, evaluate, optimize
 from prfaas.scheduling.policies import Policy, make_policy
-from prfaas.scheduling.profile import profiles_from_mapping, read_config
+from prfaas.scheduling.profile import profiles_from_mapping
 from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "case_study.yaml"
@@ -67,7 +68,7 @@ def load_case_study(
     planner's t, re-searches t on the observed post-match lengths and the link/queue signals
     (``adaptive``) and rebalances PD roles (``rebalance``).  ``fixed_threshold`` routes on that t
     with no short-term search; ``adaptive=False`` keeps the planner's t fixed."""
-    cfg = read_config(path)
+    cfg = read_mapping(path, "case study")
     prof = profiles_from_mapping(cfg)
     wl = cfg.get("workload", {})
     ln = wl.get("length", {})
