@@ -196,7 +196,7 @@ def test_only_given_parts_are_sent(make, backend) -> None:
     assert stats.commit_frames == 4
     assert (
         stats.framing_bytes
-        == stats.data_frames * 32 + stats.commit_frames * wire.COMMIT_FRAME_BYTES
+        == stats.data_frames * wire.DATA_OVERHEAD + stats.commit_frames * wire.COMMIT_FRAME_BYTES
     )
     if backend == "tcp":
         # 64 KiB slices: state 2 each, conv 1 each, kv 216,576 B -> 4
@@ -275,12 +275,12 @@ def test_corrupted_checksum(make, monkeypatch: pytest.MonkeyPatch) -> None:
     rx_f, tx_f = make
     rx = rx_f()
     tx = tx_f()
-    real = wire.checksum_views
+    real = wire.slice_digest
     # the sender's checksums are off by one bit; the receiver's verifier computes true ones
     monkeypatch.setattr(
         wire,
-        "checksum_views",
-        lambda vs: real(vs) ^ (0 if threading.current_thread().name == "rx-verify" else 0x10),
+        "slice_digest",
+        lambda v: real(v) ^ (0 if threading.current_thread().name == "rx-verify" else 0x10),
     )
     ex = random_export(SMALL, "bad", 0, 400)
     stream = tx.open(rx.address, ex.header)
@@ -294,7 +294,7 @@ def test_corrupted_checksum(make, monkeypatch: pytest.MonkeyPatch) -> None:
     assert f.request_id == "bad"
     assert rx.inflight_bytes == 0 and rx.active_streams == 0
     assert rx.deliveries.empty()
-    monkeypatch.setattr(wire, "checksum_views", real)
+    monkeypatch.setattr(wire, "slice_digest", real)
     good = random_export(SMALL, "good", 0, 400, seed=5)  # the session survives
     tx.send_export(rx.address, good).wait(15)
     d = _get(rx)
@@ -424,7 +424,8 @@ def test_data_before_header_is_refused(make, backend, alloc_count) -> None:
     rx_f, _ = make
     rx = rx_f(header_wait_s=0.2)
     s = _raw_client(rx, backend)
-    s.sendall(wire.frame_head(wire.DATA, 16 + 8) + wire.DATA_HEAD.pack(7, 0, 0, 0) + b"x" * 8)
+    sub = wire.DATA_HEAD.pack(7, 0, 0, 0, 0)
+    s.sendall(wire.frame_head(wire.DATA, len(sub) + 8) + sub + b"x" * 8)
     f = _get(rx)
     assert isinstance(f.error, FrameError) and "unannounced" in str(f.error)
     assert alloc_count[0] == 0

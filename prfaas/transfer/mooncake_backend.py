@@ -111,11 +111,10 @@ class MooncakeSender(SenderBase):
         )
         # the checksum is computed while the writer moves the bytes (both release the GIL)
         known = stream.wire_header.layers[layer].checksum
-        digest.set_result(
-            known
-            if known is not None
-            else wire.checksum_views([wire.tensor_bytes(t) for t in tensors])
-        )
+        if known is None:
+            views = [wire.tensor_bytes(t) for t in tensors]
+            known = wire.layer_checksum(wire.slice_records(views, self.slice_bytes))
+        digest.set_result(known)
 
     def _write_layer(
         self,
@@ -153,7 +152,9 @@ class MooncakeSender(SenderBase):
             with stream._lock:
                 stream.stats.payload_bytes += nbytes
                 stream.stats.bulk_bytes += nbytes
-            commit = wire.COMMIT.pack(stream.stream_id, layer, nbytes, digest.result())
+            commit = wire.COMMIT.pack(
+                stream.stream_id, layer, nbytes, digest.result(), self.slice_bytes
+            )
             # the COMMIT rides the control connection: it does not queue behind bulk bytes
             session.enqueue(
                 0, [wire.frame(wire.COMMIT_T, commit)], stream, "commit", 0, shaped=False

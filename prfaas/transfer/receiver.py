@@ -3,9 +3,10 @@
 One event-driven I/O thread (``selectors``) accepts connections, runs the HMAC handshake as a state
 machine, groups authenticated connections into sender sessions, validates each announced request
 against the ``CacheLayout`` before allocating its buffer, and reads layer bytes straight into that
-buffer (``recv_into`` of a view of the destination: no intermediate copies). One verifier thread
-checks each completed layer's XXH3-64 checksum (GIL released) while the next layers arrive, and
-delivers only complete, verified exports.
+buffer (``recv_into`` of a view of the destination: no intermediate copies), hashing each piece
+while it is still in cache (XXH3-64, checked per slice). Only complete, verified exports are
+delivered. Backends whose bytes arrive outside our sockets (Mooncake) have each layer verified by
+one verifier thread while later layers arrive.
 
 Limits: at most ``max_connections`` connections (more are closed on accept), a connection that has
 not authenticated within ``handshake_timeout_s`` is closed, and an authenticated connection with
@@ -23,8 +24,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import xxhash
 
 from prfaas.kv.layout import DTYPES, CacheLayout
 from prfaas.kv.unit import KVExport, LayerPart
@@ -53,6 +56,7 @@ from prfaas.transfer.errors import (
 log = logging.getLogger("prfaas.transfer.receiver")
 
 _READ_BURST = 64 << 20  # bytes read from one connection before the loop looks at the others
+_RECV_PIECE = 1 << 20  # bytes per recv_into: hashed right after, while still in cache
 _HOUSEKEEPING_S = 0.1
 
 
@@ -67,6 +71,8 @@ class Assembly:
     header_wire_bytes: int
     received: list[int] = field(default_factory=list)
     checksums: list[int | None] = field(default_factory=list)
+    records: list[list[wire.SliceRecord]] = field(default_factory=list)  # verified slices
+    slice_bytes: list[int] = field(default_factory=list)  # from the COMMIT
     verified: list[bool] = field(default_factory=list)
     queued: list[bool] = field(default_factory=list)  # handed to the verifier
     committed: list[bool] = field(default_factory=list)
@@ -128,7 +134,8 @@ class Conn:
         self.dst: memoryview | None = None  # where the current DATA slice goes
         self.dst_got = 0
         self.drain = 0  # bytes of a dropped slice still to discard
-        self.data: tuple | None = None  # (assembly, layer, n) of the current slice
+        self.data: tuple | None = None  # (assembly, layer, tensor, offset, n, digest)
+        self.hasher: Any = None  # XXH3-64 state of the current slice
         self.parked_until: float | None = None  # DATA waiting for its header (other connection)
         self.parked_sub: tuple | None = None
 
@@ -479,10 +486,11 @@ class ReceiverBase(Receiver):
         budget = _READ_BURST
         while budget > 0 and not conn.closing and conn.parked_until is None:
             if conn.dst is not None:  # DATA bytes straight into the request's buffer
-                want = len(conn.dst) - conn.dst_got
+                want = min(len(conn.dst) - conn.dst_got, _RECV_PIECE)
                 n = self._recv_into(conn, conn.dst[conn.dst_got :], want)
                 if n is None:
                     return
+                conn.hasher.update(conn.dst[conn.dst_got : conn.dst_got + n])  # still in cache
                 conn.dst_got += n
                 budget -= n
                 if conn.dst_got == len(conn.dst):
@@ -622,22 +630,22 @@ class ReceiverBase(Receiver):
         if not self._accepts_data():
             raise FrameError("DATA frames are not used by this backend")
         n = conn.data[0]  # type: ignore[index]
-        sid, layer, ti, off = wire.DATA_HEAD.unpack(sub)
+        sid, layer, ti, off, digest = wire.DATA_HEAD.unpack(sub)
         session = conn.session
         assert session is not None
         if sid > session.max_seen:  # data overtook its header on another connection: wait
             if conn.index == 0:  # headers travel on connection 0: this one is not coming
                 raise FrameError(f"data for unannounced stream {sid}")
             conn.parked_until = time.monotonic() + self.header_wait_s
-            conn.parked_sub = (sid, layer, ti, off, n)
+            conn.parked_sub = (sid, layer, ti, off, n, digest)
             assert self._sel is not None
             self._sel.unregister(conn.sock)
             return
-        self._start_slice(conn, sid, layer, ti, off, n)
+        self._start_slice(conn, sid, layer, ti, off, n, digest)
 
     def _retry_parked(self, conn: Conn) -> None:
         assert conn.parked_sub is not None and conn.session is not None
-        sid, layer, ti, off, n = conn.parked_sub
+        sid, layer, ti, off, n, digest = conn.parked_sub
         if conn.session.closed:
             return
         if sid > conn.session.max_seen:
@@ -648,7 +656,7 @@ class ReceiverBase(Receiver):
         assert self._sel is not None
         self._sel.register(conn.sock, selectors.EVENT_READ, conn)
         self._flush(conn)
-        self._start_slice(conn, sid, layer, ti, off, n)
+        self._start_slice(conn, sid, layer, ti, off, n, digest)
         self._on_readable(conn)
 
     def _unpark(self, session: ReceiverSession) -> None:
@@ -657,7 +665,9 @@ class ReceiverBase(Receiver):
             if c.parked_until is not None:
                 self._guard(c, self._retry_parked)
 
-    def _start_slice(self, conn: Conn, sid: int, layer: int, ti: int, off: int, n: int) -> None:
+    def _start_slice(
+        self, conn: Conn, sid: int, layer: int, ti: int, off: int, n: int, digest: int
+    ) -> None:
         session = conn.session
         assert session is not None
         asm = session.streams.get(sid)
@@ -679,18 +689,26 @@ class ReceiverBase(Receiver):
             if asm.first_data_at is None:
                 asm.first_data_at = time.time()
         off0 = wh.offsets[layer][ti] + off
-        conn.data = (asm, layer, n)
+        conn.data = (asm, layer, ti, off, n, digest)
         conn.dst = asm.view[off0 : off0 + n]
         conn.dst_got = 0
+        conn.hasher = xxhash.xxh3_64()
         if n == 0:
             conn.dst = None
             self._data_done(conn)
 
     def _data_done(self, conn: Conn) -> None:
-        asm, layer, n = conn.data  # type: ignore[misc]
+        asm, layer, ti, off, n, digest = conn.data  # type: ignore[misc]
         conn.data = None
+        ok, conn.hasher = conn.hasher.intdigest() == digest, None
         wh = asm.wh
+        assert conn.session is not None
+        if not ok:
+            msg = f"request {wh.header.request_id!r} layer {layer}: slice checksum mismatch"
+            self._fail_stream(conn.session, asm, ChecksumError(msg), notify=True)
+            return
         with asm.lock:
+            asm.records[layer].append((ti, off, n, digest))
             asm.received[layer] += n
             asm.payload_in += n
             asm.wire_bytes += wire.DATA_OVERHEAD + n
@@ -733,6 +751,8 @@ class ReceiverBase(Receiver):
             wire.FRAME_HEAD.size + size,
             received=[0] * n_layers,
             checksums=[ld.checksum for ld in wh.layers],
+            records=[[] for _ in range(n_layers)],
+            slice_bytes=[0] * n_layers,
             verified=[False] * n_layers,
             queued=[False] * n_layers,
             committed=[False] * n_layers,
@@ -750,7 +770,9 @@ class ReceiverBase(Receiver):
         self._unpark(session)
 
     def _on_commit_frame(self, session: ReceiverSession, payload: bytes) -> None:
-        sid, layer, nbytes, digest = wire.COMMIT.unpack(payload)
+        sid, layer, nbytes, digest, slice_bytes = wire.COMMIT.unpack(payload)
+        if slice_bytes == 0:
+            raise FrameError("COMMIT with a zero slice size")
         if sid > session.max_seen:
             raise FrameError(f"COMMIT for unannounced stream {sid}")
         asm = session.streams.get(sid)
@@ -767,6 +789,7 @@ class ReceiverBase(Receiver):
             else:
                 err = None
                 asm.checksums[layer] = digest
+                asm.slice_bytes[layer] = slice_bytes
                 asm.committed[layer] = True
                 self._on_commit(asm, layer, nbytes)
         if err is not None:
@@ -775,7 +798,8 @@ class ReceiverBase(Receiver):
         self._progress(session, asm, layer)
 
     def _progress(self, session: ReceiverSession, asm: Assembly, layer: int) -> None:
-        """Once all of ``layer``'s bytes and its COMMIT are in, hand it to the verifier."""
+        """Once all of ``layer``'s bytes and its COMMIT are in, verify it: here from the slice
+        digests already checked (tcp), else on the verifier thread from the buffer."""
         ld = asm.wh.layers[layer]
         with asm.lock:
             if asm.done or asm.queued[layer] or asm.received[layer] != ld.nbytes:
@@ -783,7 +807,14 @@ class ReceiverBase(Receiver):
             if not asm.committed[layer]:  # the sender's COMMIT closes a layer
                 return
             asm.queued[layer] = True
-        self._verify_q.put((session, asm, layer))
+        if self._verifies_inline():
+            self._verify(session, asm, layer)
+        else:
+            self._verify_q.put((session, asm, layer))
+
+    def _verifies_inline(self) -> bool:
+        """Whether the layer bytes were hashed as they were read (our DATA frames)."""
+        return False
 
     # --- the verifier thread
     def _verify_loop(self) -> None:
@@ -803,7 +834,10 @@ class ReceiverBase(Receiver):
             if asm.done or asm.view is None:
                 return
             views = [asm.region(layer, ti) for ti in range(len(ld.tensors))]
-        ok = wire.checksum_views(views) == asm.checksums[layer]
+            records = list(asm.records[layer])
+        if not self._verifies_inline():  # hash the layer now, as the sender cut it
+            records = wire.slice_records(views, asm.slice_bytes[layer])
+        ok = wire.layer_checksum(records) == asm.checksums[layer]
         complete = False
         with asm.lock:
             if asm.done:

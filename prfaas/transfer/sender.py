@@ -40,6 +40,7 @@ from prfaas.transfer.meter import LinkMeter, LinkSnapshot
 _FINISH = object()
 MAX_CONNECTIONS = 16
 _IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
+_GATHER_BYTES = 8 << 20  # frames gathered into one sendmsg (more than a socket buffer holds)
 _WRITE_BURST = 64 << 20  # bytes written to one connection before the loop looks at the others
 
 
@@ -293,7 +294,7 @@ class PeerSession:
         if self.error is not None:
             raise self.error
         self.last_used = time.monotonic()
-        wh = wire.build_wire_header(header, self.owner.layout, 0, parts)
+        wh = wire.build_wire_header(header, self.owner.layout, 0, parts, self.owner.slice_bytes)
         # stream ids must reach the receiver in increasing order: allocating the id and queueing
         # the header happen under one lock, so concurrent opens cannot overtake each other
         with self._open_lock:
@@ -458,13 +459,15 @@ class PeerSession:
                 item.started = True
             # gather the head frame and the due frames behind it into one sendmsg
             bufs: list[memoryview] = []
+            gathered = 0
             for it in itertools.islice(q, 0, 64):
                 if not it.started:
                     if (it.due is not None and it.due > now) or self._dropped(it):
                         break
                     it.started = True
                 bufs.extend(it.buffers)
-                if len(bufs) >= _IOV_MAX:
+                gathered += it.nbytes
+                if len(bufs) >= _IOV_MAX or gathered >= _GATHER_BYTES:
                     break
             try:
                 n = sock.sendmsg(bufs[:_IOV_MAX])
