@@ -18,6 +18,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import threading
 import time
 import zlib
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 import xxhash
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's prfaas
 
 from prfaas.kv.layout import CacheLayout
 from prfaas.kv.synthetic import random_export
