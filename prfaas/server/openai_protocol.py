@@ -1,7 +1,8 @@
 """The OpenAI-compatible surface: request parsing/validation, the chat template, error bodies.
 
-Chat template (byte tokenizer, documented in docs/serving.md): every message becomes
-``<|ROLE|>\\nCONTENT\\n`` and the prompt ends with ``<|assistant|>\\n``.
+Chat template: a model directory's own (``prfaas.tokenizer.chat``, applied by the gateway to
+``GenerationRequest.messages``); the presets' (documented in docs/serving.md): every message
+becomes ``<|ROLE|>\\nCONTENT\\n`` and the prompt ends with ``<|assistant|>\\n``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prfaas.engine import SamplingParams
+from prfaas.tokenizer import ByteTokenizer
+from prfaas.tokenizer.chat import BuiltinChat
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_STOP = 8
@@ -64,10 +67,14 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     model: str = ""
+    # chat: the validated messages (the gateway encodes them with the model's chat template;
+    # ``prompt`` holds the presets' rendering of them)
+    messages: list[dict[str, Any]] | None = None
 
 
-def apply_chat_template(messages: Any) -> str:
-    """The byte-tokenizer chat template (see module docstring)."""
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Chat messages checked (roles, text-only content); keys whose value is None are dropped
+    (as transformers does before rendering) and a missing content becomes ""."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
     out = []
@@ -78,7 +85,6 @@ def apply_chat_template(messages: Any) -> str:
         if role not in CHAT_ROLES:
             raise bad(f"messages[{i}].role must be one of {list(CHAT_ROLES)}", "messages")
         if isinstance(content, list):  # content parts: text only
-            texts = []
             for p in content:
                 if (
                     not isinstance(p, dict)
@@ -86,15 +92,15 @@ def apply_chat_template(messages: Any) -> str:
                     or not isinstance(p.get("text"), str)
                 ):
                     raise bad(f"messages[{i}].content: only text parts are supported", "messages")
-                texts.append(p["text"])
-            content = "".join(texts)
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
+        elif content is not None and not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string", "messages")
-        out.append(f"<|{role}|>\n{content}\n")
-    out.append("<|assistant|>\n")
-    return "".join(out)
+        out.append({**{k: v for k, v in m.items() if v is not None}, "content": content or ""})
+    return out
+
+
+def apply_chat_template(messages: Any) -> str:
+    """The presets' chat template (see module docstring)."""
+    return BuiltinChat(ByteTokenizer()).render(validate_messages(messages))
 
 
 def _num(body: dict, key: str, default: float, lo: float, hi: float) -> float:
@@ -126,8 +132,10 @@ def parse_request(body: Any, kind: str, vocab_size: int) -> GenerationRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model is required (a string)", "model")
+    messages = None
     if kind == "chat":
-        prompt: str | list[int] = apply_chat_template(body.get("messages"))
+        messages = validate_messages(body.get("messages"))
+        prompt: str | list[int] = BuiltinChat(ByteTokenizer()).render(messages)
     else:
         p = body.get("prompt")
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
@@ -203,5 +211,5 @@ def parse_request(body: Any, kind: str, vocab_size: int) -> GenerationRequest:
     except ValueError as e:
         raise bad(str(e)) from None
     return GenerationRequest(
-        kind, prompt, params, stops, stream, bool(so.get("include_usage", False)), model
+        kind, prompt, params, stops, stream, bool(so.get("include_usage", False)), model, messages
     )
