@@ -173,3 +173,16 @@ def test_tokenizer_json_reads_specials_as_text_on_request(tmp_path):
     assert t.encode("a <|end|>") == [0, 5]
     assert t.encode("a <|end|>", allow_special=False) == [0, 1, 2, 3]
     assert t.encode("a <|end|>") == [0, 5]  # the switch is back
+
+
+def test_tokenizer_package_is_torch_free():
+    """The gateway imports tokenizers and chat templates without the model code."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, prfaas.tokenizer, prfaas.tokenizer.chat;"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

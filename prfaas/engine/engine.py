@@ -25,11 +25,11 @@ from prfaas.engine.kv_io import export_layer, validate_export, write_import
 from prfaas.engine.model_runner import ModelRunner
 from prfaas.engine.request import Request, RequestOutput, Status
 from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
 from prfaas.tokenizer import Tokenizer, load_tokenizer, stop_ids_of
-from prfaas.transfer.unit import KVExport, LayerPart, TransferHeader
 
 ROLES = ("mixed", "prefill", "decode")
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from prfaas.engine import EngineConfig
-from prfaas.transfer.link import LinkSpec
+from prfaas.transfer.link import LinkShaperSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "deploy_local.yaml"
 NODE_ROLES = ("prefill", "decode")
@@ -53,8 +53,8 @@ class LinkConfig:
     rtt_ms: float = 0.0
     schedule: list[tuple[float, float]] = field(default_factory=list)  # (t_s, gbps) segments
 
-    def spec(self) -> LinkSpec:
-        return LinkSpec(
+    def spec(self) -> LinkShaperSpec:
+        return LinkShaperSpec(
             self.gbps, self.rtt_ms, tuple((float(t), float(g)) for t, g in self.schedule)
         )
 

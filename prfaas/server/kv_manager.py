@@ -21,7 +21,7 @@ from prfaas.cache.hashing import hash_chain
 from prfaas.scheduling.prefix_index import PrefixIndex
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prfaas.cache.store_tier import CacheLayout, KVStore
+    from prfaas.cache.store_tier import KVStore, StoreBlockLayout
     from prfaas.engine import LLMEngine
 
 POOL = "pool"  # holder name of a cluster's Mooncake Store
@@ -265,7 +265,7 @@ class GlobalKVManager:
 
 # ----- the copy itself (pool to pool) -----------------------------------------------------------
 def copy_prefix(
-    src: KVStore, dst: KVStore, layout: CacheLayout, prompt: Sequence[int], tokens: int
+    src: KVStore, dst: KVStore, layout: StoreBlockLayout, prompt: Sequence[int], tokens: int
 ) -> int:
     """Copy the pooled blocks of ``prompt[:tokens]`` and the state checkpoint at ``tokens`` from the
     source cluster's pool to ``dst``; returns bytes copied (0 if the source lacks any piece: the

@@ -41,14 +41,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from prfaas.cache.hashing import hash_chain
 from prfaas.cache.hybrid import CacheFull
-from prfaas.cache.store_tier import CacheLayout, StoreTier
+from prfaas.cache.store_tier import StoreBlockLayout, StoreTier
 from prfaas.engine import LLMEngine, RequestOutput, SamplingParams
 from prfaas.server.config import DeployConfig
 from prfaas.server.engine_worker import EngineWorker
 from prfaas.server.kv_layout import layout_for_engine
 from prfaas.server.kv_manager import NodeCacheEvents, copy_prefix
-from prfaas.transfer.backend import Delivery, TransferFailure, create_receiver, create_sender
+from prfaas.transfer.backend import Delivery, TransferFailure
 from prfaas.transfer.errors import TransferError
+from prfaas.transfer.registry import create_receiver, create_sender
 
 log = logging.getLogger("prfaas.server.node")
 
@@ -466,7 +467,7 @@ class NodeServer:
         t0 = time.time()
 
         def copy(eng: LLMEngine) -> int:
-            lay = CacheLayout.of(eng.cache)
+            lay = StoreBlockLayout.of(eng.cache)
             return copy_prefix(self._pool(src), self._pool(self.cluster.name), lay, prompt, tokens)
 
         n = await self.worker.acall(copy)
