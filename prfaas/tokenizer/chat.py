@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from prfaas.tokenizer.base import Tokenizer
 from prfaas.tokenizer.kimi import token_text
-from prfaas.tokenizer.loader import model_dir
+from prfaas.tokenizer.loader import BYTE_TOKENIZER_CLASS, model_dir
 
 MARK_START, MARK_END = "\ue0f0", "\ue0f1"
 SPECIAL_TOKEN_KEYS = (
@@ -135,10 +135,13 @@ class JinjaChat:
         self.tokenizer = tokenizer
         self.special_tokens = dict(special_tokens)
         self.template_vars = dict(template_vars or {})
-        alts = "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True))
-        self._special_re = re.compile(alts or "(?!)")
+        # longest first: a token wins over the tokens it contains; "(?!)" never matches
+        by_len = sorted(self.special_tokens, key=len, reverse=True)
+        alts = "|".join(re.escape(t) for t in by_len) or "(?!)"
+        self._special_re = re.compile(alts)
+        # a marked token (from the request), a lone marker, or the template's own token
         self._split_re = re.compile(
-            f"{MARK_START}({alts or '(?!)'}){MARK_END}|[{MARK_START}{MARK_END}]|({alts or '(?!)'})"
+            f"{MARK_START}({alts}){MARK_END}|[{MARK_START}{MARK_END}]|({alts})"
         )
         _compile(source)  # fail early on a template that does not compile
 
@@ -230,25 +233,18 @@ def read_chat_template(directory: str | Path) -> str | None:
 
 
 def load_chat_format(model: str | Path, tokenizer: Tokenizer) -> ChatFormat | None:
-    """A preset: ``BuiltinChat``. A model directory: its Jinja template, or None when it has
-    none (the chat endpoint then refuses chat requests)."""
+    """A preset, or a directory of a preset's weights (``PrfaasByteTokenizer``): ``BuiltinChat``.
+    Another model directory: its Jinja template, or None when it has none (the chat endpoint
+    then refuses chat requests)."""
     d = model_dir(model)
     if d is None:
         return BuiltinChat(tokenizer)
+    f = d / "tokenizer_config.json"
+    cfg = json.loads(f.read_text()) if f.is_file() else {}
     source = read_chat_template(d)
     if source is None:
-        cfg = d / "tokenizer_config.json"
-        if (
-            cfg.is_file()
-            and json.loads(cfg.read_text()).get("tokenizer_class") == "PrfaasByteTokenizer"
-        ):
-            return BuiltinChat(tokenizer)
-        return None
-    cfg = (
-        json.loads((d / "tokenizer_config.json").read_text())
-        if (d / "tokenizer_config.json").is_file()
-        else {}
-    )
+        byte = cfg.get("tokenizer_class") == BYTE_TOKENIZER_CLASS
+        return BuiltinChat(tokenizer) if byte else None
     template_vars: dict[str, Any] = {}
     for k in SPECIAL_TOKEN_KEYS:
         v = token_text(cfg.get(k))
