@@ -9,7 +9,7 @@ import pytest
 import tiktoken
 from kimi_files import KIMI_PAT, NUM_RESERVED, SPECIALS, write_tokenizer_files
 
-from prfaas.server.text_output import TextAssembler
+from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
