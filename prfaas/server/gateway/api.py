@@ -14,12 +14,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
 from prfaas.server.gateway.handover import DecodeFailed, Generation
-from prfaas.server.gateway.openai_protocol import APIError, GenerationRequest, parse_request
+from prfaas.server.gateway.openai_models import ChatCompletionRequest, CompletionRequest
+from prfaas.server.gateway.openai_protocol import (
+    APIError,
+    GenerationRequest,
+    from_validation_error,
+    to_generation,
+)
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.tokenizer import load_tokenizer
@@ -50,6 +57,10 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _error_response(e)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error_response(from_validation_error(list(e.errors())))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         nodes = router.nodes_info()
@@ -72,12 +83,8 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
             "data": [{"id": served, "object": "model", "created": created, "owned_by": "prfaas"}],
         }
 
-    async def handle(request: Request, kind: str) -> Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        req = parse_request(body, kind, mcfg.vocab_size)
+    async def handle(body: CompletionRequest | ChatCompletionRequest, kind: str) -> Response:
+        req = to_generation(body, mcfg.vocab_size)
         if req.model != served:
             raise APIError(
                 404,
@@ -119,12 +126,12 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         )
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await handle(request, "completion")
+    async def completions(body: CompletionRequest) -> Response:
+        return await handle(body, "completion")
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await handle(request, "chat")
+    async def chat(body: ChatCompletionRequest) -> Response:
+        return await handle(body, "chat")
 
     return app
 
