@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
@@ -30,6 +30,7 @@ from prfaas.server.gateway.openai_protocol import (
 )
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
+from prfaas.server.streaming import ClosingStreamingResponse, unless_disconnected
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -72,7 +73,11 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
 
     @app.get("/admin/nodes")
     async def admin_nodes() -> dict[str, Any]:
-        return {"nodes": router.nodes_info(), "threshold": router.policy.threshold}
+        return {
+            "nodes": router.nodes_info(),
+            "threshold": router.policy.threshold,
+            "inflight": router.admission.inflight,
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -81,7 +86,9 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
             "data": [{"id": served, "object": "model", "created": created, "owned_by": "prfaas"}],
         }
 
-    async def handle(body: CompletionRequest | ChatCompletionRequest, kind: str) -> Response:
+    async def handle(
+        request: Request, body: CompletionRequest | ChatCompletionRequest, kind: str
+    ) -> Response:
         req = to_generation(body, mcfg.vocab_size)
         if req.model != served:
             raise APIError(
@@ -91,14 +98,26 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                 code="model_not_found",
             )
         prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+        # the client may go away at any time: before the answer, that cancels the work (its
+        # clean-up aborts the request on its nodes and releases its admission slot)
+        answered, resp = await unless_disconnected(request, respond(req, kind, prompt))
+        if answered:
+            return resp
+        if isinstance(resp, ClosingStreamingResponse) and resp.on_close is not None:
+            resp.on_close(False)  # made just as the client left: never sent
+        return Response(status_code=499)
+
+    async def respond(req: GenerationRequest, kind: str, prompt: list[int]) -> Response:
         gen = await router.generate(prompt, req.params)
         headers = gen.route.headers()
         if req.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 _sse(gen, req, kind, served, len(prompt), tokenizer),
+                on_close=lambda completed: gen.close("ok" if completed else "cancelled"),
                 media_type="text/event-stream",
                 headers=headers,
             )
+        outcome = "cancelled"
         try:
             asm = TextAssembler(tokenizer, req.stop)
             finish = None
@@ -111,22 +130,23 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                     if ev.finished:
                         finish = ev.finish_reason
             except DecodeFailed as e:
-                await gen.close("decode_failed")
+                outcome = "decode_failed"
                 raise APIError(502, str(e), "server_error", code="decode_node_failed") from None
             asm.finish()
+            outcome = "ok"
         finally:
-            await gen.close()
+            gen.close(outcome)
         return JSONResponse(
             _final_body(gen, kind, served, asm.text, finish, len(prompt), asm.ids), headers=headers
         )
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        return await handle(body, "completion")
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await handle(request, body, "completion")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Response:
-        return await handle(body, "chat")
+    async def chat(request: Request, body: ChatCompletionRequest) -> Response:
+        return await handle(request, body, "chat")
 
     return app
 
@@ -202,10 +222,12 @@ def _sse_line(obj: dict[str, Any]) -> str:
 async def _sse(
     gen: Generation, req: GenerationRequest, kind: str, model: str, n_prompt: int, tokenizer: Any
 ) -> AsyncIterator[str]:
+    """The SSE events of one response; the response's ``on_close`` releases ``gen`` whatever
+    happens (closed here first with the outcome when the stream ends by itself)."""
     asm = TextAssembler(tokenizer, req.stop)
     first = True
     finish = None
-    outcome = "ok"
+    outcome = "cancelled"
     try:
         try:
             async for ev in gen.events():
@@ -225,10 +247,11 @@ async def _sse(
                 if text or first:
                     yield _sse_line(_chunk(gen, kind, model, text, None, first))
                     first = False
+            outcome = "ok"
         except DecodeFailed as e:
             outcome = "decode_failed"
             err = APIError(502, str(e), "server_error", code="decode_node_failed")
             yield _sse_line({**err.body(), "prfaas": _prfaas_field(gen, asm.ids)})
         yield "data: [DONE]\n\n"
     finally:
-        await gen.close(outcome)
+        gen.close(outcome)

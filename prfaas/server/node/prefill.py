@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from prfaas.engine import LLMEngine, RequestOutput
@@ -22,6 +23,21 @@ from prfaas.server.node.wire import engine_marks, engine_params
 from prfaas.server.protocol import LinkReading, NodeCounters, PrefillRequest, PrefillResult
 from prfaas.transfer.errors import TransferError
 from prfaas.transfer.registry import create_sender
+
+ABORTED_MEMORY = 4096  # aborted request ids remembered (a prefill may arrive after its abort)
+
+
+class Aborted(Exception):
+    """The request was aborted (by the router) before or during its prefill or transfer."""
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A prefill under way: its engine output future and, once sending, its send stream."""
+
+    done: asyncio.Future
+    stream: Any = None
+    aborted: bool = False
 
 
 class PrefillSide:
@@ -42,6 +58,8 @@ class PrefillSide:
         self.senders: dict[str, Any] = {}  # destination cluster -> sender
         self.peers: dict[str, set[tuple[str, int]]] = {}
         self.inflight: dict[str, set[Any]] = {}  # destination cluster -> open send streams
+        self.active: dict[str, _Prefill] = {}  # request id -> its prefill under way
+        self.aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts (refuse late ones)
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -96,9 +114,43 @@ class PrefillSide:
             links.setdefault(dst, LinkReading(up=False))
         return links
 
+    def abort(self, rid: str) -> bool:
+        """Abort ``rid`` wherever its prefill is (queued, computing, exported, sending): the engine
+        frees its cache, its send stream is aborted, its route answers ``Aborted``; a prefill of
+        ``rid`` arriving later is refused.  True if the node was serving it.  Event-loop thread."""
+        self.aborted[rid] = None
+        while len(self.aborted) > ABORTED_MEMORY:
+            self.aborted.popitem(last=False)
+        p = self.active.get(rid)
+        if p is None:
+            return False
+        p.aborted = True
+        if not p.done.done():
+            p.done.set_exception(Aborted(f"request {rid!r} aborted"))
+        self.worker.call(lambda eng: eng.abort(rid))  # queued, computing or held for export
+        if p.stream is not None:
+            p.stream.abort("aborted by the router")
+        return True
+
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Prefill, export from ``token_start``, ship to the decode node; ValueError on bad input,
-        TransferError / TimeoutError when the KV did not arrive."""
+        TransferError / TimeoutError when the KV did not arrive, Aborted when aborted meanwhile."""
+        rid = req.request_id
+        if rid in self.aborted:
+            raise Aborted(f"request {rid!r} was aborted")
+        if rid in self.active:
+            raise ValueError(f"request {rid!r} is already being prefilled")
+        p = self.active[rid] = _Prefill(asyncio.get_running_loop().create_future())
+        try:
+            return await self._prefill(req, p)
+        except Exception:
+            if p.aborted:
+                raise Aborted(f"request {rid!r} aborted") from None
+            raise
+        finally:
+            del self.active[rid]
+
+    async def _prefill(self, req: PrefillRequest, p: _Prefill) -> PrefillResult:
         rid, prompt, token_start = req.request_id, req.prompt_token_ids, req.token_start
         params = engine_params(req.params)
         # the prefill node samples nothing (it computes all prompt tokens but the last; the decode
@@ -110,7 +162,7 @@ class PrefillSide:
         if dst in self.link_down:
             raise TransferError(f"link {self.cluster.name}->{dst} is down")
         loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
+        done = p.done
         marks: dict[str, float | None] = {}
         on_cuda = self.worker.engine.device.type == "cuda"
 
@@ -137,8 +189,9 @@ class PrefillSide:
         await self.worker.acall(add)
         try:
             out: RequestOutput = await asyncio.wait_for(asyncio.shield(done), timeout)
-        except TimeoutError:
-            await self.worker.acall(lambda eng: eng.abort(rid))
+        except BaseException:  # timed out, aborted, or this route cancelled
+            self.worker.unsubscribe(rid)
+            self.worker.call(lambda eng: eng.abort(rid))
             raise
         if out.finish_reason != "prefilled":
             raise TransferError(f"prefill of {rid} ended with {out.finish_reason!r}")
@@ -154,9 +207,14 @@ class PrefillSide:
         t_export = time.time()
         if dst in self.link_down:
             raise TransferError(f"link {self.cluster.name}->{dst} is down")
+        if p.aborted:
+            raise Aborted(f"request {rid!r} aborted")
         sender = self._sender(dst)
         # thread-safe: concurrent opens keep id order
         stream = await asyncio.to_thread(sender.send_export, peer, exp)
+        p.stream = stream
+        if p.aborted:  # aborted while the stream opened
+            stream.abort("aborted by the router")
         self.peers.setdefault(dst, set()).add(peer)
         self.inflight.setdefault(dst, set()).add(stream)
         try:
