@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from prfaas import LLM, SamplingParams
+from prfaas.server.auth import control_headers
 
 THRESHOLD = 256
 MAX_INFLIGHT = 4
@@ -362,7 +363,8 @@ def test_metrics(url):
 
 def test_link_cut_falls_back_to_pd_p(url):
     prfaas_url = node_info(url, "prfaas-0")["url"]
-    r = httpx.post(prfaas_url + "/admin/link", json={"cluster": "pd", "up": False})
+    auth = control_headers(CONFIG["secret"])
+    r = httpx.post(prfaas_url + "/admin/link", json={"cluster": "pd", "up": False}, headers=auth)
     assert r.status_code == 200
     got = complete(url, rand_prompt(6, 400))  # long: would go to PrfaaS
     assert got.status_code == 200, got.text
@@ -372,7 +374,7 @@ def test_link_cut_falls_back_to_pd_p(url):
     wait_for(lambda: not node_info(url, "prfaas-0")["available"])
     assert complete(url, rand_prompt(7, 400)).json()["prfaas"]["prefill_cluster"] == "pd"
     # restored: long prompts go back to PrfaaS
-    httpx.post(prfaas_url + "/admin/link", json={"cluster": "pd", "up": True})
+    httpx.post(prfaas_url + "/admin/link", json={"cluster": "pd", "up": True}, headers=auth)
     wait_for(lambda: node_info(url, "prfaas-0")["available"])
     assert complete(url, rand_prompt(8, 400)).json()["prfaas"]["prefill_cluster"] == "prfaas"
 
