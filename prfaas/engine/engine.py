@@ -424,7 +424,7 @@ class LLMEngine:
             go
             and not self.waiting
             and len(live) == len(self.running)
-            and all(self.cache.can_reserve(r.cache, r.num_tokens + 2) for r in go)
+            and self._blocks_needed(go, 2) <= self.cache.blocks.num_free
         ):
             for r in go:
                 self.cache.reserve(r.cache, r.num_tokens + 2)
@@ -449,6 +449,12 @@ class LLMEngine:
             outs.append(self._append_token(req, tok))
         self._pending = nxt
         return outs
+
+    def _blocks_needed(self, rows: list[Request], ahead: int) -> int:
+        """New cache blocks that covering ``num_tokens + ahead`` positions of every row takes (all
+        rows together: one row's ``can_reserve`` alone says nothing about the others)."""
+        c = self.cache
+        return sum(max(0, c.blocks_for(r.num_tokens + ahead) - len(r.cache.blocks)) for r in rows)
 
     def _streaming_callback(self, batch: list[tuple[Request, int]]) -> Callable[[int], None] | None:
         if self.config.role != "prefill" or self.layer_listener is None:
