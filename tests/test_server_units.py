@@ -18,9 +18,9 @@ from prfaas.server.gateway.node_client import NodeEndpoint
 from prfaas.server.gateway.openai_protocol import APIError, apply_chat_template, parse_request
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
-from prfaas.server.kv_layout import layout_for_engine
 from prfaas.server.launcher import endpoints_from_config
 from prfaas.server.node.engine_worker import EngineWorker
+from prfaas.server.node.kv_layout import layout_for_engine
 from prfaas.server.protocol import LinkReading, NodeState, SamplingParamsMsg
 from prfaas.transfer import wire
 

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
-from prfaas.model.tokenizer import load_tokenizer
 from prfaas.server.gateway.handover import DecodeFailed, Generation
 from prfaas.server.gateway.openai_models import ChatCompletionRequest, CompletionRequest
 from prfaas.server.gateway.openai_protocol import (
@@ -31,6 +30,8 @@ from prfaas.server.gateway.openai_protocol import (
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.server.streaming import ClosingStreamingResponse, unless_disconnected
+from prfaas.tokenizer import load_tokenizer
+from prfaas.tokenizer.chat import ChatTemplateError, load_chat_format
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -41,6 +42,7 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
     cfg = router.cfg
     mcfg = resolve_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model, mcfg.eos_token_id)
+    chat_format = load_chat_format(cfg.model, tokenizer)
     served = model_name or cfg.model
     created = int(time.time())
 
@@ -97,7 +99,10 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
-        prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+        if req.messages is not None:
+            prompt = _chat_prompt(chat_format, req.messages)
+        else:
+            prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
         # the client may go away at any time: before the answer, that cancels the work (its
         # clean-up aborts the request on its nodes and releases its admission slot)
         answered, resp = await unless_disconnected(request, respond(req, kind, prompt))
@@ -149,6 +154,17 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         return await handle(request, body, "chat")
 
     return app
+
+
+def _chat_prompt(chat_format: Any, messages: list[dict[str, Any]]) -> list[int]:
+    if chat_format is None:
+        raise APIError(
+            400, "this model has no chat template; use /v1/completions", param="messages"
+        )
+    try:
+        return chat_format.encode(messages)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
 
 
 def _usage(gen: Generation, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
