@@ -135,8 +135,8 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                     if ev.finished:
                         finish = ev.finish_reason
             except DecodeFailed as e:
-                outcome = "decode_failed"
-                raise APIError(502, str(e), "server_error", code="decode_node_failed") from None
+                outcome = _failed_outcome(e)
+                raise e.api_error() from None
             asm.finish()
             outcome = "ok"
         finally:
@@ -154,6 +154,11 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         return await handle(request, body, "chat")
 
     return app
+
+
+def _failed_outcome(e: DecodeFailed) -> str:
+    """The ``prfaas_requests_total`` outcome of a decode that failed."""
+    return "request_failed" if e.code == "request_failed" else "decode_failed"
 
 
 def _chat_prompt(chat_format: Any, messages: list[dict[str, Any]]) -> list[int]:
@@ -265,8 +270,8 @@ async def _sse(
                     first = False
             outcome = "ok"
         except DecodeFailed as e:
-            outcome = "decode_failed"
-            err = APIError(502, str(e), "server_error", code="decode_node_failed")
+            outcome = _failed_outcome(e)
+            err = e.api_error()
             yield _sse_line({**err.body(), "prfaas": _prfaas_field(gen, asm.ids)})
         yield "data: [DONE]\n\n"
     finally:
