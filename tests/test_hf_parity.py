@@ -218,6 +218,17 @@ def test_config_defaults_and_aliases_follow_transformers():
         k == "mla" for k in ours.layer_kinds
     ]
     assert ours.num_experts == 8 and ours.kda_head_dim == ref.linear_head_dim == 128
+    assert ours.eos_token_id == ref.eos_token_id == d["eos_token_id"]
+    d["eos_token_id"] = None  # explicit null: no eos (transformers keeps None)
+    assert (
+        ModelConfig.from_hf_dict(d).eos_token_id
+        is None
+        is transformers.KimiLinearConfig(**d).eos_token_id
+    )
+    del d["eos_token_id"]  # absent: transformers' default
+    assert (
+        ModelConfig.from_hf_dict(d).eos_token_id == transformers.KimiLinearConfig(**d).eos_token_id
+    )
 
 
 def _run(eng, prompt, params):
