@@ -61,7 +61,7 @@ def test_gateway_drains_and_switches_a_pd_node_live(tiny_model):
     rb = LongTermRebalancing(period_s=1e-3, confirm=1, reverse_after_s=0.0)
     router = Router(cfg, eps, PrfaaSPolicy(256, rebalance=rb))
     router.nodes = NodeClient(
-        httpx.AsyncClient(transport=_ByHost({n: nodes[n].app for n in names}))
+        cfg.secret, httpx.AsyncClient(transport=_ByHost({n: nodes[n].app for n in names}))
     )
     sched = router.sched
 

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
+from prfaas.server.auth import add_api_key
 from prfaas.server.gateway.handover import DecodeFailed, Generation
 from prfaas.server.gateway.openai_models import ChatCompletionRequest, CompletionRequest
 from prfaas.server.gateway.openai_protocol import (
@@ -38,7 +39,10 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
+def build_gateway_app(
+    router: Router, model_name: str | None = None, api_key: str | None = None
+) -> FastAPI:
+    """The gateway's app; with ``api_key``, ``/v1`` and ``/admin`` need it (``auth``)."""
     cfg = router.cfg
     mcfg = resolve_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model, mcfg.eos_token_id)
@@ -53,6 +57,7 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         await router.stop()
 
     app = FastAPI(title="prfaas gateway", lifespan=lifespan)
+    add_api_key(app, api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:

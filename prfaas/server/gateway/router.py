@@ -74,7 +74,7 @@ class Router:
         lim = cfg.engine_limits()
         self.block_tokens = lim.checkpoint_interval if lim.enable_prefix_cache else 0
         self.metrics = RouterMetrics()
-        self.nodes = NodeClient()
+        self.nodes = NodeClient(cfg.secret)
         self.admission = Admission(lim.max_model_len, cfg.router.max_inflight, self.metrics)
         self.prefix: dict[str, Any] = {
             c.name: PrefixIndex(lim.num_checkpoints * len(c.nodes), self.block_tokens or 1)
