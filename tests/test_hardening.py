@@ -422,3 +422,116 @@ async def _after(url: str) -> list[dict]:
         return list(
             await asyncio.gather(*(_request(c, 200 + i, stream=i % 2 == 0) for i in range(6)))
         )
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+BAD_BODIES = {
+    "lone surrogate in the prompt": b'{"model":"tiny","prompt":"a\\ud800b"}',
+    "lone surrogate in a message": b'{"model":"tiny","messages":[{"role":"user","content":"\\udfff"}]}',
+    "lone surrogate in a stop string": b'{"model":"tiny","prompt":"x","stop":["\\ud800"]}',
+    "JSON nested 10,000 deep": b'{"model":"tiny","prompt":' + b"[" * 10000 + b"]" * 10000 + b"}",
+    "object nested 10,000 deep": b'{"a":' * 10000 + b"1" + b"}" * 10000,
+    "NaN": b'{"model":"tiny","prompt":"x","temperature":NaN}',
+    "Infinity": b'{"model":"tiny","prompt":"x","top_p":-Infinity}',
+    "a 5000-digit number": b'{"model":"tiny","prompt":"x","max_tokens":' + b"9" * 5000 + b"}",
+    "a huge token id": b'{"model":"tiny","prompt":[99999999999999999999999]}',
+    "a huge float": b'{"model":"tiny","prompt":"x","temperature":1e999}',
+    "wrong types": b'{"model":5,"prompt":{}}',
+    "not UTF-8": b'{"model":"tiny","prompt":"\xff\xfe"}',
+    "not JSON": b"{not json",
+    "empty": b"",
+    "null": b"null",
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_BODIES))
+def test_malformed_bodies_get_4xx_openai_errors(url, what):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(
+            url + path,
+            content=BAD_BODIES[what],
+            headers={**AUTH, "content-type": "application/json"},
+            timeout=30,
+        )
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert err["message"] and err["type"] == "invalid_request_error", err
+    for path, method in (("/v1/nothing", "GET"), ("/v1/completions", "GET")):  # 404, 405
+        r = httpx.request(method, url + path, headers=AUTH, timeout=30)
+        assert r.status_code in (404, 405) and r.json()["error"]["message"]
+
+
+def test_schemathesis_finds_no_server_error(url):
+    """A bounded schemathesis run against /openapi.json (valid and invalid bodies for every
+    operation) gets no 5xx; generation lengths are capped so that it stays short."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    seen: dict[int, int] = {}
+    t_end = time.monotonic() + 50
+
+    def cap(body: object) -> None:
+        if isinstance(body, dict):
+            for k in ("max_tokens", "max_completion_tokens"):
+                if isinstance(body.get(k), int) and body[k] > 4:
+                    body[k] = 4
+            if isinstance(body.get("n"), int) and body["n"] > 2:
+                body["n"] = 2
+
+    for res in schema.get_all_operations():
+        op = res.ok()
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+            @settings(
+                max_examples=15,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.generate],
+                database=None,
+            )
+            @given(op.as_strategy(generation_mode=mode))
+            def run(case) -> None:  # noqa: ANN001
+                if time.monotonic() > t_end:
+                    return
+                cap(case.body)
+                r = case.call(headers=AUTH, timeout=60)
+                seen[r.status_code] = seen.get(r.status_code, 0) + 1
+                assert r.status_code < 500, (case.method, case.path, case.body, r.text[:300])
+
+            try:
+                run()
+            except Unsatisfiable:  # no invalid input exists for this operation (no parameters)
+                assert mode is schemathesis.GenerationMode.NEGATIVE
+    assert sum(seen.values()) >= 50 and any(400 <= s < 500 for s in seen), seen
+    assert_nothing_held(url)
+
+
+def test_idle_connections_to_the_kv_port_cost_no_threads(url):
+    """500 idle sockets to a decode node's KV port: the node's thread count stays flat (one
+    event-driven listener, connections over its cap closed) and the deployment still serves."""
+    import socket
+
+    node = node_row(url, "pd-d1")
+    st = httpx.get(node["url"] + "/state", headers=NODE_AUTH, timeout=10).json()
+    host, port = st["kv_addr"]
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{st['pid']}/task"))
+
+    before = threads()
+    socks = []
+    try:
+        for _ in range(500):
+            s = socket.create_connection((host, port), timeout=10)
+            socks.append(s)
+        time.sleep(1.0)
+        assert threads() <= before + 4, (before, threads())
+        r = complete(url, rand_prompt(77, 40), max_tokens=4)
+        assert r.status_code == 200, r.text
+    finally:
+        for s in socks:
+            s.close()

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
 from prfaas.server.auth import add_api_key
+from prfaas.server.gateway.errors import check_text, install_error_handlers
 from prfaas.server.gateway.handover import DecodeFailed, Generation
 from prfaas.server.gateway.openai_models import ChatCompletionRequest, CompletionRequest
 from prfaas.server.gateway.openai_protocol import (
@@ -58,6 +59,7 @@ def build_gateway_app(
 
     app = FastAPI(title="prfaas gateway", lifespan=lifespan)
     add_api_key(app, api_key)
+    install_error_handlers(app)  # framework errors and surprises: OpenAI error bodies
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -65,7 +67,12 @@ def build_gateway_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error_response(from_validation_error(list(e.errors())))
+        errors = list(e.errors())
+        if errors and tuple(errors[0].get("loc", ())) == ("body",):  # no body at all
+            return _error_response(
+                APIError(400, "the request body must be a JSON object", code="invalid_json")
+            )
+        return _error_response(from_validation_error(errors))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -96,6 +103,7 @@ def build_gateway_app(
     async def handle(
         request: Request, body: CompletionRequest | ChatCompletionRequest, kind: str
     ) -> Response:
+        check_text(body.model_dump())  # a lone surrogate cannot be tokenized: 400, not 500
         req = to_generation(body, mcfg.vocab_size)
         if req.model != served:
             raise APIError(
