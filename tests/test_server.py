@@ -531,6 +531,10 @@ def test_components_started_one_by_one(tmp_path):
         short = complete(gw, rand_prompt(21, 30)).json()["prfaas"]
         assert (long["prefill_node"], short["prefill_node"]) == ("prfaas-0", "pd-p0")
         assert long["decode_node"] == short["decode_node"] == "pd-d0"
+        # the gateway process served them without loading torch (it never builds an engine)
+        maps = Path(f"/proc/{procs[-1].pid}/maps")
+        if maps.exists():
+            assert "libtorch" not in maps.read_text()
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
