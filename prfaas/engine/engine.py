@@ -33,11 +33,11 @@ from prfaas.engine.request import KVArrival, Request, RequestOutput
 from prfaas.engine.sampling import SamplingParams
 from prfaas.engine.scheduler import Scheduler, SchedulerOutput
 from prfaas.engine.stats import EngineStats
+from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
 from prfaas.model.tokenizer import Tokenizer, load_tokenizer
-from prfaas.transfer.unit import KVExport, LayerPart, TransferHeader
 
 __all__ = ["ROLES", "EngineConfig", "LLMEngine", "LayerListener"]
 

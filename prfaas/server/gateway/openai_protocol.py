@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from prfaas.engine import SamplingParams
+from prfaas.server.protocol import SamplingParamsMsg
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_STOP = 8
@@ -59,7 +59,7 @@ class GenerationRequest:
 
     kind: str  # "completion" | "chat"
     prompt: str | list[int]
-    params: SamplingParams
+    params: SamplingParamsMsg
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -191,7 +191,7 @@ def parse_request(body: Any, kind: str, vocab_size: int) -> GenerationRequest:
     if not isinstance(so, dict):
         raise bad("stream_options must be an object", "stream_options")
     try:
-        params = SamplingParams(
+        params = SamplingParamsMsg(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k if top_k != 0 else -1,

@@ -19,9 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
 from prfaas.model.tokenizer import load_tokenizer
-from prfaas.server.openai_protocol import APIError, GenerationRequest, parse_request
-from prfaas.server.router import DecodeFailed, Generation, Router
-from prfaas.server.text_output import TextAssembler
+from prfaas.server.gateway.handover import DecodeFailed, Generation
+from prfaas.server.gateway.openai_protocol import APIError, GenerationRequest, parse_request
+from prfaas.server.gateway.router import Router
+from prfaas.server.gateway.text_output import TextAssembler
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -96,12 +97,12 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
             finish = None
             try:
                 async for ev in gen.events():
-                    asm.add(ev["token_ids"])
+                    asm.add(ev.token_ids)
                     if asm.stopped:
                         finish = "stop"
                         break
-                    if ev["finished"]:
-                        finish = ev["finish_reason"]
+                    if ev.finished:
+                        finish = ev.finish_reason
             except DecodeFailed as e:
                 await gen.close("decode_failed")
                 raise APIError(502, str(e), "server_error", code="decode_node_failed") from None
@@ -201,11 +202,11 @@ async def _sse(
     try:
         try:
             async for ev in gen.events():
-                text = asm.add(ev["token_ids"])
+                text = asm.add(ev.token_ids)
                 if asm.stopped:
                     finish = "stop"
-                elif ev["finished"]:
-                    finish = ev["finish_reason"]
+                elif ev.finished:
+                    finish = ev.finish_reason
                 if finish is not None:
                     text += asm.finish()
                     final = _chunk(gen, kind, model, text, finish, first)
