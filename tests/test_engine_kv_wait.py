@@ -54,7 +54,7 @@ def test_expected_requests_decode_like_mixed(tiny_model, async_decode):
     # two slots for four requests: the other two wait with their KV until a slot frees
     dec = make(tiny_model, role="decode", max_num_seqs=2, async_decode=async_decode)
     for i, p in enumerate(ps):
-        assert dec.expect_kv(p, sp, f"r{i}") == f"r{i}"
+        assert dec.expect_kv(f"r{i}", p, sp) == 0  # no prefix held
     st = dec.stats()
     assert (st.waiting_for_kv, st.running, dec.cache.blocks.num_in_use()) == (4, 0, 0)
     assert not dec.has_unfinished()  # nothing to step until a KV arrives
@@ -76,9 +76,9 @@ def test_kv_wait_ends_on_abort_timeout_and_bad_kv(tiny_model):
     sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     (e0, e1, e2) = exports(tiny_model, ps, sp)
     dec = make(tiny_model, role="decode")
-    dec.expect_kv(ps[0], sp, "r0")
-    dec.expect_kv(ps[1], sp, "r1", timeout_s=0.0)
-    dec.expect_kv(ps[2], sp, "r2")
+    dec.expect_kv("r0", ps[0], sp)
+    dec.expect_kv("r1", ps[1], sp, timeout_s=0.0)
+    dec.expect_kv("r2", ps[2], sp)
     with pytest.raises(KeyError):  # nobody waits for "x"
         dec.import_kv(replace(e1, header=replace(e1.header, request_id="x")))
     with pytest.raises(ImportMismatch):
@@ -94,4 +94,4 @@ def test_kv_wait_ends_on_abort_timeout_and_bad_kv(tiny_model):
     assert finish_all(dec)["r2"].finish_reason == "length"
     assert dec.cache.blocks.num_in_use() == 0 and dec.stats().waiting_for_kv == 0
     with pytest.raises(ValueError, match="prefill-role"):
-        make(tiny_model, role="prefill").expect_kv(ps[0])
+        make(tiny_model, role="prefill").expect_kv("x", ps[0])

@@ -245,10 +245,15 @@ def test_waiting_for_kv_timeout_abort_and_missing_prefix():
     s.kv_arrived("bad", arrival(40, token_start=16, log=log))  # this node holds no prefix
     out, rep = step(s)
     assert late.finish_reason == "error" and "did not arrive" in late.error
-    assert bad.finish_reason == "error" and "prefix cache" in bad.error
-    assert set(rep) == {late, gone, bad}
+    assert set(rep) == {late, gone}
     dropped = {i.request.request_id: i.error for i in out.imports}
-    assert set(dropped) == {"gone", "bad"} and all(dropped.values())
+    assert dropped["gone"] == "request ended (abort)" and "prefix cache" in dropped["bad"]
+    # the prefix is gone: bad waits on for a KV from token 0
+    assert bad.status == Status.WAITING_FOR_KV and not s.has_unfinished()
+    s.kv_arrived("bad", arrival(40))
+    out, _ = step(s)
+    assert [i.request for i in out.imports] == [bad] and rows(out) == [("bad", 39, 1)]
+    s.finish(bad, "abort")
     no_leak(s)
 
 

@@ -139,19 +139,21 @@ class LLMEngine:
 
     def expect_kv(
         self,
+        request_id: str,
         prompt: list[int],
         params: SamplingParams | None = None,
-        request_id: str | None = None,
         timeout_s: float | None = None,
-    ) -> str:
-        """Hold a request whose prompt's KV another node computes (decode or mixed role); returns
-        its id. It holds no cache until ``import_kv``; after ``timeout_s`` without its KV (or on
-        ``abort``) it ends, reported as an output with finish reason ``error`` (``abort``)."""
+    ) -> int:
+        """Hold a request whose prompt's KV another node computes (decode or mixed role). Returns
+        the prompt tokens this node already holds in its prefix cache (block aligned, at most
+        ``len(prompt) - 1``): the KV to send starts there. The request holds no cache until
+        ``import_kv``; it ends after ``timeout_s`` without its KV (finish reason ``error``) or on
+        ``abort``, reported as an output like any other. ValueError on bad input."""
         if self.config.role == "prefill":
             raise ValueError("a prefill-role engine cannot import requests")
         req = self._new_request(prompt, params, request_id)
         self.scheduler.expect_kv(req, timeout_s)
-        return req.request_id
+        return self.cache.match(req.prompt, need_state=False, max_tokens=len(prompt) - 1).num_tokens
 
     def import_kv(self, exp: KVExport, on_done: ImportDone | None = None) -> None:
         """The KV of a request held by ``expect_kv`` (matched by the header's request id). Checked
@@ -159,8 +161,9 @@ class LLMEngine:
         nobody waits for it. It is written into the cache at the next ``step()`` with a free slot
         and blocks, before any new request is admitted, and decodes from that step on.
         ``on_done(error)`` is called on the engine thread once ``exp`` was written (``None``) or
-        dropped (the reason: the request ended first, or its cached prefix is gone); ``exp``'s
-        buffers may be reused after it."""
+        dropped (the reason): the request ended first, or the cached prefix before
+        ``token_start`` is gone (then the request waits on, for a KV from a lower
+        ``token_start``). ``exp``'s buffers may be reused once it was called."""
         h = exp.header
         req = self.scheduler.waiting_for_kv.get(h.request_id)
         if req is None or req.kv_arrival is not None:

@@ -6,7 +6,8 @@ engine runs it, and ``update_from_output(out, tokens)`` takes the sampled tokens
 Policy (continuous batching under a per-step token budget ``max_num_batched_tokens``):
 
 1. KV imports that have arrived are admitted first (a state slot and blocks for the whole prompt +
-   1), oldest first; they decode from this step on.
+   1), oldest first; they decode from this step on. An import whose cached prefix is gone is
+   dropped (the request waits on for a KV that starts lower).
 2. Decodes of running requests, oldest first, one token each. When the cache has no block for one,
    the newest running request is preempted (its cache freed, recomputed later from its tokens),
    possibly the one asking; a request alone in the cache without room ends with ``length``.
@@ -255,10 +256,10 @@ class Scheduler:
                 self.admit_import(req, arrival.token_start, arrival.token_end)
             except CacheFull:
                 break
-            except ValueError as e:
-                self.finish(req, "error", error=str(e))
-                out.imports += self._dropped
-                self._dropped = []
+            except ValueError as e:  # its cached prefix is gone: it waits for a whole KV
+                self.arrived.popleft()
+                req.kv_arrival = None
+                out.imports.append(ScheduledImport(req, arrival, str(e)))
                 continue
             self.arrived.popleft()
             out.imports.append(ScheduledImport(req, arrival))  # written before the rows run
