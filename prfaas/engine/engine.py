@@ -29,7 +29,7 @@ from prfaas.cache.hybrid import HybridCache
 from prfaas.engine.config import ROLES, EngineConfig
 from prfaas.engine.kv_io import export_layer, validate_export, write_import
 from prfaas.engine.model_runner import ModelRunner
-from prfaas.engine.request import KVArrival, Request, RequestOutput
+from prfaas.engine.request import KVArrival, Request, RequestOutput, Status
 from prfaas.engine.sampling import SamplingParams
 from prfaas.engine.scheduler import Scheduler, SchedulerOutput
 from prfaas.engine.stats import EngineStats
@@ -224,15 +224,18 @@ class LLMEngine:
         return self._outputs(self.scheduler.update_from_output(sched, self._run(sched)))
 
     def _write_imports(self, sched: SchedulerOutput) -> None:
+        failed = False
         for imp in sched.imports:
             err = imp.error
             if err is None:
                 try:
                     self._write_import(imp.request, imp.arrival.data)
                 except Exception as e:  # noqa: BLE001 - the request ends with the error
-                    err = f"{type(e).__name__}: {e}"
+                    err, failed = f"{type(e).__name__}: {e}", True
             if imp.arrival.on_done is not None:
                 imp.arrival.on_done(err)
+        if failed:  # those requests ended: their rows go
+            sched.rows[:] = [r for r in sched.rows if r.request.status == Status.RUNNING]
 
     def _run(self, sched: SchedulerOutput) -> list[int | None]:
         """Run the rows on the model; each sampling row's token (None for the others)."""
