@@ -33,7 +33,7 @@ def make(
             enable_prefix_cache=prefix,
         ),
     )
-    cfg = SchedulerConfig(max_seqs, budget, max_model_len, EOS)
+    cfg = SchedulerConfig(max_seqs, budget, max_model_len, frozenset({EOS}))
     return Scheduler(cfg, cache)
 
 

@@ -69,10 +69,10 @@ class EngineConfig:
             enable_prefix_cache=self.enable_prefix_cache,
         )
 
-    def scheduler_config(self, eos_token_id: int | None) -> SchedulerConfig:
+    def scheduler_config(self, stop_ids: frozenset[int]) -> SchedulerConfig:
         return SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            eos_token_id=eos_token_id,
+            stop_ids=stop_ids,
         )

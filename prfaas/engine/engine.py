@@ -37,7 +37,7 @@ from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
-from prfaas.model.tokenizer import Tokenizer, load_tokenizer
+from prfaas.tokenizer import Tokenizer, load_tokenizer, stop_ids_of
 
 __all__ = ["ROLES", "EngineConfig", "LLMEngine", "LayerListener"]
 
@@ -74,7 +74,9 @@ class LLMEngine:
         self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
         self.cache = HybridCache(self.model_config, cfg.cache_config(), self.device, self.dtype)
         self.runner = ModelRunner(self.model, cuda_graphs=cfg.cuda_graphs)
-        self.scheduler = Scheduler(cfg.scheduler_config(self.tokenizer.eos_token_id), self.cache)
+        # a request ends on these unless it sets ignore_eos
+        self.stop_ids = stop_ids_of(self.tokenizer)
+        self.scheduler = Scheduler(cfg.scheduler_config(self.stop_ids), self.cache)
         self.layer_listener: LayerListener | None = None
         self._pending: _PendingDecode | None = None  # async_decode: launched, not read back
         self._ids = itertools.count()
@@ -195,12 +197,14 @@ class LLMEngine:
         self._write_import(req, exp)
         return self._output(req)
 
-    def _write_import(self, req: Request, exp: KVExport) -> None:
+    def _write_import(self, req: Request, exp: KVExport, report: bool = False) -> None:
+        """Write ``exp`` into ``req``'s admitted cache; on failure ``req`` ends (with ``error``,
+        reported if ``report``: nothing of it stays behind) and the exception propagates."""
         assert req.cache is not None
         try:
             write_import(self.cache, req.cache, exp)
-        except BaseException:
-            self.scheduler.finish(req, "error", error="the KV could not be written")
+        except BaseException as e:
+            self.scheduler.finish(req, "error", report=report, error=f"KV import failed: {e!r}")
             raise
         self.scheduler.import_written(req)
 
@@ -229,7 +233,7 @@ class LLMEngine:
             err = imp.error
             if err is None:
                 try:
-                    self._write_import(imp.request, imp.arrival.data)
+                    self._write_import(imp.request, imp.arrival.data, report=True)
                 except Exception as e:  # noqa: BLE001 - the request ends with the error
                     err, failed = f"{type(e).__name__}: {e}", True
             if imp.arrival.on_done is not None:
@@ -258,7 +262,12 @@ class LLMEngine:
             elif req.params.greedy:
                 tokens.append(top)
             else:
-                tokens.append(req.sampler.sample(lg, len(req.output)))
+                try:
+                    tokens.append(req.sampler.sample(lg, len(req.output)))
+                except Exception as e:  # noqa: BLE001 - this request ends with the error, alone
+                    err = f"sampling failed: {type(e).__name__}: {e}"
+                    self.scheduler.finish(req, "error", report=True, error=err)
+                    tokens.append(None)  # its row is dropped (the request ended)
         return tokens
 
     def _inputs(self, sched: SchedulerOutput) -> list[SeqInput]:

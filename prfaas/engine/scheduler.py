@@ -36,7 +36,7 @@ class SchedulerConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512  # token budget of one step
     max_model_len: int = 4096  # prompt + output tokens of one request
-    eos_token_id: int | None = None
+    stop_ids: frozenset[int] = frozenset()  # end a request unless it sets ignore_eos
 
 
 @dataclass(frozen=True)
@@ -399,8 +399,7 @@ class Scheduler:
         if req.metrics.first_token is None:
             req.metrics.first_token = time.monotonic()
         p = req.params
-        eos = self.config.eos_token_id
-        if tok in p.stop_token_ids or (not p.ignore_eos and eos is not None and tok == eos):
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.config.stop_ids):
             self.finish(req, "stop")
         elif len(req.output) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             self.finish(req, "length")
@@ -419,7 +418,7 @@ class Scheduler:
         self, req: Request, reason: str, report: bool = False, error: str | None = None
     ) -> None:
         """End ``req`` wherever it is and free its cache; ``report``: return it from the next
-        ``update_from_output`` / ``take_reports`` (errors always are)."""
+        ``update_from_output`` / ``take_reports``."""
         if req.status == Status.RUNNING and req in self.running:
             self.running.remove(req)
         elif req.status == Status.WAITING and req in self.waiting:
@@ -442,7 +441,7 @@ class Scheduler:
         req.error = error
         req.metrics.finished = time.monotonic()
         self.requests.pop(req.request_id, None)
-        if report or error is not None:
+        if report:
             self._reports.append(req)
 
     def has_unfinished(self) -> bool:

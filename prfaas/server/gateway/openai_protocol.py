@@ -1,19 +1,30 @@
-"""The OpenAI-compatible surface: request parsing/validation, the chat template, error bodies.
+"""The OpenAI-compatible surface: a validated request body (``openai_models``) turned into what the
+gateway runs (``GenerationRequest``), the chat template, error bodies.
 
-Chat template (byte tokenizer, documented in docs/serving.md): every message becomes
-``<|ROLE|>\\nCONTENT\\n`` and the prompt ends with ``<|assistant|>\\n``.
+Chat template: the gateway encodes ``GenerationRequest.messages`` with the model's own
+(``prfaas.tokenizer.chat``); the presets' (documented in docs/serving.md, ``prompts`` holds it):
+every message becomes ``<|ROLE|>\\nCONTENT\\n`` and the prompt ends with ``<|assistant|>\\n``.
+
+Errors: ``APIError`` carries OpenAI's body ``{"error": {"message", "type", "param", "code"}}``;
+a bad or unsupported field is a 400 whose ``param`` names it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
+from prfaas.server.gateway.openai_models import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    validation_error,
+)
 from prfaas.server.protocol import SamplingParamsMsg
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
-MAX_STOP = 8
 
 
 class APIError(Exception):
@@ -53,155 +64,182 @@ def bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_value" if param else None)
 
 
+def unsupported(param: str, what: str | None = None) -> APIError:
+    return APIError(
+        400, f"{what or param} is not supported", param=param, code="unsupported_parameter"
+    )
+
+
+def from_validation_error(e: ValidationError | list[dict[str, Any]]) -> APIError:
+    """The OpenAI 400 of a pydantic validation error (the first bad field named)."""
+    errors = e.errors() if isinstance(e, ValidationError) else list(e)
+    message, param = validation_error(errors)
+    kind = errors[0].get("type") if errors else None
+    if kind == "extra_forbidden":
+        return unsupported(param or "", message.removesuffix(" is not supported"))
+    return bad(message, param)
+
+
 @dataclass
 class GenerationRequest:
-    """A parsed completion / chat request."""
+    """A parsed completion / chat request: ``prompts`` (one entry per prompt: text, or token ids),
+    each answered with ``n`` choices."""
 
     kind: str  # "completion" | "chat"
-    prompt: str | list[int]
+    prompts: list[str | list[int]]
     params: SamplingParamsMsg
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
     model: str = ""
+    n: int = 1
+    echo: bool = False
+    logprobs: int | None = None  # top alternatives per token (0: the sampled token's only)
+    # chat: the validated messages (None-valued keys dropped, a missing content is "")
+    messages: list[dict[str, Any]] | None = None
+
+    @property
+    def prompt(self) -> str | list[int]:
+        """The first (for chat: the only) prompt."""
+        return self.prompts[0]
 
 
-def apply_chat_template(messages: Any) -> str:
-    """The byte-tokenizer chat template (see module docstring)."""
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages must be a non-empty list", "messages")
+def _messages(msgs: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [
+        {**m.model_dump(exclude_none=True), "content": m.model_dump()["content"] or ""}
+        for m in msgs
+    ]
+
+
+def render_builtin_chat(messages: list[dict[str, Any]]) -> str:
     out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise bad(f"messages[{i}] must be an object", "messages")
-        role, content = m.get("role"), m.get("content")
-        if role not in CHAT_ROLES:
-            raise bad(f"messages[{i}].role must be one of {list(CHAT_ROLES)}", "messages")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for p in content:
-                if (
-                    not isinstance(p, dict)
-                    or p.get("type") != "text"
-                    or not isinstance(p.get("text"), str)
-                ):
-                    raise bad(f"messages[{i}].content: only text parts are supported", "messages")
-                texts.append(p["text"])
-            content = "".join(texts)
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise bad(f"messages[{i}].content must be a string", "messages")
-        out.append(f"<|{role}|>\n{content}\n")
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = "".join(p["text"] for p in content)
+        out.append(f"<|{m['role']}|>\n{content}\n")
     out.append("<|assistant|>\n")
     return "".join(out)
 
 
-def _num(body: dict, key: str, default: float, lo: float, hi: float) -> float:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(f"{key} must be a number", key)
-    if not lo <= v <= hi:
-        raise bad(f"{key} must be in [{lo}, {hi}], got {v}", key)
-    return float(v)
+def apply_chat_template(messages: Any) -> str:
+    """The byte-tokenizer chat template (see module docstring) of raw messages (APIError 400)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list", "messages")
+    try:
+        msgs = [ChatMessage.model_validate(m) for m in messages]
+    except ValidationError as e:
+        err = from_validation_error(e)
+        raise bad(f"messages: {err.message}", "messages") from None
+    return render_builtin_chat(_messages(msgs))
 
 
-def _int(body: dict, key: str, default: int | None, lo: int) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise bad(f"{key} must be an integer", key)
-    if v < lo:
-        raise bad(f"{key} must be >= {lo}, got {v}", key)
-    return v
+def _prompts(p: Any, vocab_size: int) -> list[str | list[int]]:
+    if isinstance(p, str):
+        prompts: list[str | list[int]] = [p]
+    elif p and all(isinstance(t, int) for t in p):
+        prompts = [list(p)]
+    else:
+        prompts = list(p)
+    if not prompts:
+        raise bad("prompt must not be empty", "prompt")
+    for x in prompts:
+        if not x:
+            raise bad("prompt must not be empty", "prompt")
+        if isinstance(x, list) and any(not 0 <= t < vocab_size for t in x):
+            raise bad(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    return prompts
+
+
+# features the engine does not have yet: a 400 naming them, never silence
+_NOT_YET = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "min_tokens": 0,
+    "logit_bias": None,
+}
+
+
+def to_generation(
+    req: CompletionRequest | ChatCompletionRequest, vocab_size: int
+) -> GenerationRequest:
+    """What the gateway runs of a validated body; APIError 400 for values we do not serve."""
+    messages = None
+    if isinstance(req, ChatCompletionRequest):
+        if req.response_format is not None and req.response_format.type != "text":
+            raise unsupported("response_format", f"response_format {req.response_format.type!r}")
+        if req.tools:
+            raise unsupported("tools")
+        if req.tool_choice not in (None, "none"):
+            raise unsupported("tool_choice")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+        messages = _messages(req.messages)
+        prompts: list[str | list[int]] = [render_builtin_chat(messages)]
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        echo = False
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        kind = "chat"
+    else:
+        if req.suffix:
+            raise unsupported("suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise unsupported("best_of", "best_of other than n")
+        prompts = _prompts(req.prompt, vocab_size)
+        logprobs, echo, max_tokens, kind = req.logprobs, req.echo, req.max_tokens, "completion"
+    for name, default in _NOT_YET.items():
+        if getattr(req, name) not in (default, {}):
+            raise unsupported(name, f"{name} (not yet)")
+    if req.n != 1:
+        raise unsupported("n", "n > 1 (not yet)")
+    if len(prompts) > 1:
+        raise unsupported("prompt", "a list of several prompts (not yet)")
+    if echo:
+        raise unsupported("echo", "echo (not yet)")
+    if logprobs is not None:
+        param = "top_logprobs" if kind == "chat" and req.top_logprobs else "logprobs"
+        raise unsupported(param, "logprobs (not yet)")
+    stop_ids = list(req.stop_token_ids or [])
+    if any(t >= vocab_size for t in stop_ids):
+        raise bad(f"stop_token_ids must be token ids in [0, {vocab_size})", "stop_token_ids")
+    top_k = req.top_k if req.top_k not in (None, 0) else -1
+    try:
+        params = SamplingParamsMsg(
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=top_k,
+            max_tokens=max_tokens or 16,
+            seed=req.seed,
+            stop_token_ids=stop_ids,
+            ignore_eos=req.ignore_eos,
+        )
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    so = req.stream_options
+    return GenerationRequest(
+        kind=kind,
+        prompts=prompts,
+        params=params,
+        stop=req.stops,
+        stream=req.stream,
+        include_usage=bool(so and so.include_usage),
+        model=req.model,
+        n=req.n,
+        echo=echo,
+        logprobs=logprobs,
+        messages=messages,
+    )
 
 
 def parse_request(body: Any, kind: str, vocab_size: int) -> GenerationRequest:
     """Validate an OpenAI request body (APIError 400 with a clear message when bad)."""
+    model = ChatCompletionRequest if kind == "chat" else CompletionRequest
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad("model is required (a string)", "model")
-    if kind == "chat":
-        prompt: str | list[int] = apply_chat_template(body.get("messages"))
-    else:
-        p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]  # a batch of one
-        if isinstance(p, str):
-            if not p:
-                raise bad("prompt must not be empty", "prompt")
-            prompt = p
-        elif (
-            isinstance(p, list)
-            and p
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-        ):
-            if any(not 0 <= t < vocab_size for t in p):
-                raise bad(f"prompt token ids must be in [0, {vocab_size})", "prompt")
-            prompt = list(p)
-        elif isinstance(p, list) and len(p) > 1:
-            raise bad("one prompt per request (batches of prompts are not supported)", "prompt")
-        else:
-            raise bad("prompt must be a non-empty string or a list of token ids", "prompt")
-    n = _int(body, "n", 1, 1)
-    if n != 1:
-        raise bad("only n = 1 is supported", "n")
-    for unsupported in ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools"):
-        v = body.get(unsupported)
-        if v not in (None, False, 0, 1) or (unsupported in ("tools", "suffix") and v):
-            raise bad(f"{unsupported} is not supported", unsupported)
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, key, 16, 1)
-    temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _num(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0:
-        raise bad("top_p must be > 0", "top_p")
-    top_k = _int(body, "top_k", -1, -1)
-    seed = _int(body, "seed", None, -(2**63))
-    stop = body.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise bad("stop must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOP or any(not s for s in stops):
-        raise bad(f"stop: at most {MAX_STOP} non-empty strings", "stop")
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in stop_ids
-    ):
-        raise bad(
-            f"stop_token_ids must be a list of token ids in [0, {vocab_size})", "stop_token_ids"
-        )
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise bad("ignore_eos must be a boolean", "ignore_eos")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad("stream must be a boolean", "stream")
-    so = body.get("stream_options") or {}
-    if not isinstance(so, dict):
-        raise bad("stream_options must be an object", "stream_options")
     try:
-        params = SamplingParamsMsg(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k if top_k != 0 else -1,
-            max_tokens=max_tokens,
-            seed=seed,
-            stop_token_ids=list(stop_ids),
-            ignore_eos=ignore_eos,
-        )
-    except ValueError as e:
-        raise bad(str(e)) from None
-    return GenerationRequest(
-        kind, prompt, params, stops, stream, bool(so.get("include_usage", False)), model
-    )
+        req = model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    return to_generation(req, vocab_size)

@@ -8,9 +8,11 @@ import os
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
+from prfaas.server.node.decode import Aborted as DecodeAborted
 from prfaas.server.node.decode import Overloaded
+from prfaas.server.node.prefill import Aborted as PrefillAborted
 from prfaas.server.protocol import (
     AbortResult,
     DecodeRequest,
@@ -24,6 +26,7 @@ from prfaas.server.protocol import (
     PrefixCopy,
     PrefixRequest,
 )
+from prfaas.server.streaming import ClosingStreamingResponse
 from prfaas.transfer.errors import TransferError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +79,8 @@ def build_node_app(node: NodeServer) -> FastAPI:
             return _ok(await node.prefill.prefill(req))
         except ValueError as e:
             return _err(400, "bad_request", str(e))
+        except PrefillAborted as e:
+            return _err(409, "aborted", str(e))
         except (TransferError, OSError, TimeoutError) as e:
             node.counters.prefill_failures += 1
             return _err(503, "transfer_failed", f"{type(e).__name__}: {e}")
@@ -91,8 +96,13 @@ def build_node_app(node: NodeServer) -> FastAPI:
             return _err(400, "bad_request", str(e))
         except Overloaded as e:
             return _err(503, "overloaded", str(e))
-        return StreamingResponse(
-            node.decode.stream(exp, token_start), media_type="application/x-ndjson"
+        except DecodeAborted as e:
+            return _err(409, "aborted", str(e))
+        # the router going away (or the stream ending any way) drops the request here
+        return ClosingStreamingResponse(
+            node.decode.stream(exp, token_start),
+            on_close=lambda completed: node.decode.drop(exp),
+            media_type="application/x-ndjson",
         )
 
     @app.get("/internal/cache_events")
@@ -120,6 +130,7 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/abort/{rid}")
     async def abort(rid: str) -> Response:
-        return _ok(AbortResult(aborted=node.decode.abort(rid)))
+        held = node.prefill.abort(rid) if role == "prefill" else node.decode.abort(rid)
+        return _ok(AbortResult(aborted=held))
 
     return app
