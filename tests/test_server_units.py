@@ -334,6 +334,7 @@ def test_node_routes_answer_protocol_messages(tiny_model):
 
     import httpx
 
+    from prfaas.server.auth import control_headers
     from prfaas.server.node.server import NodeServer
     from prfaas.server.protocol import ErrorBody, LinkAdminResult, NodeHealth
 
@@ -344,8 +345,13 @@ def test_node_routes_answer_protocol_messages(tiny_model):
     }
 
     async def scenario() -> None:
-        p0 = httpx.AsyncClient(transport=httpx.ASGITransport(nodes["p0"].app), base_url="http://p0")
-        d0 = httpx.AsyncClient(transport=httpx.ASGITransport(nodes["d0"].app), base_url="http://d0")
+        auth = control_headers(cfg.secret)
+        p0 = httpx.AsyncClient(
+            transport=httpx.ASGITransport(nodes["p0"].app), base_url="http://p0", headers=auth
+        )
+        d0 = httpx.AsyncClient(
+            transport=httpx.ASGITransport(nodes["d0"].app), base_url="http://d0", headers=auth
+        )
         h = NodeHealth.model_validate_json((await p0.get("/health")).content)
         assert (h.name, h.role) == ("p0", "prefill")
         st = NodeState.model_validate_json((await d0.get("/state")).content)

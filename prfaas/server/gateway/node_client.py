@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from prfaas.server.auth import control_headers
 from prfaas.server.gateway.openai_protocol import APIError
 from prfaas.server.protocol import (
     CacheEventsReply,
@@ -56,10 +57,12 @@ def node_error(status: int, text: str | bytes, ep: NodeEndpoint) -> Exception:
 
 
 class NodeClient:
-    def __init__(self, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, secret: str, http: httpx.AsyncClient | None = None) -> None:
+        """``secret``: the deployment's; every call carries the control token derived from it."""
         self.http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=1000)
         )
+        self.http.headers.update(control_headers(secret))
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -73,7 +73,7 @@ class Router:
         lim = cfg.engine_limits()
         self.block_tokens = lim.checkpoint_interval if lim.enable_prefix_cache else 0
         self.metrics = RouterMetrics()
-        self.nodes = NodeClient()
+        self.nodes = NodeClient(cfg.secret)
         self.live = LiveState(cfg, endpoints, self.by_cluster, lim.max_num_seqs, self.metrics)
         self.admission = Admission(lim.max_model_len, cfg.router.max_inflight, self.metrics)
         self.prefix: dict[str, Any] = {

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from prfaas.server.auth import add_node_auth
 from prfaas.server.node.decode import Aborted as DecodeAborted
 from prfaas.server.node.decode import Overloaded
 from prfaas.server.node.prefill import Aborted as PrefillAborted
@@ -46,6 +47,7 @@ def _ok(msg: Message) -> Response:
 
 def build_node_app(node: NodeServer) -> FastAPI:
     app = FastAPI(title=f"prfaas node {node.node.name}")
+    add_node_auth(app, node.cfg.secret)  # every route but /health: the deployment's token
     name, role = node.node.name, node.role
 
     @app.get("/health")

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from prfaas.engine import LLMEngine
+from prfaas.server.auth import check_node_secret
 from prfaas.server.config import DeployConfig
 from prfaas.server.node.decode import DecodeSide
 from prfaas.server.node.engine_worker import EngineWorker
@@ -31,6 +32,7 @@ class NodeServer:
     def __init__(self, cfg: DeployConfig, node_name: str, engine: LLMEngine | None = None) -> None:
         self.cfg = cfg
         self.cluster, self.node = cfg.node(node_name)
+        check_node_secret(self.node.host, cfg.secret)
         self.role = self.node.role
         _use_device(cfg.node_engine_config(node_name).resolved_device())
         self.engine = engine or LLMEngine(cfg.node_engine_config(node_name))
