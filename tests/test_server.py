@@ -474,7 +474,9 @@ def test_prfaas_up_smoke_exits_zero(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "prefill pd/pd-p0" in out and "prefill prfaas/prfaas-0" in out
-    assert "decode-side prefix 400" in out  # the shared-prefix request sent only its tail
+    assert (
+        "decode-side prefix 992" in out
+    )  # the shared-prefix request sent only its tail (62 blocks)
     assert "ends with [DONE]: True" in out and "stopped." in out
 
 

@@ -63,6 +63,33 @@ class NodeServer:
         self.worker.stop()
         self.pool.close()
 
+    # ---- role switch ------------------------------------------------------------------------
+    async def switch_role(self, role: str) -> NodeState:
+        """Serve in ``role`` from now on, without a restart: the engine's role changes in its own
+        thread once it holds no request; a node turning decode starts its KV receiver.  ValueError
+        when the node still has work (the gateway drains it first) or is not a PD node."""
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        if role == self.role:
+            return self.state()
+        if self.cluster.kind != "pd":
+            raise ValueError(
+                f"{self.node.name} is in a {self.cluster.kind} cluster: no role switch"
+            )
+        if self.decode.expect or self.prefill.active:
+            raise ValueError(f"{self.node.name} still has requests: drain it first")
+
+        def swap(eng: LLMEngine) -> None:
+            if eng.waiting or eng.running or eng.prefilled:
+                raise ValueError(f"{self.node.name} still has requests: drain it first")
+            eng.config.role = role
+
+        await self.worker.acall(swap)
+        if role == "decode" and self.decode.receiver is None:
+            self.decode.start()
+        self.role = role
+        return self.state()
+
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> NodeState:
         st = self.engine.stats()
