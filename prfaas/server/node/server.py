@@ -80,7 +80,8 @@ class NodeServer:
             raise ValueError(f"{self.node.name} still has requests: drain it first")
 
         def swap(eng: LLMEngine) -> None:
-            if eng.waiting or eng.running or eng.prefilled:
+            st = eng.stats()
+            if st.waiting or st.running or st.prefilled or st.waiting_for_kv:
                 raise ValueError(f"{self.node.name} still has requests: drain it first")
             eng.config.role = role
 
