@@ -213,6 +213,15 @@ class LLMEngine:
         if req is not None:
             self.scheduler.finish(req, "abort", report=True)
 
+    def abort_all(self) -> int:
+        """Abort every request (after a failed step: the engine starts clean); returns how many.
+        A pipelined step not read back is dropped."""
+        self._pending = None
+        reqs = list(self.scheduler.requests.values())
+        for req in reqs:
+            self.scheduler.finish(req, "abort", report=True)
+        return len(reqs)
+
     # ----- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
