@@ -474,7 +474,9 @@ def test_prfaas_up_smoke_exits_zero(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "prefill pd/pd-p0" in out and "prefill prfaas/prfaas-0" in out
-    assert "decode-side prefix 400" in out  # the shared-prefix request sent only its tail
+    assert (
+        "decode-side prefix 992" in out
+    )  # the shared-prefix request sent only its tail (62 blocks)
     assert "ends with [DONE]: True" in out and "stopped." in out
 
 
@@ -531,6 +533,10 @@ def test_components_started_one_by_one(tmp_path):
         short = complete(gw, rand_prompt(21, 30)).json()["prfaas"]
         assert (long["prefill_node"], short["prefill_node"]) == ("prfaas-0", "pd-p0")
         assert long["decode_node"] == short["decode_node"] == "pd-d0"
+        # the gateway process served them without loading torch (it never builds an engine)
+        maps = Path(f"/proc/{procs[-1].pid}/maps")
+        if maps.exists():
+            assert "libtorch" not in maps.read_text()
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

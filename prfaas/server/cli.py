@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(up)
     up.add_argument("--host", default=None, help="gateway host (default: config router.host)")
     up.add_argument("--port", type=int, default=None, help="gateway port (0 = any free port)")
-    up.add_argument("--threshold", type=float, default=None, help="routing threshold t (tokens)")
+    _scheduler(up)
     up.add_argument("--policy", default=None, help="prfaas | homogeneous | naive")
     up.add_argument("--model", default=None, help="model preset or directory (default: config)")
     up.add_argument("--device", default=None, help="cpu | cuda | auto (default: config)")
@@ -50,8 +50,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     router.add_argument("--host", default=None)
     router.add_argument("--port", type=int, default=None)
     router.add_argument("--ready-file", default=None)
+    _scheduler(router)
     _api_key_arg(router)
     router.set_defaults(func=run_router_cmd)
+
+
+def _scheduler(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fixed-threshold",
+        "--threshold",
+        dest="threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="route on a fixed t (tokens), no short-term re-search (default: the whole scheduler: "
+        "the planner's t over the deployment's profile, re-searched on observed lengths)",
+    )
+    p.add_argument(
+        "--no-rebalance", action="store_true", help="no live PD role rebalancing (role switches)"
+    )
+    p.add_argument("--profile", default=None, help="hardware profile file the scheduler plans with")
+
+
+def _apply_scheduler(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001
+    if args.threshold is not None:
+        cfg.router.threshold = args.threshold
+    if args.no_rebalance:
+        cfg.router.rebalance = False
+    if args.profile is not None:
+        from pathlib import Path
+
+        cfg.router.profile = str(Path(args.profile).resolve())
 
 
 def _api_key_arg(p: argparse.ArgumentParser) -> None:
@@ -82,8 +111,7 @@ def run_up_cmd(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(args)
-        if args.threshold is not None:
-            cfg.router.threshold = args.threshold
+        _apply_scheduler(cfg, args)
         if args.policy is not None:
             cfg.router.policy = args.policy
         if args.model is not None:
@@ -141,6 +169,8 @@ def run_router_cmd(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(args, full=False)
+        _apply_scheduler(cfg, args)
+        cfg.validate(full=False)
         eps = endpoints_from_config(cfg)
     except ValueError as e:
         print(f"error: {e}")

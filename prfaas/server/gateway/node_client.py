@@ -27,6 +27,7 @@ from prfaas.server.protocol import (
     PrefixCopyResult,
     PrefixPublishResult,
     PrefixRequest,
+    RoleAdmin,
     error_message,
 )
 
@@ -70,6 +71,20 @@ class NodeClient:
     async def state(self, ep: NodeEndpoint) -> NodeState:
         r = await self.http.get(ep.url + "/state", timeout=STATE_TIMEOUT_S)
         r.raise_for_status()
+        return NodeState.model_validate_json(r.content)
+
+    async def switch_role(self, ep: NodeEndpoint, role: str, timeout: float = 60.0) -> NodeState:
+        """Ask a drained PD node to serve in ``role`` (``POST /admin/role``)."""
+        r = await self.http.post(
+            ep.url + "/admin/role",
+            content=RoleAdmin(role=role).to_json(),
+            headers={"content-type": "application/json"},
+            timeout=timeout,
+        )
+        if r.status_code != 200:
+            raise PrefillFailed(
+                f"{ep.name}: role switch: HTTP {r.status_code}: {error_message(r.text)}"
+            )
         return NodeState.model_validate_json(r.content)
 
     async def cache_events(self, ep: NodeEndpoint, since: int) -> CacheEventsReply:

@@ -19,10 +19,10 @@ from prfaas.server.sockets import bind_socket, write_ready_file
 
 SMOKE_PROMPTS = [
     ("short prompt (PD-P)", "Hello, prfaas! "),
-    ("long prompt (PrfaaS)", "PrfaaS offloads long prefills across datacenters. " * 8),
+    ("long prompt (PrfaaS)", "PrfaaS offloads long prefills across datacenters. " * 20),
     (
         "long prompt, shared prefix (PrfaaS, only the tail crosses)",
-        "PrfaaS offloads long prefills across datacenters. " * 8 + "And a new question?",
+        "PrfaaS offloads long prefills across datacenters. " * 20 + "And a new question?",
     ),
 ]
 

@@ -26,6 +26,7 @@ from prfaas.server.protocol import (
     PrefillRequest,
     PrefixCopy,
     PrefixRequest,
+    RoleAdmin,
 )
 from prfaas.server.streaming import ClosingStreamingResponse
 from prfaas.transfer.errors import TransferError
@@ -48,11 +49,22 @@ def _ok(msg: Message) -> Response:
 def build_node_app(node: NodeServer) -> FastAPI:
     app = FastAPI(title=f"prfaas node {node.node.name}")
     add_node_auth(app, node.cfg.secret)  # every route but /health: the deployment's token
-    name, role = node.node.name, node.role
+    name = node.node.name
 
     @app.get("/health")
     async def health() -> Response:
-        return _ok(NodeHealth(name=name, role=role, pid=os.getpid()))
+        return _ok(NodeHealth(name=name, role=node.role, pid=os.getpid()))
+
+    @app.post("/admin/role")
+    async def admin_role(request: Request) -> Response:
+        try:
+            body = RoleAdmin.model_validate_json(await request.body())
+        except ValueError:
+            return _err(400, "bad_request", 'body must be {"role": "prefill"|"decode"}')
+        try:
+            return _ok(await node.switch_role(body.role))
+        except ValueError as e:
+            return _err(409, "busy", str(e))
 
     @app.get("/state")
     async def state() -> Response:
@@ -74,8 +86,8 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/prefill")
     async def prefill(request: Request) -> Response:
-        if role != "prefill":
-            return _err(400, "wrong_role", f"{name} is a {role} node")
+        if node.role != "prefill":
+            return _err(400, "wrong_role", f"{name} is a {node.role} node")
         try:
             req = PrefillRequest.model_validate_json(await request.body())
             return _ok(await node.prefill.prefill(req))
@@ -89,8 +101,8 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/decode")
     async def decode(request: Request) -> Response:
-        if role != "decode":
-            return _err(400, "wrong_role", f"{name} is a {role} node")
+        if node.role != "decode":
+            return _err(400, "wrong_role", f"{name} is a {node.role} node")
         try:
             req = DecodeRequest.model_validate_json(await request.body())
             exp, token_start = await node.decode.open(req)
@@ -132,7 +144,7 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/abort/{rid}")
     async def abort(rid: str) -> Response:
-        held = node.prefill.abort(rid) if role == "prefill" else node.decode.abort(rid)
+        held = node.prefill.abort(rid) if node.role == "prefill" else node.decode.abort(rid)
         return _ok(AbortResult(aborted=held))
 
     return app
