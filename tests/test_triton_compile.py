@@ -133,6 +133,7 @@ def _ops_calls() -> None:
     triton_ops.rms_norm(x, w, 1e-5, residual=x)
     triton_ops.rms_norm_gated(x, x, w, 1e-5, bf)
     triton_ops.silu_mul(torch.randn(5, 2 * 96, generator=g).to(bf))
+    triton_ops.silu_mul(torch.randn(5, 2 * 96, generator=g).to(bf), row_scale=torch.rand(5))
     W, k = 64, 4
     big = torch.randn(2, 7, 3 * W + 16, generator=g).to(bf)
     cw = torch.randn(3 * W, k, generator=g).to(bf)

@@ -1,0 +1,114 @@
+"""The routed-expert MoE as a few whole-batch kernels, with no host synchronisation (so a decode
+step that runs it can be captured in a CUDA graph).
+
+Contract of :func:`grouped_moe` (the same function as ``SparseMoE``'s reference loop, which stays
+the readable version):
+
+1. routing: ``scores = sigmoid(x W_gate^T)`` in fp32; the experts are the top-k of
+   ``scores + e_score_correction_bias`` (the bias chooses, it does not weight); the weights are the
+   chosen *scores*, renormalised to sum 1 (optional) and times ``routed_scaling_factor``;
+2. permutation: the T*k (token, expert) pairs sorted by expert (a stable sort on the device); the
+   group ends (``offs``, int32, cumulative) come from a ``searchsorted`` over the sorted ids, not
+   from a host-side count;
+3. one grouped GEMM over the stacked gate|up weights ``w13`` (E, 2I, H), SiLU(gate) * up times the
+   pair's routing weight (one kernel on the GPU), one grouped GEMM over the stacked down weights
+   ``w2`` (E, H, I);
+4. un-permutation by an index copy (each pair's row goes back to position t*k + j, no atomics) and a
+   sum over the k rows of each token (deterministic).
+
+On CUDA the grouped GEMMs are ``torch._grouped_mm`` (CUTLASS, bf16 on Hopper); elsewhere
+:func:`grouped_mm_reference`, a loop over the groups (it reads the group ends on the host).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prfaas.model import triton_ops
+
+
+def route(
+    x: Tensor,
+    gate_weight: Tensor,
+    bias: Tensor,
+    top_k: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[Tensor, Tensor]:
+    """x (T, H) -> (weights (T, k) fp32, expert ids (T, k) int64), on x's device, no sync."""
+    scores = torch.sigmoid(F.linear(x.float(), gate_weight.float()))
+    idx = torch.topk(scores + bias.float(), top_k, dim=-1, sorted=True).indices
+    w = scores.gather(-1, idx)
+    if renormalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scaling, idx
+
+
+def grouped_mm_reference(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of a (M, K) times ``w[e]^T`` (w: (E, N, K), nn.Linear layout),
+    a loop over the groups (reads ``offs`` on the host). Returns (M, N) in a's dtype."""
+    out = torch.empty(a.shape[0], w.shape[1], dtype=a.dtype, device=a.device)
+    ends = offs.tolist()
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            out[start:end] = a[start:end] @ w[e].T.to(a.dtype)
+        start = end
+    return out
+
+
+def _grouped_available(a: Tensor, w: Tensor) -> bool:
+    return (
+        a.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and a.dtype == torch.bfloat16
+        and w.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(a.device)[0] >= 9
+    )
+
+
+def grouped_mm(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """:func:`grouped_mm_reference`'s function; on a Hopper GPU in bf16, ``torch._grouped_mm``
+    (no host sync: the group ends stay on the device)."""
+    if _grouped_available(a, w):
+        return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+    return grouped_mm_reference(a, w, offs)
+
+
+def silu_mul_scaled(gate_up: Tensor, scale: Tensor) -> Tensor:
+    """``silu(gate) * up * scale[:, None]`` for gate_up (M, 2I) = [gate | up], scale (M,) fp32."""
+    if triton_ops.enabled(gate_up):
+        return triton_ops.silu_mul(gate_up, row_scale=scale)
+    n = gate_up.shape[-1] // 2
+    g, u = gate_up[:, :n].float(), gate_up[:, n:].float()
+    return (F.silu(g) * u * scale[:, None]).to(gate_up.dtype)
+
+
+def permute(idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """Expert ids (T, k) -> (order (T*k,): the flat pair indices sorted by expert, stable;
+    offs (E,) int32: cumulative group ends). Pair p is token p // k, choice p % k."""
+    flat = idx.reshape(-1)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_experts, device=idx.device, dtype=sorted_ids.dtype)
+    offs = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
+    return order, offs
+
+
+def experts_forward(
+    x: Tensor, weights: Tensor, idx: Tensor, w13: Tensor, w2: Tensor
+) -> Tensor:
+    """Sum over each token's chosen experts of ``weight * expert(x)``.
+
+    x (T, H); weights (T, k) fp32; idx (T, k) expert ids; w13 (E, 2I, H) the stacked [w1 | w3]
+    (gate | up) weights; w2 (E, H, I). Returns (T, H) in x's dtype."""
+    T, k = idx.shape
+    order, offs = permute(idx, w13.shape[0])
+    xs = x[order // k]  # (T*k, H) the pairs' inputs, grouped by expert
+    h = grouped_mm(xs, w13, offs)  # (T*k, 2I)
+    a = silu_mul_scaled(h, weights.reshape(-1)[order].float())
+    y = grouped_mm(a, w2, offs)  # (T*k, H), already weighted
+    back = torch.empty_like(y)
+    back.index_copy_(0, order, y)  # pair p's row at position p = t*k + j
+    return back.view(T, k, -1).sum(1, dtype=torch.float32)
