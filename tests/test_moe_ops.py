@@ -111,8 +111,15 @@ def _sharded_checkpoint(model: HybridForCausalLM, d, shards: int) -> int:
 
 def test_streaming_load_into_bf16_matches_and_keeps_no_fp32_copy(tmp_path):
     cfg = type(PRESETS["tiny"])(
-        **{**PRESETS["tiny"].__dict__, "hidden_size": 512, "moe_intermediate_size": 256,
-           "num_experts": 32, "intermediate_size": 1024, "vocab_size": 4096, "name": "t"}
+        **{
+            **PRESETS["tiny"].__dict__,
+            "hidden_size": 512,
+            "moe_intermediate_size": 256,
+            "num_experts": 32,
+            "intermediate_size": 1024,
+            "vocab_size": 4096,
+            "name": "t",
+        }
     )
     model = HybridForCausalLM(cfg).init_weights(0)
     nbytes = _sharded_checkpoint(model, tmp_path / "ck", shards=8)

@@ -22,6 +22,7 @@ import torch
 from prfaas.cache.hashing import hash_chain
 from prfaas.cache.hybrid import CacheConfig, CacheFull, HybridCache
 from prfaas.engine.kv_io import export_layer, validate_export, write_import
+from prfaas.engine.memory_plan import plan_memory
 from prfaas.engine.model_runner import ModelRunner
 from prfaas.engine.request import Request, RequestOutput, Status
 from prfaas.engine.sampling import SamplingParams
@@ -49,7 +50,10 @@ class EngineConfig:
     checkpoint_interval: int = 64
     num_checkpoints: int = 64
     enable_prefix_cache: bool = True
-    cuda_graphs: bool = True  # decode-only steps replay captured CUDA graphs (CUDA, dense MLP)
+    cuda_graphs: bool = True  # decode-only steps replay captured CUDA graphs (CUDA)
+    # CUDA with num_blocks None: the cache takes this fraction of device memory less the weights
+    # and a profiled peak forward (prfaas.engine.memory_plan)
+    gpu_memory_utilization: float = 0.9
     # greedy decode-only steps: launch step k+1 (its input tokens taken on the device from step k)
     # before step k's tokens are read back, so the host's work overlaps the GPU's; outputs come
     # one step() call later
@@ -117,7 +121,13 @@ class LLMEngine:
         self.model = model or build_model(cfg.model, self.device, self.dtype, cfg.seed)
         self.model_config = self.model.config
         self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
-        self.cache = HybridCache(self.model_config, cfg.cache_config(), self.device, self.dtype)
+        cache_cfg, self.memory_plan = cfg.cache_config(), None
+        if self.device.type == "cuda" and cfg.num_blocks is None:
+            self.memory_plan = plan_memory(
+                self.model, cache_cfg, cfg.gpu_memory_utilization, cfg.max_num_batched_tokens
+            )
+            cache_cfg = self.memory_plan.cache_config
+        self.cache = HybridCache(self.model_config, cache_cfg, self.device, self.dtype)
         self.runner = ModelRunner(self.model, cuda_graphs=cfg.cuda_graphs)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

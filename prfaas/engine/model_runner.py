@@ -85,18 +85,14 @@ def pack_decode(
 
 class ModelRunner:
     """Dispatches engine steps. ``cuda_graphs``: replay captured graphs for decode-only steps
-    (CUDA, dense-MLP models). ``pad`` (default: with graphs) pads decode steps to buckets."""
+    (CUDA; dense and MoE models). ``pad`` (default: with graphs) pads decode steps to buckets."""
 
     def __init__(
         self, model: HybridForCausalLM, cuda_graphs: bool = True, pad: bool | None = None
     ) -> None:
         self.model = model
         dev = model.lm_head.weight.device
-        self.graphs = (
-            DecodeGraphs(model)
-            if cuda_graphs and dev.type == "cuda" and not model.config.num_experts
-            else None
-        )
+        self.graphs = DecodeGraphs(model) if cuda_graphs and dev.type == "cuda" else None
         self.pad = self.graphs is not None if pad is None else pad
         self.num_graph_steps = 0
         self.num_decode_steps = 0

@@ -62,7 +62,7 @@ def load_checkpoint(
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:  # headers only
         with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
+            for k in fh.keys():  # noqa: SIM118 (safe_open is no mapping)
                 sl = fh.get_slice(k)
                 where[k] = f
                 shapes[k] = tuple(sl.get_shape())
@@ -98,7 +98,7 @@ def load_checkpoint(
     with torch.no_grad():
         for f in files:
             with safe_open(str(f), framework="pt", device=dev) as fh:
-                for k in fh.keys():
+                for k in fh.keys():  # noqa: SIM118 (safe_open is no mapping)
                     params[k].copy_(fh.get_tensor(k))
     return model.eval()
 

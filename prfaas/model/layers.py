@@ -100,7 +100,11 @@ class SparseMoE(nn.Module):
     over the experts' weights stacked in two tensors, no host sync. :meth:`pack_experts` stacks them
     (the experts' parameters become views of the stacked tensors, so there is one copy of the
     weights; a later ``.to()`` or ``load_state_dict(assign=True)`` unpacks them, and the next fused
-    forward packs again). Elsewhere ``forward`` is the reference: a loop over the chosen experts."""
+    forward packs again). Elsewhere ``forward`` is the reference: a loop over the chosen experts.
+    ``record`` (a list, default None): the whole-batch path appends each call's expert ids (the
+    benchmarks count the experts a step touches)."""
+
+    CHUNK = 16384  # tokens per pass of the whole-batch path
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -118,6 +122,7 @@ class SparseMoE(nn.Module):
             else None
         )
         self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.record: list[torch.Tensor] | None = None
 
     # ----- stacked expert weights -----------------------------------------------------------
     def _views_key(self) -> tuple:
@@ -128,7 +133,7 @@ class SparseMoE(nn.Module):
         if self._stacked is None:
             return False
         w13, w2 = self._stacked
-        first, last = self.experts[0], self.experts[-1]
+        first = self.experts[0]
         return self._views_key() == (w13.data_ptr(), w2[-1].data_ptr(), w13.dtype) and (
             first.w1.weight.device == w13.device
         )
@@ -180,7 +185,12 @@ class SparseMoE(nn.Module):
         GEMMs run as loops (what the tests compare with :meth:`forward_reference`)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if x.shape[0] > self.CHUNK:  # long prefills: bounded intermediates (T*k rows each)
+            parts = [self.forward_grouped(c) for c in x.split(self.CHUNK)]
+            return torch.cat(parts).reshape(shape)
         w, idx = self.route(x)
+        if self.record is not None:
+            self.record.append(idx)
         w13, w2 = self.pack_experts()
         out = moe_ops.experts_forward(x, w, idx, w13, w2)
         if self.shared_experts is not None:

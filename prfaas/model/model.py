@@ -275,7 +275,8 @@ class HybridForCausalLM(nn.Module):
     # ----- decode with static shapes (CUDA-graph capturable) -----------------------------------
     def decode(self, b: DecodeBatch, cache: CacheTensors) -> torch.Tensor:
         """One decode token per row; no host synchronisation and no host-to-device copies, so it
-        can be captured in a CUDA graph (dense MLP models; the MoE routing syncs). Computes what
+        can be captured in a CUDA graph (MoE layers too: on CUDA they run ``moe_ops``, which never
+        syncs; the CPU reference loop does). Computes what
         ``step`` computes for decode rows. Returns (B, vocab) fp32 logits."""
         x = self.model.embed_tokens(b.tokens)
         pos = b.lengths - 1

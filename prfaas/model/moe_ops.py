@@ -96,9 +96,7 @@ def permute(idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return order, offs
 
 
-def experts_forward(
-    x: Tensor, weights: Tensor, idx: Tensor, w13: Tensor, w2: Tensor
-) -> Tensor:
+def experts_forward(x: Tensor, weights: Tensor, idx: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     """Sum over each token's chosen experts of ``weight * expert(x)``.
 
     x (T, H); weights (T, k) fp32; idx (T, k) expert ids; w13 (E, 2I, H) the stacked [w1 | w3]
