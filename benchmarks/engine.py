@@ -142,26 +142,22 @@ def moe_layers(model: torch.nn.Module) -> list:
 
 
 def kernel_table(prof, rows: int = 15) -> list[dict]:
-    """The GPU kernels of a torch.profiler run by total device time, with their share."""
-    evs = [
-        e
-        for e in prof.key_averages()
-        if getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) > 0
-    ]
+    """The GPU kernels (and copies) of a torch.profiler run, by total device time, with their
+    share of the device time of all of them."""
+    from torch.autograd import DeviceType
 
-    def dev_us(e) -> float:
-        return getattr(e, "self_device_time_total", None) or e.self_cuda_time_total
-
-    total = sum(dev_us(e) for e in evs)
-    evs.sort(key=dev_us, reverse=True)
+    agg: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA or e.name == "Command Buffer Full":
+            continue
+        a = agg.setdefault(e.name, [0, 0.0])
+        a[0] += 1
+        a[1] += e.time_range.elapsed_us()
+    total = sum(v[1] for v in agg.values())
+    top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:rows]
     return [
-        {
-            "kernel": e.key[:90],
-            "calls": e.count,
-            "ms": dev_us(e) / 1e3,
-            "share": dev_us(e) / total if total else 0.0,
-        }
-        for e in evs[:rows]
+        {"kernel": k[:90], "calls": int(v[0]), "ms": v[1] / 1e3, "share": v[1] / total}
+        for k, v in top
     ] + [{"kernel": "TOTAL (all kernels)", "calls": 0, "ms": total / 1e3, "share": 1.0}]
 
 
@@ -273,11 +269,8 @@ def plan_row(model, seqs: int, context: int, tokens: int, util: float) -> dict:
     }
 
 
-def breakdown(model, B: int, ctx: int, T: int, rows: int) -> dict:
-    """Per-kernel device time (torch.profiler) of one decode step (batch B, context ctx, the
-    eager static-shape decode: the kernels a graph replays) and of one prefill of T tokens."""
+def _decode_kernels(model, B: int, ctx: int, rows: int) -> list[dict]:
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    out = {}
     eng = LLMEngine(
         model=model,
         config=EngineConfig(
@@ -297,8 +290,16 @@ def breakdown(model, B: int, ctx: int, T: int, rows: int) -> dict:
     with torch.profiler.profile(activities=acts) as prof:
         eng.step()
         sync(eng.device)
-    out[f"decode_b{B}_ctx{ctx}"] = kernel_table(prof, rows)
-    del eng
+    return kernel_table(prof, rows)
+
+
+def breakdown(model, batches: list[int], ctx: int, T: int, rows: int) -> dict:
+    """Per-kernel device time (torch.profiler) of one decode step (batch B, context ctx, the
+    eager static-shape decode: the kernels a graph replays) and of one prefill of T tokens."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    out = {}
+    for B in batches:
+        out[f"decode_b{B}_ctx{ctx}"] = _decode_kernels(model, B, ctx, rows)
     eng = LLMEngine(
         model=model,
         config=EngineConfig(
@@ -442,7 +443,13 @@ def main() -> int:
             del eng
     kernels = None
     if gpu and args.breakdown:
-        kernels = breakdown(model, max(batches), ctx, 32768 if 32768 in prefill else 8192, 15)
+        kernels = breakdown(
+            model,
+            sorted({min(batches), max(batches)}),
+            ctx,
+            32768 if 32768 in prefill else 8192,
+            15,
+        )
     dev = "cuda" if gpu else "cpu"
     result = {
         "model": args.model,

@@ -33,7 +33,7 @@ from benchmarks.gpu_check_model import compare, forced_logits, rel  # noqa: E402
 from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from prfaas.model.config import PRESETS  # noqa: E402
 from prfaas.model.layers import SparseMoE  # noqa: E402
-from prfaas.model.materialize import random_model  # noqa: E402
+from prfaas.model.materialize import empty_model, random_model  # noqa: E402
 
 
 def time_ms(fn, reps: int = 20) -> float:
@@ -145,31 +145,50 @@ def engine_tokens(
     return [done[i] for i in ids], eng.runner.num_graph_steps
 
 
-def model_check(layers: int, n_prefill: int, steps: int, preset: str, dev: str) -> dict:
+def model_check(
+    layers: int, n_prefill: int, steps: int, preset: str, dev: str, gate_scale: float = 1.0
+) -> dict:
+    """``gate_scale``: the routers' weights times this (a random router with near-ties among its
+    top-k flips experts on bf16 noise; a sharper one shows the kernels' error alone)."""
     base = PRESETS[preset]
     cfg = dataclasses.replace(
         base, num_hidden_layers=layers, full_attn_layers=(3,), name=f"kimi-48b-{layers}l"
     )
     model = random_model(cfg, dev, torch.bfloat16, seed=0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SparseMoE):
+                m.gate.weight.mul_(gate_scale)
+    # the same weights in fp32, PyTorch path: the reference both bf16 paths are held to
+    model32 = empty_model(cfg, dev, torch.float32)
+    with torch.no_grad():
+        sd = model.state_dict()
+        for k, a in model32.state_dict().items():
+            a.copy_(sd[k])
     toks = [(13 * i + 5) % 250 for i in range(n_prefill + steps)]
-    res: dict = {"layers": layers, "kinds": cfg.layer_kinds}
+    res: dict = {"layers": layers, "kinds": cfg.layer_kinds, "gate_scale": gate_scale}
+    ref32 = forced_logits(model32, toks, n_prefill, False)
+    del model32
     ref = forced_logits(model, toks, n_prefill, False)
     fused = forced_logits(model, toks, n_prefill, True)
     res["fused_vs_torch_path"] = compare(fused, ref)
+    res["fused_bf16_vs_fp32_reference"] = compare(fused, ref32)
+    res["torch_path_bf16_vs_fp32_reference"] = compare(ref, ref32)
     print(json.dumps(res), flush=True)
     graphs = forced_logits(model, toks, n_prefill, True, graphs=True)
     static = forced_logits(model, toks, n_prefill, True, static=True)
     res["graphs_vs_static_eager"] = compare(graphs, static)
     res["graphs_vs_torch_path"] = compare(graphs, ref)
     print(json.dumps(res), flush=True)
-    prompts = [[(7 * i + 3 * b) % 250 for i in range(100 + 37 * b)] for b in range(4)]
-    with torch.inference_mode():
-        a, na = engine_tokens(model, True, prompts, 24)
-        b, nb = engine_tokens(model, False, prompts, 24)
-    res["engine_greedy_graphs_equal_eager"] = a == b
-    res["engine_graph_steps"] = na
-    res["engine_tokens_graphs_first"] = [t[:8] for t in a]
-    print(json.dumps({k: res[k] for k in ("engine_greedy_graphs_equal_eager",)}), flush=True)
+    if gate_scale == 1.0:
+        prompts = [[(7 * i + 3 * b) % 250 for i in range(100 + 37 * b)] for b in range(4)]
+        with torch.inference_mode():
+            a, na = engine_tokens(model, True, prompts, 24)
+            b, nb = engine_tokens(model, False, prompts, 24)
+        res["engine_greedy_graphs_equal_eager"] = a == b
+        res["engine_graph_steps"] = na
+        res["engine_tokens_graphs_first"] = [t[:8] for t in a]
+        print(json.dumps({"engine_greedy_graphs_equal_eager": a == b, "graph_steps": na}))
     return res
 
 
@@ -183,6 +202,7 @@ def main() -> int:
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--preset", default="kimi-linear-48b", help="tiny: a CPU dry run")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--gate-scale", type=float, default=8.0)
     args = ap.parse_args()
     dev = args.device
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -192,6 +212,11 @@ def main() -> int:
         if dev == "cuda":
             torch.cuda.empty_cache()
     res["model"] = model_check(args.layers, args.prefill, args.steps, args.preset, dev)
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    res["model_sharp_router"] = model_check(
+        args.layers, args.prefill, args.steps, args.preset, dev, gate_scale=args.gate_scale
+    )
     print(json.dumps(res))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from prfaas.model import triton_ops
+from prfaas.model import moe_ops, triton_ops
+from prfaas.model.config import PRESETS
 
 pytestmark = pytest.mark.skipif(
     triton_ops.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -161,3 +162,20 @@ def check_compiles(monkeypatch, module, run, min_kernels: int) -> None:
 
 def test_kernels_compile_for_sm90(monkeypatch):
     check_compiles(monkeypatch, triton_ops, _ops_calls, min_kernels=5)
+
+
+def _moe_calls() -> None:
+    from prfaas.model.materialize import random_model
+
+    moe = random_model(PRESETS["tiny"], "cpu", torch.bfloat16).model.layers[1].block_sparse_moe
+    x = torch.randn(6, PRESETS["tiny"].hidden_size).to(torch.bfloat16)
+    enabled = triton_ops.enabled
+    triton_ops.enabled = lambda t: True
+    try:
+        moe.forward(x)
+    finally:
+        triton_ops.enabled = enabled
+
+
+def test_moe_kernels_compile_for_sm90(monkeypatch):
+    check_compiles(monkeypatch, moe_ops, _moe_calls, min_kernels=1)

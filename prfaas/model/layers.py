@@ -192,10 +192,8 @@ class SparseMoE(nn.Module):
         if self.record is not None:
             self.record.append(idx)
         w13, w2 = self.pack_experts()
-        out = moe_ops.experts_forward(x, w, idx, w13, w2)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x).float()
-        return out.to(x.dtype).reshape(shape)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return moe_ops.experts_forward(x, w, idx, w13, w2, shared).reshape(shape)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -13,8 +13,9 @@ the readable version):
 3. one grouped GEMM over the stacked gate|up weights ``w13`` (E, 2I, H), SiLU(gate) * up times the
    pair's routing weight (one kernel on the GPU), one grouped GEMM over the stacked down weights
    ``w2`` (E, H, I);
-4. un-permutation by an index copy (each pair's row goes back to position t*k + j, no atomics) and a
-   sum over the k rows of each token (deterministic).
+4. un-permutation and the sum over each token's k rows in one gather (the inverse permutation
+   says where pair t*k + j lies; no atomics, deterministic), with the shared experts' output added
+   in the same pass.
 
 On CUDA the grouped GEMMs are ``torch._grouped_mm`` (CUTLASS, bf16 on Hopper); elsewhere
 :func:`grouped_mm_reference`, a loop over the groups (it reads the group ends on the host).
@@ -27,6 +28,37 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prfaas.model import triton_ops
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+if triton is not None:
+
+    @triton.jit
+    def _combine_kernel(
+        y_ptr,
+        inv_ptr,
+        shared_ptr,
+        out_ptr,
+        H,
+        K: tl.constexpr,
+        HAS_SHARED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < H
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(inv_ptr + t * K + j).to(tl.int64)
+            acc += tl.load(y_ptr + r * H + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_SHARED:
+            acc += tl.load(shared_ptr + t * H + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def route(
@@ -96,8 +128,37 @@ def permute(idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return order, offs
 
 
-def experts_forward(x: Tensor, weights: Tensor, idx: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    """Sum over each token's chosen experts of ``weight * expert(x)``.
+def combine(y: Tensor, inv: Tensor, k: int, shared: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """out[t] = sum_j y[inv[t*k + j]] (+ shared[t]), summed in fp32, returned in ``dtype``.
+
+    y (T*k, H) the pairs' weighted outputs in expert order; inv (T*k,) the row of pair p in y.
+    On CUDA one Triton kernel (no (T*k, H) un-permuted copy); elsewhere a gather and a sum."""
+    T, H = inv.shape[0] // k, y.shape[1]
+    if triton_ops.enabled(y):
+        out = torch.empty(T, H, dtype=dtype, device=y.device)
+        block = 1024
+        if T:
+            sh = shared.contiguous() if shared is not None else out
+            _combine_kernel[(T, triton.cdiv(H, block))](
+                y, inv, sh, out, H, K=k, HAS_SHARED=shared is not None, BLOCK=block
+            )
+        return out
+    out = y[inv].view(T, k, H).sum(1, dtype=torch.float32)
+    if shared is not None:
+        out = out + shared.float()
+    return out.to(dtype)
+
+
+def experts_forward(
+    x: Tensor,
+    weights: Tensor,
+    idx: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    shared: Tensor | None = None,
+) -> Tensor:
+    """Sum over each token's chosen experts of ``weight * expert(x)``, plus ``shared`` (the
+    shared experts' output, (T, H)) when given, summed in fp32.
 
     x (T, H); weights (T, k) fp32; idx (T, k) expert ids; w13 (E, 2I, H) the stacked [w1 | w3]
     (gate | up) weights; w2 (E, H, I). Returns (T, H) in x's dtype."""
@@ -107,6 +168,6 @@ def experts_forward(x: Tensor, weights: Tensor, idx: Tensor, w13: Tensor, w2: Te
     h = grouped_mm(xs, w13, offs)  # (T*k, 2I)
     a = silu_mul_scaled(h, weights.reshape(-1)[order].float())
     y = grouped_mm(a, w2, offs)  # (T*k, H), already weighted
-    back = torch.empty_like(y)
-    back.index_copy_(0, order, y)  # pair p's row at position p = t*k + j
-    return back.view(T, k, -1).sum(1, dtype=torch.float32)
+    inv = torch.empty_like(order)
+    inv.scatter_(0, order, torch.arange(order.numel(), device=order.device))  # pair -> row of y
+    return combine(y, inv, k, shared, x.dtype)
