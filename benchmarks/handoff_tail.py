@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.engine import device_info  # noqa: E402
 from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from prfaas.kv.streaming import LayerStreamer  # noqa: E402
 from prfaas.server.kv_layout import layout_for_engine  # noqa: E402
-from prfaas.transfer.backend import create_receiver, create_sender  # noqa: E402
-from prfaas.transfer.link import LinkSpec  # noqa: E402
-from prfaas.transfer.streaming import LayerStreamer  # noqa: E402
+from prfaas.transfer.link import LinkShaperSpec  # noqa: E402
+from prfaas.transfer.registry import create_receiver, create_sender  # noqa: E402
 
 SECRET = "benchmark-cluster-secret"
 
@@ -77,7 +77,7 @@ def main() -> int:
     layout = layout_for_engine(eng)
     rx = create_receiver(args.backend, layout, SECRET, host="127.0.0.1", port=0).start()
     sender = create_sender(
-        args.backend, layout, SECRET, connections=2, link=LinkSpec(args.gbps, args.rtt_ms)
+        args.backend, layout, SECRET, connections=2, link=LinkShaperSpec(args.gbps, args.rtt_ms)
     )
     streamer = LayerStreamer(eng, sender)
     eng.layer_listener = None  # toggled per run below

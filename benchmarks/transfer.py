@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from prfaas.transfer.backend import Delivery, create_receiver, create_sender
-from prfaas.transfer.layout import CacheLayout
-from prfaas.transfer.link import LinkSpec
-from prfaas.transfer.synthetic import random_export
+from prfaas.kv.layout import CacheLayout
+from prfaas.kv.synthetic import random_export
+from prfaas.transfer.backend import Delivery
+from prfaas.transfer.link import LinkShaperSpec
+from prfaas.transfer.registry import create_receiver, create_sender
 from prfaas.transfer.wire import tensor_bytes
 
 SECRET = "benchmark-secret-0123456789"
@@ -175,7 +176,9 @@ def bench_shaped(
         lay = CacheLayout.kimi_linear_48b(max_tokens=max(n_tok, 1))
         ex = random_export(lay, "shaped", 0, n_tok, seed=2)
         for backend in backends:
-            rs = timed_transfers(backend, lay, ex, 1, connections=4, link=LinkSpec(gbps=link_gbps))
+            rs = timed_transfers(
+                backend, lay, ex, 1, connections=4, link=LinkShaperSpec(gbps=link_gbps)
+            )
             r = rs[0]
             row = {
                 "backend": backend,

@@ -309,7 +309,8 @@ def stop_deployment(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------------------------------------
 # the profile
 def get_profile(args: argparse.Namespace, run_dir: Path, workload: list[dict]) -> tuple[Any, dict]:
-    from prfaas.scheduling.profile import load_profiles, read_config
+    from prfaas.config_file import read_mapping
+    from prfaas.scheduling.profile import load_profiles
 
     meta: dict[str, Any] = {}
     if args.profile:
@@ -344,7 +345,7 @@ def get_profile(args: argparse.Namespace, run_dir: Path, workload: list[dict]) -
         raise ValueError(f"no profile {name!r} in {path} (have {sorted(profiles)})")
     meta["name"] = name
     with contextlib.suppress(ValueError, KeyError):
-        meta["file_meta"] = read_config(path).get("meta")
+        meta["file_meta"] = read_mapping(path).get("meta")
     return profiles[name], meta
 
 

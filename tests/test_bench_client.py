@@ -360,11 +360,28 @@ def test_stop_event_reports_what_ran() -> None:
     reqs = [BenchRequest(0, 0.0, 8, 2), BenchRequest(1, 0.02, 8, 2), BenchRequest(2, 3.0, 8, 2)]
 
     async def go(url: str):
+        # what Ctrl-C does in run(): set once request 0 has finished and request 1 is at the
+        # server (stalled there for 5 s), driven by events rather than a timer that a loaded
+        # machine could outrun; request 2 (due at 3 s) must never be sent
         stop = asyncio.Event()
-        asyncio.get_running_loop().call_later(0.3, stop.set)  # what Ctrl-C does in run()
-        return await run_async(reqs, BenchConfig(url), stop=stop)
+
+        async def stop_when_ready() -> None:
+            await first_done.wait()
+            for _ in range(500):  # bounded: at most ~5 s
+                if len(seen) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            stop.set()
+
+        first_done = asyncio.Event()
+        watcher = asyncio.create_task(stop_when_ready())
+        out = await run_async(
+            reqs, BenchConfig(url), on_done=lambda r: r.index == 0 and first_done.set(), stop=stop
+        )
+        await watcher
+        return out
 
     with serve_in_thread(app) as url:
         out = asyncio.run(go(url))
     assert [r.error for r in out.results] == [None, "cancelled", "not_sent"]
-    assert out.results[0].ok and out.duration_s < 1.0 and len(seen) == 2
+    assert out.results[0].ok and out.duration_s < 3.0 and len(seen) == 2

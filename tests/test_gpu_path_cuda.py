@@ -152,7 +152,7 @@ def test_gpu_export_over_tcp_through_pinned_memory():
     import threading
 
     from prfaas.server.kv_layout import layout_for_engine
-    from prfaas.transfer.backend import create_receiver, create_sender
+    from prfaas.transfer.registry import create_receiver, create_sender
 
     model = HybridForCausalLM(CFG).init_weights(5).to("cuda", torch.bfloat16).eval()
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -11,17 +11,18 @@ import random
 import pytest
 
 from prfaas import EngineConfig, LLMEngine, SamplingParams
+from prfaas.kv.streaming import LayerStreamer
 from prfaas.model.checkpoint import build_model
 from prfaas.server.kv_layout import layout_for_engine
-from prfaas.transfer.backend import Delivery, create_sender
-from prfaas.transfer.streaming import LayerStreamer
+from prfaas.transfer.backend import Delivery
+from prfaas.transfer.registry import create_sender
 
 SECRET = "handoff-test-secret"
 
 
 def _decode_node(backend: str, jobs: mp.Queue, results: mp.Queue) -> None:
     """Second process: a decode-role engine behind a KV receiver."""
-    from prfaas.transfer.backend import create_receiver
+    from prfaas.transfer.registry import create_receiver
 
     eng = LLMEngine(EngineConfig(model="tiny", role="decode"))
     rx = create_receiver(backend, layout_for_engine(eng), SECRET, host="127.0.0.1", port=0).start()

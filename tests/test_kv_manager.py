@@ -16,14 +16,18 @@ from prfaas.cache.pool_mooncake import MooncakeMaster
 from prfaas.engine import EngineConfig, LLMEngine, SamplingParams
 from prfaas.scheduling.types import RequestInfo
 from prfaas.server.config import parse_deploy_config
-from prfaas.server.kv_manager import (
-    POOL,
-    GlobalKVManager,
-    NodeCacheEvents,
-    boundary_hashes,
-)
-from prfaas.server.node import NodeServer
-from prfaas.server.router import NodeEndpoint, Router
+from prfaas.server.gateway.kv_manager import POOL, GlobalKVManager, boundary_hashes
+from prfaas.server.gateway.node_client import NodeEndpoint
+from prfaas.server.gateway.router import Router
+from prfaas.server.node.prefix_pool import NodeCacheEvents
+from prfaas.server.node.server import NodeServer
+from prfaas.server.protocol import CacheEventsReply
+
+
+def reply(d: dict) -> CacheEventsReply:
+    """A node's cache-events answer as the gateway parses it."""
+    return CacheEventsReply.model_validate(d)
+
 
 ENGINE = {
     "max_num_seqs": 4,
@@ -60,24 +64,31 @@ def test_events_views_owner_and_reset():
     hs = m.hashes(p)
     assert len(hs) == 4
     m.apply(
-        "p0", {"seq": 1, "events": [{"seq": 1, "op": "add", "where": "node", "hashes": hs[:3]}]}
+        "p0",
+        reply({"seq": 1, "events": [{"seq": 1, "op": "add", "where": "node", "hashes": hs[:3]}]}),
     )
-    m.apply("d0", {"seq": 2, "events": [{"seq": 2, "op": "add", "where": "pool", "hashes": hs}]})
+    m.apply(
+        "d0", reply({"seq": 2, "events": [{"seq": 2, "op": "add", "where": "pool", "hashes": hs}]})
+    )
     assert m.cached_tokens("pd", p) == 256 and m.cached_tokens("prfaas", p) == 0
     v = m.view("pd")
     assert v.owner(hs, 3) == 0 and v.owner(hs, 4) == -1  # the 4th boundary only in the pool
     m.apply(
-        "d0", {"seq": 3, "events": [{"seq": 3, "op": "drop", "where": "pool", "hashes": hs[1:]}]}
+        "d0",
+        reply({"seq": 3, "events": [{"seq": 3, "op": "drop", "where": "pool", "hashes": hs[1:]}]}),
     )
     assert m.cached_tokens("pd", p) == 192
-    m.apply("p0", {"seq": 9, "reset": True, "node": [], "events": []})
+    m.apply("p0", reply({"seq": 9, "reset": True, "node": [], "events": []}))
     assert m.cached_tokens("pd", p) == 64 and m.node_seq["p0"] == 9
     with pytest.raises(ValueError, match="unknown node"):
-        m.apply("zz", {"seq": 1})
-    with pytest.raises(ValueError, match="op/where"):
-        m.apply("p0", {"seq": 1, "events": [{"seq": 1, "op": "x", "where": "node", "hashes": []}]})
+        m.apply("zz", reply({"seq": 1}))
+    with pytest.raises(ValueError, match="op"):
+        m.apply(
+            "p0",
+            reply({"seq": 1, "events": [{"seq": 1, "op": "x", "where": "node", "hashes": []}]}),
+        )
     with pytest.raises(ValueError, match="seq"):
-        m.apply("p0", {})
+        m.apply("p0", reply({}))
     with pytest.raises(ValueError, match="unknown cluster"):
         m.view("nope")
 
@@ -94,7 +105,7 @@ def test_node_event_log_from_a_real_cache(tiny_model):
     log.sync(eng)
     hs = boundary_hashes(p, 16, 64)
     r = log.since(0)
-    assert r["events"][0]["op"] == "add" and set(r["events"][0]["hashes"]) == set(hs[1:])
+    assert r.events[0].op == "add" and set(r.events[0].hashes) == set(hs[1:])
     m = GlobalKVManager({"pd": ["p0"]}, 16, 64)
     m.apply("p0", r)
     assert (
@@ -107,7 +118,7 @@ def test_node_event_log_from_a_real_cache(tiny_model):
             eng.step()
         log.sync(eng)
     snap = log.since(0)
-    assert snap["reset"] and set(snap["node"]) == set(eng.cache.checkpoints.by_hash)
+    assert snap.reset and set(snap.node) == eng.cache.checkpoint_hashes()
 
 
 def test_hot_prefix_replication():
@@ -211,27 +222,27 @@ def test_prefix_copied_when_abundant_recomputed_when_scarce(tiny_model):
 
             async def scenario() -> None:
                 router = Router(cfg, eps)
-                router.client = httpx.AsyncClient(
+                router.nodes.http = httpx.AsyncClient(
                     transport=_Nodes({"f0": f0.app, "p0": p0.app}), base_url="http://f0"
                 )
-                await router.poll_cache_events()
+                await router.kv.poll_cache_events(eps)
                 R1 = P[:256] + toks(30, 144)
                 info = RequestInfo("r1", len(R1), router.hash_ids(R1))
                 assert router.kvm.cached_tokens("pd", R1) == 256
                 # abundant (idle link): PrfaaS computes, the 256-token prefix is copied from PD
                 d = router.decide(info)
                 assert (d.prefill_cluster, d.copy_from, d.copy_tokens) == ("prfaas", "pd", 256)
-                res = await router.copy_prefix(R1, 256, "pd", eps[0])
-                assert res["tokens"] == 256 and res["bytes"] > 0
+                res = await router.kv.copy_prefix(R1, 256, "pd", eps[0])
+                assert res.tokens == 256 and res.bytes > 0
                 assert await asyncio.to_thread(_prefill, f0, R1, "r1") == (399 - 256, 256)
                 # scarce (busy link): PrfaaS recomputes the prefix that only PD holds
-                link = router.links[("prfaas", "pd")]
+                link = router.live.links[("prfaas", "pd")]
                 link.throughput_gbps = 0.9 * link.capacity_gbps
                 R2 = Q[:256] + toks(31, 144)
                 d2 = router.decide(RequestInfo("r2", len(R2), router.hash_ids(R2)))
                 assert (d2.prefill_cluster, d2.copy_from, d2.uncached_len) == ("prfaas", None, 400)
                 assert await asyncio.to_thread(_prefill, f0, R2, "r2") == (399, 0)
-                await router.client.aclose()
+                await router.nodes.aclose()
 
             asyncio.run(scenario())
             # KV equality: the PrfaaS node's cache rows of the copied prefix equal PD's
@@ -243,6 +254,6 @@ def test_prefix_copied_when_abundant_recomputed_when_scarce(tiny_model):
                     f0.engine.cache.tensors.mla_kv, p0.engine.cache.tensors.mla_kv, strict=True
                 ):
                     assert torch.equal(kf[bf], kp[bp])
-            assert f0.tier.stats.blocks_fetched == 16 and f0.tier.stats.refused == 0
+            assert f0.pool.tier.stats.blocks_fetched == 16 and f0.pool.tier.stats.refused == 0
         finally:
             f0.close(), p0.close()

@@ -14,12 +14,14 @@ from prfaas import EngineConfig, LLMEngine, SamplingParams
 from prfaas.model.tokenizer import ByteTokenizer
 from prfaas.scheduling.types import INF
 from prfaas.server.config import load_deploy_config, parse_deploy_config
-from prfaas.server.engine_worker import EngineWorker
+from prfaas.server.gateway.node_client import NodeEndpoint
+from prfaas.server.gateway.openai_protocol import APIError, apply_chat_template, parse_request
+from prfaas.server.gateway.router import Router
+from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.server.kv_layout import layout_for_engine
 from prfaas.server.launcher import endpoints_from_config
-from prfaas.server.openai_protocol import APIError, apply_chat_template, parse_request
-from prfaas.server.router import NodeEndpoint, Router
-from prfaas.server.text_output import TextAssembler
+from prfaas.server.node.engine_worker import EngineWorker
+from prfaas.server.protocol import LinkReading, NodeState, SamplingParamsMsg
 from prfaas.transfer import wire
 
 BASE = {
@@ -114,7 +116,7 @@ def test_chat_template():
     assert apply_chat_template(msgs) == "<|system|>\nS\n<|user|>\nab\n<|assistant|>\n"
     with pytest.raises(APIError, match="role"):
         apply_chat_template([{"role": "wizard", "content": "x"}])
-    with pytest.raises(APIError, match="text parts"):
+    with pytest.raises(APIError, match="content.0.type"):
         apply_chat_template([{"role": "user", "content": [{"type": "image_url"}]}])
 
 
@@ -133,7 +135,7 @@ def test_parse_request_maps_every_field():
     }
     r = parse_request(body, "completion", 384)
     assert r.prompt == "hello" and r.stop == ["\n"] and r.stream and r.include_usage
-    assert r.params == SamplingParams(
+    assert r.params == SamplingParamsMsg(
         temperature=0.5, top_p=0.8, max_tokens=7, seed=3, stop_token_ids=[10, 257]
     )
     chat = parse_request(
@@ -220,6 +222,13 @@ def info(router, prompt):
     return RequestInfo("r", len(prompt), router.hash_ids(prompt))
 
 
+def f0_state(up: bool) -> NodeState:
+    """The PrfaaS node's reading with its link to the PD cluster up or cut."""
+    return NodeState(
+        name="f0", cluster="prfaas", role="prefill", pid=1, links={"pd": LinkReading(up=up)}
+    )
+
+
 def test_router_state_mirrors_the_deployment(router):
     st = router.build_state(now=100.0)
     pd = st.clusters["pd"]
@@ -227,8 +236,8 @@ def test_router_state_mirrors_the_deployment(router):
     assert pd.decode.bs_max == [0, 32, 32] and pd.decode.load == [INF, 0.0, 0.0]
     assert st.clusters["prfaas"].prefill.busy_until == [100.0]
     assert st.links[("prfaas", "pd")].capacity_gbps == 1.0
-    router.prefill_outstanding["p0"] = 5000
-    router.decode_active["d0"] = 4
+    router.live.prefill_outstanding["p0"] = 5000
+    router.live.decode_active["d0"] = 4
     st = router.build_state(now=100.0)
     assert st.clusters["pd"].prefill.busy_until[0] == pytest.approx(101.0)  # 5000 tok / 5000 tok/s
     assert st.clusters["pd"].decode.load == [INF, 0.125, 0.0]
@@ -251,13 +260,13 @@ def test_router_threshold_prefix_and_fallback(router):
     router.prefix["pd"] = type(router.prefix["pd"])(64, 64)
     router.mark_down("f0")
     assert router.decide(info(router, long)).prefill_cluster == "pd"
-    router.node_up["f0"] = True
-    router.node_state["f0"] = {"links": {"pd": {"up": False}}}
+    router.live.node_up["f0"] = True
+    router.live.node_state["f0"] = f0_state(up=False)
     assert router.decide(info(router, long)).prefill_cluster == "pd"
-    router.node_state["f0"] = {"links": {"pd": {"up": True}}}
+    router.live.node_state["f0"] = f0_state(up=True)
     assert router.decide(info(router, long)).prefill_cluster == "prfaas"
     # decode placement: least loaded, dead nodes skipped, none left -> 503
-    router.decode_active["d0"] = 1
+    router.live.decode_active["d0"] = 1
     assert router.decide(info(router, short)).decode_instance == 2
     router.mark_down("d1")
     assert router.decide(info(router, short)).decode_instance == 1
@@ -315,3 +324,65 @@ def test_kv_layout_matches_engine_exports(tiny_model):
     wh = wire.build_wire_header(exp.header, layout, 1, exp.parts)
     wire.validate_header(wh, layout, 1 << 30)  # the receiver accepts it
     assert exp.parts[3].tensors["kv"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------ node routes (in process)
+
+
+def test_node_routes_answer_protocol_messages(tiny_model):
+    import asyncio
+
+    import httpx
+
+    from prfaas.server.node.server import NodeServer
+    from prfaas.server.protocol import ErrorBody, LinkAdminResult, NodeHealth
+
+    cfg = parse_deploy_config(cfg_with())
+    nodes = {
+        n: NodeServer(cfg, n, engine=LLMEngine(cfg.node_engine_config(n), model=tiny_model))
+        for n in ("p0", "d0")
+    }
+
+    async def scenario() -> None:
+        p0 = httpx.AsyncClient(transport=httpx.ASGITransport(nodes["p0"].app), base_url="http://p0")
+        d0 = httpx.AsyncClient(transport=httpx.ASGITransport(nodes["d0"].app), base_url="http://d0")
+        h = NodeHealth.model_validate_json((await p0.get("/health")).content)
+        assert (h.name, h.role) == ("p0", "prefill")
+        st = NodeState.model_validate_json((await d0.get("/state")).content)
+        assert (st.role, st.waiting, st.running, st.max_num_seqs) == ("decode", 0, 0, 32)
+        body = {
+            "request_id": "r",
+            "prompt_token_ids": [1, 2, 3],
+            "decode": {"cluster": "pd", "kv_host": "127.0.0.1", "kv_port": 1},
+        }
+        r = await d0.post("/internal/prefill", json=body)
+        assert r.status_code == 400 and ErrorBody.model_validate_json(r.content).error.code == (
+            "wrong_role"
+        )
+        for bad in ({**body, "extra": 1}, {**body, "token_start": -1}, {**body, "params": []}):
+            r = await p0.post("/internal/prefill", json=bad)
+            assert r.status_code == 400, bad
+            assert ErrorBody.model_validate_json(r.content).error.code == "bad_request"
+        r = await d0.post("/internal/decode", json={"request_id": "r", "prompt_token_ids": []})
+        assert r.status_code == 400
+        r = await p0.post("/admin/link", json={"cluster": "pd", "up": "no"})
+        assert r.status_code == 400
+        r = await p0.post("/admin/link", json={"cluster": "pd", "up": False})
+        assert LinkAdminResult.model_validate_json(r.content).aborted == 0
+        st = NodeState.model_validate_json((await p0.get("/state")).content)
+        assert st.links["pd"].up is False
+        # a cut link refuses the prefill before any work: 503 transfer_failed, counted
+        r = await p0.post("/internal/prefill", json=body)
+        assert r.status_code == 503
+        assert ErrorBody.model_validate_json(r.content).error.code == "transfer_failed"
+        st = NodeState.model_validate_json((await p0.get("/state")).content)
+        assert st.stats.prefill_failures == 1 and st.stats.prefills == 0
+        await p0.aclose(), await d0.aclose()
+
+    for n in nodes.values():
+        n.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        for n in nodes.values():
+            n.close()

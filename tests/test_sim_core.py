@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prfaas.scheduling.lengths import uncached_lengths
-from prfaas.scheduling.link_view import LinkMonitor
+from prfaas.scheduling.link_view import LinkCapacityEstimator
 from prfaas.scheduling.policies import HomogeneousPD, Policy, PrfaaSPolicy
 from prfaas.scheduling.prefix_index import PrefixIndex
 from prfaas.scheduling.profile import HardwareProfile
@@ -88,7 +88,7 @@ def test_link_errors():
 
 def test_link_monitor_estimates_capacity_when_saturated_and_recovers():
     st = LinkState("a", "b", nominal_gbps=100.0, capacity_gbps=100.0)
-    mon = LinkMonitor(st, busy_min=0.95, recover=0.1)
+    mon = LinkCapacityEstimator(st, busy_min=0.95, recover=0.1)
     mon.update(1.0, delivered_bytes=20e9 / 8, busy_s=1.0, in_flight=1e9)  # saturated at 20 Gbps
     assert st.throughput_gbps == pytest.approx(20.0)
     assert st.capacity_gbps == pytest.approx(20.0)
@@ -96,7 +96,7 @@ def test_link_monitor_estimates_capacity_when_saturated_and_recovers():
     mon.update(2.0, delivered_bytes=20e9 / 8 + 5e9 / 8, busy_s=1.5, in_flight=0.0)  # half busy
     assert st.capacity_gbps == pytest.approx(30.0)  # 20 + 10% of nominal
     with pytest.raises(ValueError):
-        LinkMonitor(st, busy_min=0.0)
+        LinkCapacityEstimator(st, busy_min=0.0)
 
 
 # ---- prefix index ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from prfaas.cache.pool_mooncake import MooncakeKVStore, MooncakeMaster, PoolAddr
 from prfaas.cache.store_tier import (
     BadObject,
     BlockObject,
-    CacheLayout,
+    StoreBlockLayout,
     StoreTier,
     decode,
     encode,
@@ -78,7 +78,7 @@ def pool(master):
 # ----- object format (no store) ---------------------------------------------------------------
 def test_codec_round_trip_and_refusals(tiny_model):
     eng = make_engine(tiny_model)
-    lay = CacheLayout.of(eng.cache)
+    lay = StoreBlockLayout.of(eng.cache)
     g = torch.Generator().manual_seed(0)
     mla = torch.randn(lay.mla_shape, generator=g)
     kda = torch.randn(lay.kda_shape, generator=g)
@@ -92,10 +92,10 @@ def test_codec_round_trip_and_refusals(tiny_model):
     assert only_state.mla is None and torch.equal(only_state.kda, kda)
     with pytest.raises(BadObject, match="hash"):
         decode(lay, data, 124)
-    other = CacheLayout(**{**lay.__dict__, "fingerprint": "0" * 16})
+    other = StoreBlockLayout(**{**lay.__dict__, "fingerprint": "0" * 16})
     with pytest.raises(BadObject, match="fingerprint"):
         decode(lay, encode(other, BlockObject(123, mla, None, None)), 123)
-    bf = CacheLayout(**{**lay.__dict__, "dtype": "bfloat16"})
+    bf = StoreBlockLayout(**{**lay.__dict__, "dtype": "bfloat16"})
     with pytest.raises(BadObject, match="dtype"):
         decode(lay, encode(bf, BlockObject(123, mla.bfloat16(), None, None)), 123)
     corrupt = bytearray(data)
@@ -164,10 +164,10 @@ def test_wrong_object_in_the_pool_is_refused(tiny_model, pool):
     want = run(make_engine(tiny_model), a).token_ids
     tier = StoreTier(pool)
     eng = make_engine(tiny_model, tier)
-    lay = CacheLayout.of(eng.cache)
+    lay = StoreBlockLayout.of(eng.cache)
     hs = hash_chain(a, 16)
     # another model's block under this model's key (a stale or forged object)
-    alien = CacheLayout(**{**lay.__dict__, "fingerprint": "f" * 16})
+    alien = StoreBlockLayout(**{**lay.__dict__, "fingerprint": "f" * 16})
     pool.put(
         lay.key(hs[0], "kv"),
         encode(alien, BlockObject(hs[0], torch.ones(lay.mla_shape), None, None)),

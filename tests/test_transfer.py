@@ -13,9 +13,11 @@ import time
 import pytest
 import torch
 
+from prfaas.kv.layout import CacheLayout
+from prfaas.kv.synthetic import random_export
 from prfaas.transfer import wire
 from prfaas.transfer.auth import BACKEND_CODES, client_handshake
-from prfaas.transfer.backend import Delivery, TransferFailure, create_receiver, create_sender
+from prfaas.transfer.backend import Delivery, TransferFailure
 from prfaas.transfer.errors import (
     AuthError,
     CapacityError,
@@ -24,10 +26,9 @@ from prfaas.transfer.errors import (
     LayoutMismatch,
     PeerClosed,
 )
-from prfaas.transfer.layout import CacheLayout
-from prfaas.transfer.link import LinkSpec
+from prfaas.transfer.link import LinkShaperSpec
 from prfaas.transfer.receiver import ReceiverBase
-from prfaas.transfer.synthetic import random_export
+from prfaas.transfer.registry import create_receiver, create_sender
 
 SECRET = "cluster-secret-0123456789"
 KINDS = ["kda", "kda", "kda", "mla"]
@@ -214,7 +215,7 @@ def test_only_given_parts_are_sent(make, backend) -> None:
 def test_shaped_link_200mbps(make) -> None:
     rx_f, tx_f = make
     rx = rx_f()
-    tx = tx_f(connections=2, link=LinkSpec(gbps=0.2))
+    tx = tx_f(connections=2, link=LinkShaperSpec(gbps=0.2))
     ex = random_export(SMALL, "shaped", 0, 5000, seed=2)  # ~6.2 MB
     stream = tx.send_export(rx.address, ex)
     stats = stream.wait(30)
@@ -231,7 +232,7 @@ def test_shaped_link_200mbps(make) -> None:
 def test_shaped_link_rtt_adds_one_way_delay(make, backend) -> None:
     rx_f, tx_f = make
     rx = rx_f()
-    tx = tx_f(connections=2, link=LinkSpec(gbps=0.5, rtt_ms=200.0))
+    tx = tx_f(connections=2, link=LinkShaperSpec(gbps=0.5, rtt_ms=200.0))
     ex = random_export(SMALL, "far", 0, 10, seed=3)  # ~0.43 MB: 7 ms at 0.5 Gbps
     tx.send_export(rx.address, ex).wait(30)  # warm: connections and Mooncake segment set up
     _get(rx).release()
@@ -254,7 +255,7 @@ def test_shaped_link_rtt_adds_one_way_delay(make, backend) -> None:
 def test_send_does_not_wait_for_the_network(make) -> None:
     rx_f, tx_f = make
     rx = rx_f()
-    tx = tx_f(connections=2, link=LinkSpec(gbps=0.02))  # 20 Mbps: ~0.2 s for this request
+    tx = tx_f(connections=2, link=LinkShaperSpec(gbps=0.02))  # 20 Mbps: ~0.2 s for this request
     ex = random_export(SMALL, "slow-link", 0, 100, seed=8)
     stream = tx.send_export(rx.address, ex)  # every layer handed over
     snap = tx.snapshot(rx.address)
@@ -494,7 +495,7 @@ def test_sender_api_misuse(make) -> None:
 def test_receiver_gone_mid_transfer(make) -> None:
     rx_f, tx_f = make
     rx = rx_f()
-    tx = tx_f(connections=2, link=LinkSpec(gbps=0.02))  # ~0.2 s: still sending when rx closes
+    tx = tx_f(connections=2, link=LinkShaperSpec(gbps=0.02))  # ~0.2 s: still sending when rx closes
     stream = tx.send_export(rx.address, random_export(SMALL, "orphan", 0, 100))
     deadline = time.monotonic() + 10
     while rx.inflight_bytes == 0:
@@ -513,13 +514,13 @@ def test_receiver_gone_mid_transfer(make) -> None:
 
 SENDER_SCRIPT = f"""
 import sys
-from prfaas.transfer.backend import create_sender
-from prfaas.transfer.layout import CacheLayout
-from prfaas.transfer.link import LinkSpec
-from prfaas.transfer.synthetic import random_export
+from prfaas.transfer.registry import create_sender
+from prfaas.kv.layout import CacheLayout
+from prfaas.transfer.link import LinkShaperSpec
+from prfaas.kv.synthetic import random_export
 backend, port = sys.argv[1], int(sys.argv[2])
 lay = CacheLayout.kimi_linear("fp-small", ["kda", "kda", "kda", "mla"], kda_heads=2, max_tokens=65536)
-tx = create_sender(backend, lay, {SECRET!r}, connections=2, link=LinkSpec(gbps=0.05))
+tx = create_sender(backend, lay, {SECRET!r}, connections=2, link=LinkShaperSpec(gbps=0.05))
 ex = random_export(lay, "victim", 0, 20000, seed=1)
 stream = tx.send_export(("127.0.0.1", port), ex)
 print("SENDING", flush=True)

@@ -10,13 +10,13 @@ import threading
 import pytest
 import torch
 
+from prfaas.kv.layout import TOKENS, CacheLayout, TensorSpec
+from prfaas.kv.synthetic import random_export
 from prfaas.transfer import wire
 from prfaas.transfer.auth import check_secret, client_handshake, server_handshake
 from prfaas.transfer.errors import AuthError, ChecksumError, FrameError, LayoutMismatch
-from prfaas.transfer.layout import TOKENS, CacheLayout, TensorSpec
-from prfaas.transfer.link import LinkEmulator
-from prfaas.transfer.monitor import LinkMonitor, parse_tcp_info, read_tcp_info
-from prfaas.transfer.synthetic import random_export
+from prfaas.transfer.link import LinkShaper
+from prfaas.transfer.meter import LinkMeter, parse_tcp_info, read_tcp_info
 
 SMALL = CacheLayout.kimi_linear(
     "fp-small", ["kda", "kda", "kda", "mla"], kda_heads=2, max_tokens=4096
@@ -257,7 +257,7 @@ class FakeClock:
 
 def test_link_constant_rate_and_rtt() -> None:
     c = FakeClock()
-    link = LinkEmulator(gbps=1.0, rtt_ms=20.0, clock=c, sleep=c.sleep)
+    link = LinkShaper(gbps=1.0, rtt_ms=20.0, clock=c, sleep=c.sleep)
     assert link.reserve(125_000_000) == pytest.approx(1000.0 + 1.0 + 0.010)
     # back-to-back: queued behind the first booking, one RTT/2 only
     assert link.reserve(62_500_000) == pytest.approx(1000.0 + 1.5 + 0.010)
@@ -269,7 +269,7 @@ def test_link_constant_rate_and_rtt() -> None:
 
 def test_link_schedule() -> None:
     c = FakeClock()
-    link = LinkEmulator(schedule=[(0, 1.0), (1, 0.0), (2, 2.0)], clock=c, sleep=c.sleep)
+    link = LinkShaper(schedule=[(0, 1.0), (1, 0.0), (2, 2.0)], clock=c, sleep=c.sleep)
     assert link.gbps_at(0.5) == 1.0 and link.gbps_at(1.5) == 0.0 and link.gbps_at(9) == 2.0
     # 125 MB in [0,1) at 1 Gbps, nothing in [1,2), 125 MB at 2 Gbps -> 2.5 s
     assert link.reserve(250_000_000) == pytest.approx(1002.5)
@@ -290,7 +290,7 @@ def test_link_schedule() -> None:
 )
 def test_link_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        LinkEmulator(**kwargs)
+        LinkShaper(**kwargs)
 
 
 # ---------------------------------------------------------------- monitor
@@ -345,8 +345,8 @@ def test_tcp_info_of_a_real_connection() -> None:
 
 
 def test_monitor_accounting_and_capacity() -> None:
-    link = LinkEmulator(gbps=2.5)
-    mon = LinkMonitor(link=link)
+    link = LinkShaper(gbps=2.5)
+    mon = LinkMeter(link=link)
     mon.add_queued(1000)
     mon.add_sent(600, was_queued=600)
     snap = mon.snapshot()
@@ -355,7 +355,7 @@ def test_monitor_accounting_and_capacity() -> None:
     assert snap.capacity_gbps == 2.5
     assert snap.utilisation == pytest.approx(snap.gbps / 2.5)
     with pytest.raises(ValueError, match="halflife"):
-        LinkMonitor(halflife_s=0)
+        LinkMeter(halflife_s=0)
 
 
 def test_tune_socket_sets_nodelay_and_keepalive() -> None:

@@ -19,6 +19,7 @@ import torch
 
 from prfaas.cache.block_pool import BlockPool, PoolExhausted
 from prfaas.cache.hashing import hash_chain
+from prfaas.kv.layout import CacheLayout
 from prfaas.model.batch import CacheTensors
 from prfaas.model.config import ModelConfig
 
@@ -147,6 +148,23 @@ class HybridCache:
         self.blocks.on_evict = tier.on_block_evicted
         self.checkpoints.on_evict = tier.on_checkpoint_evicted
 
+    def layout(self, max_tokens: int) -> CacheLayout:
+        """What this cache exports per layer (``prfaas.kv``): MLA latent KV rows in the cache dtype,
+        KDA recurrent state fp32, short-conv state in the cache dtype; up to ``max_tokens``."""
+        m, t = self.model, self.tensors
+        assert not t.kda_state or t.kda_state[0].dtype == torch.float32
+        return CacheLayout.kimi_linear(
+            m.fingerprint(),
+            m.layer_kinds,
+            kv_dim=m.latent_dim,
+            kv_dtype=t.mla_kv[0].dtype if t.mla_kv else t.conv_state[0].dtype,
+            kda_heads=m.kda_num_heads,
+            head_dim=m.kda_head_dim,
+            conv_kernel=m.short_conv_kernel_size,
+            conv_dtype=t.conv_state[0].dtype if t.conv_state else t.mla_kv[0].dtype,
+            max_tokens=max_tokens,
+        )
+
     # ----- capacity ---------------------------------------------------------------------------
     @property
     def block_size(self) -> int:
@@ -161,6 +179,11 @@ class HybridCache:
 
     def usage(self) -> float:
         return 1.0 - self.blocks.num_free / self.cfg.num_blocks
+
+    def checkpoint_hashes(self) -> set[int]:
+        """The block-chain hashes this cache holds a KDA state checkpoint for: the ends of the
+        prefixes a prefill can reuse (a copy; the node's cache events report its changes)."""
+        return set(self.checkpoints.by_hash)
 
     # ----- prefix matching --------------------------------------------------------------------
     def match(

@@ -51,8 +51,10 @@ class StoreError(RuntimeError):
 
 # ----- object format ----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CacheLayout:
-    """Shapes and dtype of one block / one checkpoint of a hybrid cache (the object header)."""
+class StoreBlockLayout:
+    """Shapes and dtype of one store object: a block or a checkpoint of a hybrid cache (its header).
+
+    Not the per-request ``prfaas.kv.CacheLayout`` a transfer is checked against."""
 
     fingerprint: str
     block_size: int
@@ -62,7 +64,7 @@ class CacheLayout:
     conv_shape: tuple[int, ...]  # (num KDA layers, 3, W, kernel - 1)
 
     @classmethod
-    def of(cls, cache: HybridCache) -> CacheLayout:
+    def of(cls, cache: HybridCache) -> StoreBlockLayout:
         t = cache.tensors
         n_mla, n_kda = len(t.mla_kv), len(t.kda_state)
         latent = t.mla_kv[0].shape[-1] if n_mla else 0
@@ -93,7 +95,7 @@ class BlockObject:
     conv: torch.Tensor | None  # (n_kda, 3, W, k-1)
 
 
-def encode(layout: CacheLayout, obj: BlockObject) -> bytes:
+def encode(layout: StoreBlockLayout, obj: BlockObject) -> bytes:
     """Header length (u32) + JSON header + raw tensor bytes."""
     dt = _DTYPES[layout.dtype]
     parts: list[bytes] = []
@@ -121,7 +123,7 @@ def encode(layout: CacheLayout, obj: BlockObject) -> bytes:
     return struct.pack("<I", len(hb)) + hb + payload
 
 
-def decode(layout: CacheLayout, data: bytes, h: int) -> BlockObject:
+def decode(layout: StoreBlockLayout, data: bytes, h: int) -> BlockObject:
     """Parse and check an object against this cache's layout; BadObject if it does not fit."""
     if len(data) < 4:
         raise BadObject(f"object of {len(data)} bytes has no header")
@@ -206,14 +208,14 @@ class StoreTier:
         self.store = store
         self.retry_after_s = retry_after_s
         self.stats = TierStats()
-        self.layout: CacheLayout | None = None
+        self.layout: StoreBlockLayout | None = None
         self.cache: HybridCache | None = None
         self._off_until = 0.0
         self._consecutive = 0
 
     def bind(self, cache: HybridCache) -> None:
         self.cache = cache
-        self.layout = CacheLayout.of(cache)
+        self.layout = StoreBlockLayout.of(cache)
 
     @property
     def available(self) -> bool:

@@ -26,11 +26,11 @@ from prfaas.engine.memory_plan import plan_memory
 from prfaas.engine.model_runner import ModelRunner
 from prfaas.engine.request import Request, RequestOutput, Status
 from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
 from prfaas.model.tokenizer import Tokenizer, load_tokenizer
-from prfaas.transfer.unit import KVExport, LayerPart, TransferHeader
 
 ROLES = ("mixed", "prefill", "decode")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from prfaas.cache.hybrid import HybridCache, SeqCache
+from prfaas.kv.unit import KVExport, LayerPart
 from prfaas.model.config import ModelConfig
-from prfaas.transfer.unit import KVExport, LayerPart
 
 
 class ImportMismatch(ValueError):

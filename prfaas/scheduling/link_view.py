@@ -1,4 +1,4 @@
-"""Link monitor: turns per-interval transfer counters into the readings a router sees.
+"""Link capacity estimator: turns per-interval transfer counters into the readings a router sees.
 
 Per interval it gets the bytes delivered and the time the link was busy (at least one transfer).
 Throughput is bytes/interval.  The capacity estimate follows the measured rate whenever the link was
@@ -11,7 +11,7 @@ from __future__ import annotations
 from prfaas.scheduling.types import LinkState
 
 
-class LinkMonitor:
+class LinkCapacityEstimator:
     """Keeps one :class:`LinkState` up to date from interval counters."""
 
     __slots__ = ("state", "busy_min", "recover", "_last_bytes", "_last_busy", "_last_t")

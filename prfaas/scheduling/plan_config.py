@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from prfaas.config_file import read_mapping
 from prfaas.scheduling.lengths import Empirical, LengthDist, TruncatedLogNormal
 from prfaas.scheduling.planner import Fleet
-from prfaas.scheduling.profile import HardwareProfile, profiles_from_mapping, read_config
+from prfaas.scheduling.profile import HardwareProfile, profiles_from_mapping
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "case_study.yaml"
 SYSTEMS = ("prfaas", "homogeneous_pd", "naive_heterogeneous")
@@ -102,7 +103,7 @@ def _system(name: str, body: dict, profiles, output_len: float, link: float) -> 
 def load_plan_config(path: str | Path | None = None) -> PlanConfig:
     """Parse a planner config (default: the shipped case study)."""
     p = Path(path) if path is not None else DEFAULT_CONFIG
-    data = read_config(p)
+    data = read_mapping(p, "planner config")
     for key in ("profiles", "workload", "systems"):
         if key not in data:
             raise ValueError(f"{p}: missing section {key!r}")

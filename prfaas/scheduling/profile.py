@@ -13,13 +13,14 @@ A :class:`HardwareProfile` holds profiled points of one model on one hardware ki
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.interpolate import PchipInterpolator
+
+from prfaas.config_file import read_mapping
 
 MIB = 1024 * 1024
 INTERPOLATIONS = ("loglog_pchip", "linear", "quadratic")
@@ -247,23 +248,6 @@ class HardwareProfile:
         return prof
 
 
-def read_config(path: str | Path) -> dict:
-    """Read a YAML or JSON file into a dict."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"no such config file: {p}")
-    text = p.read_text()
-    if p.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: top level must be a mapping")
-    return data
-
-
 def profiles_from_mapping(data: dict) -> dict[str, HardwareProfile]:
     """Profiles from ``{"profiles": {name: {...}}}`` or ``{name: {...}}``; name defaults to key."""
     section = data.get("profiles", data)
@@ -281,7 +265,7 @@ def profiles_from_mapping(data: dict) -> dict[str, HardwareProfile]:
 
 def load_profiles(path: str | Path) -> dict[str, HardwareProfile]:
     """Load several profiles from a YAML or JSON file (see :func:`profiles_from_mapping`)."""
-    return profiles_from_mapping(read_config(path))
+    return profiles_from_mapping(read_mapping(path, "profile file"))
 
 
 def gbps(bytes_per_s: float) -> float:

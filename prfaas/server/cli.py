@@ -59,11 +59,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", help="debug | info | warning | error")
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
+def _load(args: argparse.Namespace, full: bool = True):  # noqa: ANN202
     from prfaas.server.config import load_deploy_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    return load_deploy_config(args.config)
+    return load_deploy_config(args.config, full)
 
 
 def run_up_cmd(args: argparse.Namespace) -> int:
@@ -86,7 +86,7 @@ def run_up_cmd(args: argparse.Namespace) -> int:
         if args.link_gbps is not None:
             for lk in cfg.links:
                 lk.gbps, lk.schedule = args.link_gbps, []
-        cfg.validate()
+        cfg.validate()  # everything, the engine settings too (torch: the nodes start here anyway)
     except ValueError as e:
         print(f"error: {e}")
         return 2
@@ -96,7 +96,7 @@ def run_up_cmd(args: argparse.Namespace) -> int:
 
 
 def run_node_cmd(args: argparse.Namespace) -> int:
-    from prfaas.server.node import run_node
+    from prfaas.server.node.process import run_node
 
     try:
         cfg = _load(args)
@@ -108,15 +108,17 @@ def run_node_cmd(args: argparse.Namespace) -> int:
 
 
 def run_router_cmd(args: argparse.Namespace) -> int:
-    from prfaas.server.launcher import endpoints_from_config, serve_gateway
+    # the gateway alone: no engine here, so no torch (the nodes check the engine settings)
+    from prfaas.server.gateway.serve import serve_gateway
+    from prfaas.server.launcher import endpoints_from_config
+    from prfaas.server.sockets import install_sigterm_as_interrupt
 
     try:
-        cfg = _load(args)
+        cfg = _load(args, full=False)
         eps = endpoints_from_config(cfg)
     except ValueError as e:
         print(f"error: {e}")
         return 2
-    from prfaas.server.node import install_sigterm_as_interrupt
 
     host = args.host or cfg.router.host
     port = cfg.router.port if args.port is None else args.port

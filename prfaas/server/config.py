@@ -1,17 +1,25 @@
 """A deployment in one file: clusters, their nodes and roles, links between clusters, model, policy,
-secret (``prfaas/configs/deploy_*.yaml``)."""
+secret (``prfaas/configs/deploy_*.yaml``).
+
+Imports no torch: the gateway reads it.  ``validate()`` checks everything, and for the engine
+settings, the secret and the pool addresses it asks the packages that own them (engine, transfer's
+auth, cache: these import torch); ``validate(full=False)`` skips those three (the gateway process,
+which never builds an engine or a sender: ``prfaas router``).
+``engine_limits()`` is the gateway's torch-free view of the engine settings it routes by.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from prfaas.config_file import build_dataclass, read_mapping
 
-from prfaas.engine import EngineConfig
-from prfaas.transfer.link import LinkSpec
+if TYPE_CHECKING:  # pragma: no cover
+    from prfaas.engine import EngineConfig
+    from prfaas.transfer.link import LinkShaperSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "deploy_local.yaml"
 NODE_ROLES = ("prefill", "decode")
@@ -53,8 +61,10 @@ class LinkConfig:
     rtt_ms: float = 0.0
     schedule: list[tuple[float, float]] = field(default_factory=list)  # (t_s, gbps) segments
 
-    def spec(self) -> LinkSpec:
-        return LinkSpec(
+    def spec(self) -> LinkShaperSpec:
+        from prfaas.transfer.link import LinkShaperSpec
+
+        return LinkShaperSpec(
             self.gbps, self.rtt_ms, tuple((float(t), float(g)) for t, g in self.schedule)
         )
 
@@ -74,6 +84,19 @@ class RouterConfig:
     prefill_timeout_s: float = 60.0
     poll_interval_s: float = 0.5
     prefill_tokens_per_s: float = 5000.0  # prior for the queue-drain estimate of a prefill node
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engine settings the gateway routes by, read from the deployment's ``engine`` section
+    without the engine (the defaults are ``EngineConfig``'s; a test keeps them equal)."""
+
+    max_num_seqs: int = 32
+    max_model_len: int = 4096
+    block_size: int = 16
+    checkpoint_interval: int = 64
+    num_checkpoints: int = 64
+    enable_prefix_cache: bool = True
 
 
 @dataclass
@@ -111,9 +134,16 @@ class DeployConfig:
                 return lk
         return None
 
+    def engine_limits(self) -> EngineLimits:
+        """The engine settings the gateway needs (no torch; the nodes' engines use the same)."""
+        names = {f.name for f in dataclasses.fields(EngineLimits)}
+        return EngineLimits(**{k: v for k, v in self.engine.items() if k in names})
+
     def engine_config(self, role: str, device: str | None = None) -> EngineConfig:
         """The engine settings of a node of ``role``; ``device`` (a node's own) overrides the
         deployment's."""
+        from prfaas.engine import EngineConfig
+
         return EngineConfig(
             model=self.model, role=role, device=device or self.device, **self.engine
         )
@@ -135,10 +165,13 @@ class DeployConfig:
         return dataclasses.asdict(self)
 
     # ---- validation -------------------------------------------------------------------------
-    def validate(self) -> DeployConfig:
-        from prfaas.transfer.auth import check_secret
+    def validate(self, full: bool = True) -> DeployConfig:
+        """Check the deployment (ValueError naming what is wrong); ``full=False`` skips the checks
+        that need the engine, transfer and cache packages (see the module docstring)."""
+        if full:
+            from prfaas.transfer.auth import check_secret
 
-        check_secret(self.secret)
+            check_secret(self.secret)
         if self.transfer_backend not in ("tcp", "mooncake"):
             raise ValueError(
                 f"transfer_backend must be tcp or mooncake, got {self.transfer_backend!r}"
@@ -157,7 +190,7 @@ class DeployConfig:
                 if n.name in names:
                     raise ValueError(f"node name {n.name!r} used twice")
                 names.add(n.name)
-                if n.device:
+                if n.device and full:
                     try:
                         self.engine_config(n.role, n.device).resolved_device()
                     except RuntimeError as e:
@@ -176,7 +209,7 @@ class DeployConfig:
         for lk in self.links:
             if lk.src not in cnames or lk.dst not in cnames:
                 raise ValueError(f"link {lk.src}->{lk.dst} names an unknown cluster")
-            lk.spec().build()  # ValueError on a bad bandwidth / schedule / rtt
+            lk.spec().build()  # ValueError on a bad bandwidth / schedule / rtt (no torch)
         r = self.router
         if r.policy not in POLICIES:
             raise ValueError(f"router.policy must be one of {POLICIES}, got {r.policy!r}")
@@ -192,7 +225,7 @@ class DeployConfig:
         for c in self.clusters:
             if bool(c.pool_master) != bool(c.pool_metadata):
                 raise ValueError(f"cluster {c.name!r}: set both pool_master and pool_metadata")
-            if c.pool_master:
+            if c.pool_master and full:
                 from prfaas.cache.pool_mooncake import PoolAddress
 
                 PoolAddress(c.pool_master, c.pool_metadata)  # ValueError if malformed
@@ -202,25 +235,16 @@ class DeployConfig:
             raise ValueError(
                 "router: need max_inflight >= 1, threshold >= 0, prefill_timeout_s > 0"
             )
-        self.engine_config("decode")  # ValueError on bad engine settings
+        if not isinstance(self.engine, dict):
+            raise ValueError("engine: expected a mapping")
+        if full:
+            self.engine_config("decode")  # ValueError on bad engine settings
         return self
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def parse_deploy_config(data: dict[str, Any]) -> DeployConfig:
-    """Build and validate a deployment from a parsed YAML/JSON mapping (ValueError if bad)."""
+def parse_deploy_config(data: dict[str, Any], full: bool = True) -> DeployConfig:
+    """Build and validate a deployment from a parsed YAML/JSON mapping (ValueError if bad;
+    ``full``: see ``DeployConfig.validate``)."""
     if not isinstance(data, dict):
         raise ValueError("a deployment config must be a mapping")
     d = dict(data)
@@ -230,25 +254,22 @@ def parse_deploy_config(data: dict[str, Any]) -> DeployConfig:
         if not isinstance(c, dict):
             raise ValueError(f"clusters[{i}]: expected a mapping")
         nodes = [
-            _build(NodeConfig, n, f"clusters[{i}].nodes[{j}]")
+            build_dataclass(NodeConfig, n, f"clusters[{i}].nodes[{j}]")
             for j, n in enumerate(c.pop("nodes", []) or [])
         ]
-        clusters.append(_build(ClusterConfig, {**c, "nodes": nodes}, f"clusters[{i}]"))
-    links = [_build(LinkConfig, lk, f"links[{i}]") for i, lk in enumerate(d.pop("links", []) or [])]
-    router = _build(RouterConfig, d.pop("router", {}) or {}, "router")
+        clusters.append(build_dataclass(ClusterConfig, {**c, "nodes": nodes}, f"clusters[{i}]"))
+    links = [
+        build_dataclass(LinkConfig, lk, f"links[{i}]")
+        for i, lk in enumerate(d.pop("links", []) or [])
+    ]
+    router = build_dataclass(RouterConfig, d.pop("router", {}) or {}, "router")
     engine = d.pop("engine", {}) or {}
-    cfg = _build(DeployConfig, {**d, "engine": engine}, "deployment")
+    cfg = build_dataclass(DeployConfig, {**d, "engine": engine}, "deployment")
     cfg.clusters, cfg.links, cfg.router = clusters, links, router
-    return cfg.validate()
+    return cfg.validate(full)
 
 
-def load_deploy_config(path: str | Path | None = None) -> DeployConfig:
+def load_deploy_config(path: str | Path | None = None, full: bool = True) -> DeployConfig:
     """Read a deployment file (default: the packaged ``deploy_local.yaml``)."""
     p = Path(path) if path is not None else DEFAULT_CONFIG
-    if not p.exists():
-        raise ValueError(f"deployment config {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {e}") from None
-    return parse_deploy_config(data)
+    return parse_deploy_config(read_mapping(p, "deployment config"), full)

@@ -1,11 +1,11 @@
-"""``prfaas up``: start a whole deployment on one machine (node processes + the gateway), and the
-gateway on its own (``prfaas router``) for multi-machine deployments."""
+"""``prfaas up``: start a whole deployment on one machine: the prefix pools' masters (``prefix_pool``
+on), one ``prfaas node`` OS process per node, then the gateway in this process (``gateway.serve``).
+Imports no torch itself (the nodes do, in their own processes)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -14,17 +14,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import httpx
-import uvicorn
-import yaml
-
-from prfaas.cache.pool_mooncake import MooncakeMaster
-from prfaas.server.api import build_gateway_app
+from prfaas.config_file import dump_yaml
 from prfaas.server.config import DeployConfig
-from prfaas.server.node import bind_socket
-from prfaas.server.router import NodeEndpoint, Router
+from prfaas.server.gateway.node_client import NodeEndpoint
+from prfaas.server.gateway.serve import serve_gateway
+from prfaas.server.protocol import NodeReady
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prfaas.cache.pool_mooncake import MooncakeMaster
 
 
 @dataclass
@@ -33,11 +32,11 @@ class NodeProcess:
     proc: subprocess.Popen
     ready_file: Path
     log_file: Path
-    info: dict[str, Any] | None = None
+    info: NodeReady | None = None
 
 
 def write_config(cfg: DeployConfig, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(dump_yaml(cfg.to_dict()))
     return path
 
 
@@ -85,7 +84,7 @@ def start_nodes(cfg: DeployConfig, run_dir: Path, timeout_s: float = 180.0) -> l
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"node {np_.name} not ready in {timeout_s} s")
                 time.sleep(0.05)
-            np_.info = json.loads(np_.ready_file.read_text())
+            np_.info = NodeReady.model_validate_json(np_.ready_file.read_text())
     except BaseException:
         stop_nodes(procs)
         raise
@@ -109,10 +108,9 @@ def stop_nodes(procs: list[NodeProcess], timeout_s: float = 10.0) -> None:
 def endpoints_from_procs(procs: list[NodeProcess]) -> list[NodeEndpoint]:
     eps = []
     for np_ in procs:
-        i = np_.info or {}
-        eps.append(
-            NodeEndpoint(i["name"], i["cluster"], i["role"], f"http://{i['host']}:{i['http_port']}")
-        )
+        i = np_.info
+        assert i is not None, f"node {np_.name} is not ready"
+        eps.append(NodeEndpoint(i.name, i.cluster, i.role, f"http://{i.host}:{i.http_port}"))
     return eps
 
 
@@ -125,102 +123,6 @@ def endpoints_from_config(cfg: DeployConfig) -> list[NodeEndpoint]:
                 raise ValueError(f"node {n.name}: http_port must be set for `prfaas router`")
             eps.append(NodeEndpoint(n.name, c.name, n.role, n.url))
     return eps
-
-
-SMOKE_PROMPTS = [
-    ("short prompt (PD-P)", "Hello, prfaas! "),
-    ("long prompt (PrfaaS)", "PrfaaS offloads long prefills across datacenters. " * 8),
-    (
-        "long prompt, shared prefix (PrfaaS, only the tail crosses)",
-        "PrfaaS offloads long prefills across datacenters. " * 8 + "And a new question?",
-    ),
-]
-
-
-async def run_smoke(url: str, model: str) -> int:
-    """Send a few requests through the gateway and print what happened; 0 if all worked."""
-    ok = True
-    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-        for label, prompt in SMOKE_PROMPTS:
-            r = await c.post(
-                "/v1/completions",
-                json={"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0},
-            )
-            if r.status_code != 200:
-                print(f"[{label}] HTTP {r.status_code}: {r.text}")
-                ok = False
-                continue
-            b = r.json()
-            p = b["prfaas"]
-            print(
-                f"[{label}] {b['usage']['prompt_tokens']} prompt tokens -> prefill {p['prefill_cluster']}"
-                f"/{p['prefill_node']}, decode {p['decode_node']}, cached {p['cached_tokens']}, "
-                f"decode-side prefix {p['decode_prefix_tokens']}, KV {p['transfer_bytes']} B in "
-                f"{p['transfer_ms']:.1f} ms; {b['usage']['completion_tokens']} tokens: "
-                f"{b['choices'][0]['text']!r}"
-            )
-        r = await c.post(
-            "/v1/chat/completions",
-            json={
-                "model": model,
-                "messages": [{"role": "user", "content": "Say hi"}],
-                "max_tokens": 8,
-                "stream": True,
-                "seed": 1,
-            },
-        )
-        chunks = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
-        done = r.status_code == 200 and chunks and chunks[-1] == "data: [DONE]"
-        print(
-            f"[chat, streamed] HTTP {r.status_code}, {len(chunks)} SSE events, ends with [DONE]: {bool(done)}"
-        )
-        ok = ok and bool(done)
-        m = await c.get("/metrics")
-        print(
-            f"[metrics] {sum(1 for ln in m.text.splitlines() if ln.startswith('prfaas_'))} prfaas_* samples"
-        )
-    return 0 if ok else 1
-
-
-async def serve_gateway(
-    cfg: DeployConfig,
-    endpoints: list[NodeEndpoint],
-    host: str,
-    port: int,
-    smoke: bool = False,
-    ready_file: str | None = None,
-    log_level: str = "warning",
-    extra_ready: dict[str, Any] | None = None,
-) -> int:
-    router = Router(cfg, endpoints)
-    app = build_gateway_app(router)
-    sock = bind_socket(host, port)
-    url = f"http://{host}:{sock.getsockname()[1]}"
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.02)
-    if task.done():
-        await task
-        return 1
-    print(
-        f"prfaas gateway ready: {url}  (OpenAI API at {url}/v1; Ctrl-C stops everything)",
-        flush=True,
-    )
-    if ready_file:
-        tmp = Path(ready_file + ".tmp")
-        tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), **(extra_ready or {})}))
-        tmp.rename(ready_file)
-    rc = 0
-    if smoke:
-        try:
-            rc = await run_smoke(url, cfg.model)
-        finally:
-            server.should_exit = True
-    await task
-    return rc
 
 
 def run_up(
@@ -244,16 +146,20 @@ def run_up(
         raise
     try:
         for np_ in procs:
-            i = np_.info or {}
-            kv = f", KV {i['host']}:{i['kv_port']}" if i.get("kv_port") else ""
+            i = np_.info
+            assert i is not None
+            kv = f", KV {i.host}:{i.kv_port}" if i.kv_port else ""
             print(
-                f"  {i['cluster']:>8}/{i['name']:<10} {i['role']:<8} http://{i['host']}:{i['http_port']}{kv} (pid {i['pid']})"
+                f"  {i.cluster:>8}/{i.name:<10} {i.role:<8} http://{i.host}:{i.http_port}{kv} (pid {i.pid})"
             )
         for lk in cfg.links:
             print(
                 f"  link {lk.src}->{lk.dst}: {lk.nominal_gbps} Gbps, RTT {lk.rtt_ms} ms (emulated)"
             )
-        extra = {"nodes": [np_.info for np_ in procs], "run_dir": str(run_dir)}
+        extra = {
+            "nodes": [np_.info.model_dump() for np_ in procs if np_.info],
+            "run_dir": str(run_dir),
+        }
         try:
             return asyncio.run(
                 serve_gateway(
@@ -282,6 +188,8 @@ def start_pool_masters(cfg: DeployConfig, run_dir: Path) -> list[MooncakeMaster]
     masters: list[MooncakeMaster] = []
     if not cfg.prefix_pool:
         return masters
+    from prfaas.cache.pool_mooncake import MooncakeMaster
+
     try:
         for c in cfg.clusters:
             if c.pool_master:

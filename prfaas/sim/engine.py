@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prfaas.scheduling.link_view import LinkMonitor
+from prfaas.scheduling.link_view import LinkCapacityEstimator
 from prfaas.scheduling.prefix_index import PrefixIndex
 from prfaas.scheduling.types import (
     INF,
@@ -166,14 +166,14 @@ class Simulator:
         self.links: list[Link] = []
         self.link_of: dict[tuple[int, int], int] = {}
         links_state: dict[tuple[str, str], LinkState] = {}
-        self.monitors: list[LinkMonitor] = []
+        self.monitors: list[LinkCapacityEstimator] = []
         for spec in dep.links:
             lk = Link(spec.src, spec.dst, spec.gbps)
             self.link_of[(self.cidx[spec.src], self.cidx[spec.dst])] = len(self.links)
             self.links.append(lk)
             ls = LinkState(spec.src, spec.dst, spec.gbps, spec.gbps)
             links_state[(spec.src, spec.dst)] = ls
-            self.monitors.append(LinkMonitor(ls))
+            self.monitors.append(LinkCapacityEstimator(ls))
         self.state = SystemState(0.0, clusters, links_state, deque(maxlen=self.opt.recent_window))
         self.cstates = [clusters[n] for n in self.cnames]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prfaas.config_file import read_mapping
 from prfaas.scheduling.lengths import TruncatedLogNormal
 from prfaas.scheduling.planner import Capacity, Fleet, evaluate, optimize
 from prfaas.scheduling.policies import (
@@ -18,7 +19,7 @@ from prfaas.scheduling.policies import (
     PrfaaSPolicy,
     ShortTermAdaptation,
 )
-from prfaas.scheduling.profile import profiles_from_mapping, read_config
+from prfaas.scheduling.profile import profiles_from_mapping
 from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "case_study.yaml"
@@ -67,7 +68,7 @@ def load_case_study(
     rebalance: bool = False,
 ) -> CaseStudy:
     """Build the three systems; the PrfaaS t and every N_p/N_d split come from the planner."""
-    cfg = read_config(path)
+    cfg = read_mapping(path, "case study")
     prof = profiles_from_mapping(cfg)
     wl = cfg.get("workload", {})
     ln = wl.get("length", {})

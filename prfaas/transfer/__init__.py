@@ -1,57 +1,46 @@
-"""Moving a request's KV cache between nodes: wire format, backends, link emulation, monitor.
+"""Moving a request's KV cache between nodes: bytes and layouts, never the engine.
 
-See docs/transfer.md. Entry points: ``create_sender`` / ``create_receiver`` with a ``CacheLayout``.
+See docs/transfer.md. Entry points: ``create_sender`` / ``create_receiver`` (``registry``) with a
+``prfaas.kv.CacheLayout``; the interfaces are in ``backend``. Names below are imported lazily so
+that ``prfaas.transfer.link`` (link shaping) can be used without loading torch.
 """
 
-from prfaas.transfer.backend import (
-    Delivery,
-    SendStats,
-    TransferFailure,
-    TransferTimings,
-    backend_names,
-    create_receiver,
-    create_sender,
-)
-from prfaas.transfer.errors import (
-    AbortedError,
-    AuthError,
-    BackendError,
-    CapacityError,
-    ChecksumError,
-    FrameError,
-    LayoutMismatch,
-    PeerClosed,
-    TransferError,
-)
-from prfaas.transfer.layout import CacheLayout, TensorSpec
-from prfaas.transfer.link import LinkEmulator, LinkSpec
-from prfaas.transfer.monitor import LinkMonitor, LinkSnapshot
-from prfaas.transfer.unit import KVExport, LayerPart, TransferHeader
+from __future__ import annotations
 
-__all__ = [
-    "AbortedError",
-    "AuthError",
-    "BackendError",
-    "CacheLayout",
-    "CapacityError",
-    "ChecksumError",
-    "Delivery",
-    "FrameError",
-    "KVExport",
-    "LayerPart",
-    "LayoutMismatch",
-    "LinkEmulator",
-    "LinkMonitor",
-    "LinkSnapshot",
-    "LinkSpec",
-    "PeerClosed",
-    "SendStats",
-    "TensorSpec",
-    "TransferError",
-    "TransferFailure",
-    "TransferHeader",
-    "TransferTimings",
-    "backend_names",
-    "create_receiver",
-    "create_sender",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Delivery": "backend",
+    "Receiver": "backend",
+    "SendStats": "backend",
+    "Sender": "backend",
+    "SenderStream": "backend",
+    "TransferFailure": "backend",
+    "TransferTimings": "backend",
+    "backend_names": "registry",
+    "create_receiver": "registry",
+    "create_sender": "registry",
+    "AbortedError": "errors",
+    "AuthError": "errors",
+    "BackendError": "errors",
+    "CapacityError": "errors",
+    "ChecksumError": "errors",
+    "FrameError": "errors",
+    "LayoutMismatch": "errors",
+    "PeerClosed": "errors",
+    "TransferError": "errors",
+    "LinkShaper": "link",
+    "LinkShaperSpec": "link",
+    "LinkMeter": "meter",
+    "LinkSnapshot": "meter",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'prfaas.transfer' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"prfaas.transfer.{mod}"), name)

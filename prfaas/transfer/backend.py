@@ -1,23 +1,23 @@
-"""The transport interface every backend implements, the records it reports, and the registry.
+"""The transport interface every backend implements and the records it reports.
 
 A backend provides a ``Sender`` (``open(peer, header) -> SenderStream``; ``stream.send(part)`` per
 layer, ``stream.finish()``, ``stream.wait()``) and a ``Receiver`` (listens, authenticates peers,
-validates and assembles requests, then hands a complete ``KVExport`` to ``on_delivery`` and its
-``deliveries`` queue; failures go to ``on_failure`` and the same queue).
+validates and assembles requests, then hands each complete ``KVExport`` or failure out once: to its
+callbacks if it has them, else on its ``deliveries`` queue). Backends are made by name through
+``prfaas.transfer.registry``. Times are ``time.time()`` seconds, sizes bytes.
 """
 
 from __future__ import annotations
 
+import queue
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.transfer.errors import TransferError
-from prfaas.transfer.unit import KVExport
-
-if TYPE_CHECKING:
-    from prfaas.transfer.receiver import ReceiverBase
-    from prfaas.transfer.sender import SenderBase
+from prfaas.transfer.meter import LinkSnapshot
 
 Peer = tuple[str, int]
 
@@ -89,27 +89,71 @@ DeliveryCallback = Callable[[Delivery], Any]
 FailureCallback = Callable[[TransferFailure], Any]
 
 
-def backend_names() -> list[str]:
-    return ["tcp", "mooncake"]
+class SenderStream(ABC):
+    """One request being sent: ``send(part)`` per layer (queues, no network wait), ``finish()``
+    once all layers were given, ``wait()`` for the receiver's acknowledgement (raises the
+    ``TransferError`` that ended it otherwise), ``abort()`` to give up."""
+
+    request_id: str
+    stats: SendStats
+
+    @abstractmethod
+    def send(self, part: LayerPart) -> None: ...
+
+    @abstractmethod
+    def finish(self) -> None: ...
+
+    @abstractmethod
+    def wait(self, timeout: float | None = None) -> SendStats: ...
+
+    @abstractmethod
+    def abort(self, reason: str = "aborted by sender") -> None: ...
+
+    @property
+    @abstractmethod
+    def done(self) -> bool: ...
 
 
-def _classes(name: str) -> tuple[type[SenderBase], type[ReceiverBase]]:
-    if name == "tcp":
-        from prfaas.transfer.tcp import TcpReceiver, TcpSender
+class Sender(ABC):
+    """Opens streams to receivers (one authenticated session per peer, made on first use)."""
 
-        return TcpSender, TcpReceiver
-    if name == "mooncake":
-        from prfaas.transfer.mooncake_backend import MooncakeReceiver, MooncakeSender
+    @abstractmethod
+    def open(self, peer: Peer, header: TransferHeader) -> SenderStream:
+        """Announce a request to ``peer``; its layers follow with ``stream.send``."""
 
-        return MooncakeSender, MooncakeReceiver
-    raise ValueError(f"unknown transfer backend {name!r}; choose from {backend_names()}")
+    @abstractmethod
+    def send_export(self, peer: Peer, export: KVExport) -> SenderStream:
+        """Send a complete export; returns its (finished) stream."""
+
+    @abstractmethod
+    def snapshot(self, peer: Peer) -> LinkSnapshot:
+        """Live link figures for ``peer``."""
+
+    @abstractmethod
+    def close(self) -> None: ...
 
 
-def create_sender(backend: str, *args: Any, **kwargs: Any) -> SenderBase:
-    """A sender of the named backend (arguments as ``SenderBase``)."""
-    return _classes(backend)[0](*args, **kwargs)
+class Receiver(ABC):
+    """Listens for senders; validates, assembles and verifies requests.
 
+    One delivery path: every outcome (a complete ``Delivery`` or a ``TransferFailure``) is handed
+    out exactly once, to ``on_delivery`` / ``on_failure`` when the receiver was built with them,
+    otherwise on the ``deliveries`` queue.
+    """
 
-def create_receiver(backend: str, *args: Any, **kwargs: Any) -> ReceiverBase:
-    """A receiver of the named backend (arguments as ``ReceiverBase``); call ``start()``."""
-    return _classes(backend)[1](*args, **kwargs)
+    deliveries: queue.Queue[Delivery | TransferFailure]
+
+    @abstractmethod
+    def start(self) -> Receiver: ...
+
+    @property
+    @abstractmethod
+    def address(self) -> Peer: ...
+
+    @property
+    @abstractmethod
+    def inflight_bytes(self) -> int:
+        """Bytes of receive buffers held by unfinished requests."""
+
+    @abstractmethod
+    def close(self) -> None: ...

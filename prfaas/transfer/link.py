@@ -17,18 +17,20 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class LinkSpec:
-    """Parameters of an emulated link; ``schedule`` overrides ``gbps`` when given."""
+class LinkShaperSpec:
+    """Parameters of an emulated (shaped) link; ``schedule`` overrides ``gbps`` when given.
+
+    Not to be confused with ``prfaas.sim.deployment.LinkSpec``, the simulator's model of a link."""
 
     gbps: float | None = None
     rtt_ms: float = 0.0
     schedule: tuple[tuple[float, float], ...] = ()
 
-    def build(self) -> LinkEmulator:
-        return LinkEmulator(self.gbps, self.rtt_ms, list(self.schedule) or None)
+    def build(self) -> LinkShaper:
+        return LinkShaper(self.gbps, self.rtt_ms, list(self.schedule) or None)
 
 
-class LinkEmulator:
+class LinkShaper:
     """Bandwidth cap + delay + schedule; thread-safe, one instance per peer."""
 
     def __init__(

@@ -18,8 +18,8 @@ import torch
 from prfaas.transfer import wire
 from prfaas.transfer.auth import BACKEND_CODES
 from prfaas.transfer.errors import BackendError, FrameError, TransferError
-from prfaas.transfer.receiver import Assembly, ReceiverBase, _Session
-from prfaas.transfer.sender import PeerSession, SenderBase, SenderStream
+from prfaas.transfer.receiver import Assembly, ReceiverBase, ReceiverSession
+from prfaas.transfer.sender import PeerSession, PeerStream, SenderBase
 
 _ENGINES: dict[str, object] = {}
 _ENGINES_LOCK = threading.Lock()
@@ -70,7 +70,7 @@ class MooncakeSender(SenderBase):
             return self._eng
 
     def _dispatch_layer(
-        self, session: PeerSession, stream: SenderStream, layer: int, tensors: list[torch.Tensor]
+        self, session: PeerSession, stream: PeerStream, layer: int, tensors: list[torch.Tensor]
     ) -> None:
         if not stream.buffer_ready.wait(self.connect_timeout):
             raise BackendError(f"no receive buffer for {stream.request_id!r} in time")
@@ -102,7 +102,7 @@ class MooncakeSender(SenderBase):
     def _write_layer(
         self,
         session: PeerSession,
-        stream: SenderStream,
+        stream: PeerStream,
         layer: int,
         tensors: list[torch.Tensor],  # keeps the source memory alive until written
         target: str,
@@ -161,7 +161,7 @@ class MooncakeReceiver(ReceiverBase):
         super().start()
         return self
 
-    def _on_allocated(self, session: _Session, asm: Assembly) -> None:
+    def _on_allocated(self, session: ReceiverSession, asm: Assembly) -> None:
         assert asm.buf is not None
         addr = asm.buf.data_ptr()
         if asm.wh.buffer_nbytes:

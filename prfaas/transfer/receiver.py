@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import queue
 import socket
 import threading
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prfaas.kv.layout import DTYPES, CacheLayout
+from prfaas.kv.unit import KVExport, LayerPart
 from prfaas.transfer import wire
 from prfaas.transfer.auth import check_secret, server_handshake
 from prfaas.transfer.backend import (
@@ -22,6 +25,7 @@ from prfaas.transfer.backend import (
     DeliveryCallback,
     FailureCallback,
     Peer,
+    Receiver,
     TransferFailure,
     TransferTimings,
 )
@@ -34,10 +38,9 @@ from prfaas.transfer.errors import (
     PeerClosed,
     TransferError,
 )
-from prfaas.transfer.layout import DTYPES, CacheLayout
-from prfaas.transfer.unit import KVExport, LayerPart
 
 _SCRATCH = 1 << 20
+log = logging.getLogger("prfaas.transfer.receiver")
 
 
 @dataclass
@@ -70,7 +73,9 @@ class Assembly:
         return memoryview(self.buf.numpy()).cast("B")[off : off + n]
 
 
-class _Session:
+class ReceiverSession:
+    """The authenticated connections of one sender session and its requests in flight."""
+
     def __init__(self, session_id: bytes, n_conns: int, peer: Peer | None) -> None:
         self.id = session_id
         self.n_conns = n_conns
@@ -83,7 +88,7 @@ class _Session:
         self.closed = False
 
 
-class ReceiverBase:
+class ReceiverBase(Receiver):
     """Listens on ``host:port`` (0 = any free port); ``start()`` then read ``address``."""
 
     backend_code = 0
@@ -128,7 +133,7 @@ class ReceiverBase:
         self.pool_bytes = pool_bytes
         self._pool: list[torch.Tensor] = []  # released receive buffers, reused best-fit
         self.deliveries: queue.Queue[Delivery | TransferFailure] = queue.Queue()
-        self._sessions: dict[bytes, _Session] = {}
+        self._sessions: dict[bytes, ReceiverSession] = {}
         self._lock = threading.Lock()
         self._inflight = 0
         self._active = 0
@@ -203,13 +208,13 @@ class ReceiverBase:
             return sum(b.numel() for b in self._pool)
 
     # --- backend hooks
-    def _on_allocated(self, session: _Session, asm: Assembly) -> None:
+    def _on_allocated(self, session: ReceiverSession, asm: Assembly) -> None:
         """Called once a request's buffer exists (mooncake registers and replies here)."""
 
     def _on_freed(self, asm: Assembly) -> None:
         """Called when a request's buffer is released (delivered or failed)."""
 
-    def _handle_data(self, session: _Session, sock: socket.socket, size: int) -> None:
+    def _handle_data(self, session: ReceiverSession, sock: socket.socket, size: int) -> None:
         raise FrameError("DATA frames are not used by this backend")
 
     def _on_commit(self, asm: Assembly, layer: int, nbytes: int) -> None:
@@ -217,13 +222,17 @@ class ReceiverBase:
 
     # --- reporting
     def _report(self, item: Delivery | TransferFailure) -> None:
-        self.deliveries.put(item)
+        """Hand ``item`` out once: to its callback when there is one, else on ``deliveries``."""
         cb = self.on_delivery if isinstance(item, Delivery) else self.on_failure
-        if cb is not None:
-            with contextlib.suppress(Exception):  # a consumer bug must not kill the transport
-                cb(item)  # type: ignore[arg-type]
+        if cb is None:
+            self.deliveries.put(item)
+            return
+        try:
+            cb(item)  # type: ignore[arg-type]
+        except Exception:  # a consumer bug must not kill the transport
+            log.exception("transfer consumer callback failed")
 
-    def _reply(self, session: _Session, ftype: int, obj: dict) -> None:
+    def _reply(self, session: ReceiverSession, ftype: int, obj: dict) -> None:
         sock = session.socks.get(0)
         if sock is None or session.closed:
             return
@@ -263,7 +272,7 @@ class ReceiverBase:
         with self._lock:
             session = self._sessions.get(hello.session_id)
             if session is None:
-                session = _Session(hello.session_id, hello.n_conns, peer)
+                session = ReceiverSession(hello.session_id, hello.n_conns, peer)
                 self._sessions[hello.session_id] = session
         if hello.conn_index in session.socks or hello.n_conns != session.n_conns:
             sock.close()
@@ -279,7 +288,7 @@ class ReceiverBase:
         else:  # clean close at a frame boundary: only unfinished requests are reported
             self._fail_session(session, PeerClosed("peer closed the connection"), report=False)
 
-    def _read_loop(self, session: _Session, sock: socket.socket) -> None:
+    def _read_loop(self, session: ReceiverSession, sock: socket.socket) -> None:
         allowed = {wire.HEADER, wire.DATA, wire.COMMIT_T, wire.ABORT}
         while True:
             head = bytearray(wire.FRAME_HEAD.size)
@@ -307,7 +316,9 @@ class ReceiverBase:
                     msg = f"sender aborted {asm.wh.header.request_id!r}: {o.get('message')}"
                     self._fail_stream(session, asm, AbortedError(msg), notify=False)
 
-    def _fail_session(self, session: _Session, error: TransferError, report: bool = True) -> None:
+    def _fail_session(
+        self, session: ReceiverSession, error: TransferError, report: bool = True
+    ) -> None:
         with session.cond:
             if session.closed:
                 return
@@ -326,7 +337,7 @@ class ReceiverBase:
             self._report(TransferFailure(None, error, session.peer))
 
     # --- requests
-    def _on_header(self, session: _Session, payload: bytes, size: int) -> None:
+    def _on_header(self, session: ReceiverSession, payload: bytes, size: int) -> None:
         now = time.time()
         wh = wire.decode_header(payload)  # ChecksumError / FrameError: the session is unusable
         sid = wh.stream_id
@@ -376,7 +387,7 @@ class ReceiverBase:
             self._fail_stream(session, asm, e, notify=True)
             return
 
-    def _lookup(self, session: _Session, sid: int) -> Assembly | None:
+    def _lookup(self, session: ReceiverSession, sid: int) -> Assembly | None:
         """The assembly of stream ``sid``; None if it is finished or was refused."""
         deadline = time.monotonic() + self.header_wait_s
         with session.cond:
@@ -389,7 +400,7 @@ class ReceiverBase:
                 session.cond.wait(left)
             return session.streams.get(sid)
 
-    def _on_commit_frame(self, session: _Session, payload: bytes) -> None:
+    def _on_commit_frame(self, session: ReceiverSession, payload: bytes) -> None:
         sid, layer, nbytes, crc = wire.COMMIT.unpack(payload)
         asm = self._lookup(session, sid)
         if asm is None:
@@ -412,7 +423,7 @@ class ReceiverBase:
             return
         self._progress(session, asm, layer)
 
-    def _progress(self, session: _Session, asm: Assembly, layer: int) -> None:
+    def _progress(self, session: ReceiverSession, asm: Assembly, layer: int) -> None:
         """Verify ``layer`` once all its bytes and its checksum are in; deliver when all are."""
         ld = asm.wh.layers[layer]
         with asm.lock:
@@ -434,7 +445,7 @@ class ReceiverBase:
         elif complete:
             self._deliver(session, asm)
 
-    def _release(self, session: _Session, asm: Assembly) -> bool:
+    def _release(self, session: ReceiverSession, asm: Assembly) -> bool:
         with asm.lock:
             if asm.done:
                 return False
@@ -448,7 +459,7 @@ class ReceiverBase:
         return True
 
     def _fail_stream(
-        self, session: _Session, asm: Assembly, error: TransferError, notify: bool
+        self, session: ReceiverSession, asm: Assembly, error: TransferError, notify: bool
     ) -> None:
         if not self._release(session, asm):
             return
@@ -457,7 +468,7 @@ class ReceiverBase:
             self._reply(session, wire.DONE, self._done_obj(asm.wh.stream_id, error))
         self._report(TransferFailure(asm.wh.header.request_id, error, session.peer))
 
-    def _deliver(self, session: _Session, asm: Assembly) -> None:
+    def _deliver(self, session: ReceiverSession, asm: Assembly) -> None:
         if not self._release(session, asm):
             return
         wh, buf = asm.wh, asm.buf

@@ -15,19 +15,19 @@ from typing import Any
 
 import torch
 
+from prfaas.kv.layout import DTYPES, CacheLayout
+from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.transfer import wire
 from prfaas.transfer.auth import check_secret, client_handshake
-from prfaas.transfer.backend import Peer, SendStats
+from prfaas.transfer.backend import Peer, Sender, SenderStream, SendStats
 from prfaas.transfer.errors import PeerClosed, TransferError, error_from_code
-from prfaas.transfer.layout import DTYPES, CacheLayout
-from prfaas.transfer.link import LinkEmulator, LinkSpec
-from prfaas.transfer.monitor import LinkMonitor, LinkSnapshot
-from prfaas.transfer.unit import KVExport, LayerPart, TransferHeader
+from prfaas.transfer.link import LinkShaper, LinkShaperSpec
+from prfaas.transfer.meter import LinkMeter, LinkSnapshot
 
 _FINISH = object()
 
 
-class SenderStream:
+class PeerStream(SenderStream):
     """One request being sent: ``send(part)`` per layer, then ``finish()``; ``wait()`` for the ack."""
 
     def __init__(self, session: PeerSession, wh: wire.WireHeader) -> None:
@@ -195,11 +195,11 @@ class PeerSession:
         self.owner = owner
         self.peer = peer
         self.session_id = os.urandom(16)
-        self.link: LinkEmulator | None = owner.link_spec.build() if owner.link_spec else None
-        self.monitor = LinkMonitor(link=self.link)
+        self.link: LinkShaper | None = owner.link_spec.build() if owner.link_spec else None
+        self.monitor = LinkMeter(link=self.link)
         self.socks: list[socket.socket] = []
         self.error: TransferError | None = None
-        self.streams: dict[int, SenderStream] = {}
+        self.streams: dict[int, PeerStream] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()
@@ -229,7 +229,7 @@ class PeerSession:
             t.start()
 
     # --- API used by streams / backends
-    def open(self, header: TransferHeader, parts: list[LayerPart] | None) -> SenderStream:
+    def open(self, header: TransferHeader, parts: list[LayerPart] | None) -> PeerStream:
         if self.error is not None:
             raise self.error
         wh = wire.build_wire_header(header, self.owner.layout, 0, parts)
@@ -238,20 +238,20 @@ class PeerSession:
         with self._open_lock:
             wh.stream_id = next(self._ids)
             payload = wire.encode_header(wh)
-            stream = SenderStream(self, wh)
+            stream = PeerStream(self, wh)
             with self._lock:
                 self.streams[stream.stream_id] = stream
             self.enqueue(0, [wire.frame(wire.HEADER, payload)], stream, "header", 0)
         return stream
 
-    def submit(self, stream: SenderStream, item: Any) -> None:
+    def submit(self, stream: PeerStream, item: Any) -> None:
         self.dispatch_q.put((stream, item))
 
     def enqueue(
         self,
         conn: int,
         buffers: list,
-        stream: SenderStream | None,
+        stream: PeerStream | None,
         kind: str,
         payload: int,
         shaped: bool = True,
@@ -391,7 +391,7 @@ class PeerSession:
                 self.monitor.add_queued(-nbytes)
 
 
-class SenderBase:
+class SenderBase(Sender):
     """Opens streams to receivers; one ``PeerSession`` per peer, created on first use.
 
     ``link`` emulates a cross-cluster link for every peer of this sender (None: unshaped).
@@ -405,7 +405,7 @@ class SenderBase:
         secret: bytes | str,
         *,
         connections: int = 4,
-        link: LinkSpec | None = None,
+        link: LinkShaperSpec | None = None,
         slice_bytes: int | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
@@ -450,13 +450,13 @@ class SenderBase:
                 self._sessions[peer] = s
             return s
 
-    def open(self, peer: Peer, header: TransferHeader) -> SenderStream:
+    def open(self, peer: Peer, header: TransferHeader) -> PeerStream:
         """Announce a request to ``peer``; send its layers with ``stream.send`` as they are computed."""
         return self.session(peer).open(header, None)
 
     def send_export(
         self, peer: Peer, export: KVExport, header_checksums: bool = False
-    ) -> SenderStream:
+    ) -> PeerStream:
         """Send a complete export; returns the stream. With ``header_checksums`` the layer CRCs
         are computed up front (on the caller's thread) and put in the header as well."""
         parts = export.parts if header_checksums else None
@@ -484,6 +484,6 @@ class SenderBase:
         self.close()
 
     def _dispatch_layer(
-        self, session: PeerSession, stream: SenderStream, layer: int, tensors: list[torch.Tensor]
+        self, session: PeerSession, stream: PeerStream, layer: int, tensors: list[torch.Tensor]
     ) -> None:
         raise NotImplementedError

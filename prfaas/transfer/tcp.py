@@ -13,8 +13,8 @@ import torch
 from prfaas.transfer import wire
 from prfaas.transfer.auth import BACKEND_CODES
 from prfaas.transfer.errors import FrameError
-from prfaas.transfer.receiver import Assembly, ReceiverBase, _Session
-from prfaas.transfer.sender import PeerSession, SenderBase, SenderStream
+from prfaas.transfer.receiver import Assembly, ReceiverBase, ReceiverSession
+from prfaas.transfer.sender import PeerSession, PeerStream, SenderBase
 
 
 class TcpSender(SenderBase):
@@ -23,7 +23,7 @@ class TcpSender(SenderBase):
     backend_code = BACKEND_CODES["tcp"]
 
     def _dispatch_layer(
-        self, session: PeerSession, stream: SenderStream, layer: int, tensors: list[torch.Tensor]
+        self, session: PeerSession, stream: PeerStream, layer: int, tensors: list[torch.Tensor]
     ) -> None:
         crc = wire.part_crc32(tensors)
         nbytes = 0
@@ -60,7 +60,7 @@ class TcpReceiver(ReceiverBase):
             wire.recv_into_exact(sock, buf[:k])
             n -= k
 
-    def _handle_data(self, session: _Session, sock: socket.socket, size: int) -> None:
+    def _handle_data(self, session: ReceiverSession, sock: socket.socket, size: int) -> None:
         if size < wire.DATA_HEAD.size:
             raise FrameError(f"DATA frame of {size} B is shorter than its sub-header")
         sid, layer, ti, off = wire.DATA_HEAD.unpack(wire.recv_exact(sock, wire.DATA_HEAD.size))

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prfaas.kv.layout import DTYPES, CacheLayout, dtype_name
+from prfaas.kv.unit import LayerPart, TransferHeader
 from prfaas.transfer.errors import ChecksumError, FrameError, LayoutMismatch, PeerClosed
-from prfaas.transfer.layout import DTYPES, CacheLayout, dtype_name
-from prfaas.transfer.unit import LayerPart, TransferHeader
 
 FORMAT_VERSION = 1
 MAGIC = b"PFKV"

@@ -1,6 +1,7 @@
-"""The global KVCache manager: which reusable prefixes each cluster holds (node caches and the
-cluster's Mooncake Store pool), from the nodes' cache events; queried by the router for ``l_prfaas``
-and ``l_pd``; plans the cross-cluster prefix copy and hot-prefix replication.
+"""The global KVCache manager (gateway side): which reusable prefixes each cluster holds (node caches
+and the cluster's Mooncake Store pool), from the nodes' cache events; queried by the router for
+``l_prfaas`` and ``l_pd``; plans the cross-cluster prefix copy and hot-prefix replication.  The
+nodes' side (event log, the copy itself) is ``prfaas.server.node.prefix_pool``.
 
 A prefix is named by the engine's block hash chain at a KDA checkpoint boundary (every
 ``checkpoint_interval`` tokens): the hash of block ``k * interval / block_size - 1`` covers tokens
@@ -15,16 +16,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from prfaas.cache.hashing import hash_chain
 from prfaas.scheduling.prefix_index import PrefixIndex
+from prfaas.server.protocol import CacheEventsReply
 
-if TYPE_CHECKING:  # pragma: no cover
-    from prfaas.cache.store_tier import CacheLayout, KVStore
-    from prfaas.engine import LLMEngine
-
-POOL = "pool"  # holder name of a cluster's Mooncake Store
+POOL = "pool"  # holder name of a cluster's Mooncake Store (as in the nodes' cache events)
 
 
 def boundary_hashes(prompt: Sequence[int], block_size: int, interval: int) -> list[int]:
@@ -34,62 +31,6 @@ def boundary_hashes(prompt: Sequence[int], block_size: int, interval: int) -> li
     n = (len(prompt) - 1) // interval * interval
     step = interval // block_size
     return hash_chain(prompt[:n], block_size)[step - 1 :: step]
-
-
-# ----- node side: events ----------------------------------------------------------------------
-@dataclass
-class CacheEvent:
-    """A node's holding changed: ``op`` "add"/"drop", ``where`` "node" (its cache) or "pool"."""
-
-    seq: int
-    op: str
-    where: str
-    hashes: list[int]
-
-    @classmethod
-    def from_dict(cls, d: Any) -> CacheEvent:
-        if not isinstance(d, dict):
-            raise ValueError("a cache event must be an object")
-        ev = cls(int(d["seq"]), str(d["op"]), str(d["where"]), [int(h) for h in d["hashes"]])
-        if ev.op not in ("add", "drop") or ev.where not in ("node", POOL):
-            raise ValueError(f"bad cache event op/where {ev.op!r}/{ev.where!r}")
-        return ev
-
-
-class NodeCacheEvents:
-    """Append-only log of one node's cache events (call ``sync`` in the engine thread)."""
-
-    def __init__(self, max_events: int = 4096) -> None:
-        self.events: deque[CacheEvent] = deque(maxlen=max_events)
-        self.seq = 0
-        self._resident: set[int] = set()
-        self._pool_seen = 0
-
-    def _add(self, op: str, where: str, hashes: list[int]) -> None:
-        if hashes:
-            self.seq += 1
-            self.events.append(CacheEvent(self.seq, op, where, sorted(hashes)))
-
-    def sync(self, engine: LLMEngine) -> None:
-        """Turn the difference since the last call into events (checkpoints resident, pool puts)."""
-        cache = engine.cache
-        now = set(cache.checkpoints.by_hash)
-        self._add("add", "node", list(now - self._resident))
-        self._add("drop", "node", list(self._resident - now))
-        self._resident = now
-        tier = cache.tier
-        if tier is not None:
-            puts = tier.stats.put_hashes
-            self._add("add", POOL, list(set(puts[self._pool_seen :])))
-            self._pool_seen = len(puts)
-
-    def since(self, seq: int) -> dict[str, Any]:
-        """Events after ``seq``; ``reset`` with a full snapshot when the log no longer has them."""
-        first = self.events[0].seq if self.events else self.seq + 1
-        if seq + 1 < first:
-            return {"seq": self.seq, "reset": True, "node": sorted(self._resident), "events": []}
-        evs = [e.__dict__ for e in self.events if e.seq > seq]
-        return {"seq": self.seq, "reset": False, "events": evs}
 
 
 # ----- router side ------------------------------------------------------------------------------
@@ -204,21 +145,24 @@ class GlobalKVManager:
                 if not s:
                     del held[h]
 
-    def apply(self, node: str, reply: dict[str, Any]) -> None:
-        """Apply a node's ``/internal/cache_events`` reply (ValueError if malformed)."""
+    def apply(self, node: str, reply: CacheEventsReply) -> None:
+        """Apply a node's ``/internal/cache_events`` reply."""
         cluster = self.cluster_of(node)
-        if not isinstance(reply, dict) or "seq" not in reply:
-            raise ValueError("cache events reply needs a seq")
-        if reply.get("reset"):
+        if reply.reset:
             for s in self.held[cluster].values():
                 s.discard(node)
             self.held[cluster] = {h: s for h, s in self.held[cluster].items() if s}
-            self.add(cluster, node, [int(h) for h in reply.get("node", [])])
-        for d in reply.get("events", []):
-            ev = CacheEvent.from_dict(d)
+            self.add(cluster, node, reply.node)
+        for ev in reply.events:
             holder = node if ev.where == "node" else POOL
             (self.add if ev.op == "add" else self.drop)(cluster, holder, ev.hashes)
-        self.node_seq[node] = int(reply["seq"])
+        self.node_seq[node] = reply.seq
+
+    def note_copy(self, cluster: str, hashes: Sequence[int], nbytes: int) -> None:
+        """A prefix copy into ``cluster``'s pool succeeded (``nbytes`` copied)."""
+        self.add(cluster, POOL, hashes)
+        self.copies += 1
+        self.copy_bytes += nbytes
 
     def cached_tokens(self, cluster: str, prompt: Sequence[int]) -> int:
         hs = self.hashes(prompt)
@@ -261,28 +205,3 @@ class GlobalKVManager:
                 self._replicated.add((h, dst))
                 out.append(Replication(holders[0], dst, hs[:n], n * self.interval, prompt))
         return out
-
-
-# ----- the copy itself (pool to pool) -----------------------------------------------------------
-def copy_prefix(
-    src: KVStore, dst: KVStore, layout: CacheLayout, prompt: Sequence[int], tokens: int
-) -> int:
-    """Copy the pooled blocks of ``prompt[:tokens]`` and the state checkpoint at ``tokens`` from the
-    source cluster's pool to ``dst``; returns bytes copied (0 if the source lacks any piece: the
-    destination then recomputes; objects are checked again when used)."""
-    bs = layout.block_size
-    if tokens <= 0 or tokens % bs or tokens > len(prompt):
-        raise ValueError(f"tokens {tokens} must be a positive multiple of {bs} within the prompt")
-    hs = hash_chain(prompt[:tokens], bs)
-    items = []
-    for h in hs:
-        data = src.get(layout.key(h, "kv"))
-        if not data:
-            return 0
-        items.append((layout.key(h, "kv"), data))
-    st = src.get(layout.key(hs[-1], "st"))
-    if st:
-        items.append((layout.key(hs[-1], "st"), st))
-    for k, d in items:
-        dst.put(k, d)
-    return sum(len(d) for _, d in items)

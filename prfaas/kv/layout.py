@@ -1,4 +1,6 @@
-"""What a node's KV cache looks like: the receiver checks every announced transfer against this."""
+"""What a node's KV cache looks like per layer (``CacheLayout``, made by the cache itself:
+``HybridCache.layout``): the transfer receiver checks every announced request against it before it
+allocates anything. Sizes are bytes; ``TOKENS`` marks the variable token dimension."""
 
 from __future__ import annotations
 

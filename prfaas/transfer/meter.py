@@ -1,4 +1,10 @@
-"""Live link monitor: EWMA throughput, bytes in flight, per-connection TCP_INFO (RTT, retransmits)."""
+"""Live link meter of one peer, sending side: EWMA throughput, bytes in flight, busy time (seconds
+with bytes queued), per-connection TCP_INFO (RTT, retransmits).
+
+It measures what flows; the capacity estimate from these counters (cumulative ``bytes_total``,
+``busy_s``, ``bytes_in_flight``) is ``prfaas.scheduling.link_view.LinkCapacityEstimator``'s job.
+``LinkSnapshot.capacity_gbps`` is only the shaped link's current rate, or else the best rate seen.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from prfaas.transfer.link import LinkEmulator
+from prfaas.transfer.link import LinkShaper
 
 # offsets in Linux's struct tcp_info (include/uapi/linux/tcp.h)
 _TCPI_U8 = struct.Struct("=BBBBBBBB")
@@ -100,14 +106,15 @@ class LinkSnapshot:
     rtt_ms: float | None  # emulated RTT + mean TCP RTT of the connections
     retransmits: int  # total over the connections
     utilisation: float  # gbps / capacity_gbps
-    bytes_total: int
+    bytes_total: int  # cumulative bytes written to the connections
+    busy_s: float = 0.0  # cumulative seconds with bytes queued for this peer
     connections: list[ConnStats] = field(default_factory=list)
 
 
-class LinkMonitor:
-    """Counts a peer's sent bytes; ``snapshot()`` is safe to call from any thread."""
+class LinkMeter:
+    """Counts a peer's sent bytes and busy time; ``snapshot()`` is safe to call from any thread."""
 
-    def __init__(self, halflife_s: float = 0.5, link: LinkEmulator | None = None) -> None:
+    def __init__(self, halflife_s: float = 0.5, link: LinkShaper | None = None) -> None:
         if halflife_s <= 0:
             raise ValueError("halflife_s must be > 0")
         self._tau = halflife_s / math.log(2)
@@ -120,20 +127,37 @@ class LinkMonitor:
         self._last = time.monotonic()
         self.bytes_total = 0
         self.queued_bytes = 0
+        self._busy_s = 0.0
+        self._busy_since: float | None = None
 
     def attach(self, sock: socket.socket) -> None:
         with self._lock:
             self._socks.append(sock)
 
+    def _queue(self, n: int) -> None:  # under the lock
+        self.queued_bytes += n
+        if self.queued_bytes > 0 and self._busy_since is None:
+            self._busy_since = time.monotonic()
+        elif self.queued_bytes <= 0 and self._busy_since is not None:
+            self._busy_s += time.monotonic() - self._busy_since
+            self._busy_since = None
+
     def add_queued(self, n: int) -> None:
         with self._lock:
-            self.queued_bytes += n
+            self._queue(n)
+
+    @property
+    def busy_s(self) -> float:
+        """Cumulative seconds during which bytes were queued for this peer."""
+        with self._lock:
+            extra = 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
+            return self._busy_s + extra
 
     def add_sent(self, n: int, was_queued: int = 0) -> None:
         """Record ``n`` bytes written to the wire (``was_queued`` of them leave the queue)."""
         with self._lock:
             self.bytes_total += n
-            self.queued_bytes -= was_queued
+            self._queue(-was_queued)
             self._pending += n
             self._update(time.monotonic(), min_dt=0.01)
 
@@ -156,6 +180,7 @@ class LinkMonitor:
             queued = self.queued_bytes
             total = self.bytes_total
             socks = list(self._socks)
+        busy = self.busy_s
         conns, rtts, retrans, unsent_sum, delivery = [], [], 0, 0, 0.0
         for i, s in enumerate(socks):
             info = read_tcp_info(s) if s.fileno() >= 0 else None
@@ -187,5 +212,6 @@ class LinkMonitor:
             retransmits=retrans,
             utilisation=(gbps / capacity) if capacity > 0 else 0.0,
             bytes_total=total,
+            busy_s=busy,
             connections=conns,
         )

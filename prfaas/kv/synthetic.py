@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from prfaas.transfer.layout import CacheLayout
-from prfaas.transfer.unit import KVExport, LayerPart, TransferHeader
+from prfaas.kv.layout import CacheLayout
+from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 
 
 def random_export(

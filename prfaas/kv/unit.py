@@ -1,4 +1,5 @@
-"""What crosses between nodes for one request: the engine exports it, the transfer layer ships it.
+"""The export/import unit: what crosses between nodes for one request (the engine exports it, the
+transfer layer ships it, the decode engine imports it).
 
 A request's cache is sent as a header plus one part per model layer, so a prefill node can stream
 layer ``i`` while layer ``i + 1`` is still computing:

@@ -1,24 +1,64 @@
 """Layer-wise streaming of a prefill node's caches: each request's layer ``i`` goes on the wire as soon
 as the last prefill chunk has written it, while layer ``i + 1`` computes (the engine's
-``layer_listener``). Requests with nothing left to compute (whole prefix cached) are sent whole."""
+``layer_listener``). Requests with nothing left to compute (whole prefix cached) are sent whole.
+
+This module sits between a prefill engine and a transfer sender and imports neither: it needs only
+what ``PrefillEngine`` and ``KVSender`` below describe (``prfaas.engine.LLMEngine`` and the transfer
+senders satisfy them), so the transfer layer never depends on the engine.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from prfaas.engine.engine import LLMEngine
-from prfaas.engine.request import Request
-from prfaas.transfer.backend import Peer
-from prfaas.transfer.sender import SenderBase, SenderStream
-from prfaas.transfer.unit import LayerPart
+from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
+
+Peer = tuple[str, int]
+
+
+class PrefilledRequest(Protocol):
+    request_id: str
+    kv_start: int
+    params: Any  # a dataclass (sampling parameters): travels in the header's meta
+
+
+class PrefillEngine(Protocol):
+    """What the streamer needs of a prefill-role engine."""
+
+    layer_listener: Callable[[Any, LayerPart], None] | None
+    prefilled: dict[str, Any]
+
+    def make_header(self, req: Any, token_start: int) -> TransferHeader: ...
+
+    def export_request(self, request_id: str, token_start: int) -> KVExport: ...
+
+    def release(self, request_id: str) -> None: ...
+
+
+class KVStream(Protocol):
+    """One request being sent (``prfaas.transfer.sender.SenderStream``)."""
+
+    def send(self, part: LayerPart) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class KVSender(Protocol):
+    """What the streamer needs of a transfer sender (``prfaas.transfer.backend.Sender``)."""
+
+    def open(self, peer: Peer, header: TransferHeader) -> Any: ...
+
+    def send_export(self, peer: Peer, export: KVExport) -> Any: ...
 
 
 @dataclass
 class StreamedRequest:
-    stream: SenderStream
+    stream: Any  # the sender's stream (SenderStream): wait() for the receiver's ack
     opened_at: float
     layers_sent: int = 0
     finished_at: float | None = None  # the last layer was queued (≈ the prefill's end)
@@ -30,11 +70,14 @@ class LayerStreamer:
     ``add_request``; ``handoff(request_id)`` once the engine reports it prefilled returns the stream
     (opening and sending it whole if the listener never ran) and releases the engine's cache."""
 
-    def __init__(self, engine: LLMEngine, sender: SenderBase) -> None:
-        if engine.config.role != "prefill":
+    def __init__(self, engine: PrefillEngine, sender: KVSender, num_layers: int | None = None):
+        cfg = getattr(engine, "config", None)
+        if cfg is not None and getattr(cfg, "role", "prefill") != "prefill":
             raise ValueError("layer-wise streaming needs a prefill-role engine")
+        if num_layers is None:
+            num_layers = engine.model_config.num_hidden_layers  # type: ignore[attr-defined]
         self.engine, self.sender = engine, sender
-        self.num_layers = engine.model_config.num_hidden_layers
+        self.num_layers = num_layers
         self._dest: dict[str, Peer] = {}
         self._streams: dict[str, StreamedRequest] = {}
         self._lock = threading.Lock()
@@ -44,12 +87,12 @@ class LayerStreamer:
         with self._lock:
             self._dest[request_id] = peer
 
-    def _header(self, req: Request):  # noqa: ANN202
+    def _header(self, req: PrefilledRequest) -> TransferHeader:
         h = self.engine.make_header(req, req.kv_start)
         h.meta["params"] = dataclasses.asdict(req.params)
         return h
 
-    def _on_layer(self, req: Request, part: LayerPart) -> None:  # engine thread, inside step()
+    def _on_layer(self, req: PrefilledRequest, part: LayerPart) -> None:  # engine thread
         rid = req.request_id
         with self._lock:
             peer = self._dest.get(rid)

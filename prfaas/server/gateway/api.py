@@ -14,14 +14,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
 from prfaas.model.tokenizer import load_tokenizer
-from prfaas.server.openai_protocol import APIError, GenerationRequest, parse_request
-from prfaas.server.router import DecodeFailed, Generation, Router
-from prfaas.server.text_output import TextAssembler
+from prfaas.server.gateway.handover import DecodeFailed, Generation
+from prfaas.server.gateway.openai_models import ChatCompletionRequest, CompletionRequest
+from prfaas.server.gateway.openai_protocol import (
+    APIError,
+    GenerationRequest,
+    from_validation_error,
+    to_generation,
+)
+from prfaas.server.gateway.router import Router
+from prfaas.server.gateway.text_output import TextAssembler
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -47,6 +55,10 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _error_response(e)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error_response(from_validation_error(list(e.errors())))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         nodes = router.nodes_info()
@@ -69,12 +81,8 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
             "data": [{"id": served, "object": "model", "created": created, "owned_by": "prfaas"}],
         }
 
-    async def handle(request: Request, kind: str) -> Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        req = parse_request(body, kind, mcfg.vocab_size)
+    async def handle(body: CompletionRequest | ChatCompletionRequest, kind: str) -> Response:
+        req = to_generation(body, mcfg.vocab_size)
         if req.model != served:
             raise APIError(
                 404,
@@ -96,12 +104,12 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
             finish = None
             try:
                 async for ev in gen.events():
-                    asm.add(ev["token_ids"])
+                    asm.add(ev.token_ids)
                     if asm.stopped:
                         finish = "stop"
                         break
-                    if ev["finished"]:
-                        finish = ev["finish_reason"]
+                    if ev.finished:
+                        finish = ev.finish_reason
             except DecodeFailed as e:
                 await gen.close("decode_failed")
                 raise APIError(502, str(e), "server_error", code="decode_node_failed") from None
@@ -113,12 +121,12 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         )
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await handle(request, "completion")
+    async def completions(body: CompletionRequest) -> Response:
+        return await handle(body, "completion")
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await handle(request, "chat")
+    async def chat(body: ChatCompletionRequest) -> Response:
+        return await handle(body, "chat")
 
     return app
 
@@ -201,11 +209,11 @@ async def _sse(
     try:
         try:
             async for ev in gen.events():
-                text = asm.add(ev["token_ids"])
+                text = asm.add(ev.token_ids)
                 if asm.stopped:
                     finish = "stop"
-                elif ev["finished"]:
-                    finish = ev["finish_reason"]
+                elif ev.finished:
+                    finish = ev.finish_reason
                 if finish is not None:
                     text += asm.finish()
                     final = _chunk(gen, kind, model, text, finish, first)

@@ -1,0 +1,307 @@
+"""One request's hand-over between its nodes, as the gateway drives it: the decode node's event
+stream (``DecodeStream``), the prefill on the chosen prefill node with retries on another one
+(``prefill_and_handover``), and the admitted request the API reads tokens from (``Generation``).
+
+Per request: the decode stream opens first (the decode node answers ``ready`` with the prefix it
+holds, ``token_start``), then the prefill node prefills and ships the KV from ``token_start``, then
+the decode node reports ``kv`` (imported) and streams ``token`` events.  A prefill that fails marks
+its node down and the policy decides again (which falls back to PD-P); a ``kv_error`` with a
+decode-side prefix resends everything from token 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from prfaas.scheduling.types import RequestInfo, RouteDecision
+from prfaas.server.gateway.node_client import NodeClient, NodeEndpoint, PrefillFailed
+from prfaas.server.gateway.openai_protocol import APIError
+from prfaas.server.protocol import (
+    DecodeEvent,
+    DecodeRequest,
+    DecodeTarget,
+    ErrorEvent,
+    KVErrorEvent,
+    KVEvent,
+    PrefillRequest,
+    PrefillResult,
+    ReadyEvent,
+    SamplingParamsMsg,
+    TokenEvent,
+    parse_decode_event,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prfaas.server.gateway.router import Router
+
+log = logging.getLogger("prfaas.server.router")
+
+
+@dataclass
+class RouteInfo:
+    """What the response tells about its routing (``x-prfaas-*`` headers and the ``prfaas`` field)."""
+
+    request_id: str
+    prefill_cluster: str = ""
+    prefill_node: str = ""
+    decode_node: str = ""
+    offloaded: bool = False
+    cached_tokens: int = 0  # prompt tokens the prefill node took from its prefix cache
+    decode_prefix_tokens: int = 0  # prompt tokens the decode node held: their KV did not cross
+    transfer_bytes: int = 0  # KV payload bytes that crossed prefill -> decode
+    transfer_wire_bytes: int = 0
+    transfer_ms: float = 0.0
+    prefill_ms: float = 0.0
+    link: str | None = None
+    reason: str = ""
+    fallback_from: list[str] = field(default_factory=list)
+    copied_from: str | None = None  # cluster a cached prefix was copied from (prefix pool)
+    copied_tokens: int = 0
+    copied_bytes: int = 0
+    # where the time to the first token went, as time.time() stamps: the router's own (arrival,
+    # decode_ready, prefill_sent, prefill_answered, kv_seen, first_token_seen), the prefill node's
+    # ("p." + the keys of its answer's "timings") and the decode node's ("d." + its kv event's
+    # "timings", and "d.first_token": the engine sampled the first token); one host's clock per
+    # node (compare across hosts only as far as their clocks agree)
+    timings: dict[str, float | None] = field(default_factory=dict)
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-prfaas-request-id": self.request_id,
+            "x-prfaas-prefill-cluster": self.prefill_cluster,
+            "x-prfaas-prefill-node": self.prefill_node,
+            "x-prfaas-decode-node": self.decode_node,
+            "x-prfaas-cached-tokens": str(self.cached_tokens),
+            "x-prfaas-decode-prefix-tokens": str(self.decode_prefix_tokens),
+            "x-prfaas-transfer-bytes": str(self.transfer_bytes),
+            "x-prfaas-transfer-ms": f"{self.transfer_ms:.3f}",
+            "x-prfaas-fallback-from": ",".join(self.fallback_from),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DecodeFailed(Exception):
+    """The decode node of a request failed mid-request."""
+
+
+class DecodeStream:
+    """The NDJSON event stream of one request from its decode node, read by a background task;
+    ``on_dead(node)`` is called when the node fails mid-stream."""
+
+    def __init__(
+        self, nodes: NodeClient, ep: NodeEndpoint, rid: str, on_dead: Callable[[str], None]
+    ) -> None:
+        self.nodes, self.ep, self.rid, self.on_dead = nodes, ep, rid, on_dead
+        self.queue: asyncio.Queue[DecodeEvent] = asyncio.Queue()
+        self.resp: httpx.Response | None = None
+        self.task: asyncio.Task | None = None
+        self.dead: str | None = None
+
+    async def open(self, prompt: list[int], params: SamplingParamsMsg) -> ReadyEvent:
+        req = DecodeRequest(request_id=self.rid, prompt_token_ids=prompt, params=params)
+        self.resp, lines = await self.nodes.open_decode(self.ep, req)
+        first = parse_decode_event(await anext(lines))
+        if not isinstance(first, ReadyEvent):
+            raise DecodeFailed(f"decode node {self.ep.name} answered {first}")
+        self.task = asyncio.create_task(self._read(lines))
+        return first
+
+    async def _read(self, lines: AsyncIterator[str]) -> None:
+        try:
+            async for line in lines:
+                if line.strip():
+                    ev = parse_decode_event(line)
+                    await self.queue.put(ev)
+                    if isinstance(ev, ErrorEvent) or (isinstance(ev, TokenEvent) and ev.finished):
+                        return
+            self.dead = f"decode node {self.ep.name} closed the stream before the request finished"
+        except (httpx.HTTPError, ValueError) as e:
+            self.dead = f"decode node {self.ep.name} failed: {type(e).__name__}: {e}"
+        except asyncio.CancelledError:
+            return
+        self.on_dead(self.ep.name)
+        await self.queue.put(ErrorEvent(message=self.dead))
+
+    async def next(self) -> DecodeEvent:
+        return await self.queue.get()
+
+    async def close(self, abort: bool) -> None:
+        if abort and self.dead is None:
+            with contextlib.suppress(httpx.HTTPError):
+                await self.nodes.abort(self.ep, self.rid)
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+        if self.resp is not None:
+            with contextlib.suppress(Exception):
+                await self.resp.aclose()
+
+
+class Generation:
+    """One admitted request: its routing and the stream of new tokens (``events()``);
+    ``on_close(gen, outcome)`` runs once when the response is over."""
+
+    def __init__(
+        self,
+        route: RouteInfo,
+        stream: DecodeStream,
+        on_close: Callable[[Generation, str], None],
+        arrival: float,
+    ) -> None:
+        self.route, self.stream, self.on_close = route, stream, on_close
+        self.finished = False
+        self.arrival = arrival  # time.monotonic()
+        self.first_token_at: float | None = None
+        self.num_tokens = 0
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Token events with new tokens (or the last one); DecodeFailed on a failure."""
+        while not self.finished:
+            ev = await self.stream.next()
+            if isinstance(ev, ErrorEvent):
+                raise DecodeFailed(ev.message)
+            if not isinstance(ev, TokenEvent) or not (ev.token_ids or ev.finished):
+                continue  # the import's own output carries no token: nothing for the client yet
+            if ev.token_ids and self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+                self.route.timings["first_token_seen"] = time.time()
+                if ev.first_token_at is not None:
+                    self.route.timings["d.first_token"] = ev.first_token_at
+            self.num_tokens += len(ev.token_ids)
+            self.finished = ev.finished
+            yield ev
+
+    async def close(self, outcome: str = "ok") -> None:
+        """Always called once the response is over (aborts the decode if it is still running)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.stream.close(abort=not self.finished)
+        self.on_close(self, outcome)
+
+
+async def prefill_and_handover(
+    router: Router,
+    info: RequestInfo,
+    prompt: list[int],
+    params: SamplingParamsMsg,
+    decision: RouteDecision,
+    stream: DecodeStream,
+    ready: ReadyEvent,
+    route: RouteInfo,
+    decide: Callable[[RequestInfo], RouteDecision],
+) -> None:
+    """Prefill on the decided node (copy a cached prefix first if the decision says so), retrying
+    on the node the policy picks next when one fails; returns once the decode node imported the KV.
+    APIError 503 when every tried prefill node failed, 502 when the decode node failed."""
+    token_start = ready.token_start
+    kv_host, kv_port = ready.kv_addr
+    tried: set[str] = set()
+    live, timeout = router.live, router.cfg.router.prefill_timeout_s
+    if decision.copy_from and decision.copy_tokens and router.kv is not None:
+        dst_ep = router.by_cluster[decision.prefill_cluster][decision.prefill_instance]
+        try:
+            res = await router.kv.copy_prefix(
+                prompt, decision.cached_len, decision.copy_from, dst_ep
+            )
+            route.copied_from = decision.copy_from if res.bytes else None
+            route.copied_tokens, route.copied_bytes = res.tokens, res.bytes
+        except (httpx.HTTPError, ValueError) as e:  # the prefill recomputes it
+            log.warning("prefix copy from %s failed: %s", decision.copy_from, e)
+    while True:
+        ep = router.by_cluster[decision.prefill_cluster][decision.prefill_instance]
+        if ep.name in tried:
+            raise APIError(
+                503, f"prefill failed on {sorted(tried)}", "server_error", code="prefill_failed"
+            )
+        req = PrefillRequest(
+            request_id=info.request_id,
+            prompt_token_ids=prompt,
+            params=params,
+            token_start=token_start,
+            timeout_s=timeout,
+            decode=DecodeTarget(cluster=router.pd, kv_host=kv_host, kv_port=kv_port),
+        )
+        work = decision.uncached_len
+        live.prefill_outstanding[ep.name] += work
+        route.timings["prefill_sent"] = time.time()
+        try:
+            res: PrefillResult = await router.nodes.prefill(ep, req, timeout + 10)
+        except (httpx.HTTPError, PrefillFailed) as e:
+            if stream.dead is not None:
+                raise APIError(
+                    502, stream.dead, "server_error", code="decode_node_failed"
+                ) from None
+            log.warning("prefill on %s failed (%s); deciding again", ep.name, e)
+            tried.add(ep.name)
+            live.mark_down(ep.name)
+            route.fallback_from.append(ep.name)
+            router.metrics.fallbacks.labels(ep.cluster).inc()
+            decision = decide(info)
+            continue
+        finally:
+            live.prefill_outstanding[ep.name] -= work
+        route.timings["prefill_answered"] = time.time()
+        ev = await stream.next()
+        if isinstance(ev, KVErrorEvent) and token_start > 0:
+            token_start = 0  # the decode node lost the prefix meanwhile: send everything
+            continue
+        if not isinstance(ev, KVEvent):
+            msg = getattr(ev, "message", None) or str(ev)
+            raise APIError(
+                502,
+                f"decode node {route.decode_node}: {msg}",
+                "server_error",
+                code="decode_node_failed",
+            )
+        break
+    _record(router, info, prompt, decision, ep, res, ev, route)
+
+
+def _record(
+    router: Router,
+    info: RequestInfo,
+    prompt: list[int],
+    decision: RouteDecision,
+    ep: NodeEndpoint,
+    res: PrefillResult,
+    ev: KVEvent,
+    route: RouteInfo,
+) -> None:
+    """The routing bookkeeping of a finished hand-over (prefix index, KV manager, route, metrics)."""
+    route.timings["kv_seen"] = time.time()
+    for k, v in res.timings.items():
+        route.timings[f"p.{k}"] = v
+    for k, v in ev.timings.items():
+        route.timings[f"d.{k}"] = v
+    cluster = decision.prefill_cluster
+    if cluster in router.prefix and info.hash_ids:
+        router.prefix[cluster].insert(info.hash_ids, info.prompt_len, decision.prefill_instance)
+    if router.kv is not None:
+        router.kv.note_routed(info, decision, prompt)
+    router.live.recent_uncached.append(max(info.prompt_len - res.cached_tokens, 0))
+    route.prefill_cluster, route.prefill_node = cluster, ep.name
+    route.offloaded = cluster != router.pd
+    route.cached_tokens = res.cached_tokens
+    route.decode_prefix_tokens = res.token_start
+    route.transfer_bytes = res.payload_bytes
+    route.transfer_wire_bytes = res.wire_bytes
+    route.transfer_ms = 1000 * res.transfer_s
+    route.prefill_ms = 1000 * res.prefill_s
+    route.link = res.link
+    route.reason = decision.reason
+    m = router.metrics
+    m.decisions.labels(cluster, str(route.offloaded).lower()).inc()
+    m.transfer_bytes.labels(cluster, router.pd).inc(route.transfer_wire_bytes)

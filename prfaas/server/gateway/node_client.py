@@ -1,0 +1,130 @@
+"""The gateway's side of the control plane: one typed call per node route (messages in
+``prfaas.server.protocol``), over one pooled ``httpx.AsyncClient`` (``http``, replaceable, e.g. by
+an in-process transport in tests).
+
+Failures: ``httpx.HTTPError`` (node unreachable, or a non-2xx answer where noted), ``ValueError``
+(an answer that is not the expected message), ``PrefillFailed`` (a prefill or decode open the node
+refused with a 5xx), ``APIError`` 400 (the node refused the request as malformed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from prfaas.server.gateway.openai_protocol import APIError
+from prfaas.server.protocol import (
+    CacheEventsReply,
+    DecodeRequest,
+    NodeState,
+    PrefillRequest,
+    PrefillResult,
+    PrefixCopy,
+    PrefixCopyResult,
+    PrefixPublishResult,
+    PrefixRequest,
+    error_message,
+)
+
+STATE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class NodeEndpoint:
+    """Where the gateway reaches one node."""
+
+    name: str
+    cluster: str
+    role: str
+    url: str
+
+
+class PrefillFailed(Exception):
+    """A node answered a prefill (or a decode open) with a server error."""
+
+
+def node_error(status: int, text: str | bytes, ep: NodeEndpoint) -> Exception:
+    """The exception for a node's non-200 answer: 400 -> APIError 400, else PrefillFailed."""
+    msg = error_message(text)
+    if status == 400:
+        return APIError(400, msg)
+    return PrefillFailed(f"{ep.name}: HTTP {status}: {msg}")
+
+
+class NodeClient:
+    def __init__(self, http: httpx.AsyncClient | None = None) -> None:
+        self.http = http or httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=1000)
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def state(self, ep: NodeEndpoint) -> NodeState:
+        r = await self.http.get(ep.url + "/state", timeout=STATE_TIMEOUT_S)
+        r.raise_for_status()
+        return NodeState.model_validate_json(r.content)
+
+    async def cache_events(self, ep: NodeEndpoint, since: int) -> CacheEventsReply:
+        r = await self.http.get(
+            ep.url + "/internal/cache_events", params={"since": since}, timeout=STATE_TIMEOUT_S
+        )
+        r.raise_for_status()
+        return CacheEventsReply.model_validate_json(r.content)
+
+    async def prefix_publish(self, ep: NodeEndpoint, req: PrefixRequest) -> PrefixPublishResult:
+        r = await self.http.post(
+            ep.url + "/internal/prefix_publish",
+            content=req.to_json(),
+            headers={"content-type": "application/json"},
+        )
+        r.raise_for_status()
+        return PrefixPublishResult.model_validate_json(r.content)
+
+    async def prefix_copy(
+        self, ep: NodeEndpoint, req: PrefixCopy, timeout_s: float
+    ) -> PrefixCopyResult:
+        r = await self.http.post(
+            ep.url + "/internal/prefix_copy",
+            content=req.to_json(),
+            headers={"content-type": "application/json"},
+            timeout=timeout_s,
+        )
+        r.raise_for_status()
+        return PrefixCopyResult.model_validate_json(r.content)
+
+    async def prefill(
+        self, ep: NodeEndpoint, req: PrefillRequest, timeout_s: float
+    ) -> PrefillResult:
+        r = await self.http.post(
+            ep.url + "/internal/prefill",
+            content=req.to_json(),
+            headers={"content-type": "application/json"},
+            timeout=timeout_s,
+        )
+        if r.status_code != 200:
+            raise node_error(r.status_code, r.content, ep)
+        return PrefillResult.model_validate_json(r.content)
+
+    async def open_decode(
+        self, ep: NodeEndpoint, req: DecodeRequest
+    ) -> tuple[httpx.Response, AsyncIterator[str]]:
+        """The decode stream's response (close it with ``aclose``) and its lines."""
+        hreq = self.http.build_request(
+            "POST",
+            ep.url + "/internal/decode",
+            content=req.to_json(),
+            headers={"content-type": "application/json"},
+            timeout=httpx.Timeout(10.0, read=None),
+        )
+        resp = await self.http.send(hreq, stream=True)
+        if resp.status_code != 200:
+            text = await resp.aread()
+            await resp.aclose()
+            raise node_error(resp.status_code, text, ep)
+        return resp, resp.aiter_lines()
+
+    async def abort(self, ep: NodeEndpoint, rid: str) -> None:
+        await self.http.post(ep.url + f"/internal/abort/{rid}", timeout=5)

@@ -1,0 +1,244 @@
+"""The OpenAI-compatible surface: a validated request body (``openai_models``) turned into what the
+gateway runs (``GenerationRequest``), the chat template, error bodies.
+
+Chat template (byte tokenizer, documented in docs/serving.md): every message becomes
+``<|ROLE|>\\nCONTENT\\n`` and the prompt ends with ``<|assistant|>\\n``.
+
+Errors: ``APIError`` carries OpenAI's body ``{"error": {"message", "type", "param", "code"}}``;
+a bad or unsupported field is a 400 whose ``param`` names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from prfaas.server.gateway.openai_models import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    validation_error,
+)
+from prfaas.server.protocol import SamplingParamsMsg
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's format."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value" if param else None)
+
+
+def unsupported(param: str, what: str | None = None) -> APIError:
+    return APIError(
+        400, f"{what or param} is not supported", param=param, code="unsupported_parameter"
+    )
+
+
+def from_validation_error(e: ValidationError | list[dict[str, Any]]) -> APIError:
+    """The OpenAI 400 of a pydantic validation error (the first bad field named)."""
+    errors = e.errors() if isinstance(e, ValidationError) else list(e)
+    message, param = validation_error(errors)
+    kind = errors[0].get("type") if errors else None
+    if kind == "extra_forbidden":
+        return unsupported(param or "", message.removesuffix(" is not supported"))
+    return bad(message, param)
+
+
+@dataclass
+class GenerationRequest:
+    """A parsed completion / chat request: ``prompts`` (one entry per prompt: text, or token ids),
+    each answered with ``n`` choices."""
+
+    kind: str  # "completion" | "chat"
+    prompts: list[str | list[int]]
+    params: SamplingParamsMsg
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    model: str = ""
+    n: int = 1
+    echo: bool = False
+    logprobs: int | None = None  # top alternatives per token (0: the sampled token's only)
+    # chat: the validated messages (None-valued keys dropped, a missing content is "")
+    messages: list[dict[str, Any]] | None = None
+
+    @property
+    def prompt(self) -> str | list[int]:
+        """The first (for chat: the only) prompt."""
+        return self.prompts[0]
+
+
+def _messages(msgs: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [
+        {**m.model_dump(exclude_none=True), "content": m.model_dump()["content"] or ""}
+        for m in msgs
+    ]
+
+
+def render_builtin_chat(messages: list[dict[str, Any]]) -> str:
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = "".join(p["text"] for p in content)
+        out.append(f"<|{m['role']}|>\n{content}\n")
+    out.append("<|assistant|>\n")
+    return "".join(out)
+
+
+def apply_chat_template(messages: Any) -> str:
+    """The byte-tokenizer chat template (see module docstring) of raw messages (APIError 400)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list", "messages")
+    try:
+        msgs = [ChatMessage.model_validate(m) for m in messages]
+    except ValidationError as e:
+        err = from_validation_error(e)
+        raise bad(f"messages: {err.message}", "messages") from None
+    return render_builtin_chat(_messages(msgs))
+
+
+def _prompts(p: Any, vocab_size: int) -> list[str | list[int]]:
+    if isinstance(p, str):
+        prompts: list[str | list[int]] = [p]
+    elif p and all(isinstance(t, int) for t in p):
+        prompts = [list(p)]
+    else:
+        prompts = list(p)
+    if not prompts:
+        raise bad("prompt must not be empty", "prompt")
+    for x in prompts:
+        if not x:
+            raise bad("prompt must not be empty", "prompt")
+        if isinstance(x, list) and any(not 0 <= t < vocab_size for t in x):
+            raise bad(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    return prompts
+
+
+# features the engine does not have yet: a 400 naming them, never silence
+_NOT_YET = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "min_tokens": 0,
+    "logit_bias": None,
+}
+
+
+def to_generation(
+    req: CompletionRequest | ChatCompletionRequest, vocab_size: int
+) -> GenerationRequest:
+    """What the gateway runs of a validated body; APIError 400 for values we do not serve."""
+    messages = None
+    if isinstance(req, ChatCompletionRequest):
+        if req.response_format is not None and req.response_format.type != "text":
+            raise unsupported("response_format", f"response_format {req.response_format.type!r}")
+        if req.tools:
+            raise unsupported("tools")
+        if req.tool_choice not in (None, "none"):
+            raise unsupported("tool_choice")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+        messages = _messages(req.messages)
+        prompts: list[str | list[int]] = [render_builtin_chat(messages)]
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        echo = False
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        kind = "chat"
+    else:
+        if req.suffix:
+            raise unsupported("suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise unsupported("best_of", "best_of other than n")
+        prompts = _prompts(req.prompt, vocab_size)
+        logprobs, echo, max_tokens, kind = req.logprobs, req.echo, req.max_tokens, "completion"
+    for name, default in _NOT_YET.items():
+        if getattr(req, name) not in (default, {}):
+            raise unsupported(name, f"{name} (not yet)")
+    if req.n != 1:
+        raise unsupported("n", "n > 1 (not yet)")
+    if len(prompts) > 1:
+        raise unsupported("prompt", "a list of several prompts (not yet)")
+    if echo:
+        raise unsupported("echo", "echo (not yet)")
+    if logprobs is not None:
+        param = "top_logprobs" if kind == "chat" and req.top_logprobs else "logprobs"
+        raise unsupported(param, "logprobs (not yet)")
+    stop_ids = list(req.stop_token_ids or [])
+    if any(t >= vocab_size for t in stop_ids):
+        raise bad(f"stop_token_ids must be token ids in [0, {vocab_size})", "stop_token_ids")
+    top_k = req.top_k if req.top_k not in (None, 0) else -1
+    try:
+        params = SamplingParamsMsg(
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=top_k,
+            max_tokens=max_tokens or 16,
+            seed=req.seed,
+            stop_token_ids=stop_ids,
+            ignore_eos=req.ignore_eos,
+        )
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    so = req.stream_options
+    return GenerationRequest(
+        kind=kind,
+        prompts=prompts,
+        params=params,
+        stop=req.stops,
+        stream=req.stream,
+        include_usage=bool(so and so.include_usage),
+        model=req.model,
+        n=req.n,
+        echo=echo,
+        logprobs=logprobs,
+        messages=messages,
+    )
+
+
+def parse_request(body: Any, kind: str, vocab_size: int) -> GenerationRequest:
+    """Validate an OpenAI request body (APIError 400 with a clear message when bad)."""
+    model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    return to_generation(req, vocab_size)

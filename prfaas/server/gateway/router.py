@@ -1,0 +1,222 @@
+"""The PrfaaS router: builds a ``SystemState`` from live readings (``LiveState``), asks the
+simulator's policy object where a request goes (``Policy.decide``, pure), and drives it over the
+nodes' control plane (``handover``).
+
+Per request: admission (``Admission``), the decision, the decode stream on the chosen PD-D node
+(another one if it does not answer), then ``prefill_and_handover``; the API reads the tokens from
+the returned ``Generation``.  A prefill that fails (node down, link cut, transfer error) marks that
+node unavailable and the policy decides again, which falls back to PD-P; the client sees no error.
+A decode node that dies ends its own requests with a clear error.
+
+Prefix index: one ``PrefixIndex`` per cluster over the hash chain of the prompt's
+``block_tokens``-token blocks, ``block_tokens`` = the engine's ``checkpoint_interval`` (a prefill can
+reuse a prefix only where a KDA state checkpoint exists); a prompt's blocks are inserted in the index
+of the cluster that prefilled it.  With ``prefix_pool`` on, the global KV manager's per-cluster views
+take the indexes' place (``KVManagerClient`` feeds it).
+
+Imports no torch: the gateway process runs without the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from typing import Any
+
+import httpx
+
+from prfaas.cache.hashing import hash_chain
+from prfaas.scheduling.policies import HomogeneousPD, NaiveHeterogeneous, Policy, PrfaaSPolicy
+from prfaas.scheduling.prefix_index import PrefixIndex
+from prfaas.scheduling.types import RequestInfo, RouteDecision, SystemState
+from prfaas.server.config import DeployConfig
+from prfaas.server.gateway.admission import Admission
+from prfaas.server.gateway.handover import (
+    DecodeFailed,
+    DecodeStream,
+    Generation,
+    RouteInfo,
+    prefill_and_handover,
+)
+from prfaas.server.gateway.kv_client import KVManagerClient
+from prfaas.server.gateway.kv_manager import GlobalKVManager
+from prfaas.server.gateway.live_state import LiveState
+from prfaas.server.gateway.metrics import RouterMetrics
+from prfaas.server.gateway.node_client import NodeClient, NodeEndpoint, PrefillFailed
+from prfaas.server.gateway.openai_protocol import APIError
+from prfaas.server.protocol import ReadyEvent, SamplingParamsMsg
+
+log = logging.getLogger("prfaas.server.router")
+
+
+class Router:
+    def __init__(
+        self, cfg: DeployConfig, endpoints: list[NodeEndpoint], policy: Policy | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.endpoints = {e.name: e for e in endpoints}
+        self.by_cluster: dict[str, list[NodeEndpoint]] = {}
+        for c in cfg.clusters:
+            eps = [e for e in endpoints if e.cluster == c.name]
+            if len(eps) != len(c.nodes):
+                raise ValueError(
+                    f"cluster {c.name!r}: {len(c.nodes)} nodes in the config, {len(eps)} endpoints"
+                )
+            self.by_cluster[c.name] = eps
+        self.pd = cfg.pd_cluster
+        self.prfaas = cfg.prfaas_cluster
+        self.policy = policy or self._make_policy()
+        lim = cfg.engine_limits()
+        self.block_tokens = lim.checkpoint_interval if lim.enable_prefix_cache else 0
+        self.metrics = RouterMetrics()
+        self.nodes = NodeClient()
+        self.live = LiveState(cfg, endpoints, self.by_cluster, lim.max_num_seqs, self.metrics)
+        self.admission = Admission(lim.max_model_len, cfg.router.max_inflight, self.metrics)
+        self.prefix: dict[str, Any] = {
+            c.name: PrefixIndex(lim.num_checkpoints * len(c.nodes), self.block_tokens or 1)
+            for c in cfg.clusters
+            if self.block_tokens
+        }
+        self.kvm: GlobalKVManager | None = None
+        self.kv: KVManagerClient | None = None
+        if cfg.prefix_pool and self.block_tokens:
+            self.kvm = GlobalKVManager(
+                {c: [e.name for e in eps] for c, eps in self.by_cluster.items()},
+                lim.block_size,
+                lim.checkpoint_interval,
+            )
+            self.prefix = {c.name: self.kvm.view(c.name) for c in cfg.clusters}
+            self.kv = KVManagerClient(
+                self.kvm,
+                self.nodes,
+                self.by_cluster,
+                self.live.available,
+                cfg.router.prefill_timeout_s,
+            )
+        self._ids = itertools.count()
+        self._prefix_id = os.urandom(3).hex()
+        self._poller: asyncio.Task | None = None
+        self.started = time.monotonic()
+
+    def _make_policy(self) -> Policy:
+        r = self.cfg.router
+        if r.policy == "homogeneous":
+            return HomogeneousPD(pd=self.pd)
+        if r.policy == "naive":
+            return NaiveHeterogeneous(prfaas=self.prfaas, pd=self.pd)
+        return PrfaaSPolicy(r.threshold, prfaas=self.prfaas, pd=self.pd, cache_mode=r.cache_mode)
+
+    # ---- live state -------------------------------------------------------------------------
+    def build_state(self, now: float | None = None) -> SystemState:
+        """The observable state the policy reads (router accounting + the nodes' last readings)."""
+        return self.live.build_state(self.prefix, now)
+
+    def mark_down(self, name: str) -> None:
+        self.live.mark_down(name)
+
+    async def poll_once(self) -> None:
+        await self.live.poll(self.nodes)
+        if self.kv is not None:
+            up = [ep for ep in self.endpoints.values() if self.live.node_up[ep.name]]
+            await self.kv.poll_cache_events(up)
+        if self.policy.threshold is not None:
+            self.metrics.threshold.set(self.policy.threshold)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+                self.policy.on_tick(time.monotonic(), self.build_state())
+            except Exception:  # never let the poller die
+                log.exception("poll failed")
+            await asyncio.sleep(self.cfg.router.poll_interval_s)
+
+    async def start(self) -> None:
+        await self.poll_once()
+        self._poller = asyncio.create_task(self._poll_loop())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(BaseException):
+                await self._poller
+        await self.nodes.aclose()
+
+    # ---- routing ----------------------------------------------------------------------------
+    def hash_ids(self, prompt: list[int]) -> list[int]:
+        if self.kvm is not None:
+            return self.kvm.hashes(prompt)
+        bt = self.block_tokens
+        if not bt:
+            return []
+        return hash_chain(prompt[: ((len(prompt) - 1) // bt) * bt], bt)
+
+    def decide(self, info: RequestInfo) -> RouteDecision:
+        try:
+            return self.policy.decide(info, self.build_state())
+        except ValueError as e:
+            raise APIError(
+                503, f"no node can serve the request now: {e}", "server_error", code="no_capacity"
+            ) from None
+
+    async def generate(self, prompt: list[int], params: SamplingParamsMsg) -> Generation:
+        """Admit, route, prefill and hand over; returns once the decode node holds the KV. APIError:
+        400 bad prompt, 429 overloaded, 503 nothing can serve it, 502 the decode node failed."""
+        self.admission.admit(prompt)
+        rid = f"cmpl-{self._prefix_id}-{next(self._ids)}"
+        route = RouteInfo(rid, timings={"arrival": time.time()})
+        info = RequestInfo(rid, len(prompt), self.hash_ids(prompt), arrival_s=time.monotonic())
+        stream: DecodeStream | None = None
+        try:
+            decision = self.decide(info)
+            stream, ready, decision = await self._open_decode(info, prompt, params, decision)
+            self.live.decode_active[stream.ep.name] += 1
+            route.decode_node = stream.ep.name
+            route.timings["decode_ready"] = time.time()
+            await prefill_and_handover(
+                self, info, prompt, params, decision, stream, ready, route, self.decide
+            )
+        except BaseException as e:
+            if stream is not None:
+                await stream.close(abort=True)
+                if route.decode_node:
+                    self.live.decode_active[route.decode_node] -= 1
+            self.admission.release(f"error_{e.status}" if isinstance(e, APIError) else "error")
+            raise
+        return Generation(route, stream, self.release, info.arrival_s)
+
+    async def _open_decode(
+        self,
+        info: RequestInfo,
+        prompt: list[int],
+        params: SamplingParamsMsg,
+        decision: RouteDecision,
+    ) -> tuple[DecodeStream, ReadyEvent, RouteDecision]:
+        """The decode stream on the decided PD-D node; one that does not answer is marked down
+        and the policy decides again (as many tries as PD nodes)."""
+        for _ in range(len(self.by_cluster[self.pd])):
+            ep = self.by_cluster[self.pd][decision.decode_instance]
+            stream = DecodeStream(self.nodes, ep, info.request_id, self.mark_down)
+            try:
+                return stream, await stream.open(prompt, params), decision
+            except (httpx.HTTPError, PrefillFailed, DecodeFailed) as e:
+                log.warning("decode node %s unusable: %s", ep.name, e)
+                self.mark_down(ep.name)
+                decision = self.decide(info)
+        raise APIError(503, "no decode node answered", "server_error", code="no_capacity")
+
+    def release(self, gen: Generation, outcome: str) -> None:
+        self.admission.release(outcome)
+        self.live.decode_active[gen.route.decode_node] -= 1
+        m = self.metrics
+        if gen.first_token_at is not None:
+            m.ttft.labels(gen.route.prefill_cluster).observe(gen.first_token_at - gen.arrival)
+            if gen.num_tokens > 1:
+                m.tpot.observe((time.monotonic() - gen.first_token_at) / (gen.num_tokens - 1))
+
+    def nodes_info(self) -> list[dict[str, Any]]:
+        return self.live.nodes_info()

@@ -1,0 +1,113 @@
+"""The gateway process's server: the API app on a bound socket under uvicorn (``serve_gateway``,
+used by ``prfaas router`` and ``prfaas up``) and the ``--smoke`` requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import httpx
+import uvicorn
+
+from prfaas.server.config import DeployConfig
+from prfaas.server.gateway.api import build_gateway_app
+from prfaas.server.gateway.node_client import NodeEndpoint
+from prfaas.server.gateway.router import Router
+from prfaas.server.sockets import bind_socket, write_ready_file
+
+SMOKE_PROMPTS = [
+    ("short prompt (PD-P)", "Hello, prfaas! "),
+    ("long prompt (PrfaaS)", "PrfaaS offloads long prefills across datacenters. " * 8),
+    (
+        "long prompt, shared prefix (PrfaaS, only the tail crosses)",
+        "PrfaaS offloads long prefills across datacenters. " * 8 + "And a new question?",
+    ),
+]
+
+
+async def run_smoke(url: str, model: str) -> int:
+    """Send a few requests through the gateway and print what happened; 0 if all worked."""
+    ok = True
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        for label, prompt in SMOKE_PROMPTS:
+            r = await c.post(
+                "/v1/completions",
+                json={"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0},
+            )
+            if r.status_code != 200:
+                print(f"[{label}] HTTP {r.status_code}: {r.text}")
+                ok = False
+                continue
+            b = r.json()
+            p = b["prfaas"]
+            print(
+                f"[{label}] {b['usage']['prompt_tokens']} prompt tokens -> prefill {p['prefill_cluster']}"
+                f"/{p['prefill_node']}, decode {p['decode_node']}, cached {p['cached_tokens']}, "
+                f"decode-side prefix {p['decode_prefix_tokens']}, KV {p['transfer_bytes']} B in "
+                f"{p['transfer_ms']:.1f} ms; {b['usage']['completion_tokens']} tokens: "
+                f"{b['choices'][0]['text']!r}"
+            )
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": "Say hi"}],
+                "max_tokens": 8,
+                "stream": True,
+                "seed": 1,
+            },
+        )
+        chunks = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
+        done = r.status_code == 200 and chunks and chunks[-1] == "data: [DONE]"
+        print(
+            f"[chat, streamed] HTTP {r.status_code}, {len(chunks)} SSE events, ends with [DONE]: {bool(done)}"
+        )
+        ok = ok and bool(done)
+        m = await c.get("/metrics")
+        print(
+            f"[metrics] {sum(1 for ln in m.text.splitlines() if ln.startswith('prfaas_'))} prfaas_* samples"
+        )
+    return 0 if ok else 1
+
+
+async def serve_gateway(
+    cfg: DeployConfig,
+    endpoints: list[NodeEndpoint],
+    host: str,
+    port: int,
+    smoke: bool = False,
+    ready_file: str | None = None,
+    log_level: str = "warning",
+    extra_ready: dict[str, Any] | None = None,
+) -> int:
+    router = Router(cfg, endpoints)
+    app = build_gateway_app(router)
+    sock = bind_socket(host, port)
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False)
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if task.done():
+        await task
+        return 1
+    print(
+        f"prfaas gateway ready: {url}  (OpenAI API at {url}/v1; Ctrl-C stops everything)",
+        flush=True,
+    )
+    if ready_file:
+        write_ready_file(
+            ready_file, json.dumps({"url": url, "pid": os.getpid(), **(extra_ready or {})})
+        )
+    rc = 0
+    if smoke:
+        try:
+            rc = await run_smoke(url, cfg.model)
+        finally:
+            server.should_exit = True
+    await task
+    return rc

@@ -1,0 +1,222 @@
+"""The decode role: wait for a request's KV, import it, stream the new tokens.
+
+A decode starts with ``open`` (the route ``POST /internal/decode``): the node records an
+:class:`Expectation` and answers how much of the prompt it already holds (``token_start``); the
+prefill node then sends the KV from there to this node's receiver.  A delivery is imported in the
+engine thread; one that finds no free decode slot (``CacheFull``) waits in ``pending`` and is
+retried every engine loop.  Events go to the stream as protocol messages (``ready``, ``kv`` or
+``kv_error``, ``token`` ..., the last one ``finished``; ``error`` when aborted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prfaas.cache.hybrid import CacheFull
+from prfaas.engine import LLMEngine, RequestOutput, SamplingParams
+from prfaas.kv.layout import CacheLayout
+from prfaas.server.config import DeployConfig, NodeConfig
+from prfaas.server.node.engine_worker import EngineWorker
+from prfaas.server.node.wire import engine_params, wall_time
+from prfaas.server.protocol import (
+    DecodeRequest,
+    ErrorEvent,
+    KVErrorEvent,
+    KVEvent,
+    Message,
+    NodeCounters,
+    ReadyEvent,
+    TokenEvent,
+    event_line,
+)
+from prfaas.transfer.backend import Delivery, TransferFailure
+from prfaas.transfer.registry import create_receiver
+
+log = logging.getLogger("prfaas.server.node")
+
+
+class Overloaded(Exception):
+    """The node already waits for as many requests as it accepts."""
+
+
+@dataclass
+class Expectation:
+    """A request the decode node waits the KV cache of."""
+
+    rid: str
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    imported: bool = False
+    finished: bool = False
+    sent: int = 0
+
+    def push(self, ev: Message) -> None:  # any thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+    def on_output(self, out: RequestOutput) -> None:  # engine thread
+        new = out.token_ids[self.sent :]
+        first_at = None
+        m = out.metrics
+        if new and not self.sent and m is not None and m.first_token is not None:
+            first_at = wall_time(m.first_token)  # the engine sampled it (time.time())
+        self.sent = len(out.token_ids)
+        if out.finished:
+            self.finished = True
+        self.push(
+            TokenEvent(
+                token_ids=list(new),
+                finished=out.finished,
+                finish_reason=out.finish_reason,
+                first_token_at=first_at,
+            )
+        )
+
+
+class DecodeSide:
+    """KV in: the receiver, the expected requests and the imports waiting for a slot."""
+
+    def __init__(
+        self,
+        cfg: DeployConfig,
+        node: NodeConfig,
+        worker: EngineWorker,
+        layout: CacheLayout,
+        counters: NodeCounters,
+    ) -> None:
+        self.cfg, self.node, self.worker = cfg, node, worker
+        self.layout, self.counters = layout, counters
+        self.expect: dict[str, Expectation] = {}
+        self.pending: list[Delivery] = []  # deliveries waiting for a free decode slot
+        self.receiver = None
+        self.kv_port = 0
+        self.max_expect = 4 * worker.engine.config.max_num_seqs
+        worker.add_loop_hook(self._retry_pending)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.receiver = create_receiver(
+            self.cfg.transfer_backend,
+            self.layout,
+            self.cfg.secret,
+            host=self.node.host,
+            port=self.node.kv_port,
+            on_delivery=self._on_delivery,
+            on_failure=self._on_failure,
+            # pinned receive buffers on a GPU node (torch's host allocator caches them)
+            pin_memory=self.worker.engine.device.type == "cuda",
+        ).start()
+        self.kv_port = self.receiver.address[1]
+
+    def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+
+    # ---- the route's work -------------------------------------------------------------------
+    async def open(self, req: DecodeRequest) -> tuple[Expectation, int]:
+        """Expect ``req``'s KV; returns it and the prompt tokens this node already holds.
+        ValueError on bad input, Overloaded when the node waits for too many requests."""
+        params = engine_params(req.params)
+        rid, prompt = req.request_id, req.prompt_token_ids
+        if rid in self.expect:
+            raise ValueError(f"request {rid!r} already expected")
+        if len(self.expect) >= self.max_expect:
+            raise Overloaded(f"{self.node.name} holds {len(self.expect)} requests")
+
+        def held(eng: LLMEngine) -> int:
+            return eng.cache.match(prompt, need_state=False, max_tokens=len(prompt) - 1).num_tokens
+
+        token_start = await self.worker.acall(held)
+        exp = Expectation(rid, params, asyncio.get_running_loop(), asyncio.Queue())
+        self.expect[rid] = exp
+        return exp, token_start
+
+    async def stream(self, exp: Expectation, token_start: int) -> AsyncIterator[bytes]:
+        """The NDJSON lines of one decode; aborts the request when the client goes away."""
+        rid = exp.rid
+        try:
+            yield event_line(
+                ReadyEvent(
+                    node=self.node.name,
+                    token_start=token_start,
+                    kv_addr=(self.node.host, self.kv_port),
+                )
+            )
+            while True:
+                ev = await exp.queue.get()
+                yield event_line(ev)
+                if isinstance(ev, ErrorEvent) or (isinstance(ev, TokenEvent) and ev.finished):
+                    break
+        finally:
+            self.expect.pop(rid, None)
+            if not exp.finished:
+                self.worker.unsubscribe(rid)
+                self.worker.call(lambda eng: eng.abort(rid))
+
+    def abort(self, rid: str) -> bool:
+        exp = self.expect.get(rid)
+        if exp is not None:
+            exp.push(ErrorEvent(message="aborted by the router"))
+        return exp is not None
+
+    # ---- deliveries -------------------------------------------------------------------------
+    def _on_delivery(self, d: Delivery) -> None:  # receiver thread (its one delivery path)
+        self.worker.call(lambda eng: self._import(eng, d))
+
+    def _on_failure(self, f: TransferFailure) -> None:
+        log.warning("KV transfer failed for %s: %s", f.request_id, f.error)
+
+    def _import(self, eng: LLMEngine, d: Delivery) -> None:  # engine thread
+        h = d.export.header
+        exp = self.expect.get(h.request_id)
+        if exp is None or exp.imported:
+            log.warning("KV for %s arrived but nobody waits for it; dropped", h.request_id)
+            d.release()
+            return
+        t_import = time.time()
+        try:
+            out = eng.import_request(d.export, exp.params, h.request_id)
+        except CacheFull:
+            self.pending.append(d)
+            return
+        except ValueError as e:
+            self.counters.import_errors += 1
+            d.release()
+            exp.push(KVErrorEvent(message=str(e)))
+            return
+        # the import copied the KV into the cache (synchronously): the receive buffer goes back
+        # to the receiver's pool, where the next request reuses it (pinned on GPU nodes)
+        d.release()
+        self.counters.imports += 1
+        exp.imported = True
+        t = d.timings
+        exp.push(
+            KVEvent(
+                token_start=h.token_start,
+                payload_bytes=t.payload_bytes,
+                wire_bytes=t.wire_bytes,
+                receive_s=t.delivered_at - t.header_at,
+                timings={  # time.time() on this node
+                    "header_at": t.header_at,
+                    "first_data_at": t.first_data_at,
+                    "last_byte_at": t.last_byte_at,
+                    "delivered_at": t.delivered_at,
+                    "import_start": t_import,
+                    "import_end": time.time(),
+                },
+            )
+        )
+        if not out.finished:
+            self.worker.subscribe(h.request_id, exp.on_output)
+        exp.on_output(out)
+
+    def _retry_pending(self, eng: LLMEngine) -> None:  # engine thread, every loop
+        if not self.pending or not eng.cache.num_free_slots:
+            return
+        todo, self.pending = self.pending, []
+        for d in todo:
+            self._import(eng, d)

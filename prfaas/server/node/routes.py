@@ -1,0 +1,125 @@
+"""The node's HTTP routes (FastAPI): parse the protocol message, call the node's part, answer the
+result message or a coded error (``prfaas.server.protocol.ErrorBody``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from prfaas.server.node.decode import Overloaded
+from prfaas.server.protocol import (
+    AbortResult,
+    DecodeRequest,
+    ErrorBody,
+    ErrorDetail,
+    LinkAdmin,
+    LinkAdminResult,
+    Message,
+    NodeHealth,
+    PrefillRequest,
+    PrefixCopy,
+    PrefixRequest,
+)
+from prfaas.transfer.errors import TransferError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prfaas.server.node.server import NodeServer
+
+log = logging.getLogger("prfaas.server.node")
+
+
+def _err(status: int, code: str, message: str) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status)
+
+
+def _ok(msg: Message) -> Response:
+    return Response(msg.to_json(), media_type="application/json")
+
+
+def build_node_app(node: NodeServer) -> FastAPI:
+    app = FastAPI(title=f"prfaas node {node.node.name}")
+    name, role = node.node.name, node.role
+
+    @app.get("/health")
+    async def health() -> Response:
+        return _ok(NodeHealth(name=name, role=role, pid=os.getpid()))
+
+    @app.get("/state")
+    async def state() -> Response:
+        return _ok(node.state())
+
+    @app.post("/admin/link")
+    async def admin_link(request: Request) -> Response:
+        try:
+            body = LinkAdmin.model_validate_json(await request.body())
+        except ValueError:
+            return _err(400, "bad_request", 'body must be {"cluster": NAME, "up": true|false}')
+        try:
+            if body.cluster:
+                node.cfg.cluster(body.cluster)
+        except ValueError as e:
+            return _err(400, "bad_request", str(e))
+        aborted = node.prefill.cut_link(body.cluster, body.up)
+        return _ok(LinkAdminResult(cluster=body.cluster, up=body.up, aborted=aborted))
+
+    @app.post("/internal/prefill")
+    async def prefill(request: Request) -> Response:
+        if role != "prefill":
+            return _err(400, "wrong_role", f"{name} is a {role} node")
+        try:
+            req = PrefillRequest.model_validate_json(await request.body())
+            return _ok(await node.prefill.prefill(req))
+        except ValueError as e:
+            return _err(400, "bad_request", str(e))
+        except (TransferError, OSError, TimeoutError) as e:
+            node.counters.prefill_failures += 1
+            return _err(503, "transfer_failed", f"{type(e).__name__}: {e}")
+
+    @app.post("/internal/decode")
+    async def decode(request: Request) -> Response:
+        if role != "decode":
+            return _err(400, "wrong_role", f"{name} is a {role} node")
+        try:
+            req = DecodeRequest.model_validate_json(await request.body())
+            exp, token_start = await node.decode.open(req)
+        except ValueError as e:
+            return _err(400, "bad_request", str(e))
+        except Overloaded as e:
+            return _err(503, "overloaded", str(e))
+        return StreamingResponse(
+            node.decode.stream(exp, token_start), media_type="application/x-ndjson"
+        )
+
+    @app.get("/internal/cache_events")
+    async def cache_events(since: int = 0) -> Response:
+        return _ok(await node.pool.events_since(since))
+
+    @app.post("/internal/prefix_publish")
+    async def prefix_publish(request: Request) -> Response:
+        try:
+            req = PrefixRequest.model_validate_json(await request.body())
+            return _ok(await node.pool.publish(req))
+        except ValueError as e:
+            return _err(400, "bad_request", str(e))
+
+    @app.post("/internal/prefix_copy")
+    async def prefix_copy(request: Request) -> Response:
+        try:
+            req = PrefixCopy.model_validate_json(await request.body())
+            return _ok(await node.pool.copy(req))
+        except ValueError as e:
+            return _err(400, "bad_request", str(e))
+        except Exception as e:  # noqa: BLE001 - a failed copy means: recompute
+            log.warning("prefix copy failed: %s", e)
+            return _err(503, "copy_failed", f"{type(e).__name__}: {e}")
+
+    @app.post("/internal/abort/{rid}")
+    async def abort(rid: str) -> Response:
+        return _ok(AbortResult(aborted=node.decode.abort(rid)))
+
+    return app
