@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_check_model import compare, forced_logits, rel  # noqa: E402
 from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from prfaas.model import moe_ops  # noqa: E402
 from prfaas.model.config import PRESETS  # noqa: E402
 from prfaas.model.layers import SparseMoE  # noqa: E402
 from prfaas.model.materialize import empty_model, random_model  # noqa: E402
@@ -76,12 +77,21 @@ def moe_layer_check(tokens: list[int], preset: str, dev: str) -> dict:
         touched = int(torch.unique(idx).numel())
         t_grouped = time_ms(lambda x=x: moe.forward_grouped(x))
         t_ref = time_ms(lambda x=x: moe.forward_reference(x), reps=5) if T <= 8192 else None
+        if T * cfg.num_experts_per_token <= moe_ops.SMALL_PAIRS:  # the permuted path instead
+            small, moe_ops.SMALL_PAIRS = moe_ops.SMALL_PAIRS, 0
+            t_permuted = time_ms(lambda x=x: moe.forward_grouped(x))
+            rel_permuted = rel(moe.forward_grouped(x), ref)
+            moe_ops.SMALL_PAIRS = small
+        else:
+            t_permuted, rel_permuted = t_grouped, None
         moved = (touched + 1) * expert_bytes  # chosen experts + the shared one
         out[T] = {
             "rel_err_vs_reference": rel(got, ref),
             "experts_touched": touched,
             "grouped_ms": t_grouped,
             "reference_loop_ms": t_ref,
+            "permuted_path_ms": t_permuted,
+            "permuted_path_rel_err": rel_permuted,
             "expert_bytes": moved,
             "grouped_gb_per_s": moved / t_grouped / 1e6,
             "grouped_tflops": 2
@@ -168,6 +178,11 @@ def model_check(
     toks = [(13 * i + 5) % 250 for i in range(n_prefill + steps)]
     res: dict = {"layers": layers, "kinds": cfg.layer_kinds, "gate_scale": gate_scale}
     ref32 = forced_logits(model32, toks, n_prefill, False)
+    # the fused path in fp32 (fla and Triton kernels in fp32; grouped GEMMs as loops) against the
+    # PyTorch path in fp32: the kernels' own error, without bf16 rounding or routing flips
+    res["fused_fp32_vs_torch_path_fp32"] = compare(
+        forced_logits(model32, toks, n_prefill, True), ref32
+    )
     del model32
     ref = forced_logits(model, toks, n_prefill, False)
     fused = forced_logits(model, toks, n_prefill, True)
@@ -195,7 +210,7 @@ def model_check(
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 32, 128, 1024, 8192, 32768])
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 32, 128, 1024, 32768])
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--prefill", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)

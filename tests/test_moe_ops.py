@@ -153,9 +153,13 @@ def test_gpu_path_under_the_interpreter_matches_reference(monkeypatch):
     if triton_ops.triton is None:
         return
     moe = _moe(5)
-    x = torch.randn(19, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    # 19 tokens x top-2: the per-pair GEMV path; 40 tokens: sort permutation + grouped GEMMs
+    xs = [torch.randn(n, moe.gate.weight.shape[1], generator=g) for n in (19, 40)]
+    assert 19 * moe.top_k <= moe_ops.SMALL_PAIRS < 40 * moe.top_k
     with torch.no_grad():
-        ref = moe.forward_reference(x)
+        refs = [moe.forward_reference(x) for x in xs]
         monkeypatch.setattr(triton_ops, "enabled", lambda t: True)
-        got = moe.forward(x)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        gots = [moe.forward(x) for x in xs]
+    for got, ref in zip(gots, refs, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

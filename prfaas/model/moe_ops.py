@@ -47,6 +47,7 @@ if triton is not None:
         H,
         K: tl.constexpr,
         HAS_SHARED: tl.constexpr,
+        IDENTITY: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         t = tl.program_id(0).to(tl.int64)
@@ -54,11 +55,41 @@ if triton is not None:
         m = cols < H
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(K):
-            r = tl.load(inv_ptr + t * K + j).to(tl.int64)
+            if IDENTITY:
+                r = t * K + j
+            else:
+                r = tl.load(inv_ptr + t * K + j).to(tl.int64)
             acc += tl.load(y_ptr + r * H + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_SHARED:
             acc += tl.load(shared_ptr + t * H + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _pair_gemv_kernel(
+        x_ptr,
+        ids_ptr,
+        w_ptr,
+        y_ptr,
+        N,
+        K: tl.constexpr,
+        DIV: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        # y[p, n] = sum_k w[ids[p], n, k] * x[p // DIV, k]: one pair, BN outputs per program
+        p = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        row = p // DIV
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        w_rows = w_ptr + e * N * K + n[:, None].to(tl.int64) * K
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < K
+            xv = tl.load(x_ptr + row * K + kk, mask=km, other=0.0).to(tl.float32)
+            wv = tl.load(w_rows + kk[None, :], mask=(n[:, None] < N) & km[None, :], other=0.0)
+            acc += tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
+        tl.store(y_ptr + p * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
 def route(
@@ -128,25 +159,57 @@ def permute(idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return order, offs
 
 
-def combine(y: Tensor, inv: Tensor, k: int, shared: Tensor | None, dtype: torch.dtype) -> Tensor:
+def combine(
+    y: Tensor, inv: Tensor | None, k: int, shared: Tensor | None, dtype: torch.dtype
+) -> Tensor:
     """out[t] = sum_j y[inv[t*k + j]] (+ shared[t]), summed in fp32, returned in ``dtype``.
 
-    y (T*k, H) the pairs' weighted outputs in expert order; inv (T*k,) the row of pair p in y.
-    On CUDA one Triton kernel (no (T*k, H) un-permuted copy); elsewhere a gather and a sum."""
-    T, H = inv.shape[0] // k, y.shape[1]
+    y (T*k, H) the pairs' weighted outputs in expert order; inv (T*k,) the row of pair p in y
+    (None: y is in pair order). On CUDA one Triton kernel (no (T*k, H) un-permuted copy);
+    elsewhere a gather and a sum."""
+    T, H = y.shape[0] // k, y.shape[1]
     if triton_ops.enabled(y):
         out = torch.empty(T, H, dtype=dtype, device=y.device)
         block = 1024
         if T:
             sh = shared.contiguous() if shared is not None else out
             _combine_kernel[(T, triton.cdiv(H, block))](
-                y, inv, sh, out, H, K=k, HAS_SHARED=shared is not None, BLOCK=block
+                y,
+                inv if inv is not None else y,
+                sh,
+                out,
+                H,
+                K=k,
+                HAS_SHARED=shared is not None,
+                IDENTITY=inv is None,
+                BLOCK=block,
             )
         return out
-    out = y[inv].view(T, k, H).sum(1, dtype=torch.float32)
+    out = (y if inv is None else y[inv]).view(T, k, H).sum(1, dtype=torch.float32)
     if shared is not None:
         out = out + shared.float()
     return out.to(dtype)
+
+
+SMALL_PAIRS = 64  # at most this many (token, expert) pairs: the per-pair GEMV path
+
+
+def pair_gemv(x: Tensor, ids: Tensor, w: Tensor, div: int) -> Tensor:
+    """y[p] = w[ids[p]] @ x[p // div] for every pair p: x (R, K), ids (P,), w (E, N, K).
+    On CUDA one Triton kernel (each program streams one pair's expert rows once); elsewhere a
+    gather of the weights and a batched product. Returns (P, N) in x's dtype."""
+    P, N, K = ids.shape[0], w.shape[1], w.shape[2]
+    if triton_ops.enabled(x):
+        x = x.contiguous()
+        y = torch.empty(P, N, dtype=x.dtype, device=x.device)
+        bn, bk = 32, 256
+        if P:
+            _pair_gemv_kernel[(P, triton.cdiv(N, bn))](
+                x, ids, w, y, N, K=K, DIV=div, BN=bn, BK=bk, num_warps=4
+            )
+        return y
+    rows = torch.arange(P, device=x.device) // div
+    return torch.bmm(w[ids].to(x.dtype), x[rows][:, :, None])[:, :, 0]
 
 
 def experts_forward(
@@ -163,6 +226,11 @@ def experts_forward(
     x (T, H); weights (T, k) fp32; idx (T, k) expert ids; w13 (E, 2I, H) the stacked [w1 | w3]
     (gate | up) weights; w2 (E, H, I). Returns (T, H) in x's dtype."""
     T, k = idx.shape
+    if T * k <= SMALL_PAIRS and triton_ops.enabled(x):  # decode of a few rows: no permutation
+        ids = idx.reshape(-1)
+        h = pair_gemv(x, ids, w13, div=k)  # (T*k, 2I) in pair order
+        a = silu_mul_scaled(h, weights.reshape(-1).float())
+        return combine(pair_gemv(a, ids, w2, div=1), None, k, shared, x.dtype)
     order, offs = permute(idx, w13.shape[0])
     xs = x[order // k]  # (T*k, H) the pairs' inputs, grouped by expert
     h = grouped_mm(xs, w13, offs)  # (T*k, 2I)
