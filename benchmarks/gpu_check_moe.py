@@ -217,7 +217,12 @@ def main() -> int:
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--preset", default="kimi-linear-48b", help="tiny: a CPU dry run")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--gate-scale", type=float, default=8.0)
+    ap.add_argument(
+        "--gate-scale",
+        type=float,
+        default=8.0,
+        help="a second check with sharper routers (1: none)",
+    )
     args = ap.parse_args()
     dev = args.device
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -226,15 +231,22 @@ def main() -> int:
         res["moe_layer"] = moe_layer_check(args.tokens, args.preset, dev)
         if dev == "cuda":
             torch.cuda.empty_cache()
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+
+    save()
     res["model"] = model_check(args.layers, args.prefill, args.steps, args.preset, dev)
+    save()
     if dev == "cuda":
         torch.cuda.empty_cache()
-    res["model_sharp_router"] = model_check(
-        args.layers, args.prefill, args.steps, args.preset, dev, gate_scale=args.gate_scale
-    )
+    if args.gate_scale != 1.0:
+        res["model_sharp_router"] = model_check(
+            args.layers, args.prefill, args.steps, args.preset, dev, gate_scale=args.gate_scale
+        )
     print(json.dumps(res))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+    save()
     return 0
 
 
