@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prfaas.model.config import ModelConfig, resolve_config
@@ -52,8 +51,8 @@ def load_checkpoint(
     Streams: the parameters are allocated empty on ``device`` first (experts stacked, see
     :mod:`prfaas.model.materialize`), then each shard is opened in turn and each tensor read,
     moved to ``device`` and copied into its parameter (converted to ``dtype`` there) before the
-    next is read. Host memory holds one tensor (and the page cache of the open shard), never the
-    model."""
+    next is read (plain reads, no memory map). Host memory holds one tensor, never the model
+    (unless ``device`` is the CPU, where the model itself lives)."""
     d = Path(directory)
     cfg = ModelConfig.from_json(d)
     files = _checkpoint_files(d)
@@ -61,12 +60,8 @@ def load_checkpoint(
     ck_dtype: dict[str, torch.dtype] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:  # headers only
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():  # noqa: SIM118 (safe_open is no mapping)
-                sl = fh.get_slice(k)
-                where[k] = f
-                shapes[k] = tuple(sl.get_shape())
-                ck_dtype[k] = _DTYPES[sl.get_dtype()]
+        for k, (dt, shape, _, _) in _header(f).items():
+            where[k], shapes[k], ck_dtype[k] = f, shape, dt
     if cfg.tie_word_embeddings and "lm_head.weight" not in where:
         src = "model.embed_tokens.weight"
         if src in where:
@@ -94,13 +89,44 @@ def load_checkpoint(
 
     model = empty_model(cfg, device, dtype_of)
     params = dict(model.named_parameters(remove_duplicate=False))
-    dev = str(torch.device(device))
     with torch.no_grad():
         for f in files:
-            with safe_open(str(f), framework="pt", device=dev) as fh:
-                for k in fh.keys():  # noqa: SIM118 (safe_open is no mapping)
-                    params[k].copy_(fh.get_tensor(k))
+            for k, t in _read_tensors(f):
+                params[k].copy_(t.to(params[k].device))
     return model.eval()
+
+
+def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """A safetensors file's tensors: name -> (dtype, shape, start, end), offsets from the start of
+    the data section (which follows the 8-byte header length and the JSON header)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        meta = json.loads(fh.read(n))
+    out = {}
+    for k, v in meta.items():
+        if k == "__metadata__":
+            continue
+        if v["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: {k} has unsupported dtype {v['dtype']}")
+        start, end = v["data_offsets"]
+        out[k] = (_DTYPES[v["dtype"]], tuple(v["shape"]), start, end)
+    return out
+
+
+def _read_tensors(path: Path):
+    """Yield (name, host tensor) one at a time, in file order, with plain reads (no memory map:
+    the host holds one tensor's bytes at a time)."""
+    entries = sorted(_header(path).items(), key=lambda kv: kv[1][2])
+    with open(path, "rb") as fh:
+        base = 8 + int.from_bytes(fh.read(8), "little")
+        for k, (dt, shape, start, end) in entries:
+            fh.seek(base + start)
+            buf = bytearray(fh.read(end - start))
+            if len(buf) != end - start:
+                raise ValueError(f"{path}: {k} is truncated")
+            t = torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
+            yield k, t.view(shape)
+            del t, buf
 
 
 _DTYPES = {
