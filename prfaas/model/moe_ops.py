@@ -122,20 +122,22 @@ def grouped_mm_reference(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     return out
 
 
-def _grouped_available(a: Tensor, w: Tensor) -> bool:
+def capturable(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the MoE of a model in ``dtype`` on ``device`` runs without host syncs (so its
+    decode can be captured in a CUDA graph): bf16 on a Hopper GPU, where the grouped GEMMs are
+    ``torch._grouped_mm`` (elsewhere they are loops that read the group ends on the host)."""
     return (
-        a.is_cuda
+        device.type == "cuda"
         and hasattr(torch, "_grouped_mm")
-        and a.dtype == torch.bfloat16
-        and w.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(a.device)[0] >= 9
+        and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(device)[0] >= 9
     )
 
 
 def grouped_mm(a: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     """:func:`grouped_mm_reference`'s function; on a Hopper GPU in bf16, ``torch._grouped_mm``
     (no host sync: the group ends stay on the device)."""
-    if _grouped_available(a, w):
+    if a.dtype == w.dtype and capturable(a.dtype, a.device):
         return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
     return grouped_mm_reference(a, w, offs)
 
