@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from prfaas.model import moe_ops
-from prfaas.model.checkpoint import load_checkpoint
+from prfaas.model.checkpoint import keeps_fp32, load_checkpoint
 from prfaas.model.config import PRESETS
 from prfaas.model.layers import SparseMoE
 from prfaas.model.materialize import empty_model, random_model
@@ -126,7 +126,7 @@ def test_streaming_load_into_bf16_matches_and_keeps_no_fp32_copy(tmp_path):
     assert nbytes > 150e6  # fp32 on disk
     loaded = load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16)
     for k, v in model.state_dict().items():
-        want = v if k.endswith(("A_log", "dt_bias")) else v.to(torch.bfloat16)
+        want = v if keeps_fp32(k) else v.to(torch.bfloat16)
         assert torch.equal(loaded.state_dict()[k], want), k
     assert loaded.model.layers[1].block_sparse_moe.is_packed()
     # peak host memory of a load in a fresh process (peak RSS reset after the imports): the bf16
@@ -134,7 +134,7 @@ def test_streaming_load_into_bf16_matches_and_keeps_no_fp32_copy(tmp_path):
     # then converted) peaked at the fp32 bytes plus the bf16 model
     code = textwrap.dedent(f"""
         import torch
-        from prfaas.model.checkpoint import load_checkpoint
+        from prfaas.model.checkpoint import keeps_fp32, load_checkpoint
 
         def status(key):
             for line in open("/proc/self/status"):

@@ -30,7 +30,7 @@ from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
-from prfaas.model.tokenizer import Tokenizer, load_tokenizer
+from prfaas.tokenizer import Tokenizer, load_tokenizer, stop_ids_of
 
 ROLES = ("mixed", "prefill", "decode")
 
@@ -121,6 +121,7 @@ class LLMEngine:
         self.model = model or build_model(cfg.model, self.device, self.dtype, cfg.seed)
         self.model_config = self.model.config
         self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
+        self.stop_ids = stop_ids_of(self.tokenizer)  # end a request unless it sets ignore_eos
         cache_cfg, self.memory_plan = cfg.cache_config(), None
         if self.device.type == "cuda" and cfg.num_blocks is None:
             self.memory_plan = plan_memory(
@@ -355,7 +356,13 @@ class LLMEngine:
                 continue
             if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk
-            tok = top if req.sampler.params.greedy else req.sampler.sample(lg, len(req.output))
+            try:
+                tok = top if req.sampler.params.greedy else req.sampler.sample(lg, len(req.output))
+            except Exception as e:  # noqa: BLE001 - this request ends with the error, alone
+                req.error = f"sampling failed: {type(e).__name__}: {e}"
+                self._finish(req, "error")
+                outs.append(self._output(req))
+                continue
             outs.append(self._append_token(req, tok))
         return outs
 
@@ -469,8 +476,7 @@ class LLMEngine:
 
     def _check_stop(self, req: Request, tok: int) -> None:
         p = req.params
-        eos = self.tokenizer.eos_token_id
-        if tok in p.stop_token_ids or (not p.ignore_eos and eos is not None and tok == eos):
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.stop_ids):
             self._finish(req, "stop")
         elif len(req.output) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             self._finish(req, "length")
@@ -567,7 +573,11 @@ class LLMEngine:
             self.cache.close(seq)
             raise CacheFull("no cache blocks free for an imported request")
         self.cache.reserve(seq, len(prompt) + 1)
-        write_import(self.cache, seq, exp)
+        try:
+            write_import(self.cache, seq, exp)
+        except BaseException:
+            self.cache.close(seq)  # nothing of the request stays behind
+            raise
         seed = h.meta.get("seed", self.config.seed)
         req = Request(rid, prompt, params, seed)
         req.sampler.seed = params.seed if params.seed is not None else seed

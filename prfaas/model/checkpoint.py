@@ -12,6 +12,25 @@ from safetensors.torch import save_file
 from prfaas.model.config import ModelConfig, resolve_config
 from prfaas.model.materialize import empty_model, random_model
 from prfaas.model.model import HybridForCausalLM
+from prfaas.tokenizer.loader import BYTE_TOKENIZER_CLASS
+
+# parameters kept in float32 whatever the load dtype (name suffixes): the router's gate weight and
+# score-correction bias (transformers' _keep_in_fp32_modules_strict: bf16 would flip near-tied
+# expert choices) and KDA's decay parameters A_log and dt_bias; the model reads them as float32
+FP32_PARAMS = (".gate.weight", ".e_score_correction_bias", ".A_log", ".dt_bias")
+
+
+def keeps_fp32(name: str) -> bool:
+    return name.endswith(FP32_PARAMS)
+
+
+def cast_model(model: HybridForCausalLM, dtype: torch.dtype) -> HybridForCausalLM:
+    """``model.to(dtype)`` except that the ``FP32_PARAMS`` stay (or become) float32."""
+    model.to(dtype)
+    for name, p in model.named_parameters():
+        if keeps_fp32(name):
+            p.data = p.data.float()
+    return model
 
 
 def save_checkpoint(model: HybridForCausalLM, directory: str | Path) -> Path:
@@ -23,6 +42,9 @@ def save_checkpoint(model: HybridForCausalLM, directory: str | Path) -> Path:
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    tok = d / "tokenizer_config.json"
+    if not tok.exists():  # a preset's weights: say that its tokenizer is prfaas's byte tokenizer
+        tok.write_text(json.dumps({"tokenizer_class": BYTE_TOKENIZER_CLASS}))
     return d
 
 
@@ -35,11 +57,6 @@ def _checkpoint_files(d: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {d}")
     return files
-
-
-def _keeps_checkpoint_dtype(name: str) -> bool:
-    """Parameters loaded in the checkpoint's dtype whatever ``dtype`` asks for."""
-    return name.endswith(("A_log", "dt_bias"))
 
 
 def load_checkpoint(
@@ -83,9 +100,9 @@ def load_checkpoint(
 
     def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
         src = ck_dtype[name]
-        if dtype is None or not src.is_floating_point or _keeps_checkpoint_dtype(name):
+        if dtype is None or not src.is_floating_point:
             return src
-        return dtype
+        return torch.float32 if keeps_fp32(name) else dtype
 
     model = empty_model(cfg, device, dtype_of)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -156,6 +173,8 @@ def build_model(
         return load_checkpoint(model, device=device, dtype=dtype)
     cfg = resolve_config(model)
     if torch.device(device).type != "cpu":
-        return random_model(cfg, device, dtype, seed)
+        return random_model(
+            cfg, device, lambda n, p: torch.float32 if keeps_fp32(n) else dtype, seed
+        )
     m = HybridForCausalLM(cfg).init_weights(seed)
-    return m.to(device=device, dtype=dtype).eval()
+    return cast_model(m.to(device=device), dtype).eval()

@@ -53,7 +53,8 @@ def empty_model(
 
 
 def random_model(
-    cfg: ModelConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0
+    cfg: ModelConfig, device: str | torch.device, dtype: DtypeOf | torch.dtype, seed: int = 0
 ) -> HybridForCausalLM:
-    """Random weights drawn on ``device`` (see ``init_weights``), built in ``dtype``."""
+    """Random weights drawn on ``device`` (see ``init_weights``), each parameter in the dtype
+    ``dtype`` gives it (see :func:`empty_model`)."""
     return empty_model(cfg, device, dtype).init_weights(seed).eval()

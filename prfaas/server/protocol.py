@@ -144,10 +144,13 @@ class TokenEvent(Message):
 
 
 class ErrorEvent(Message):
-    """The decode failed or was aborted: the stream ends."""
+    """The decode failed or was aborted: the stream ends.  ``code``: ``request_failed`` (this
+    request alone failed in the engine: sampling, import), ``aborted`` (by the router),
+    ``decode_failed`` (anything else: the node's engine step failed, ...)."""
 
     event: Literal["error"] = "error"
     message: str
+    code: Literal["request_failed", "aborted", "decode_failed"] = "decode_failed"
 
 
 DecodeEvent = Annotated[
@@ -246,6 +249,12 @@ class LinkAdminResult(Message):
     cluster: str
     up: bool
     aborted: int  # in-flight sends aborted by the cut
+
+
+class RoleAdmin(Message):
+    """Switch a drained PD node to another role (the gateway's long-term rebalancing)."""
+
+    role: Literal["prefill", "decode"]
 
 
 # ---- prefix pool --------------------------------------------------------------------------------

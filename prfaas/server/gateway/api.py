@@ -15,11 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.model.config import resolve_config
-from prfaas.model.tokenizer import load_tokenizer
+from prfaas.server.auth import add_api_key
+from prfaas.server.gateway.errors import check_text, install_error_handlers
 from prfaas.server.gateway.handover import DecodeFailed, Generation
 from prfaas.server.gateway.openai_models import ChatCompletionRequest, CompletionRequest
 from prfaas.server.gateway.openai_protocol import (
@@ -30,16 +31,23 @@ from prfaas.server.gateway.openai_protocol import (
 )
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
+from prfaas.server.streaming import ClosingStreamingResponse, unless_disconnected
+from prfaas.tokenizer import load_tokenizer
+from prfaas.tokenizer.chat import ChatTemplateError, load_chat_format
 
 
 def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
+def build_gateway_app(
+    router: Router, model_name: str | None = None, api_key: str | None = None
+) -> FastAPI:
+    """The gateway's app; with ``api_key``, ``/v1`` and ``/admin`` need it (``auth``)."""
     cfg = router.cfg
     mcfg = resolve_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model, mcfg.eos_token_id)
+    chat_format = load_chat_format(cfg.model, tokenizer)
     served = model_name or cfg.model
     created = int(time.time())
 
@@ -50,6 +58,8 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         await router.stop()
 
     app = FastAPI(title="prfaas gateway", lifespan=lifespan)
+    add_api_key(app, api_key)
+    install_error_handlers(app)  # framework errors and surprises: OpenAI error bodies
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -57,7 +67,12 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error_response(from_validation_error(list(e.errors())))
+        errors = list(e.errors())
+        if errors and tuple(errors[0].get("loc", ())) == ("body",):  # no body at all
+            return _error_response(
+                APIError(400, "the request body must be a JSON object", code="invalid_json")
+            )
+        return _error_response(from_validation_error(errors))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -72,7 +87,11 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
 
     @app.get("/admin/nodes")
     async def admin_nodes() -> dict[str, Any]:
-        return {"nodes": router.nodes_info(), "threshold": router.policy.threshold}
+        return {
+            "nodes": router.nodes_info(),
+            "threshold": router.policy.threshold,
+            "inflight": router.admission.inflight,
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -81,7 +100,10 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
             "data": [{"id": served, "object": "model", "created": created, "owned_by": "prfaas"}],
         }
 
-    async def handle(body: CompletionRequest | ChatCompletionRequest, kind: str) -> Response:
+    async def handle(
+        request: Request, body: CompletionRequest | ChatCompletionRequest, kind: str
+    ) -> Response:
+        check_text(body.model_dump())  # a lone surrogate cannot be tokenized: 400, not 500
         req = to_generation(body, mcfg.vocab_size)
         if req.model != served:
             raise APIError(
@@ -90,15 +112,30 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
-        prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+        if req.messages is not None:
+            prompt = _chat_prompt(chat_format, req.messages)
+        else:
+            prompt = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+        # the client may go away at any time: before the answer, that cancels the work (its
+        # clean-up aborts the request on its nodes and releases its admission slot)
+        answered, resp = await unless_disconnected(request, respond(req, kind, prompt))
+        if answered:
+            return resp
+        if isinstance(resp, ClosingStreamingResponse) and resp.on_close is not None:
+            resp.on_close(False)  # made just as the client left: never sent
+        return Response(status_code=499)
+
+    async def respond(req: GenerationRequest, kind: str, prompt: list[int]) -> Response:
         gen = await router.generate(prompt, req.params)
         headers = gen.route.headers()
         if req.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 _sse(gen, req, kind, served, len(prompt), tokenizer),
+                on_close=lambda completed: gen.close("ok" if completed else "cancelled"),
                 media_type="text/event-stream",
                 headers=headers,
             )
+        outcome = "cancelled"
         try:
             asm = TextAssembler(tokenizer, req.stop)
             finish = None
@@ -111,24 +148,41 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                     if ev.finished:
                         finish = ev.finish_reason
             except DecodeFailed as e:
-                await gen.close("decode_failed")
-                raise APIError(502, str(e), "server_error", code="decode_node_failed") from None
+                outcome = _failed_outcome(e)
+                raise e.api_error() from None
             asm.finish()
+            outcome = "ok"
         finally:
-            await gen.close()
+            gen.close(outcome)
         return JSONResponse(
             _final_body(gen, kind, served, asm.text, finish, len(prompt), asm.ids), headers=headers
         )
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        return await handle(body, "completion")
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await handle(request, body, "completion")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Response:
-        return await handle(body, "chat")
+    async def chat(request: Request, body: ChatCompletionRequest) -> Response:
+        return await handle(request, body, "chat")
 
     return app
+
+
+def _failed_outcome(e: DecodeFailed) -> str:
+    """The ``prfaas_requests_total`` outcome of a decode that failed."""
+    return "request_failed" if e.code == "request_failed" else "decode_failed"
+
+
+def _chat_prompt(chat_format: Any, messages: list[dict[str, Any]]) -> list[int]:
+    if chat_format is None:
+        raise APIError(
+            400, "this model has no chat template; use /v1/completions", param="messages"
+        )
+    try:
+        return chat_format.encode(messages)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
 
 
 def _usage(gen: Generation, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -202,10 +256,12 @@ def _sse_line(obj: dict[str, Any]) -> str:
 async def _sse(
     gen: Generation, req: GenerationRequest, kind: str, model: str, n_prompt: int, tokenizer: Any
 ) -> AsyncIterator[str]:
+    """The SSE events of one response; the response's ``on_close`` releases ``gen`` whatever
+    happens (closed here first with the outcome when the stream ends by itself)."""
     asm = TextAssembler(tokenizer, req.stop)
     first = True
     finish = None
-    outcome = "ok"
+    outcome = "cancelled"
     try:
         try:
             async for ev in gen.events():
@@ -225,10 +281,11 @@ async def _sse(
                 if text or first:
                     yield _sse_line(_chunk(gen, kind, model, text, None, first))
                     first = False
+            outcome = "ok"
         except DecodeFailed as e:
-            outcome = "decode_failed"
-            err = APIError(502, str(e), "server_error", code="decode_node_failed")
+            outcome = _failed_outcome(e)
+            err = e.api_error()
             yield _sse_line({**err.body(), "prfaas": _prfaas_field(gen, asm.ids)})
         yield "data: [DONE]\n\n"
     finally:
-        await gen.close(outcome)
+        gen.close(outcome)

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from prfaas.server.gateway.router import Router
 
 log = logging.getLogger("prfaas.server.router")
+FINISH_REASONS = ("stop", "length")  # OpenAI's; anything else from a node is a failure
 
 
 @dataclass
@@ -91,7 +92,18 @@ class RouteInfo:
 
 
 class DecodeFailed(Exception):
-    """The decode node of a request failed mid-request."""
+    """The decode of a request failed mid-request: ``code`` ``request_failed`` (the request alone
+    failed in the engine), else the decode node failed (``decode_failed``, ``aborted``)."""
+
+    def __init__(self, message: str, code: str = "decode_failed") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+    def api_error(self) -> APIError:
+        """The client's error: 500 ``request_failed`` or 502 ``decode_node_failed``."""
+        if self.code == "request_failed":
+            return APIError(500, self.message, "server_error", code="request_failed")
+        return APIError(502, self.message, "server_error", code="decode_node_failed")
 
 
 class DecodeStream:
@@ -99,9 +111,15 @@ class DecodeStream:
     ``on_dead(node)`` is called when the node fails mid-stream."""
 
     def __init__(
-        self, nodes: NodeClient, ep: NodeEndpoint, rid: str, on_dead: Callable[[str], None]
+        self,
+        nodes: NodeClient,
+        ep: NodeEndpoint,
+        rid: str,
+        on_dead: Callable[[str], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
-        self.nodes, self.ep, self.rid, self.on_dead = nodes, ep, rid, on_dead
+        self.nodes, self.ep, self.rid, self.on_dead, self.spawn = nodes, ep, rid, on_dead, spawn
+        self._closing = False
         self.queue: asyncio.Queue[DecodeEvent] = asyncio.Queue()
         self.resp: httpx.Response | None = None
         self.task: asyncio.Task | None = None
@@ -135,12 +153,21 @@ class DecodeStream:
     async def next(self) -> DecodeEvent:
         return await self.queue.get()
 
-    async def close(self, abort: bool) -> None:
-        if abort and self.dead is None:
+    def close_soon(self, abort: bool) -> None:
+        """Stop reading and close the node's stream, aborting the request there when ``abort``;
+        the network part runs in a background task (safe to call while being cancelled)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.task is not None:
+            self.task.cancel()
+        self.spawn(self._close(abort and self.dead is None))
+
+    async def _close(self, abort: bool) -> None:
+        if abort:
             with contextlib.suppress(httpx.HTTPError):
                 await self.nodes.abort(self.ep, self.rid)
         if self.task is not None:
-            self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
         if self.resp is not None:
@@ -171,9 +198,11 @@ class Generation:
         while not self.finished:
             ev = await self.stream.next()
             if isinstance(ev, ErrorEvent):
-                raise DecodeFailed(ev.message)
+                raise DecodeFailed(ev.message, ev.code)
             if not isinstance(ev, TokenEvent) or not (ev.token_ids or ev.finished):
                 continue  # the import's own output carries no token: nothing for the client yet
+            if ev.finished and ev.finish_reason not in FINISH_REASONS:
+                raise DecodeFailed(f"the decode ended with {ev.finish_reason!r}")
             if ev.token_ids and self.first_token_at is None:
                 self.first_token_at = time.monotonic()
                 self.route.timings["first_token_seen"] = time.time()
@@ -183,13 +212,14 @@ class Generation:
             self.finished = ev.finished
             yield ev
 
-    async def close(self, outcome: str = "ok") -> None:
-        """Always called once the response is over (aborts the decode if it is still running)."""
+    def close(self, outcome: str = "ok") -> None:
+        """Always called once the response is over (aborts the decode if it is still running);
+        synchronous, so a cancelled response still releases everything; idempotent."""
         if self._closed:
             return
         self._closed = True
-        await self.stream.close(abort=not self.finished)
         self.on_close(self, outcome)
+        self.stream.close_soon(abort=not self.finished)
 
 
 async def prefill_and_handover(
@@ -210,6 +240,7 @@ async def prefill_and_handover(
     kv_host, kv_port = ready.kv_addr
     tried: set[str] = set()
     live, timeout = router.live, router.cfg.router.prefill_timeout_s
+    prefilled = False
     if decision.copy_from and decision.copy_tokens and router.kv is not None:
         dst_ep = router.by_cluster[decision.prefill_cluster][decision.prefill_instance]
         try:
@@ -234,11 +265,12 @@ async def prefill_and_handover(
             timeout_s=timeout,
             decode=DecodeTarget(cluster=router.pd, kv_host=kv_host, kv_port=kv_port),
         )
-        work = decision.uncached_len
-        live.prefill_outstanding[ep.name] += work
         route.timings["prefill_sent"] = time.time()
         try:
             res: PrefillResult = await router.nodes.prefill(ep, req, timeout + 10)
+        except asyncio.CancelledError:  # the client went away: stop the prefill and its transfer
+            router.spawn(router.nodes.abort_quietly(ep, info.request_id))
+            raise
         except (httpx.HTTPError, PrefillFailed) as e:
             if stream.dead is not None:
                 raise APIError(
@@ -251,21 +283,18 @@ async def prefill_and_handover(
             router.metrics.fallbacks.labels(ep.cluster).inc()
             decision = decide(info)
             continue
-        finally:
-            live.prefill_outstanding[ep.name] -= work
         route.timings["prefill_answered"] = time.time()
+        if not prefilled:  # the observer: the prefill ended (before its transfer did)
+            prefilled = True
+            router.sched.prefill_done(info.request_id, time.monotonic() - res.transfer_s)
         ev = await stream.next()
         if isinstance(ev, KVErrorEvent) and token_start > 0:
             token_start = 0  # the decode node lost the prefix meanwhile: send everything
             continue
         if not isinstance(ev, KVEvent):
             msg = getattr(ev, "message", None) or str(ev)
-            raise APIError(
-                502,
-                f"decode node {route.decode_node}: {msg}",
-                "server_error",
-                code="decode_node_failed",
-            )
+            code = ev.code if isinstance(ev, ErrorEvent) else "decode_failed"
+            raise DecodeFailed(f"decode node {route.decode_node}: {msg}", code).api_error()
         break
     _record(router, info, prompt, decision, ep, res, ev, route)
 
@@ -287,11 +316,9 @@ def _record(
     for k, v in ev.timings.items():
         route.timings[f"d.{k}"] = v
     cluster = decision.prefill_cluster
-    if cluster in router.prefix and info.hash_ids:
-        router.prefix[cluster].insert(info.hash_ids, info.prompt_len, decision.prefill_instance)
+    router.sched.kv_delivered(info.request_id)  # prompt blocks entered the index at prefill_done
     if router.kv is not None:
         router.kv.note_routed(info, decision, prompt)
-    router.live.recent_uncached.append(max(info.prompt_len - res.cached_tokens, 0))
     route.prefill_cluster, route.prefill_node = cluster, ep.name
     route.offloaded = cluster != router.pd
     route.cached_tokens = res.cached_tokens

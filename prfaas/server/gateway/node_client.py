@@ -9,11 +9,13 @@ refused with a 5xx), ``APIError`` 400 (the node refused the request as malformed
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 
+from prfaas.server.auth import control_headers
 from prfaas.server.gateway.openai_protocol import APIError
 from prfaas.server.protocol import (
     CacheEventsReply,
@@ -25,10 +27,12 @@ from prfaas.server.protocol import (
     PrefixCopyResult,
     PrefixPublishResult,
     PrefixRequest,
+    RoleAdmin,
     error_message,
 )
 
 STATE_TIMEOUT_S = 2.0
+log = logging.getLogger("prfaas.server.router")
 
 
 @dataclass
@@ -54,10 +58,12 @@ def node_error(status: int, text: str | bytes, ep: NodeEndpoint) -> Exception:
 
 
 class NodeClient:
-    def __init__(self, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, secret: str, http: httpx.AsyncClient | None = None) -> None:
+        """``secret``: the deployment's; every call carries the control token derived from it."""
         self.http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=1000)
         )
+        self.http.headers.update(control_headers(secret))
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -65,6 +71,20 @@ class NodeClient:
     async def state(self, ep: NodeEndpoint) -> NodeState:
         r = await self.http.get(ep.url + "/state", timeout=STATE_TIMEOUT_S)
         r.raise_for_status()
+        return NodeState.model_validate_json(r.content)
+
+    async def switch_role(self, ep: NodeEndpoint, role: str, timeout: float = 60.0) -> NodeState:
+        """Ask a drained PD node to serve in ``role`` (``POST /admin/role``)."""
+        r = await self.http.post(
+            ep.url + "/admin/role",
+            content=RoleAdmin(role=role).to_json(),
+            headers={"content-type": "application/json"},
+            timeout=timeout,
+        )
+        if r.status_code != 200:
+            raise PrefillFailed(
+                f"{ep.name}: role switch: HTTP {r.status_code}: {error_message(r.text)}"
+            )
         return NodeState.model_validate_json(r.content)
 
     async def cache_events(self, ep: NodeEndpoint, since: int) -> CacheEventsReply:
@@ -127,4 +147,13 @@ class NodeClient:
         return resp, resp.aiter_lines()
 
     async def abort(self, ep: NodeEndpoint, rid: str) -> None:
-        await self.http.post(ep.url + f"/internal/abort/{rid}", timeout=5)
+        """Abort ``rid`` on ``ep`` (whatever its role holds of it: prefill, transfer, decode)."""
+        r = await self.http.post(ep.url + f"/internal/abort/{rid}", timeout=5)
+        r.raise_for_status()
+
+    async def abort_quietly(self, ep: NodeEndpoint, rid: str) -> None:
+        """``abort``, ignoring a node that cannot be reached (it lost the request anyway)."""
+        try:
+            await self.abort(ep, rid)
+        except httpx.HTTPError as e:
+            log.info("abort of %s on %s failed: %s", rid, ep.name, e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -39,8 +40,16 @@ from prfaas.transfer.registry import create_receiver
 log = logging.getLogger("prfaas.server.node")
 
 
+FINISH_REASONS = ("stop", "length")  # what a finished decode may end with (OpenAI's)
+ABORTED_MEMORY = 4096  # aborted request ids remembered (an open may arrive after its abort)
+
+
 class Overloaded(Exception):
     """The node already waits for as many requests as it accepts."""
+
+
+class Aborted(Exception):
+    """The request was aborted (by the router) before or while this node served it."""
 
 
 @dataclass
@@ -53,12 +62,21 @@ class Expectation:
     queue: asyncio.Queue
     imported: bool = False
     finished: bool = False
+    dropped: bool = False  # the stream is over: the engine no longer serves it
     sent: int = 0
 
     def push(self, ev: Message) -> None:  # any thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
 
     def on_output(self, out: RequestOutput) -> None:  # engine thread
+        if out.finished and out.finish_reason not in FINISH_REASONS:
+            # the request failed in the engine (or its engine step did): an error, never a
+            # truncated answer with a made-up finish reason
+            self.finished = True
+            code = "request_failed" if out.finish_reason == "error" else "decode_failed"
+            msg = out.error or f"the engine ended the request ({out.finish_reason})"
+            self.push(ErrorEvent(message=f"{msg}", code=code))
+            return
         new = out.token_ids[self.sent :]
         first_at = None
         m = out.metrics
@@ -95,6 +113,7 @@ class DecodeSide:
         self.receiver = None
         self.kv_port = 0
         self.max_expect = 4 * worker.engine.config.max_num_seqs
+        self.aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts (refuse late opens)
         worker.add_loop_hook(self._retry_pending)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -124,6 +143,8 @@ class DecodeSide:
         rid, prompt = req.request_id, req.prompt_token_ids
         if rid in self.expect:
             raise ValueError(f"request {rid!r} already expected")
+        if rid in self.aborted:
+            raise Aborted(f"request {rid!r} was aborted")
         if len(self.expect) >= self.max_expect:
             raise Overloaded(f"{self.node.name} holds {len(self.expect)} requests")
 
@@ -137,7 +158,6 @@ class DecodeSide:
 
     async def stream(self, exp: Expectation, token_start: int) -> AsyncIterator[bytes]:
         """The NDJSON lines of one decode; aborts the request when the client goes away."""
-        rid = exp.rid
         try:
             yield event_line(
                 ReadyEvent(
@@ -152,15 +172,42 @@ class DecodeSide:
                 if isinstance(ev, ErrorEvent) or (isinstance(ev, TokenEvent) and ev.finished):
                     break
         finally:
-            self.expect.pop(rid, None)
-            if not exp.finished:
-                self.worker.unsubscribe(rid)
-                self.worker.call(lambda eng: eng.abort(rid))
+            self.drop(exp)
+
+    def drop(self, exp: Expectation) -> None:
+        """The stream of ``exp`` is over (ended, aborted, or its client went away): forget it and,
+        unless it finished, abort it in the engine (frees its cache and slot).  Idempotent;
+        synchronous (event-loop thread)."""
+        if self.expect.get(exp.rid) is exp:
+            del self.expect[exp.rid]
+        if exp.dropped:
+            return
+        exp.dropped = True
+        if not exp.finished:
+            rid = exp.rid
+            self.worker.unsubscribe(rid)
+            self.worker.call(lambda eng: self._abort_in_engine(eng, rid))
+
+    def _abort_in_engine(self, eng: LLMEngine, rid: str) -> None:  # engine thread
+        eng.abort(rid)
+        keep = []
+        for d in self.pending:  # a delivery still waiting for a slot: its buffer goes back
+            if d.export.header.request_id == rid:
+                d.release()
+            else:
+                keep.append(d)
+        self.pending = keep
 
     def abort(self, rid: str) -> bool:
+        """Abort ``rid`` (the router's call): its stream ends with an error event, the engine
+        drops it; a later open of ``rid`` is refused.  True if the node held it."""
+        self.aborted[rid] = None
+        while len(self.aborted) > ABORTED_MEMORY:
+            self.aborted.popitem(last=False)
         exp = self.expect.get(rid)
         if exp is not None:
-            exp.push(ErrorEvent(message="aborted by the router"))
+            exp.push(ErrorEvent(message="aborted by the router", code="aborted"))
+            self.drop(exp)
         return exp is not None
 
     # ---- deliveries -------------------------------------------------------------------------
@@ -187,6 +234,15 @@ class DecodeSide:
             self.counters.import_errors += 1
             d.release()
             exp.push(KVErrorEvent(message=str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            log.exception("import of %s failed", h.request_id)
+            self.counters.import_errors += 1
+            d.release()
+            exp.finished = True
+            exp.push(
+                ErrorEvent(message=f"import failed: {type(e).__name__}: {e}", code="request_failed")
+            )
             return
         # the import copied the KV into the cache (synchronously): the receive buffer goes back
         # to the receiver's pool, where the next request reuses it (pinned on GPU nodes)

@@ -8,9 +8,12 @@ import os
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
+from prfaas.server.auth import add_node_auth
+from prfaas.server.node.decode import Aborted as DecodeAborted
 from prfaas.server.node.decode import Overloaded
+from prfaas.server.node.prefill import Aborted as PrefillAborted
 from prfaas.server.protocol import (
     AbortResult,
     DecodeRequest,
@@ -23,7 +26,9 @@ from prfaas.server.protocol import (
     PrefillRequest,
     PrefixCopy,
     PrefixRequest,
+    RoleAdmin,
 )
+from prfaas.server.streaming import ClosingStreamingResponse
 from prfaas.transfer.errors import TransferError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,11 +48,23 @@ def _ok(msg: Message) -> Response:
 
 def build_node_app(node: NodeServer) -> FastAPI:
     app = FastAPI(title=f"prfaas node {node.node.name}")
-    name, role = node.node.name, node.role
+    add_node_auth(app, node.cfg.secret)  # every route but /health: the deployment's token
+    name = node.node.name
 
     @app.get("/health")
     async def health() -> Response:
-        return _ok(NodeHealth(name=name, role=role, pid=os.getpid()))
+        return _ok(NodeHealth(name=name, role=node.role, pid=os.getpid()))
+
+    @app.post("/admin/role")
+    async def admin_role(request: Request) -> Response:
+        try:
+            body = RoleAdmin.model_validate_json(await request.body())
+        except ValueError:
+            return _err(400, "bad_request", 'body must be {"role": "prefill"|"decode"}')
+        try:
+            return _ok(await node.switch_role(body.role))
+        except ValueError as e:
+            return _err(409, "busy", str(e))
 
     @app.get("/state")
     async def state() -> Response:
@@ -69,21 +86,23 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/prefill")
     async def prefill(request: Request) -> Response:
-        if role != "prefill":
-            return _err(400, "wrong_role", f"{name} is a {role} node")
+        if node.role != "prefill":
+            return _err(400, "wrong_role", f"{name} is a {node.role} node")
         try:
             req = PrefillRequest.model_validate_json(await request.body())
             return _ok(await node.prefill.prefill(req))
         except ValueError as e:
             return _err(400, "bad_request", str(e))
+        except PrefillAborted as e:
+            return _err(409, "aborted", str(e))
         except (TransferError, OSError, TimeoutError) as e:
             node.counters.prefill_failures += 1
             return _err(503, "transfer_failed", f"{type(e).__name__}: {e}")
 
     @app.post("/internal/decode")
     async def decode(request: Request) -> Response:
-        if role != "decode":
-            return _err(400, "wrong_role", f"{name} is a {role} node")
+        if node.role != "decode":
+            return _err(400, "wrong_role", f"{name} is a {node.role} node")
         try:
             req = DecodeRequest.model_validate_json(await request.body())
             exp, token_start = await node.decode.open(req)
@@ -91,8 +110,13 @@ def build_node_app(node: NodeServer) -> FastAPI:
             return _err(400, "bad_request", str(e))
         except Overloaded as e:
             return _err(503, "overloaded", str(e))
-        return StreamingResponse(
-            node.decode.stream(exp, token_start), media_type="application/x-ndjson"
+        except DecodeAborted as e:
+            return _err(409, "aborted", str(e))
+        # the router going away (or the stream ending any way) drops the request here
+        return ClosingStreamingResponse(
+            node.decode.stream(exp, token_start),
+            on_close=lambda completed: node.decode.drop(exp),
+            media_type="application/x-ndjson",
         )
 
     @app.get("/internal/cache_events")
@@ -120,6 +144,7 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/abort/{rid}")
     async def abort(rid: str) -> Response:
-        return _ok(AbortResult(aborted=node.decode.abort(rid)))
+        held = node.prefill.abort(rid) if node.role == "prefill" else node.decode.abort(rid)
+        return _ok(AbortResult(aborted=held))
 
     return app

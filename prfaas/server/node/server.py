@@ -15,10 +15,11 @@ import os
 from typing import Any
 
 from prfaas.engine import LLMEngine
+from prfaas.server.auth import check_node_secret
 from prfaas.server.config import DeployConfig
-from prfaas.server.kv_layout import layout_for_engine
 from prfaas.server.node.decode import DecodeSide
 from prfaas.server.node.engine_worker import EngineWorker
+from prfaas.server.node.kv_layout import layout_for_engine
 from prfaas.server.node.prefill import PrefillSide
 from prfaas.server.node.prefix_pool import PrefixPool
 from prfaas.server.node.routes import build_node_app
@@ -31,6 +32,7 @@ class NodeServer:
     def __init__(self, cfg: DeployConfig, node_name: str, engine: LLMEngine | None = None) -> None:
         self.cfg = cfg
         self.cluster, self.node = cfg.node(node_name)
+        check_node_secret(self.node.host, cfg.secret)
         self.role = self.node.role
         _use_device(cfg.node_engine_config(node_name).resolved_device())
         self.engine = engine or LLMEngine(cfg.node_engine_config(node_name))
@@ -60,6 +62,33 @@ class NodeServer:
         self.decode.close()
         self.worker.stop()
         self.pool.close()
+
+    # ---- role switch ------------------------------------------------------------------------
+    async def switch_role(self, role: str) -> NodeState:
+        """Serve in ``role`` from now on, without a restart: the engine's role changes in its own
+        thread once it holds no request; a node turning decode starts its KV receiver.  ValueError
+        when the node still has work (the gateway drains it first) or is not a PD node."""
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        if role == self.role:
+            return self.state()
+        if self.cluster.kind != "pd":
+            raise ValueError(
+                f"{self.node.name} is in a {self.cluster.kind} cluster: no role switch"
+            )
+        if self.decode.expect or self.prefill.active:
+            raise ValueError(f"{self.node.name} still has requests: drain it first")
+
+        def swap(eng: LLMEngine) -> None:
+            if eng.waiting or eng.running or eng.prefilled:
+                raise ValueError(f"{self.node.name} still has requests: drain it first")
+            eng.config.role = role
+
+        await self.worker.acall(swap)
+        if role == "decode" and self.decode.receiver is None:
+            self.decode.start()
+        self.role = role
+        return self.state()
 
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> NodeState:
