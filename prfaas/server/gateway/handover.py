@@ -284,9 +284,12 @@ async def prefill_and_handover(
             decision = decide(info)
             continue
         route.timings["prefill_answered"] = time.time()
-        if not prefilled:  # the observer: the prefill ended (before its transfer did)
+        if not prefilled:  # the observer: the prefill ended (before its transfer did), and the
+            # node answers once its transfer is done: the KV is at the decode node, which admits
+            # it to a slot or keeps it waiting for one (as the simulator's kv_delivered)
             prefilled = True
             router.sched.prefill_done(info.request_id, time.monotonic() - res.transfer_s)
+            router.sched.kv_delivered(info.request_id)
         ev = await stream.next()
         if isinstance(ev, KVErrorEvent) and token_start > 0:
             token_start = 0  # the decode node lost the prefix meanwhile: send everything
@@ -316,7 +319,6 @@ def _record(
     for k, v in ev.timings.items():
         route.timings[f"d.{k}"] = v
     cluster = decision.prefill_cluster
-    router.sched.kv_delivered(info.request_id)  # prompt blocks entered the index at prefill_done
     if router.kv is not None:
         router.kv.note_routed(info, decision, prompt)
     route.prefill_cluster, route.prefill_node = cluster, ep.name

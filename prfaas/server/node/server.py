@@ -80,7 +80,8 @@ class NodeServer:
             raise ValueError(f"{self.node.name} still has requests: drain it first")
 
         def swap(eng: LLMEngine) -> None:
-            if eng.waiting or eng.running or eng.prefilled:
+            st = eng.stats()
+            if st.waiting or st.running or st.prefilled or st.waiting_for_kv:
                 raise ValueError(f"{self.node.name} still has requests: drain it first")
             eng.config.role = role
 
@@ -92,23 +93,23 @@ class NodeServer:
 
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> NodeState:
-        eng = self.engine
+        st = self.engine.stats()
         return NodeState(
             name=self.node.name,
             cluster=self.cluster.name,
             role=self.role,
             pid=os.getpid(),
             kv_addr=(self.node.host, self.kv_port) if self.role == "decode" else None,
-            waiting=len(eng.waiting),
-            running=len(eng.running),
-            pending_tokens=sum(r.num_pending for r in list(eng.waiting) + list(eng.running)),
-            expecting=len(self.decode.expect),
-            max_num_seqs=eng.config.max_num_seqs,
-            cache_usage=eng.cache.usage(),
-            cache_hit_tokens=eng.cache.hits,
-            cache_query_tokens=eng.cache.queries,
-            prefill_tokens_computed=eng.num_prefill_tokens_computed,
-            decode_tokens=eng.num_decode_tokens,
+            waiting=st.waiting,
+            running=st.running,
+            pending_tokens=st.pending_tokens,
+            expecting=st.waiting_for_kv,
+            max_num_seqs=st.max_num_seqs,
+            cache_usage=st.cache_usage,
+            cache_hit_tokens=st.cache_hit_tokens,
+            cache_query_tokens=st.cache_query_tokens,
+            prefill_tokens_computed=st.prefill_tokens_computed,
+            decode_tokens=st.decode_tokens,
             links=self.prefill.link_readings(),
             stats=self.counters,
             pool=self.pool.stats(),
