@@ -326,7 +326,7 @@ class LLMEngine:
         # one device-to-host copy per step: every row's argmax, and the logits themselves only
         # when some row samples (a per-row copy would synchronise once per request)
         argmax = logits.argmax(-1).tolist()
-        if not all(r.sampler.params.greedy for r, _ in batch):
+        if not all(r.params.plain_greedy for r, _ in batch):
             logits = logits.cpu()
         for (req, n), lg, top in zip(batch, logits, argmax, strict=True):
             if req.in_prefill:
@@ -345,8 +345,7 @@ class LLMEngine:
                 continue
             if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk
-            tok = top if req.sampler.params.greedy else req.sampler.sample(lg, len(req.output))
-            outs.append(self._append_token(req, tok))
+            outs.append(self._append_token(req, self._sample(req, lg, top)))
         return outs
 
     def _inputs(self, batch: list[tuple[Request, int]], ahead: bool = False) -> list[SeqInput]:
@@ -364,6 +363,26 @@ class LLMEngine:
             for (req, _), t in zip(batch, ids, strict=True)
         ]
 
+    def _sample(self, req: Request, logits: torch.Tensor, argmax: int) -> int:
+        """The next token of ``req`` from its row of logits (``argmax``: already known); its
+        log-probabilities recorded when asked for."""
+        p = req.params
+        if p.plain_greedy:
+            return argmax
+        if p.greedy and not p.processes_logits:
+            tok = argmax
+        else:
+            tok = req.sampler.sample(
+                logits, len(req.output), req.prompt, req.output, self._stop_ids(p)
+            )
+        if p.logprobs is not None:
+            req.logprobs.append(req.sampler.logprobs(logits, tok))
+        return tok
+
+    def _stop_ids(self, p: SamplingParams) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return list(p.stop_token_ids) + ([eos] if eos is not None and not p.ignore_eos else [])
+
     def _append_token(self, req: Request, tok: int) -> RequestOutput:
         req.output.append(tok)
         if req.metrics.first_token is None:
@@ -380,7 +399,7 @@ class LLMEngine:
             and self.config.role != "prefill"
             and not self.waiting
             and len(batch) == len(self.running)
-            and all(n == 1 and not r.in_prefill and r.params.greedy for r, n in batch)
+            and all(n == 1 and not r.in_prefill and r.params.plain_greedy for r, n in batch)
         )
 
     def _launch(self, rows: list[Request], device_tokens: torch.Tensor | None) -> _PendingDecode:
