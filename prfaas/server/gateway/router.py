@@ -72,7 +72,7 @@ class Router:
         self.policy = policy or self._make_policy()
         lim = cfg.engine_limits()
         self.block_tokens = lim.checkpoint_interval if lim.enable_prefix_cache else 0
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(cfg.model)
         self.nodes = NodeClient()
         self.live = LiveState(cfg, endpoints, self.by_cluster, lim.max_num_seqs, self.metrics)
         self.admission = Admission(lim.max_model_len, cfg.router.max_inflight, self.metrics)
@@ -187,7 +187,7 @@ class Router:
                     self.live.decode_active[route.decode_node] -= 1
             self.admission.release(f"error_{e.status}" if isinstance(e, APIError) else "error")
             raise
-        return Generation(route, stream, self.release, info.arrival_s)
+        return Generation(route, stream, self.release, info.arrival_s, len(prompt))
 
     async def _open_decode(
         self,
@@ -213,10 +213,23 @@ class Router:
         self.admission.release(outcome)
         self.live.decode_active[gen.route.decode_node] -= 1
         m = self.metrics
+        now = time.monotonic()
+        name = m.model_name
         if gen.first_token_at is not None:
-            m.ttft.labels(gen.route.prefill_cluster).observe(gen.first_token_at - gen.arrival)
+            ttft = gen.first_token_at - gen.arrival
+            m.ttft.labels(gen.route.prefill_cluster).observe(ttft)
+            m.v_ttft.labels(name).observe(ttft)
             if gen.num_tokens > 1:
-                m.tpot.observe((time.monotonic() - gen.first_token_at) / (gen.num_tokens - 1))
+                tpot = (now - gen.first_token_at) / (gen.num_tokens - 1)
+                m.tpot.observe(tpot)
+                m.v_tpot.labels(name).observe(tpot)
+        m.v_prompt.labels(name).inc(gen.prompt_tokens)
+        m.v_gen.labels(name).inc(gen.num_tokens)
+        if gen.finish_reason is not None:  # vLLM counts the requests that finished
+            m.v_success.labels(name, gen.finish_reason).inc()
+            m.v_e2e.labels(name).observe(now - gen.arrival)
+            m.v_prompt_hist.labels(name).observe(gen.prompt_tokens)
+            m.v_gen_hist.labels(name).observe(gen.num_tokens)
 
     def nodes_info(self) -> list[dict[str, Any]]:
         return self.live.nodes_info()

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.server.node.decode import Overloaded
+from prfaas.server.node.metrics import node_registry
 from prfaas.server.protocol import (
     AbortResult,
     DecodeRequest,
@@ -52,6 +54,12 @@ def build_node_app(node: NodeServer) -> FastAPI:
     @app.get("/state")
     async def state() -> Response:
         return _ok(node.state())
+
+    registry = node_registry(node.state, node.cfg.model, lambda: node.engine.num_preemptions)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/link")
     async def admin_link(request: Request) -> Response:
