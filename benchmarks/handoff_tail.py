@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.engine import device_info  # noqa: E402
 from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from prfaas.kv.streaming import LayerStreamer  # noqa: E402
-from prfaas.server.kv_layout import layout_for_engine  # noqa: E402
+from prfaas.server.node.kv_layout import layout_for_engine  # noqa: E402
 from prfaas.transfer.link import LinkShaperSpec  # noqa: E402
 from prfaas.transfer.registry import create_receiver, create_sender  # noqa: E402
 

@@ -151,7 +151,7 @@ def test_gpu_export_over_tcp_through_pinned_memory():
     export directly does."""
     import threading
 
-    from prfaas.server.kv_layout import layout_for_engine
+    from prfaas.server.node.kv_layout import layout_for_engine
     from prfaas.transfer.registry import create_receiver, create_sender
 
     model = HybridForCausalLM(CFG).init_weights(5).to("cuda", torch.bfloat16).eval()

@@ -198,6 +198,5 @@ def test_gateway_imports_no_node_engine_or_transfer():
             d
             for d in graph[m]
             if d.startswith(("prfaas.server.node", "prfaas.engine", "prfaas.transfer"))
-            or d == "prfaas.server.kv_layout"
         }
         assert not bad, (m, bad)

@@ -13,7 +13,7 @@ import pytest
 from prfaas import EngineConfig, LLMEngine, SamplingParams
 from prfaas.kv.streaming import LayerStreamer
 from prfaas.model.checkpoint import build_model
-from prfaas.server.kv_layout import layout_for_engine
+from prfaas.server.node.kv_layout import layout_for_engine
 from prfaas.transfer.backend import Delivery
 from prfaas.transfer.registry import create_sender
 

@@ -118,7 +118,7 @@ def test_node_event_log_from_a_real_cache(tiny_model):
             eng.step()
         log.sync(eng)
     snap = log.since(0)
-    assert snap.reset and set(snap.node) == set(eng.cache.checkpoints.by_hash)
+    assert snap.reset and set(snap.node) == eng.cache.checkpoint_hashes()
 
 
 def test_hot_prefix_replication():

@@ -133,18 +133,21 @@ def test_short_term_adaptation_researches_t_with_planner_on_capacity_drop():
     pol = PrfaaSPolicy(
         19400, adaptive=ShortTermAdaptation(fleet(), cooldown_s=0.0, bandwidth_headroom=1.0)
     )
-    pol.on_tick(1.0, st)  # nothing triggers
-    assert pol.threshold == 19400 and pol.adaptive.searches == 0
-    pol.on_tick(2.0, st)
-    st.links[("prfaas", "pd")].capacity_gbps = 5.0  # the monitor saw the link drop
-    pol.on_tick(3.0, st)
-    assert pol.adaptive.searches == 1 and "link capacity" in pol.history[-1][2]
     from dataclasses import replace
 
-    f = replace(fleet(), n_prfaas=2, n_p=2, n_d=2, link_gbps=5.0)
     grid = np.concatenate([[0.0], np.unique(np.quantile(samples, np.linspace(0, 1, 256)))])
-    want = best_threshold(Empirical(samples), f, grid).threshold
-    assert pol.threshold == want and want > 19400  # less bandwidth: offload fewer, longer requests
+    f = replace(fleet(), n_prfaas=2, n_p=2, n_d=2)
+    pol.on_tick(1.0, st)  # the first search: over the observed lengths, at the state's split
+    assert pol.adaptive.searches == 1 and pol.history[-1][2] == "observed lengths"
+    t_seen = best_threshold(Empirical(samples), f, grid).threshold
+    assert pol.threshold == t_seen
+    pol.on_tick(2.0, st)  # nothing triggers
+    assert pol.adaptive.searches == 1
+    st.links[("prfaas", "pd")].capacity_gbps = 5.0  # the monitor saw the link drop
+    pol.on_tick(3.0, st)
+    assert pol.adaptive.searches == 2 and "link capacity" in pol.history[-1][2]
+    want = best_threshold(Empirical(samples), replace(f, link_gbps=5.0), grid).threshold
+    assert pol.threshold == want and want > t_seen  # less bandwidth: offload fewer, longer requests
     assert pd.roles.count(Role.PREFILL) == 2
 
 
@@ -152,15 +155,51 @@ def test_long_term_rebalancing_switches_roles():
     st = state()
     dec = st.clusters["pd"].decode
     dec.waiting[2:] = [30, 30]  # decode is the bottleneck, prefill idle
-    pol = PrfaaSPolicy(19400, rebalance=LongTermRebalancing(period_s=10.0))
+    pol = PrfaaSPolicy(19400, rebalance=LongTermRebalancing(period_s=10.0, confirm=1))
     acts = pol.on_tick(100.0, st)
     assert len(acts) == 1 and acts[0].to_role is Role.DECODE and acts[0].instance == 1
     assert pol.on_tick(105.0, st) == []  # within the period
     st = state()
     st.clusters["pd"].prefill.busy_until[:2] = [300.0, 300.0]  # 200 s of backlog per PD-P node
     st.clusters["pd"].decode.slots_used[2:] = [0, 0]
-    acts = PrfaaSPolicy(19400, rebalance=LongTermRebalancing()).on_tick(100.0, st)
+    acts = PrfaaSPolicy(19400, rebalance=LongTermRebalancing(confirm=1)).on_tick(100.0, st)
     assert len(acts) == 1 and acts[0].to_role is Role.PREFILL and acts[0].instance == 3
+
+
+def test_rebalancing_hysteresis_confirm_reverse_and_one_at_a_time():
+    rb = LongTermRebalancing(period_s=10.0, confirm=2, reverse_after_s=100.0)
+    pol = PrfaaSPolicy(19400, rebalance=rb)
+    st = state()
+    st.clusters["pd"].decode.waiting[2:] = [30, 30]  # decode-bound
+    assert pol.on_tick(100.0, st) == []  # seen once
+    acts = pol.on_tick(110.0, st)  # seen twice in a row: switch
+    assert [a.to_role for a in acts] == [Role.DECODE]
+    st.clusters["pd"].switching[:] = [None, Role.DECODE, None, None]
+    assert pol.on_tick(120.0, st) == [] and pol.on_tick(130.0, st) == []  # one at a time
+    st = state()  # now prefill-bound, right after the switch to decode: not reversed yet
+    st.clusters["pd"].prefill.busy_until[:2] = [400.0, 400.0]
+    st.clusters["pd"].decode.slots_used[2:] = [0, 0]
+    assert pol.on_tick(140.0, st) == [] and pol.on_tick(150.0, st) == []
+    assert pol.on_tick(210.0, st)[0].to_role is Role.PREFILL  # 100 s after the last switch
+
+
+def test_make_policy_builds_the_full_scheduler_by_default():
+    from prfaas.scheduling.lengths import TruncatedLogNormal
+
+    dist = TruncatedLogNormal(9.9, 1.0, 128, 131072)
+    pol = make_policy("prfaas", fleet=fleet(), prior=dist)
+    assert pol.adaptive is not None and pol.rebalance is not None
+    grid = np.arange(0, 131072 + 64, 64.0)
+    want = best_threshold(dist, fleet(), grid).threshold
+    assert make_policy("prfaas", fleet=fleet(), prior=dist, grid=grid).threshold == want
+    assert 18000 < want < 21000  # the case study's t (paper: 19.4K)
+    fixed = make_policy("prfaas", 5000.0)
+    assert fixed.threshold == 5000 and fixed.adaptive is None and fixed.rebalance is None
+    no_rb = make_policy("prfaas", fleet=fleet(), prior=dist, rebalance=False)
+    assert no_rb.adaptive is not None and no_rb.rebalance is None
+    with pytest.raises(ValueError, match="fleet"):
+        make_policy("prfaas")
+    assert make_policy("naive").name == "naive-heterogeneous"
 
 
 def test_policy_errors():

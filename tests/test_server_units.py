@@ -18,9 +18,9 @@ from prfaas.server.gateway.node_client import NodeEndpoint
 from prfaas.server.gateway.openai_protocol import APIError, apply_chat_template, parse_request
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
-from prfaas.server.kv_layout import layout_for_engine
 from prfaas.server.launcher import endpoints_from_config
 from prfaas.server.node.engine_worker import EngineWorker
+from prfaas.server.node.kv_layout import layout_for_engine
 from prfaas.server.protocol import LinkReading, NodeState, SamplingParamsMsg
 from prfaas.transfer import wire
 
@@ -326,3 +326,65 @@ def test_kv_layout_matches_engine_exports(tiny_model):
     wh = wire.build_wire_header(exp.header, layout, 1, exp.parts)
     wire.validate_header(wh, layout, 1 << 30)  # the receiver accepts it
     assert exp.parts[3].tensors["kv"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------ node routes (in process)
+
+
+def test_node_routes_answer_protocol_messages(tiny_model):
+    import asyncio
+
+    import httpx
+
+    from prfaas.server.node.server import NodeServer
+    from prfaas.server.protocol import ErrorBody, LinkAdminResult, NodeHealth
+
+    cfg = parse_deploy_config(cfg_with())
+    nodes = {
+        n: NodeServer(cfg, n, engine=LLMEngine(cfg.node_engine_config(n), model=tiny_model))
+        for n in ("p0", "d0")
+    }
+
+    async def scenario() -> None:
+        p0 = httpx.AsyncClient(transport=httpx.ASGITransport(nodes["p0"].app), base_url="http://p0")
+        d0 = httpx.AsyncClient(transport=httpx.ASGITransport(nodes["d0"].app), base_url="http://d0")
+        h = NodeHealth.model_validate_json((await p0.get("/health")).content)
+        assert (h.name, h.role) == ("p0", "prefill")
+        st = NodeState.model_validate_json((await d0.get("/state")).content)
+        assert (st.role, st.waiting, st.running, st.max_num_seqs) == ("decode", 0, 0, 32)
+        body = {
+            "request_id": "r",
+            "prompt_token_ids": [1, 2, 3],
+            "decode": {"cluster": "pd", "kv_host": "127.0.0.1", "kv_port": 1},
+        }
+        r = await d0.post("/internal/prefill", json=body)
+        assert r.status_code == 400 and ErrorBody.model_validate_json(r.content).error.code == (
+            "wrong_role"
+        )
+        for bad in ({**body, "extra": 1}, {**body, "token_start": -1}, {**body, "params": []}):
+            r = await p0.post("/internal/prefill", json=bad)
+            assert r.status_code == 400, bad
+            assert ErrorBody.model_validate_json(r.content).error.code == "bad_request"
+        r = await d0.post("/internal/decode", json={"request_id": "r", "prompt_token_ids": []})
+        assert r.status_code == 400
+        r = await p0.post("/admin/link", json={"cluster": "pd", "up": "no"})
+        assert r.status_code == 400
+        r = await p0.post("/admin/link", json={"cluster": "pd", "up": False})
+        assert LinkAdminResult.model_validate_json(r.content).aborted == 0
+        st = NodeState.model_validate_json((await p0.get("/state")).content)
+        assert st.links["pd"].up is False
+        # a cut link refuses the prefill before any work: 503 transfer_failed, counted
+        r = await p0.post("/internal/prefill", json=body)
+        assert r.status_code == 503
+        assert ErrorBody.model_validate_json(r.content).error.code == "transfer_failed"
+        st = NodeState.model_validate_json((await p0.get("/state")).content)
+        assert st.stats.prefill_failures == 1 and st.stats.prefills == 0
+        await p0.aclose(), await d0.aclose()
+
+    for n in nodes.values():
+        n.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        for n in nodes.values():
+            n.close()

@@ -194,7 +194,10 @@ def test_only_given_parts_are_sent(make, backend) -> None:
     assert stats.payload_bytes == 3 * (131_072 + 9_216) + 188 * 1_152 == 637_440
     assert stats.header_bytes == 16 + len(wire.encode_header(stream.wire_header))
     assert stats.commit_frames == 4
-    assert stats.framing_bytes == stats.data_frames * 32 + stats.commit_frames * 36
+    assert (
+        stats.framing_bytes
+        == stats.data_frames * wire.DATA_OVERHEAD + stats.commit_frames * wire.COMMIT_FRAME_BYTES
+    )
     if backend == "tcp":
         # 64 KiB slices: state 2 each, conv 1 each, kv 216,576 B -> 4
         assert stats.data_frames == 3 * (2 + 1) + 4
@@ -272,8 +275,13 @@ def test_corrupted_checksum(make, monkeypatch: pytest.MonkeyPatch) -> None:
     rx_f, tx_f = make
     rx = rx_f()
     tx = tx_f()
-    real = wire.part_crc32
-    monkeypatch.setattr(wire, "part_crc32", lambda ts: real(ts) ^ 0x10)
+    real = wire.slice_digest
+    # the sender's checksums are off by one bit; the receiver's verifier computes true ones
+    monkeypatch.setattr(
+        wire,
+        "slice_digest",
+        lambda v: real(v) ^ (0 if threading.current_thread().name == "rx-verify" else 0x10),
+    )
     ex = random_export(SMALL, "bad", 0, 400)
     stream = tx.open(rx.address, ex.header)
     for p in ex.parts:
@@ -286,7 +294,7 @@ def test_corrupted_checksum(make, monkeypatch: pytest.MonkeyPatch) -> None:
     assert f.request_id == "bad"
     assert rx.inflight_bytes == 0 and rx.active_streams == 0
     assert rx.deliveries.empty()
-    monkeypatch.setattr(wire, "part_crc32", real)
+    monkeypatch.setattr(wire, "slice_digest", real)
     good = random_export(SMALL, "good", 0, 400, seed=5)  # the session survives
     tx.send_export(rx.address, good).wait(15)
     d = _get(rx)
@@ -416,7 +424,8 @@ def test_data_before_header_is_refused(make, backend, alloc_count) -> None:
     rx_f, _ = make
     rx = rx_f(header_wait_s=0.2)
     s = _raw_client(rx, backend)
-    s.sendall(wire.frame_head(wire.DATA, 16 + 8) + wire.DATA_HEAD.pack(7, 0, 0, 0) + b"x" * 8)
+    sub = wire.DATA_HEAD.pack(7, 0, 0, 0, 0)
+    s.sendall(wire.frame_head(wire.DATA, len(sub) + 8) + sub + b"x" * 8)
     f = _get(rx)
     assert isinstance(f.error, FrameError) and "unannounced" in str(f.error)
     assert alloc_count[0] == 0
@@ -628,7 +637,7 @@ def test_header_checksum_disagreeing_with_commit(make, monkeypatch: pytest.Monke
 
     def tampered(*args, **kwargs):
         wh = real(*args, **kwargs)
-        wh.layers[2].crc32 ^= 1  # header and COMMIT now disagree for layer 2
+        wh.layers[2].checksum ^= 1  # header and COMMIT now disagree for layer 2
         return wh
 
     monkeypatch.setattr(wire, "build_wire_header", tampered)
@@ -637,3 +646,153 @@ def test_header_checksum_disagreeing_with_commit(make, monkeypatch: pytest.Monke
         st.wait(15)
     assert isinstance(_get(rx).error, ChecksumError)
     assert rx.inflight_bytes == 0
+
+
+# ---------------------------------------------------------------- replays, truncation, limits
+
+
+class RecordingProxy:
+    """A TCP proxy that records the client->server bytes of its first connection."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.sent = bytearray()
+        self.ls = socket.create_server(("127.0.0.1", 0))
+        self.address = self.ls.getsockname()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket, record: bool) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                if record:
+                    self.sent += data
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        c, _ = self.ls.accept()
+        u = socket.create_connection(self.upstream)
+        threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
+
+
+def test_replayed_transfer_is_refused(backend, make, alloc_count) -> None:
+    """Bytes recorded from a good transfer, replayed on a new connection, fail the handshake
+    (the server's challenge is fresh) before any request is read."""
+    if backend != "tcp":
+        pytest.skip("the layer bytes of mooncake do not cross our socket")
+    rx_f, tx_f = make
+    rx = rx_f()
+    proxy = RecordingProxy(rx.address)
+    tx = tx_f(connections=1)
+    ex = random_export(SMALL, "original", 0, 300)
+    tx.send_export(proxy.address, ex).wait(15)
+    assert isinstance(_get(rx), Delivery)
+    assert alloc_count[0] == 1
+    s = socket.create_connection(rx.address)
+    s.sendall(bytes(proxy.sent))
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and isinstance(f.error, AuthError)
+    s.settimeout(5)
+    with contextlib.suppress(ConnectionResetError):
+        while s.recv(1 << 16):  # the challenge, the refusal, then the close
+            pass
+    s.close()
+    assert alloc_count[0] == 1 and rx.inflight_bytes == 0
+
+
+def test_replayed_stream_id_is_refused(backend, make) -> None:
+    """A HEADER whose stream id was already used in the session ends the session."""
+    rx_f, _ = make
+    rx = rx_f()
+    ex = random_export(SMALL, "twice", 0, 100)
+    payload = wire.encode_header(wire.build_wire_header(ex.header, SMALL, 1))
+    s = _raw_client(rx, backend)
+    s.sendall(wire.frame(wire.HEADER, payload))
+    s.sendall(wire.frame(wire.HEADER, payload))
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and f.request_id == "twice"
+    assert "not increasing" in str(f.error)
+    assert rx.inflight_bytes == 0
+    s.close()
+
+
+def test_truncated_layer_is_refused(backend, make) -> None:
+    """A sender that goes away in the middle of a DATA frame: the request fails, nothing is
+    delivered, the buffer is freed."""
+    if backend != "tcp":
+        pytest.skip("DATA frames are a tcp-backend frame")
+    rx_f, _ = make
+    rx = rx_f()
+    ex = random_export(SMALL, "cut", 0, 100)
+    payload = wire.encode_header(wire.build_wire_header(ex.header, SMALL, 1))
+    s = _raw_client(rx, backend)
+    s.sendall(wire.frame(wire.HEADER, payload))
+    sub = wire.DATA_HEAD.pack(1, 0, 0, 0, 0)
+    s.sendall(wire.frame_head(wire.DATA, len(sub) + 1000) + sub + b"x" * 10)
+    time.sleep(0.2)
+    s.close()
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and f.request_id == "cut"
+    assert isinstance(f.error, PeerClosed)
+    assert rx.inflight_bytes == 0 and rx.active_streams == 0
+    assert rx.deliveries.empty()
+
+
+def test_idle_connections_cost_no_threads_and_are_capped(backend, make) -> None:
+    """300 connections that never authenticate: no thread per connection, at most
+    ``max_connections`` held, all closed after the handshake timeout."""
+    rx_f, _ = make
+    rx = rx_f(max_connections=100, handshake_timeout_s=2.0)
+    before = threading.active_count()
+    socks = []
+    try:
+        for _ in range(300):
+            socks.append(socket.create_connection(rx.address))
+            assert rx.connection_count <= 100
+        deadline = time.monotonic() + 30
+        while rx.refused_connections + rx.timed_out_connections < 300:
+            assert time.monotonic() < deadline, (rx.refused_connections, rx.timed_out_connections)
+            assert rx.connection_count <= 100
+            assert threading.active_count() <= before + 2
+            time.sleep(0.05)
+        assert rx.refused_connections >= 100 and rx.connection_count == 0
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_idle_session_is_closed_and_the_sender_reconnects(make) -> None:
+    rx_f, tx_f = make
+    rx = rx_f(idle_timeout_s=0.5)
+    tx = tx_f(connections=2)
+    first = random_export(SMALL, "before", 0, 200, seed=1)
+    tx.send_export(rx.address, first).wait(15)
+    _get(rx).release()
+    deadline = time.monotonic() + 20
+    while rx.connection_count:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    old = tx.session(rx.address)
+    while old.error is None:  # the sender noticed the close
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    again = random_export(SMALL, "after", 0, 200, seed=2)
+    tx.send_export(rx.address, again).wait(15)
+    d = _get(rx)
+    assert isinstance(d, Delivery)
+    _assert_same(again, d.export)
+
+
+def test_connections_sized_to_the_link() -> None:
+    from prfaas.transfer.sender import MAX_CONNECTIONS, connections_for_link
+
+    four_mb = 4 << 20
+    assert connections_for_link(10.0, 20.0, four_mb) == 6  # 25 MB in flight / 4 MiB
+    assert connections_for_link(1.0, 0.1, four_mb) == 1
+    assert connections_for_link(100.0, 50.0, four_mb) == MAX_CONNECTIONS
+    assert connections_for_link(None, 1.0, four_mb) == 3  # unknown rate: 100 Gbps

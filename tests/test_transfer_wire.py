@@ -63,8 +63,8 @@ def test_layout_rejects_bad_input() -> None:
 
 def test_frame_roundtrip_and_refusals() -> None:
     f = wire.frame(wire.COMMIT_T, b"\0" * wire.COMMIT.size)
-    assert len(f) == 16 + 20
-    assert wire.parse_frame_head(f[:16]) == (wire.COMMIT_T, 20)
+    assert len(f) == 16 + 28
+    assert wire.parse_frame_head(f[:16]) == (wire.COMMIT_T, 28)
     with pytest.raises(FrameError, match="magic"):
         wire.parse_frame_head(b"XXXX" + f[4:16])
     with pytest.raises(FrameError, match="unknown frame type"):
@@ -111,8 +111,8 @@ def test_header_roundtrip() -> None:
     back = wire.decode_header(wire.encode_header(wh))
     assert back.header == ex.header
     assert back.stream_id == 5
-    assert [ld.crc32 for ld in back.layers] == [
-        wire.part_crc32([p.tensors[t.name] for t in ld.tensors])
+    assert [ld.checksum for ld in back.layers] == [
+        wire.part_checksum([p.tensors[t.name] for t in ld.tensors], 4 << 20)
         for p, ld in zip(ex.parts, wh.layers, strict=True)
     ]
     assert back.layers[3].tensors[0] == wire.TensorDesc("kv", "bfloat16", (600, 576))

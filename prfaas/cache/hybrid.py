@@ -180,6 +180,11 @@ class HybridCache:
     def usage(self) -> float:
         return 1.0 - self.blocks.num_free / self.cfg.num_blocks
 
+    def checkpoint_hashes(self) -> set[int]:
+        """The block-chain hashes this cache holds a KDA state checkpoint for: the ends of the
+        prefixes a prefill can reuse (a copy; the node's cache events report its changes)."""
+        return set(self.checkpoints.by_hash)
+
     # ----- prefix matching --------------------------------------------------------------------
     def match(
         self, tokens: list[int], need_state: bool = True, max_tokens: int | None = None

@@ -29,7 +29,7 @@ from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
-from prfaas.model.tokenizer import Tokenizer, load_tokenizer
+from prfaas.tokenizer import Tokenizer, load_tokenizer, stop_ids_of
 
 ROLES = ("mixed", "prefill", "decode")
 
@@ -117,6 +117,7 @@ class LLMEngine:
         self.model = model or build_model(cfg.model, self.device, self.dtype, cfg.seed)
         self.model_config = self.model.config
         self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
+        self.stop_ids = stop_ids_of(self.tokenizer)  # end a request unless it sets ignore_eos
         self.cache = HybridCache(self.model_config, cfg.cache_config(), self.device, self.dtype)
         self.runner = ModelRunner(self.model, cuda_graphs=cfg.cuda_graphs)
         self.waiting: deque[Request] = deque()
@@ -478,8 +479,7 @@ class LLMEngine:
 
     def _check_stop(self, req: Request, tok: int) -> None:
         p = req.params
-        eos = self.tokenizer.eos_token_id
-        if tok in p.stop_token_ids or (not p.ignore_eos and eos is not None and tok == eos):
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.stop_ids):
             self._finish(req, "stop")
         elif len(req.output) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             self._finish(req, "length")

@@ -109,6 +109,14 @@ class LayerStreamer:
             st.stream.finish()
             st.finished_at = time.monotonic()
 
+    def cancel(self, request_id: str, reason: str = "prefill cancelled") -> None:
+        """Forget ``request_id`` (any thread): abort its stream if one was opened."""
+        with self._lock:
+            self._dest.pop(request_id, None)
+            st = self._streams.pop(request_id, None)
+        if st is not None:
+            st.stream.abort(reason)
+
     def handoff(self, request_id: str) -> StreamedRequest:
         """Call when the engine reports ``request_id`` prefilled (engine thread)."""
         with self._lock:

@@ -11,6 +11,25 @@ from safetensors.torch import load_file, save_file
 
 from prfaas.model.config import ModelConfig, resolve_config
 from prfaas.model.model import HybridForCausalLM
+from prfaas.tokenizer.loader import BYTE_TOKENIZER_CLASS
+
+# parameters kept in float32 whatever the load dtype (name suffixes): the router's gate weight and
+# score-correction bias (transformers' _keep_in_fp32_modules_strict: bf16 would flip near-tied
+# expert choices) and KDA's decay parameters A_log and dt_bias; the model reads them as float32
+FP32_PARAMS = (".gate.weight", ".e_score_correction_bias", ".A_log", ".dt_bias")
+
+
+def keeps_fp32(name: str) -> bool:
+    return name.endswith(FP32_PARAMS)
+
+
+def cast_model(model: HybridForCausalLM, dtype: torch.dtype) -> HybridForCausalLM:
+    """``model.to(dtype)`` except that the ``FP32_PARAMS`` stay (or become) float32."""
+    model.to(dtype)
+    for name, p in model.named_parameters():
+        if keeps_fp32(name):
+            p.data = p.data.float()
+    return model
 
 
 def save_checkpoint(model: HybridForCausalLM, directory: str | Path) -> Path:
@@ -21,6 +40,9 @@ def save_checkpoint(model: HybridForCausalLM, directory: str | Path) -> Path:
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    tok = d / "tokenizer_config.json"
+    if not tok.exists():  # a preset's weights: say that its tokenizer is prfaas's byte tokenizer
+        tok.write_text(json.dumps({"tokenizer_class": BYTE_TOKENIZER_CLASS}))
     return d
 
 
@@ -64,9 +86,7 @@ def load_checkpoint(
             raise ValueError(f"{k}: checkpoint shape {tuple(loaded[k].shape)} != {tuple(t.shape)}")
     if dtype is not None:
         loaded = {
-            k: (
-                v.to(dtype) if v.is_floating_point() and not k.endswith(("A_log", "dt_bias")) else v
-            )
+            k: (v.float() if keeps_fp32(k) else v.to(dtype)) if v.is_floating_point() else v
             for k, v in loaded.items()
         }
     model.load_state_dict(loaded, assign=True, strict=True)
@@ -86,4 +106,4 @@ def build_model(
         return load_checkpoint(model, device=device, dtype=dtype)
     cfg = resolve_config(model)
     m = HybridForCausalLM(cfg).init_weights(seed)
-    return m.to(device=device, dtype=dtype).eval()
+    return cast_model(m.to(device=device), dtype).eval()

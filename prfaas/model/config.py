@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prfaas.model.hf_config import read_hf_fields
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -21,6 +23,9 @@ class ModelConfig:
     # 0-based indices of the MLA (full attention) layers; every other layer is KDA
     full_attn_layers: tuple[int, ...]
     rms_norm_eps: float = 1e-5
+    # the MLA latent norm: transformers' kimi_linear (and the remote code) build it with the
+    # RMSNorm default 1e-6, not rms_norm_eps
+    kv_a_layernorm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     # MLA
     num_attention_heads: int = 32
@@ -106,48 +111,13 @@ class ModelConfig:
     # ----- HF config.json ---------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], name: str = "hf") -> ModelConfig:
+        """Parse an HF ``kimi_linear`` config.json the way transformers' ``KimiLinearConfig``
+        reads it (its field aliases, defaults and layer-type precedence); fields whose values
+        prfaas does not implement are refused with a ValueError naming the field."""
         mt = d.get("model_type")
         if mt != "kimi_linear":
             raise ValueError(f"unsupported model_type {mt!r}: expected 'kimi_linear'")
-        lin = d.get("linear_attn_config") or {}
-        n_layers = int(d["num_hidden_layers"])
-        full_1based = lin.get("full_attn_layers")
-        if full_1based is None:
-            raise ValueError("config.json lacks linear_attn_config.full_attn_layers")
-        eos = d.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if d.get("q_lora_rank") not in (None, 0):
-            raise ValueError("q_lora_rank is not supported (Kimi Linear uses q_lora_rank null)")
-        return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            num_hidden_layers=n_layers,
-            full_attn_layers=tuple(sorted(int(i) - 1 for i in full_1based)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            num_attention_heads=int(d["num_attention_heads"]),
-            kv_lora_rank=int(d.get("kv_lora_rank", 512)),
-            qk_nope_head_dim=int(d.get("qk_nope_head_dim", 128)),
-            qk_rope_head_dim=int(d.get("qk_rope_head_dim", 64)),
-            v_head_dim=int(d.get("v_head_dim", 128)),
-            mla_use_nope=bool(d.get("mla_use_nope", True)),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            kda_num_heads=int(lin.get("num_heads", d["num_attention_heads"])),
-            kda_head_dim=int(lin.get("head_dim", 128)),
-            short_conv_kernel_size=int(lin.get("short_conv_kernel_size", 4)),
-            intermediate_size=int(d.get("intermediate_size", 4 * int(d["hidden_size"]))),
-            num_experts=int(d.get("num_experts") or 0),
-            num_experts_per_token=int(d.get("num_experts_per_token", 8)),
-            num_shared_experts=int(d.get("num_shared_experts", 1)),
-            moe_intermediate_size=int(d.get("moe_intermediate_size", 1024)),
-            moe_renormalize=bool(d.get("moe_renormalize", True)),
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-            first_k_dense_replace=int(d.get("first_k_dense_replace", 1)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=eos,
-            name=name,
-        )
+        return cls(name=name, **read_hf_fields(d))
 
     def to_hf_dict(self) -> dict[str, Any]:
         kda_heads = self.kda_num_heads
@@ -176,7 +146,7 @@ class ModelConfig:
                 "short_conv_kernel_size": self.short_conv_kernel_size,
             },
             "intermediate_size": self.intermediate_size,
-            "num_experts": self.num_experts or None,
+            "num_experts": self.num_experts,
             "num_experts_per_token": self.num_experts_per_token,
             "num_shared_experts": self.num_shared_experts,
             "moe_intermediate_size": self.moe_intermediate_size,
@@ -184,6 +154,10 @@ class ModelConfig:
             "moe_router_activation_func": "sigmoid",
             "routed_scaling_factor": self.routed_scaling_factor,
             "first_k_dense_replace": self.first_k_dense_replace,
+            "mlp_layer_types": [
+                "sparse" if self.is_moe_layer(i) else "dense" for i in range(self.num_hidden_layers)
+            ],
+            "max_position_embeddings": self.max_position_embeddings,
             "use_grouped_topk": True,
             "num_expert_group": 1,
             "topk_group": 1,
@@ -274,6 +248,8 @@ PRESETS: dict[str, ModelConfig] = {
         moe_intermediate_size=1024,
         routed_scaling_factor=2.446,
         first_k_dense_replace=1,
+        bos_token_id=163584,  # [BOS]
+        eos_token_id=163586,  # <|im_end|>
     ),
 }
 

@@ -43,7 +43,7 @@ class MLAAttention(nn.Module):
         self.rank = cfg.kv_lora_rank
         self.q_proj = nn.Linear(h, nh * (self.nope + self.rope), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.kv_a_layernorm_eps)
         self.kv_b_proj = nn.Linear(self.rank, nh * (self.nope + self.vdim), bias=False)
         self.o_proj = nn.Linear(nh * self.vdim, h, bias=False)
         self.scale = (self.nope + self.rope) ** -0.5

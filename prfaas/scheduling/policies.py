@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from prfaas.scheduling.lengths import Empirical
-from prfaas.scheduling.planner import Fleet, best_threshold
+from prfaas.scheduling.lengths import Empirical, LengthDist
+from prfaas.scheduling.planner import Fleet, best_threshold, optimize
 from prfaas.scheduling.types import (
     INF,
     ClusterState,
@@ -115,7 +115,9 @@ class ShortTermAdaptation:
     capacity estimate moves by more than ``capacity_change``, or one prefill side's queue surges past
     ``surge_s`` seconds of backlog per instance, re-search t with the planner over the recent
     post-match length window.  ``fleet`` holds profiles and the output length; instance counts and
-    link bandwidth come from the state at search time."""
+    link bandwidth come from the state at search time.  With ``observed_search`` the first search runs
+    as soon as ``min_samples`` post-match lengths are observed, whatever the signals: the planned t
+    (over the deployment's prior length law) gives way to one over the lengths actually seen."""
 
     fleet: Fleet
     util_hi: float = 0.8
@@ -126,6 +128,7 @@ class ShortTermAdaptation:
     grid_points: int = 256
     bandwidth_headroom: float = 0.9  # plan with this share of the estimated link capacity
     util_smoothing: float = 0.1  # EWMA weight of each new utilisation reading
+    observed_search: bool = True
     util_ewma: float = 0.0
     last_search_s: float = -INF
     last_capacity: float | None = None
@@ -146,19 +149,34 @@ class LongTermRebalancing:
     waiting per slot above ``decode_wait_hi`` while prefill backlog per instance is below ``prefill_lo_s``)
     switch one PD-P node to PD-D; if prefill is (backlog above ``prefill_hi_s`` and decode slots used
     below ``decode_util_lo`` of what would remain) switch one PD-D node to PD-P.  Keeps at least
-    ``min_each`` nodes per role."""
+    ``min_each`` nodes per role.
+
+    Hysteresis, so roles do not flap: a switch needs the same imbalance on ``confirm`` consecutive
+    checks; none starts while another node is still switching; a switch in the opposite direction of
+    the last one waits ``reverse_after_s`` after it.  With ``planner_guided`` (and the short-term
+    search's fleet), the planner's best split at the observed lengths and outputs also calls for a
+    switch when the queues lean the same way (milder than the thresholds above)."""
 
     period_s: float = 60.0
-    decode_wait_hi: float = 0.5
-    prefill_lo_s: float = 5.0
-    prefill_hi_s: float = 30.0
+    decode_wait_hi: float = 0.1
+    prefill_lo_s: float = 1.0
+    prefill_hi_s: float = 5.0
     decode_util_lo: float = 0.7
     min_each: int = 1
+    confirm: int = 2
+    reverse_after_s: float = 600.0
+    planner_guided: bool = True
     last_s: float = -INF
+    streak: int = 0
+    streak_to: Role | None = None
+    last_switch: tuple[float, Role] | None = None
+    switches: int = 0
 
     def __post_init__(self) -> None:
         if self.period_s <= 0 or self.min_each < 1 or not 0 < self.decode_util_lo <= 1:
             raise ValueError("need period_s > 0, min_each >= 1 and 0 < decode_util_lo <= 1")
+        if self.confirm < 1 or self.reverse_after_s < 0:
+            raise ValueError("need confirm >= 1 and reverse_after_s >= 0")
 
 
 class PrfaaSPolicy(Policy):
@@ -274,6 +292,8 @@ class PrfaaSPolicy(Policy):
         why = ""
         if self.threshold is None:
             why = "initial"
+        elif a.observed_search and a.searches == 0:
+            why = "observed lengths"
         elif self._force_search:
             why = "roles changed"
         elif (
@@ -297,18 +317,8 @@ class PrfaaSPolicy(Policy):
             or len(state.recent_uncached) < a.min_samples
         ):
             return
-        samples = np.fromiter(state.recent_uncached, dtype=float)
-        n_f, n_p, n_d = self._counts(state)
-        fleet = replace(
-            a.fleet,
-            n_prfaas=n_f,
-            n_p=n_p,
-            n_d=max(n_d, 0),
-            link_gbps=max(cap * a.bandwidth_headroom, 1e-3),
-        )
-        grid = np.unique(np.quantile(samples, np.linspace(0, 1, a.grid_points)))
-        grid = np.concatenate([[0.0], grid])
-        new = best_threshold(Empirical(samples), fleet, grid).threshold
+        dist, fleet, grid = self._observed(state, cap)
+        new = best_threshold(dist, fleet, grid).threshold
         a.last_search_s = now
         a.last_capacity = cap
         a.searches += 1
@@ -316,6 +326,28 @@ class PrfaaSPolicy(Policy):
         if new != self.threshold:
             self.history.append((now, new, why))
         self.threshold = new
+
+    def _observed(self, state: SystemState, cap: float) -> tuple[Empirical, Fleet, np.ndarray]:
+        """The planner's inputs as observed now: the recent post-match lengths, the fleet at the
+        current instance counts, ``bandwidth_headroom`` × the link estimate and the mean output of
+        the recently finished requests (the fleet's own output length until enough have finished)."""
+        a = self.adaptive
+        samples = np.fromiter(state.recent_uncached, dtype=float)
+        n_f, n_p, n_d = self._counts(state)
+        outs = state.recent_output
+        out_len = a.fleet.output_len
+        if len(outs) >= max(2, a.min_samples // 4):
+            out_len = max(float(np.mean(np.fromiter(outs, dtype=float))), 1.0)
+        fleet = replace(
+            a.fleet,
+            n_prfaas=n_f,
+            n_p=n_p,
+            n_d=max(n_d, 0),
+            link_gbps=max(cap * a.bandwidth_headroom, 1e-3),
+            output_len=out_len,
+        )
+        grid = np.unique(np.quantile(samples, np.linspace(0, 1, a.grid_points)))
+        return Empirical(samples), fleet, np.concatenate([[0.0], grid])
 
     def _rebalance(self, now: float, state: SystemState) -> list[RoleSwitch]:
         rb = self.rebalance
@@ -325,15 +357,43 @@ class PrfaaSPolicy(Policy):
         pd = state.clusters[self.pd]
         if pd.prefill is None or pd.decode is None:
             return []
-        _, n_p, n_d = self._counts(state)
+        if any(x is not None for x in pd.switching):
+            rb.streak, rb.streak_to = 0, None
+            return []
+        want = self._imbalance(now, pd) or self._planned_imbalance(now, state, pd)
+        if want is None:
+            rb.streak, rb.streak_to = 0, None
+            return []
+        to, i, why = want
+        rb.streak = rb.streak + 1 if rb.streak_to is to else 1
+        rb.streak_to = to
+        if rb.streak < rb.confirm:
+            return []
+        if (
+            rb.last_switch is not None
+            and rb.last_switch[1] is not to
+            and now - rb.last_switch[0] < rb.reverse_after_s
+        ):
+            return []
+        rb.streak, rb.streak_to = 0, None
+        rb.last_switch = (now, to)
+        rb.switches += 1
+        return [RoleSwitch(self.pd, i, to, why)]
+
+    def _imbalance(self, now: float, pd: ClusterState) -> tuple[Role, int, str] | None:
+        """The switch the PD cluster's queues call for now (role, node, reason), or None."""
+        rb = self.rebalance
+        n_p = sum(1 for r in pd.roles if r is Role.PREFILL)
+        n_d = sum(1 for r in pd.roles if r is Role.DECODE)
         pool, dpool = pd.prefill, pd.decode
         active_p = pool.active()
         backlog = pool.backlog_s(now) / len(active_p) if active_p else INF
         slots = sum(dpool.bs_max)
         wait_per_slot = sum(dpool.waiting) / slots if slots else INF
-        if wait_per_slot > rb.decode_wait_hi and backlog < rb.prefill_lo_s and n_p > rb.min_each:
+        decode_bound = wait_per_slot > rb.decode_wait_hi and backlog < rb.prefill_lo_s
+        if decode_bound and n_p > rb.min_each and active_p:
             i = min(active_p, key=lambda k: pool.busy_until[k])
-            return [RoleSwitch(self.pd, i, Role.DECODE, f"decode waiting {wait_per_slot:.2f}/slot")]
+            return Role.DECODE, i, f"decode waiting {wait_per_slot:.2f}/slot"
         bs = max(dpool.bs_max) if slots else 0
         if backlog > rb.prefill_hi_s and n_d > rb.min_each and bs:
             used = sum(dpool.slots_used)
@@ -343,20 +403,114 @@ class PrfaaSPolicy(Policy):
                 ]
                 if cands:
                     k = min(cands, key=lambda j: dpool.load[j])
-                    return [RoleSwitch(self.pd, k, Role.PREFILL, f"prefill backlog {backlog:.1f}s")]
-        return []
+                    return Role.PREFILL, k, f"prefill backlog {backlog:.1f}s"
+        return None
+
+    def _planned_imbalance(
+        self, now: float, state: SystemState, pd: ClusterState
+    ) -> tuple[Role, int, str] | None:
+        """Paper: Θ_prfaas + Θ_pd-p ≪ Θ_pd-d (or the reverse) at the observed lengths and outputs.
+        The planner's best split of the PD nodes (Eqs. 3-8) tells the direction; a switch also needs
+        queues that show it (prefill backlog above ``prefill_lo_s`` with decode slack, or requests
+        waiting for decode slots)."""
+        rb, a = self.rebalance, self.adaptive
+        if not rb.planner_guided or a is None or len(state.recent_uncached) < a.min_samples:
+            return None
+        link = state.links.get((self.prfaas, self.pd))
+        cap = link.capacity_gbps if link is not None else a.fleet.link_gbps
+        dist, fleet, grid = self._observed(state, cap)
+        n_p, n_d = fleet.n_p, fleet.n_d
+        if fleet.n_prfaas == 0 and n_p == 0:
+            return None
+        best = optimize(dist, fleet, n_p + n_d, grid)
+        pool, dpool = pd.prefill, pd.decode
+        active_p = pool.active()
+        backlog = pool.backlog_s(now) / len(active_p) if active_p else INF
+        slots = sum(dpool.bs_max)
+        bs = max(dpool.bs_max) if slots else 0
+        slack = bs and sum(dpool.slots_used) <= rb.decode_util_lo * (slots - bs)
+        if best.n_p > n_p and n_d > rb.min_each and backlog > rb.prefill_lo_s and slack:
+            cands = [
+                k for k, ld in enumerate(dpool.load) if ld != INF and pd.roles[k] is Role.DECODE
+            ]
+            if cands:
+                k = min(cands, key=lambda j: dpool.load[j])
+                return Role.PREFILL, k, f"planner: N_p {n_p}->{best.n_p}, backlog {backlog:.1f}s"
+        if best.n_p < n_p and n_p > rb.min_each and sum(dpool.waiting) > 0 and active_p:
+            i = min(active_p, key=lambda k: pool.busy_until[k])
+            return Role.DECODE, i, f"planner: N_p {n_p}->{best.n_p}, decode waiting"
+        return None
 
 
-def make_policy(name: str, threshold: float | None = None, **kw) -> Policy:
-    """Build a policy by name: ``homogeneous``, ``naive``, ``prfaas`` (fixed t), ``adaptive``."""
-    if name in ("homogeneous", "homogeneous-pd"):
-        return HomogeneousPD(**kw)
-    if name in ("naive", "naive-heterogeneous"):
-        return NaiveHeterogeneous(**kw)
-    if name in ("prfaas", "prfaas-fixed"):
-        return PrfaaSPolicy(threshold, **kw)
-    if name in ("adaptive", "prfaas-adaptive"):
-        if "adaptive" not in kw:
-            raise ValueError("the adaptive policy needs adaptive=ShortTermAdaptation(fleet)")
-        return PrfaaSPolicy(threshold, **kw)
-    raise ValueError(f"unknown policy {name!r} (homogeneous, naive, prfaas, adaptive)")
+POLICY_NAMES = ("prfaas", "homogeneous", "naive")
+
+
+def make_policy(
+    kind: str = "prfaas",
+    threshold: float | None = None,
+    *,
+    fleet: Fleet | None = None,
+    prior: LengthDist | None = None,
+    adaptive: bool | ShortTermAdaptation | None = None,
+    rebalance: bool | LongTermRebalancing | None = None,
+    prfaas: str = "prfaas",
+    pd: str = "pd",
+    cache_mode: str = "scarce",
+    grid=None,
+    **kw,
+) -> Policy:
+    """The one factory of routing policies, for the simulator and the live router (``kind``).
+
+    ``homogeneous`` / ``naive``: the baselines.  ``prfaas`` is the paper's whole scheduler by default:
+    the initial t from the planner (``best_threshold`` over ``prior``, the deployment's expected
+    post-match length law, at ``fleet``'s profiles, split and link), the short-term re-search of t
+    (:class:`ShortTermAdaptation`: first over the observed lengths, then on egress utilisation, link
+    capacity and queue-surge signals) and long-term P/D role rebalancing (:class:`LongTermRebalancing`).
+    A ``threshold`` fixes t and turns the short-term search off (unless ``adaptive`` is given);
+    ``rebalance=False`` turns rebalancing off.  ``adaptive`` / ``rebalance`` may be objects carrying
+    their own settings.  ``adaptive`` (the old name) is ``prfaas`` with the short-term search on.
+    Other keywords go to the policy's constructor (``affinity_slack_s``, ``abundant_util``, ``name``).
+    """
+    if kind in ("homogeneous", "homogeneous-pd"):
+        return HomogeneousPD(pd=pd, **kw)
+    if kind in ("naive", "naive-heterogeneous"):
+        return NaiveHeterogeneous(prfaas=prfaas, pd=pd, **kw)
+    if kind not in ("prfaas", "prfaas-fixed", "adaptive", "prfaas-adaptive"):
+        raise ValueError(f"unknown policy {kind!r} ({', '.join(POLICY_NAMES)})")
+    if adaptive is None:
+        adaptive = kind in ("adaptive", "prfaas-adaptive") or (
+            threshold is None and kind == "prfaas"
+        )
+    if rebalance is None:
+        rebalance = threshold is None and kind == "prfaas"
+    if adaptive is True:
+        if fleet is None:
+            raise ValueError("the short-term threshold search needs fleet= (profiles, link)")
+        adaptive = ShortTermAdaptation(fleet)
+    if rebalance is True:
+        rebalance = LongTermRebalancing()
+    if threshold is None:
+        if fleet is None or prior is None:
+            if not adaptive:
+                raise ValueError("a PrfaaS policy needs a threshold, or fleet= and prior=")
+        else:
+            threshold = planned_threshold(prior, fleet, grid)
+    return PrfaaSPolicy(
+        threshold,
+        prfaas=prfaas,
+        pd=pd,
+        cache_mode=cache_mode,
+        adaptive=adaptive or None,
+        rebalance=rebalance or None,
+        **kw,
+    )
+
+
+def planned_threshold(prior: LengthDist, fleet: Fleet, grid=None) -> float:
+    """The planner's t for ``fleet`` (its split and link) over the length law ``prior``."""
+    if fleet.n_prfaas == 0 or fleet.n_p == 0:
+        raise ValueError("a PrfaaS threshold needs PrfaaS and PD-P instances in the fleet")
+    t = best_threshold(prior, fleet, grid).threshold
+    if t is None:  # pragma: no cover - best_threshold with both kinds always returns a t
+        raise ValueError("the planner found no threshold")
+    return float(t)

@@ -109,6 +109,7 @@ class ClusterState:
     decode: DecodePool | None = None
     prefix: PrefixIndex | None = None
     roles: list[Role] = field(default_factory=list)  # PD cluster: current role per node
+    switching: list[Role | None] = field(default_factory=list)  # role a node drains towards
 
 
 @dataclass(slots=True)
@@ -119,6 +120,7 @@ class SystemState:
     clusters: dict[str, ClusterState]
     links: dict[tuple[str, str], LinkState]
     recent_uncached: list[int] = field(default_factory=list)  # post-match lengths, recent window
+    recent_output: list[int] = field(default_factory=list)  # output lengths of finished requests
 
     def cached_prefix(self, cluster: str, request: RequestInfo) -> int:
         """Cached prefix length (tokens) of ``request`` in ``cluster``'s prefix index (0 if none)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prfaas.sim.setups import DEFAULT_CONFIG, SYSTEMS
 
-EXPERIMENTS = ("validation", "bursty", "linkdrop", "cache")
+EXPERIMENTS = ("validation", "bursty", "linkdrop", "cache", "capacity")
 
 
 def _drop(s: str) -> tuple[float, float, float]:
@@ -20,6 +20,20 @@ def _drop(s: str) -> tuple[float, float, float]:
     if not (0 <= a < b and 0 < f <= 1):
         raise argparse.ArgumentTypeError("--link-drop needs 0 <= START < END and 0 < FRACTION <= 1")
     return a, b, f
+
+
+def _threshold(s: str) -> float | str:
+    if s == "planner":
+        return s
+    try:
+        t = float(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"--fixed-threshold wants tokens or 'planner', got {s!r}"
+        ) from e
+    if not t >= 0:
+        raise argparse.ArgumentTypeError("--fixed-threshold must be >= 0")
+    return t
 
 
 def register(subparsers) -> None:
@@ -56,8 +70,18 @@ def register(subparsers) -> None:
     p.add_argument(
         "--cache-mode", default="scarce", choices=("oblivious", "scarce", "abundant", "auto")
     )
-    p.add_argument("--adaptive", action="store_true", help="PrfaaS: short-term re-search of t")
-    p.add_argument("--rebalance", action="store_true", help="PrfaaS: long-term PD role rebalancing")
+    p.add_argument(
+        "--fixed-threshold",
+        type=_threshold,
+        default=None,
+        metavar="T",
+        help="PrfaaS: route on a fixed t (tokens, or 'planner' for the planner's t) with no "
+        "short-term re-search (default: the paper's whole scheduler: planner's t, re-searched on "
+        "observed lengths, link and queue signals)",
+    )
+    p.add_argument(
+        "--no-rebalance", action="store_true", help="PrfaaS: no long-term PD role rebalancing"
+    )
     p.add_argument("--ttft-slo", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="sim_out", help="output folder for report.md and plots")
@@ -103,8 +127,11 @@ def run(args: argparse.Namespace) -> int:
             link_schedule=sched,
             cache_blocks=args.cache_blocks,
             cache_mode=args.cache_mode,
-            adaptive=args.adaptive,
-            rebalance=args.rebalance,
+            adaptive=args.fixed_threshold is None,
+            rebalance=not args.no_rebalance,
+            fixed_threshold=args.fixed_threshold
+            if isinstance(args.fixed_threshold, float)
+            else None,
         )
         rate = args.rate or 0.8 * cs.setups["prfaas"].capacity.lambda_max
         if args.workload == "lognormal":

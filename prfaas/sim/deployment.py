@@ -22,6 +22,13 @@ class ClusterSpec:
     decode_profile: HardwareProfile | None = None
     cache_blocks: int = 0  # prefix-cache capacity in hash blocks (0: no prefix cache)
     rdma_gbps: float = 800.0  # intra-cluster KV transfer bandwidth per transfer
+    # the node's hand-off (docs/simulator.md "Hand-off"): layer-wise streaming sends layer i while
+    # layer i+1 computes, during the last prefill chunk; the last layer's KV leaves after the prefill
+    kv_layers: int = 0  # layers whose KV grows with length (MLA); 0: no last-layer tail modelled
+    chunk_tokens: int = 0  # prefill chunk (token budget) of a node; 0: one pass over the prompt
+    export_gbps: float = 0.0  # prefill node: device -> host staging rate of the KV (0: free)
+    import_gbps: float = 0.0  # decode node: rate the received KV goes into the cache (0: free)
+    import_fixed_s: float = 0.0  # decode node: fixed cost per received request (import set-up)
 
     def __post_init__(self) -> None:
         if self.kind not in ("prfaas", "pd"):
@@ -40,6 +47,11 @@ class ClusterSpec:
             )
         if self.cache_blocks < 0 or not self.rdma_gbps > 0:
             raise ValueError(f"cluster {self.name!r}: cache_blocks >= 0 and rdma_gbps > 0 required")
+        if (
+            min(self.kv_layers, self.chunk_tokens) < 0
+            or min(self.export_gbps, self.import_gbps, self.import_fixed_s) < 0
+        ):
+            raise ValueError(f"cluster {self.name!r}: hand-off parameters must be >= 0")
 
     @property
     def n_nodes(self) -> int:
@@ -54,8 +66,11 @@ class LinkSpec:
     dst: str
     gbps: float
     schedule: tuple[tuple[float, float], ...] = ()
+    latency_s: float = 0.0  # one-way propagation delay added to every transfer's end
 
     def __post_init__(self) -> None:
+        if self.latency_s < 0:
+            raise ValueError(f"link {self.src}->{self.dst}: latency_s must be >= 0")
         object.__setattr__(self, "schedule", tuple(check_schedule(self.gbps, self.schedule)))
 
 

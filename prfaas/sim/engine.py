@@ -1,11 +1,21 @@
 """The discrete-event simulator: one event heap, FIFO prefill instances, decode slots, shared links.
 
 Per request: arrival (routed by the policy), prefill (FIFO per instance, ``T_prefill`` of the uncached
-length), KV transfer (intra-cluster at the RDMA rate; cross-cluster as a flow on a processor-shared
-link, started at prefill start when ``pipelined`` (layer-wise streaming: KV is in place at
-max(prefill end, flow end)) or at prefill end otherwise), decode admission when a slot is free (up to
-``bs_max``), then the slot is held for ``output_len × step_time(batch at admission)``.  TTFT is
-admission − arrival (the first token leaves with the KV), E2E adds the decode time.
+length), the hand-off (intra-cluster at the RDMA rate; cross-cluster as flows on a processor-shared
+link), the decode node's import, decode admission when a slot is free (up to ``bs_max``), then the
+slot is held for ``output_len × step_time(batch at admission)``.
+
+Hand-off across clusters, as the node does it (``pipelined``, layer-wise streaming): the KV of all
+layers but the last goes on the wire while the last prefill chunk computes (from
+``prefill end − T_last_chunk``, the whole prefill when the cluster has no ``chunk_tokens``); the last
+layer's KV (``(S_kv(l) − S_kv(0)) / kv_layers`` bytes) leaves after the prefill, once staged at
+``export_gbps``; the KV is in place ``latency_s`` after the last byte, then imported
+(``import_fixed_s + bytes / import_gbps``).  Without ``pipelined`` the whole export is staged and
+sent after the prefill.
+
+The policy reads, and the simulator feeds, a :class:`~prfaas.scheduling.observer.ClusterObserver`
+(the same object the live router feeds).  TTFT is arrival → the first token: admission plus one
+decode step (``first_step``; otherwise admission), E2E adds the decode time.
 """
 
 from __future__ import annotations
@@ -17,51 +27,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prfaas.scheduling.link_view import LinkCapacityEstimator
+from prfaas.scheduling.observer import ClusterObserver, ObservedCluster, ObservedLink, length_table
 from prfaas.scheduling.prefix_index import PrefixIndex
-from prfaas.scheduling.types import (
-    INF,
-    ClusterState,
-    DecodePool,
-    LinkState,
-    PrefillPool,
-    RequestInfo,
-    Role,
-    RoleSwitch,
-    SystemState,
-)
+from prfaas.scheduling.types import INF, RequestInfo, Role, RoleSwitch
 from prfaas.sim.deployment import Deployment
 from prfaas.sim.link import Link
 from prfaas.sim.workloads import Workload
 
 # event kinds (heap entries are (time, kind, x); ties resolve by kind then x: deterministic)
-_PF_DONE, _LINK, _KV, _DEC_DONE, _SWITCH, _SCHED, _TICK = range(7)
-_TABLE_STEP = 16
-
-
-def _table(fn, max_len: int):
-    """Fast scalar version of a vectorised length function: a 16-token grid + linear interpolation."""
-    xs = np.arange(0, max_len + 2 * _TABLE_STEP, _TABLE_STEP, dtype=float)
-    xs[0] = 1.0
-    ys = np.asarray(fn(xs), dtype=float)
-    ys_l = ys.tolist()
-    n = len(ys_l)
-    step = _TABLE_STEP
-
-    def f(length: int) -> float:
-        k = length // step
-        if k == 0 or k >= n - 1:
-            return float(fn(float(length)))
-        y0 = ys_l[k]
-        return y0 + (ys_l[k + 1] - y0) * (length - k * step) / step
-
-    return f
+_PF_DONE, _LINK, _KV, _DEC_DONE, _SWITCH, _SCHED, _TICK, _STREAM, _LAST = range(9)
+_table = length_table
 
 
 @dataclass(frozen=True)
 class SimOptions:
     tick_s: float = 1.0  # monitor interval: link readings, time series, policy.on_tick
-    pipelined: bool = True
+    pipelined: bool = True  # layer-wise streaming of the KV during the prefill
+    first_step: bool = True  # the first token needs one decode step after admission
     switch_cost_s: float = 30.0  # role switch: idle time after draining
     recent_window: int = 2000  # post-match lengths kept for adaptation
     until_s: float | None = None  # stop at this simulated time (unfinished requests stay open)
@@ -102,10 +84,12 @@ class SimResult:
     events: list[str] = field(default_factory=list)
     end_s: float = 0.0
     wall_s: float = 0.0
+    first_token: np.ndarray | None = None  # time of the first token (None: at decode_start)
 
     @property
     def ttft(self) -> np.ndarray:
-        return self.decode_start - self.arrival
+        t = self.decode_start if self.first_token is None else self.first_token
+        return t - self.arrival
 
     @property
     def e2e(self) -> np.ndarray:
@@ -115,67 +99,74 @@ class SimResult:
 class Simulator:
     """Runs one workload through one deployment under one policy."""
 
-    def __init__(self, deployment: Deployment, policy, options: SimOptions | None = None) -> None:
+    def __init__(
+        self,
+        deployment: Deployment,
+        policy,
+        options: SimOptions | None = None,
+        observer_hook=None,
+    ) -> None:
+        """``observer_hook(observer)``, if given, is called with the run's observer before the first
+        event (tests use it to record the events the simulator feeds)."""
         self.dep = deployment
         self.policy = policy
         self.opt = options or SimOptions()
+        self.observer_hook = observer_hook
 
     # ------------------------------------------------------------------------------------------
     def _build(self, max_len: int) -> None:
         dep = self.dep
         self.cnames = [c.name for c in dep.clusters]
         self.cidx = {n: i for i, n in enumerate(self.cnames)}
-        clusters: dict[str, ClusterState] = {}
-        self.pf_time, self.skv, self.step, self.bsm = [], [], [], []
-        self.pq, self.prun, self.dq, self.dassigned, self.switching = [], [], [], [], []
-        self.rdma_Bps = []
+        self.pf_time, self.skv, self.kv0, self.step, self.bsm = [], [], [], [], []
+        self.pq, self.prun, self.dq, self.dused, self.switching = [], [], [], [], []
+        self.rdma_Bps, self.win, self.exp_Bps, self.imp_Bps = [], [], [], []
+        observed = []
         for spec in dep.clusters:
             n = spec.n_nodes
             pp = spec.prefill_profile
             dp = spec.decode_profile
-            can_prefill = pp is not None
             self.pf_time.append(_table(pp.t_prefill, max_len) if pp else None)
             prof_kv = pp or dp
             self.skv.append(_table(prof_kv.s_kv, max_len))
+            self.kv0.append(float(prof_kv.s_kv(0.0)))
             roles = [Role.PREFILL] * spec.n_prefill + [Role.DECODE] * spec.n_decode
-            pre = None
-            if can_prefill:
-                bu = [0.0 if r is Role.PREFILL else INF for r in roles]
-                pre = PrefillPool(bu, [0] * n, [0] * n)
-            dec = None
             bsm = int(dp.bs_max) if dp is not None and dp.has_decode else 0
             if spec.kind == "pd" and bsm:
-                dec = DecodePool(
-                    [0] * n,
-                    [0] * n,
-                    [bsm if r is Role.DECODE else 0 for r in roles],
-                    [0.0 if r is Role.DECODE else INF for r in roles],
-                )
                 self.step.append([0.0] + [dp.decode_step_time(b) for b in range(1, bsm + 1)])
             else:
                 self.step.append(None)
+                if spec.kind != "pd":
+                    bsm = 0
             self.bsm.append(bsm)
             prefix = PrefixIndex(spec.cache_blocks) if spec.cache_blocks > 0 else None
-            clusters[spec.name] = ClusterState(spec.name, spec.kind, pre, dec, prefix, roles)
+            observed.append(ObservedCluster(spec.name, spec.kind, roles, pp, bsm, prefix, max_len))
             self.pq.append([deque() for _ in range(n)])
             self.prun.append([False] * n)
             self.dq.append([deque() for _ in range(n)])
-            self.dassigned.append([0] * n)
+            self.dused.append([0] * n)
             self.switching.append([None] * n)
             self.rdma_Bps.append(spec.rdma_gbps * 1e9 / 8)
+            ck = spec.chunk_tokens
+            f = self.pf_time[-1]
+            self.win.append(
+                (lambda u, f=f, ck=ck: f(u) - f(u - ck) if u > ck else f(u)) if ck and f else None
+            )
+            self.exp_Bps.append(spec.export_gbps * 1e9 / 8)
+            self.imp_Bps.append(spec.import_gbps * 1e9 / 8)
         self.links: list[Link] = []
         self.link_of: dict[tuple[int, int], int] = {}
-        links_state: dict[tuple[str, str], LinkState] = {}
-        self.monitors: list[LinkCapacityEstimator] = []
         for spec in dep.links:
             lk = Link(spec.src, spec.dst, spec.gbps)
             self.link_of[(self.cidx[spec.src], self.cidx[spec.dst])] = len(self.links)
             self.links.append(lk)
-            ls = LinkState(spec.src, spec.dst, spec.gbps, spec.gbps)
-            links_state[(spec.src, spec.dst)] = ls
-            self.monitors.append(LinkCapacityEstimator(ls))
-        self.state = SystemState(0.0, clusters, links_state, deque(maxlen=self.opt.recent_window))
-        self.cstates = [clusters[n] for n in self.cnames]
+        self.observer = ClusterObserver(
+            observed,
+            [ObservedLink(s.src, s.dst, s.gbps) for s in dep.links],
+            self.opt.recent_window,
+        )
+        self.state = self.observer.state
+        self.cstates = self.observer.cstates
 
     # ------------------------------------------------------------------------------------------
     def run(self, workload: Workload) -> SimResult:
@@ -187,34 +178,39 @@ class Simulator:
         if n == 0:
             raise ValueError("workload has no requests")
         self._build(int(workload.input_len.max()))
+        if self.observer_hook is not None:
+            self.observer_hook(self.observer)
+        obs = self.observer
         arr = workload.arrival_s.tolist()
         inp = workload.input_len.tolist()
         out = workload.output_len.tolist()
         hashes = workload.hash_ids
         nan = math.nan
-        pf_start, pf_end, kv_t, dec_t, done_t, tpot = ([nan] * n for _ in range(6))
+        pf_start, pf_end, kv_t, dec_t, done_t, tpot, first = ([nan] * n for _ in range(7))
         unc, cac = [0] * n, [0] * n
         pc, pinst, dc_, dinst = [-1] * n, [-1] * n, [-1] * n, [-1] * n
-        svc, xbytes, kvb = [0.0] * n, [0.0] * n, [0.0] * n
+        svc, xbytes, kvb, kvlast, extra = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
         pend = [0] * n
         offl = [False] * n
-        self.events: list[str] = []
+        self.events: list[str] = obs.stats.events
 
         heap: list[tuple[float, int, int]] = []
         push, pop = heapq.heappush, heapq.heappop
         links, link_of, nl = self.links, self.link_of, max(len(self.links), 1)
+        lat = [s.latency_s for s in self.dep.links]
         pools = [c.prefill for c in self.cstates]
         dpools = [c.decode for c in self.cstates]
-        prefixes = [c.prefix for c in self.cstates]
-        pq, prun, dq, dassigned = self.pq, self.prun, self.dq, self.dassigned
-        pf_time, skv, steps, rdma = self.pf_time, self.skv, self.step, self.rdma_Bps
-        switching = self.switching
+        pq, prun, dq, dused = self.pq, self.prun, self.dq, self.dused
+        skv, steps, rdma = self.skv, self.step, self.rdma_Bps
+        kv0, win, exp_Bps, imp_Bps = self.kv0, self.win, self.exp_Bps, self.imp_Bps
+        kv_layers = [c.kv_layers for c in self.dep.clusters]
+        imp_fixed = [c.import_fixed_s for c in self.dep.clusters]
+        switching, bsm = self.switching, self.bsm
         cidx = self.cidx
-        state = self.state
-        recent = state.recent_uncached
         policy = self.policy
         decide = policy.decide
-        pipelined = opt.pipelined
+        snapshot = obs.snapshot
+        first_step, pipelined = opt.first_step, opt.pipelined
         until = opt.until_s if opt.until_s is not None else INF
         BIG = 1 << 20
 
@@ -230,15 +226,34 @@ class Simulator:
             if t < INF:
                 push(heap, (t, _LINK, lk.gen * nl + li))
 
+        def add_flow(r: int, nbytes: float, now: float) -> None:
+            li = link_of[(pc[r], dc_[r])]
+            links[li].add(now, nbytes, r << 2)
+            link_resched(li, now)
+
+        def part_done(r: int, now: float) -> None:
+            pend[r] -= 1
+            if pend[r] == 0:
+                x = extra[r]
+                if x > 0:
+                    push(heap, (now + x, _KV, r))
+                else:
+                    kv_ready(r, now)
+
         def start_prefill(c: int, i: int, r: int, now: float) -> None:
             pf_start[r] = now
             prun[c][i] = True
             push(heap, (now + svc[r], _PF_DONE, r))
             if pipelined and offl[r]:
-                li = link_of[(c, dc_[r])]
-                links[li].add(now, kvb[r], r << 2)
-                pend[r] = 2
-                link_resched(li, now)
+                a = kvb[r] - kvlast[r]
+                if a > 0:
+                    pend[r] += 1
+                    w = win[c]
+                    ts = now + svc[r] - w(unc[r]) if w is not None else now
+                    if ts > now:
+                        push(heap, (ts, _STREAM, r))
+                    else:
+                        add_flow(r, a, now)
 
         def enqueue_prefill(r: int, now: float) -> None:
             c, i = pc[r], pinst[r]
@@ -248,33 +263,34 @@ class Simulator:
                 start_prefill(c, i, r, now)
 
         def admit(r: int, c: int, d: int, now: float) -> None:
-            pool = dpools[c]
-            su = pool.slots_used[d] + 1
-            pool.slots_used[d] = su
-            tp = steps[c][su] if su < len(steps[c]) else steps[c][-1]
+            su = dused[c][d] + 1
+            dused[c][d] = su
+            st = steps[c]
+            tp = st[su] if su < len(st) else st[-1]
             tpot[r] = tp
             dec_t[r] = now
+            first[r] = now + tp if first_step else now
             push(heap, (now + out[r] * tp, _DEC_DONE, r))
 
         def kv_ready(r: int, now: float) -> None:
             kv_t[r] = now
+            obs.kv_delivered(now, r)
             c, d = dc_[r], dinst[r]
-            pool = dpools[c]
-            if pool.slots_used[d] < self.bsm[c] and not dq[c][d]:
+            if dused[c][d] < bsm[c] and not dq[c][d]:
                 admit(r, c, d, now)
             else:
                 dq[c][d].append(r)
-                pool.waiting[d] += 1
 
         def maybe_finish_switch(c: int, i: int, now: float) -> None:
             to = switching[c][i]
+            name = self.cnames[c]
             if (
                 to is Role.DECODE
                 and not prun[c][i]
                 and not pq[c][i]
-                and pools[c].queue_reqs[i] == 0
+                and obs.drained(name, i)
                 or to is Role.PREFILL
-                and dassigned[c][i] == 0
+                and obs.drained(name, i)
             ):
                 switching[c][i] = ("wait", to)
                 push(heap, (now + opt.switch_cost_s, _SWITCH, c * BIG + i))
@@ -296,10 +312,7 @@ class Simulator:
                 if not 0 <= i < len(roles) or roles[i] is a.to_role or switching[c][i] is not None:
                     raise ValueError(f"invalid role switch {a!r}")
                 switching[c][i] = a.to_role
-                if a.to_role is Role.DECODE:
-                    pools[c].busy_until[i] = INF
-                else:
-                    dpools[c].load[i] = INF
+                obs.switch_started(now, a.cluster, i, a.to_role)
                 self.events.append(
                     f"{now:.1f}s switch {a.cluster}#{i} -> {a.to_role.value}: {a.reason}"
                 )
@@ -334,10 +347,9 @@ class Simulator:
                     continue
                 r = i_arr
                 i_arr += 1
-                state.now = now
                 L = inp[r]
                 req = RequestInfo(r, L, hashes[r] if hashes is not None else None, out[r], now)
-                d = decide(req, state)
+                d = decide(req, snapshot(now))
                 c = cidx.get(d.prefill_cluster)
                 dc = cidx.get(d.decode_cluster)
                 if c is None or dc is None or pools[c] is None or dpools[dc] is None:
@@ -352,31 +364,23 @@ class Simulator:
                 u = d.uncached_len
                 if not 1 <= u <= L:
                     raise ValueError(f"uncached_len {u} outside [1, {L}] for request {r}")
-                recent.append(u)
+                if c != dc and (c, dc) not in link_of:
+                    raise ValueError(f"no link {self.cnames[c]}->{self.cnames[dc]} for request {r}")
                 unc[r] = u
                 cac[r] = L - u
                 pc[r], pinst[r], dc_[r], dinst[r] = c, i, dc, di
-                px = prefixes[c]
-                if px is not None and req.hash_ids:
-                    px.lookup(req.hash_ids, L)
-                t = pf_time[c](u)
-                svc[r] = t
-                bu = pool.busy_until
-                bu[i] = (bu[i] if bu[i] > now else now) + t
-                pool.queue_reqs[i] += 1
-                pool.queue_tokens[i] += u
-                da = dassigned[dc]
-                da[di] += 1
-                dpool.load[di] = da[di] / dpool.bs_max[di]
+                svc[r] = obs.routed(now, req, d)
+                b = skv[c](u)
+                x = imp_fixed[dc] + (b / imp_Bps[dc] if imp_Bps[dc] else 0.0)
                 if c != dc:
-                    if (c, dc) not in link_of:
-                        raise ValueError(
-                            f"no link {self.cnames[c]}->{self.cnames[dc]} for request {r}"
-                        )
                     offl[r] = True
-                    b = skv[c](u)
                     kvb[r] = b
                     xbytes[r] += b
+                    if pipelined and kv_layers[c]:
+                        kvlast[r] = min(max(b - kv0[c], 0.0) / kv_layers[c], b)
+                    x += lat[link_of[(c, dc)]]
+                    pend[r] = 1  # the prefill itself
+                extra[r] = x
                 if d.copy_from is not None and d.copy_tokens > 0:
                     src = cidx.get(d.copy_from)
                     li = link_of.get((src, c)) if src is not None else None
@@ -384,9 +388,9 @@ class Simulator:
                         raise ValueError(
                             f"no link {d.copy_from}->{d.prefill_cluster} for a cache copy"
                         )
-                    b = skv[c](d.copy_tokens)
-                    xbytes[r] += b
-                    links[li].add(now, b, (r << 2) | 1)
+                    cb = skv[c](d.copy_tokens)
+                    xbytes[r] += cb
+                    links[li].add(now, cb, (r << 2) | 1)
                     link_resched(li, now)
                 else:
                     enqueue_prefill(r, now)
@@ -401,24 +405,19 @@ class Simulator:
                 r = x
                 c, i = pc[r], pinst[r]
                 pf_end[r] = now
-                pool = pools[c]
-                pool.queue_reqs[i] -= 1
-                pool.queue_tokens[i] -= unc[r]
-                px = prefixes[c]
-                if px is not None and hashes is not None:
-                    px.insert(hashes[r], inp[r], i)
+                obs.prefill_done(now, r)
                 if offl[r]:
-                    if pipelined:
-                        pend[r] -= 1
-                        if pend[r] == 0:
-                            kv_ready(r, now)
-                    else:
-                        li = link_of[(c, dc_[r])]
-                        links[li].add(now, kvb[r], r << 2)
-                        pend[r] = 1
-                        link_resched(li, now)
+                    b = kvlast[r] if pipelined else kvb[r]
+                    if b > 0:
+                        pend[r] += 1
+                        e = exp_Bps[c]
+                        if e:
+                            push(heap, (now + b / e, _LAST, r))
+                        else:
+                            add_flow(r, b, now)
+                    part_done(r, now)
                 else:
-                    push(heap, (now + skv[c](unc[r]) / rdma[c], _KV, r))
+                    push(heap, (now + skv[c](unc[r]) / rdma[c] + extra[r], _KV, r))
                 q = pq[c][i]
                 if q:
                     start_prefill(c, i, q.popleft(), now)
@@ -431,20 +430,19 @@ class Simulator:
                 done_t[r] = now
                 completed += 1
                 c, d = dc_[r], dinst[r]
-                dpool = dpools[c]
-                dpool.slots_used[d] -= 1
-                da = dassigned[c]
-                da[d] -= 1
-                if dpool.load[d] != INF:
-                    dpool.load[d] = da[d] / dpool.bs_max[d]
+                obs.decode_done(now, r, out[r])
+                dused[c][d] -= 1
                 q = dq[c][d]
                 if q:
-                    dpool.waiting[d] -= 1
                     admit(q.popleft(), c, d, now)
                 elif switching[c][d] is not None:
                     maybe_finish_switch(c, d, now)
             elif kind == _KV:
                 kv_ready(x, now)
+            elif kind == _STREAM:
+                add_flow(x, kvb[x] - kvlast[x], now)
+            elif kind == _LAST:
+                add_flow(x, kvlast[x] if pipelined else kvb[x], now)
             elif kind == _LINK:
                 li = x % nl
                 lk = links[li]
@@ -457,15 +455,14 @@ class Simulator:
                     if tok & 1:
                         enqueue_prefill(r, now)
                     else:
-                        pend[r] -= 1
-                        if pend[r] == 0:
-                            kv_ready(r, now)
+                        part_done(r, now)
                 link_resched(li, now)
             elif kind == _TICK:
-                state.now = now
-                for lk, mon in zip(links, self.monitors, strict=True):
+                for lk in links:
                     lk.advance(now)
-                    s = mon.update(now, lk.delivered_bytes(), lk.busy_s, lk.bytes_in_flight())
+                    s = obs.link_counters(
+                        now, lk.src, lk.dst, lk.delivered_bytes(), lk.busy_s, lk.bytes_in_flight()
+                    )
                     ser[f"{lk.src}->{lk.dst}.gbps"].append(s.throughput_gbps)
                     ser[f"{lk.src}->{lk.dst}.capacity_est"].append(s.capacity_gbps)
                 ser["t"].append(now)
@@ -477,7 +474,7 @@ class Simulator:
                     ser[f"{nm}.prefill_queue"].append(sum(p.queue_reqs) if p else 0)
                     ser[f"{nm}.decode_waiting"].append(sum(dp.waiting) if dp else 0)
                     ser[f"{nm}.decode_used"].append(sum(dp.slots_used) if dp else 0)
-                apply_actions(policy.on_tick(now, state), now)
+                apply_actions(policy.on_tick(now, snapshot(now)), now)
                 if bar is not None and completed - last_bar >= 1000:
                     bar.update(completed - last_bar)
                     last_bar = completed
@@ -487,15 +484,7 @@ class Simulator:
                 c, i = divmod(x, BIG)
                 _, to = switching[c][i]
                 switching[c][i] = None
-                cs = self.cstates[c]
-                cs.roles[i] = to
-                if to is Role.DECODE:
-                    dpools[c].bs_max[i] = self.bsm[c]
-                    dpools[c].load[i] = dassigned[c][i] / self.bsm[c]
-                else:
-                    dpools[c].bs_max[i] = 0
-                    pools[c].busy_until[i] = now
-                self.events.append(f"{now:.1f}s {cs.name}#{i} now {to.value}")
+                obs.switch_done(now, self.cnames[c], i)
             elif kind == _SCHED:
                 li, g = sched[x]
                 links[li].set_gbps(now, g)
@@ -531,4 +520,5 @@ class Simulator:
             events=self.events,
             end_s=now,
             wall_s=_time.perf_counter() - wall0,
+            first_token=f64(first),
         )

@@ -12,7 +12,7 @@ import numpy as np
 
 from prfaas.scheduling.lengths import Empirical
 from prfaas.scheduling.planner import best_threshold
-from prfaas.scheduling.policies import PrfaaSPolicy, ShortTermAdaptation
+from prfaas.scheduling.policies import Policy, make_policy
 from prfaas.sim.capacity import max_sustained_rate
 from prfaas.sim.engine import Simulator
 from prfaas.sim.metrics import SLO, summarize
@@ -25,7 +25,25 @@ LABEL = {
     "prfaas": "PrfaaS-PD",
     "homogeneous_pd": "Homogeneous PD",
     "naive_heterogeneous": "Naive heterogeneous",
+    "prfaas_fixed": "PrfaaS-PD fixed t",
 }
+
+
+CACHE_ROUTING = ("oblivious", "scarce", "abundant", "auto")
+
+
+def full_policy(cs, cache_mode: str) -> Policy:
+    """The case study's PrfaaS-PD whole scheduler with another cache-routing mode."""
+    s = cs.setups["prfaas"]
+    return make_policy(
+        "prfaas",
+        s.capacity.threshold,
+        fleet=s.fleet,
+        prior=cs.dist,
+        adaptive=True,
+        rebalance=True,
+        cache_mode=cache_mode,
+    )
 
 
 def machine() -> str:
@@ -46,12 +64,15 @@ def validation(
     """Highest sustained Poisson rate per system (bisection) vs the planner's Λ_max and the paper's;
     TTFT at light load (10% of Λ_max: no queueing, the paper's apparent basis) and at 80%."""
     cs = load_case_study(config)
+    fixed = load_case_study(config, adaptive=False, rebalance=False).setups["prfaas"]
     rows, data, res08 = (
         [],
         {"machine": machine(), "horizon_s": horizon_s, "steps": steps, "systems": {}},
         [],
     )
-    for name, s in cs.setups.items():
+    runs = [(k, k, s) for k, s in cs.setups.items()]
+    runs.insert(1, ("prfaas_fixed", "prfaas", fixed))
+    for name, base, s in runs:
         lam = s.capacity.lambda_max
         rate, probes = max_sustained_rate(
             s.deployment,
@@ -91,7 +112,7 @@ def validation(
             "prfaas": (2.22, 3.51),
             "homogeneous_pd": (4.44, 9.73),
             "naive_heterogeneous": (1.74, 3.51),
-        }[name]
+        }[base]
         rows.append(
             [
                 LABEL[name],
@@ -125,7 +146,9 @@ def validation(
             "# Simulator validation on the case study (Poisson arrivals)",
             f"Machine: {data['machine']}. Command: `prfaas sim --experiment validation`. Bisection: "
             f"{steps} steps in [0.85, 1.15] × Λ_max, horizon {horizon_s:.0f} s, a rate is sustained when "
-            "requests-in-system grow by < 0.75% of arrivals over the second half.",
+            "requests-in-system grow by < 0.75% of arrivals over the second half. PrfaaS-PD runs the "
+            "whole scheduler (the default: planner's t re-searched on the observed lengths and the "
+            "link/queue signals, PD role rebalancing); the fixed-t row keeps the planner's t and split.",
             md_table(
                 [
                     "system",
@@ -141,7 +164,7 @@ def validation(
                 ],
                 rows,
             ),
-            "TTFT here = arrival → KV in place on a decode slot (the first token). At 10% load there is "
+            "TTFT here = arrival → the first token (KV in place on a decode slot, then one decode step). At 10% load there is "
             "almost no queueing, which is what the paper's figures look like (prefill latency only; the "
             "paper does not say how it computed TTFT).",
             "![sustained](sim_validation.png)\n\n![ttft](sim_validation_ttft.png)",
@@ -194,8 +217,8 @@ def bursty(
         sums, results = [], []
         runs = [(LABEL[k], st.deployment, st.make_policy(), per[k]) for k, st in cs.setups.items()]
         sp = cs.setups["prfaas"]
-        ad = PrfaaSPolicy(sp.capacity.threshold, adaptive=ShortTermAdaptation(sp.fleet))
-        runs.insert(1, ("PrfaaS-PD adaptive t", sp.deployment, ad, per["prfaas"]))
+        fx = make_policy("prfaas", sp.capacity.threshold)
+        runs.insert(1, ("PrfaaS-PD fixed t", sp.deployment, fx, per["prfaas"]))
         for label, dep, pol, w in runs:
             r = Simulator(dep, pol).run(w)
             r.system = label
@@ -227,10 +250,11 @@ def linkdrop(
     w = poisson_lognormal(rate, int(rate * n_s), seed=seed)
     slo = SLO(ttft_s=10.0)
     pols = {
-        "fixed t": PrfaaSPolicy(s.capacity.threshold, name="prfaas-fixed"),
-        "adaptive t": PrfaaSPolicy(
-            s.capacity.threshold, adaptive=ShortTermAdaptation(s.fleet), name="prfaas-adaptive"
+        "fixed t": make_policy("prfaas", s.capacity.threshold, name="prfaas-fixed"),
+        "adaptive t, no rebalancing": make_policy(
+            "prfaas", s.capacity.threshold, fleet=s.fleet, adaptive=True, name="prfaas-adaptive"
         ),
+        "whole scheduler (default)": s.make_policy(),
     }
     data = {"machine": machine(), "rate": rate, "link_gbps": link_gbps, "drop": drop, "systems": {}}
     results, rows = [], []
@@ -265,7 +289,7 @@ def linkdrop(
     )
     md = "\n\n".join(
         [
-            "# Link drop: adaptive vs fixed threshold",
+            "# Link drop: the whole scheduler vs adaptive t vs fixed t",
             f"Machine: {data['machine']}. Command: `prfaas sim --experiment linkdrop`. Case-study PrfaaS-PD "
             f"(4 / {s.capacity.n_p} / {s.capacity.n_d}), PrfaaS→PD link {link_gbps:g} Gbps dropping to "
             f"{frac:.0%} between {t0:.0f} s and {t1:.0f} s; Poisson {rate:.2f} req/s ({load:.0%} of Λ_max), "
@@ -334,27 +358,34 @@ def cache(
         "modes": {},
     }
     rows = []
-    for t in (t_trace, t_case):
-        for mode in ("oblivious", "scarce", "abundant", "auto"):
-            pol = PrfaaSPolicy(t, cache_mode=mode, name=f"prfaas-{mode}")
-            r = Simulator(s.deployment, pol).run(w)
-            sm = summarize(r)
-            data["modes"][f"{mode} t={t:.0f}"] = sm
-            rows.append(
-                [
-                    f"{mode}",
-                    f"{t:.0f}",
-                    sm["cross_cluster_bytes"] / 1e9,
-                    sm["egress_gbps_mean"],
-                    sm["ttft"]["mean"],
-                    sm["ttft"]["p90"],
-                    sm["ttft"]["p99"],
-                    sm["offload_fraction"],
-                    sm["cache_hit_rate"]["prfaas"],
-                    sm["cache_hit_rate"]["pd"],
-                    sm["throughput_rps"],
-                ]
-            )
+    full = load_case_study(config, cache_blocks=cache_blocks, link_gbps=link_gbps)
+    runs = [(mode, t, f"{t:.0f}") for t in (t_trace, t_case) for mode in CACHE_ROUTING]
+    runs += [(mode, None, "whole scheduler") for mode in ("scarce", "auto")]
+    for mode, t, tl in runs:
+        if t is None:
+            pol = full_policy(full, mode)
+            key = f"{mode} whole scheduler"
+        else:
+            pol = make_policy("prfaas", t, cache_mode=mode, name=f"prfaas-{mode}")
+            key = f"{mode} t={t:.0f}"
+        r = Simulator(s.deployment, pol).run(w)
+        sm = summarize(r)
+        data["modes"][key] = sm
+        rows.append(
+            [
+                f"{mode}",
+                tl,
+                sm["cross_cluster_bytes"] / 1e9,
+                sm["egress_gbps_mean"],
+                sm["ttft"]["mean"],
+                sm["ttft"]["p90"],
+                sm["ttft"]["p99"],
+                sm["offload_fraction"],
+                sm["cache_hit_rate"]["prfaas"],
+                sm["cache_hit_rate"]["pd"],
+                sm["throughput_rps"],
+            ]
+        )
     plot_bars(
         [k.replace(" ", "\n") for k in data["modes"]],
         {
@@ -376,7 +407,9 @@ def cache(
             "(the case study's). Hit rates count reused tokens (own cache or copied) over prompt tokens "
             "of the requests each cluster prefilled. oblivious: route on the prompt length; "
             "scarce: on l_total − l_pd; abundant: on l_total − max(l_prfaas, l_pd) and copy the longer "
-            "prefix across; auto: abundant while link utilisation < 50%.",
+            "prefix across; auto: abundant while link utilisation < 50%. The last two rows run the "
+            "whole scheduler (default: t re-searched on the observed post-match lengths and "
+            "link/queue signals, PD role rebalancing).",
             md_table(
                 [
                     "routing",
@@ -398,3 +431,136 @@ def cache(
     )
     _write(out, "sim_cache", data, md)
     return data
+
+
+def slo_share(r, slo: SLO) -> float:
+    """Share of all requests that completed inside the SLO (TTFT and TPOT)."""
+    ok = np.isfinite(r.done) & (r.ttft <= slo.ttft_s) & (r.tpot <= slo.tpot_s * (1 + 1e-9))
+    return float(ok.mean())
+
+
+def highest_rate_in_slo(
+    run_at, share: float = 0.9, lo: float = 0.25, factor: float = 1.25, steps: int = 6
+) -> tuple[float, list[tuple[float, float]]]:
+    """Highest mean rate whose run keeps ``share`` of the requests inside the SLO: a geometric scan up
+    from ``lo`` (by ``factor``) until two rates in a row fail, then ``steps`` bisections between the
+    last rate that passed and the next one.  ``run_at(rate)`` returns the share at that rate."""
+    probes: list[tuple[float, float]] = []
+    rate, best, fails = lo, 0.0, 0
+    fail_at = None
+    while fails < 2 and rate < 1e4:
+        s = run_at(rate)
+        probes.append((rate, s))
+        if s >= share:
+            best, fails, fail_at = rate, 0, None
+        else:
+            fails += 1
+            fail_at = rate if fail_at is None else fail_at
+        rate *= factor
+    if best == 0.0:
+        return 0.0, probes
+    a, b = best, fail_at if fail_at is not None else best * factor
+    for _ in range(steps):
+        m = 0.5 * (a + b)
+        s = run_at(m)
+        probes.append((m, s))
+        a, b = (m, b) if s >= share else (a, m)
+    return a, probes
+
+
+def capacity(
+    out: Path,
+    config=DEFAULT_CONFIG,
+    trace: Path = DEFAULT_TRACE,
+    cache_blocks: int = 40000,
+    share: float = 0.9,
+    ttft_slo_s: float = 10.0,
+) -> dict:
+    """Capacity sweep on the Mooncake trace: the highest mean rate (the trace's requests and burst
+    shape, time-scaled) each system sustains with >= ``share`` of the requests inside the SLO."""
+    if not trace.is_file():
+        raise ValueError(f"no trace at {trace}")
+    w = load_mooncake(trace)
+    slo = SLO(ttft_s=ttft_slo_s)
+    cs = load_case_study(config, cache_blocks=cache_blocks)
+    sp = cs.setups["prfaas"]
+    systems = [
+        ("PrfaaS-PD (whole scheduler)", sp.deployment, sp.make_policy),
+        (
+            "PrfaaS-PD, no rebalancing",
+            sp.deployment,
+            lambda: make_policy("prfaas", sp.capacity.threshold, fleet=sp.fleet, adaptive=True),
+        ),
+        (
+            "PrfaaS-PD fixed t (case study)",
+            sp.deployment,
+            lambda: make_policy("prfaas", sp.capacity.threshold),
+        ),
+        (LABEL["homogeneous_pd"], *_dm(cs, "homogeneous_pd")),
+        (LABEL["naive_heterogeneous"], *_dm(cs, "naive_heterogeneous")),
+    ]
+    data = {
+        "machine": machine(),
+        "trace": str(trace),
+        "requests": len(w),
+        "trace_rate": w.rate,
+        "share": share,
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "cache_blocks": cache_blocks,
+        "systems": {},
+    }
+    rows = []
+    for label, dep, mk in systems:
+
+        def run_at(rate: float, dep=dep, mk=mk) -> float:
+            return slo_share(Simulator(dep, mk()).run(w.with_rate(rate)), slo)
+
+        best, probes = highest_rate_in_slo(run_at, share)
+        r = Simulator(dep, mk()).run(w.with_rate(best)) if best > 0 else None
+        sm = summarize(r, slo) if r is not None else None
+        data["systems"][label] = {"rate": best, "probes": probes, "summary_at_rate": sm}
+        rows.append(
+            [
+                label,
+                best,
+                sm["ttft"]["mean"] if sm else float("nan"),
+                sm["ttft"]["p90"] if sm else float("nan"),
+                sm["offload_fraction"] if sm else float("nan"),
+                len(probes),
+            ]
+        )
+    base = data["systems"][LABEL["homogeneous_pd"]]["rate"]
+    for row in rows:
+        row.insert(2, f"{row[1] / base:.2f}×" if base else "—")
+    md = "\n\n".join(
+        [
+            "# Capacity on the Mooncake trace: highest rate with >= 90% of requests inside the SLO",
+            f"Machine: {data['machine']}. Command: `prfaas sim --experiment capacity`. Trace "
+            f"`{trace.name}` ({len(w)} requests, mean input {w.input_len.mean():.0f}, mean output "
+            f"{w.output_len.mean():.0f}, own rate {w.rate:.2f} req/s), time-scaled to each rate "
+            "(burst shape kept); case-study deployments (PrfaaS-PD 4/3/5, homogeneous 9/3, naive "
+            f"4/8 instances), prefix caches of {cache_blocks} blocks per cluster. SLO: TTFT ≤ "
+            f"{slo.ttft_s:g} s and TPOT ≤ {1000 * slo.tpot_s:g} ms; a rate passes when ≥ "
+            f"{share:.0%} of all requests complete inside it. Search: geometric scan ×1.25 from "
+            "0.25 req/s until two rates in a row fail, then 6 bisections.",
+            md_table(
+                [
+                    "system",
+                    "highest rate (req/s)",
+                    "vs homogeneous",
+                    "TTFT mean at it",
+                    "TTFT P90",
+                    "offload",
+                    "runs",
+                ],
+                rows,
+            ),
+        ]
+    )
+    _write(out, "sim_capacity", data, md)
+    return data
+
+
+def _dm(cs, name: str):
+    s = cs.setups[name]
+    return s.deployment, s.make_policy

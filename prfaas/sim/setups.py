@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,7 @@ import numpy as np
 from prfaas.config_file import read_mapping
 from prfaas.scheduling.lengths import TruncatedLogNormal
 from prfaas.scheduling.planner import Capacity, Fleet, evaluate, optimize
-from prfaas.scheduling.policies import (
-    HomogeneousPD,
-    LongTermRebalancing,
-    NaiveHeterogeneous,
-    Policy,
-    PrfaaSPolicy,
-    ShortTermAdaptation,
-)
+from prfaas.scheduling.policies import Policy, make_policy
 from prfaas.scheduling.profile import profiles_from_mapping
 from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec
 
@@ -64,10 +58,16 @@ def load_case_study(
     link_schedule: tuple[tuple[float, float], ...] = (),
     cache_blocks: int = 0,
     cache_mode: str = "scarce",
-    adaptive: bool = False,
-    rebalance: bool = False,
+    adaptive: bool = True,
+    rebalance: bool = True,
+    fixed_threshold: float | None = None,
 ) -> CaseStudy:
-    """Build the three systems; the PrfaaS t and every N_p/N_d split come from the planner."""
+    """Build the three systems; the PrfaaS t and every N_p/N_d split come from the planner.
+
+    PrfaaS-PD runs the paper's whole scheduler by default (policies.make_policy): it starts at the
+    planner's t, re-searches t on the observed post-match lengths and the link/queue signals
+    (``adaptive``) and rebalances PD roles (``rebalance``).  ``fixed_threshold`` routes on that t
+    with no short-term search; ``adaptive=False`` keeps the planner's t fixed."""
     cfg = read_mapping(path, "case study")
     prof = profiles_from_mapping(cfg)
     wl = cfg.get("workload", {})
@@ -113,16 +113,23 @@ def load_case_study(
         clusters.append(ClusterSpec("pd", "pd", fleet.n_p, fleet.n_d, pd_pre, dec, cache_blocks))
         dep = Deployment(tuple(clusters), links)
         if name == "homogeneous_pd":
-            mk = HomogeneousPD
+            mk = partial(make_policy, "homogeneous")
         elif name == "naive_heterogeneous":
-            mk = NaiveHeterogeneous
+            mk = partial(make_policy, "naive")
         else:
-            t = cap.threshold
+            fixed = fixed_threshold is not None
+            t = float(fixed_threshold) if fixed else cap.threshold
 
-            def mk(t=t, fleet=fleet) -> Policy:
-                ad = ShortTermAdaptation(fleet) if adaptive else None
-                rb = LongTermRebalancing() if rebalance else None
-                return PrfaaSPolicy(t, cache_mode=cache_mode, adaptive=ad, rebalance=rb)
+            def mk(t=t, fleet=fleet, ad=adaptive and not fixed) -> Policy:
+                return make_policy(
+                    "prfaas",
+                    t,
+                    fleet=fleet,
+                    prior=dist,
+                    adaptive=ad,
+                    rebalance=rebalance,
+                    cache_mode=cache_mode,
+                )
 
         setups[name] = Setup(name, dep, mk, fleet, cap, dict(paper.get(name, {})))
     if not setups:

@@ -89,32 +89,66 @@ def client_handshake(
     sock.settimeout(old)
 
 
+class ServerHandshake:
+    """The server side of the handshake as a state machine over whole frames, for an event loop:
+    ``on_frame(ftype, payload)`` returns the frame bytes to send back and, once the client's
+    proof checked out, sets ``hello``. Raises AuthError / FrameError (with ``reply`` set to an
+    ERROR frame to send before closing, where the protocol has one)."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+        self.hello: Hello | None = None
+        self.reply: bytes = b""  # an ERROR frame owed to the peer after a refusal
+        self._raw: bytes | None = None
+        self._nonce = b""
+
+    @property
+    def allowed(self) -> set[int]:
+        return {wire.HELLO} if self._raw is None else {wire.AUTH, wire.ERROR}
+
+    def on_frame(self, ftype: int, payload: bytes) -> bytes:
+        if self._raw is None:
+            return self._on_hello(payload)
+        return self._on_auth(ftype, payload)
+
+    def _on_hello(self, hello: bytes) -> bytes:
+        if len(hello) != HELLO.size:
+            raise FrameError(f"HELLO of {len(hello)} B, expected {HELLO.size}")
+        version = HELLO.unpack(hello)[0]
+        if version != wire.FORMAT_VERSION:
+            self.reply = wire.frame(wire.ERROR, wire.error_payload("frame", f"version {version}"))
+            raise FrameError(f"peer speaks wire version {version}, expected {wire.FORMAT_VERSION}")
+        self._raw = hello
+        self._nonce = os.urandom(32)
+        proof = _proof(self.secret, b"server", hello, self._nonce)
+        return wire.frame(wire.CHALLENGE, self._nonce + proof)
+
+    def _on_auth(self, ftype: int, payload: bytes) -> bytes:
+        assert self._raw is not None
+        if ftype == wire.ERROR:
+            o = wire.parse_json_payload(payload, "error")
+            raise AuthError(f"client refused our proof: {o.get('message')}")
+        if not hmac.compare_digest(payload, _proof(self.secret, b"client", self._raw, self._nonce)):
+            self.reply = wire.frame(wire.ERROR, wire.error_payload("auth", "client proof rejected"))
+            raise AuthError("client failed the shared-secret challenge")
+        _, backend, session_id, conn_index, n_conns, _ = HELLO.unpack(self._raw)
+        if not 0 <= conn_index < n_conns or n_conns > 64:
+            raise FrameError(f"bad connection index {conn_index} of {n_conns}")
+        self.hello = Hello(backend, session_id, conn_index, n_conns)
+        return wire.frame(wire.AUTH_OK)
+
+
 def server_handshake(sock: socket.socket, secret: bytes) -> Hello:
-    """Challenge a new connection; returns its HELLO once both proofs check out."""
+    """Challenge a new connection (blocking); returns its HELLO once both proofs check out."""
     sock.settimeout(HANDSHAKE_TIMEOUT_S)
-    _, hello = wire.read_small_frame(sock, {wire.HELLO})
-    if len(hello) != HELLO.size:
-        raise FrameError(f"HELLO of {len(hello)} B, expected {HELLO.size}")
-    version, backend, session_id, conn_index, n_conns, _ = HELLO.unpack(hello)
-    if version != wire.FORMAT_VERSION:
-        wire.send_buffers(
-            sock, [wire.frame(wire.ERROR, wire.error_payload("frame", f"version {version}"))]
-        )
-        raise FrameError(f"peer speaks wire version {version}, expected {wire.FORMAT_VERSION}")
-    server_nonce = os.urandom(32)
-    proof = _proof(secret, b"server", hello, server_nonce)
-    wire.send_buffers(sock, [wire.frame(wire.CHALLENGE, server_nonce + proof)])
-    ftype, payload = wire.read_small_frame(sock, {wire.AUTH, wire.ERROR})
-    if ftype == wire.ERROR:
-        o = wire.parse_json_payload(payload, "error")
-        raise AuthError(f"client refused our proof: {o.get('message')}")
-    if not hmac.compare_digest(payload, _proof(secret, b"client", hello, server_nonce)):
-        wire.send_buffers(
-            sock, [wire.frame(wire.ERROR, wire.error_payload("auth", "client proof rejected"))]
-        )
-        raise AuthError("client failed the shared-secret challenge")
-    if not 0 <= conn_index < n_conns or n_conns > 64:
-        raise FrameError(f"bad connection index {conn_index} of {n_conns}")
-    wire.send_buffers(sock, [wire.frame(wire.AUTH_OK)])
+    hs = ServerHandshake(secret)
+    try:
+        while hs.hello is None:
+            ftype, payload = wire.read_small_frame(sock, hs.allowed)
+            wire.send_buffers(sock, [hs.on_frame(ftype, payload)])
+    except (AuthError, FrameError):
+        if hs.reply:
+            wire.send_buffers(sock, [hs.reply])
+        raise
     sock.settimeout(None)
-    return Hello(backend, session_id, conn_index, n_conns)
+    return hs.hello

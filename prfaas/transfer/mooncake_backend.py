@@ -1,9 +1,10 @@
 """Mooncake backend: header, checksums and acks travel over our authenticated TCP control
 connection; the bulk layer bytes are written by Mooncake's TransferEngine (TCP transport) straight
-into the receiver's per-request buffer, which is registered only while that request is in flight.
+into the receiver's per-request buffer, which is registered only while that request is in flight; the layer
+checksum (XXH3-64) is computed while Mooncake writes the layer.
 
 Flow: HEADER -> receiver validates, allocates, registers, replies BUFFER(target, addr) -> sender
-writes each layer with ``batch_transfer_sync_write`` then sends COMMIT(layer, crc) -> receiver
+writes each layer with ``batch_transfer_sync_write`` then sends COMMIT(layer, checksum) -> receiver
 verifies -> DONE.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -60,8 +61,8 @@ class MooncakeSender(SenderBase):
         self._eng = None
         self._eng_lock = threading.Lock()
 
-    def _n_conns(self) -> int:
-        return 1
+    def _n_conns(self, connect_rtt_ms: float) -> int:
+        return 1  # control only: the bulk bytes go through the TransferEngine
 
     def engine(self):  # type: ignore[no-untyped-def]
         with self._eng_lock:
@@ -80,7 +81,6 @@ class MooncakeSender(SenderBase):
             target, base = str(stream.buffer["target"]), int(stream.buffer["addr"])
         except (KeyError, TypeError, ValueError) as e:
             raise FrameError(f"malformed BUFFER reply: {e}") from e
-        crc = wire.part_crc32(tensors)
         srcs, dsts, lens = [], [], []
         for ti, t in enumerate(tensors):
             n = t.numel() * t.element_size()
@@ -94,10 +94,27 @@ class MooncakeSender(SenderBase):
         if bulk is None:  # one writer per peer: layer i is written while layer i + 1 is booked
             bulk = session.__dict__["bulk"] = ThreadPoolExecutor(1, thread_name_prefix="mc-write")
         stream._add_pending(1)
-        session.monitor.add_queued(sum(lens))
+        session.meter.add_queued(sum(lens))
+        digest: Future[int] = Future()
         bulk.submit(
-            self._write_layer, session, stream, layer, tensors, target, srcs, dsts, lens, dues, crc
+            self._write_layer,
+            session,
+            stream,
+            layer,
+            tensors,
+            target,
+            srcs,
+            dsts,
+            lens,
+            dues,
+            digest,
         )
+        # the checksum is computed while the writer moves the bytes (both release the GIL)
+        known = stream.wire_header.layers[layer].checksum
+        if known is None:
+            views = [wire.tensor_bytes(t) for t in tensors]
+            known = wire.layer_checksum(wire.slice_records(views, self.slice_bytes))
+        digest.set_result(known)
 
     def _write_layer(
         self,
@@ -110,7 +127,7 @@ class MooncakeSender(SenderBase):
         dsts: list[int],
         lens: list[int],
         dues: list[float] | None,
-        crc: int,
+        digest: Future[int],
     ) -> None:
         nbytes = sum(lens)
         queued = nbytes
@@ -130,12 +147,14 @@ class MooncakeSender(SenderBase):
                     j = slice(i, i + 4)
                     if eng.batch_transfer_sync_write(target, srcs[j], dsts[j], lens[j]) != 0:
                         raise BackendError(f"mooncake write of layer {layer} failed")
-            session.monitor.add_sent(nbytes, was_queued=nbytes)
+            session.meter.add_sent(nbytes, was_queued=nbytes)
             queued = 0
             with stream._lock:
                 stream.stats.payload_bytes += nbytes
                 stream.stats.bulk_bytes += nbytes
-            commit = wire.COMMIT.pack(stream.stream_id, layer, nbytes, crc)
+            commit = wire.COMMIT.pack(
+                stream.stream_id, layer, nbytes, digest.result(), self.slice_bytes
+            )
             # the COMMIT rides the control connection: it does not queue behind bulk bytes
             session.enqueue(
                 0, [wire.frame(wire.COMMIT_T, commit)], stream, "commit", 0, shaped=False
@@ -145,7 +164,7 @@ class MooncakeSender(SenderBase):
                 stream.abort(str(e))
         finally:
             if queued:
-                session.monitor.add_queued(-queued)
+                session.meter.add_queued(-queued)
             stream._on_sent("bulk", 0, 0)
 
 

@@ -1,16 +1,29 @@
-"""Sender side shared by the backends: peer sessions of N authenticated connections, a dispatcher
-thread per peer (checksums, slicing) and one sending thread per connection, so ``stream.send`` only
-queues and never waits on the network."""
+"""Sender side shared by the backends.
+
+A ``SenderBase`` keeps one ``PeerSession`` per receiver: N authenticated connections (N sized to the
+link, ``connections_for_link``), one dispatcher thread (waits for GPU copies, slices layers, computes
+layer checksums) and one event-driven I/O thread that writes every connection (non-blocking
+``sendmsg`` of memoryviews straight from the tensors' storage: no joining copies) and reads the
+receiver's replies. ``stream.send`` only queues and never waits on the network. With a shaped link
+(``LinkShaperSpec``) every frame is booked on the link when it is queued and written when its last
+byte may have crossed it.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import heapq
 import itertools
+import math
 import os
 import queue
+import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,10 +38,46 @@ from prfaas.transfer.link import LinkShaper, LinkShaperSpec
 from prfaas.transfer.meter import LinkMeter, LinkSnapshot
 
 _FINISH = object()
+MAX_CONNECTIONS = 16
+_IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
+_GATHER_BYTES = 8 << 20  # frames gathered into one sendmsg (more than a socket buffer holds)
+_WRITE_BURST = 64 << 20  # bytes written to one connection before the loop looks at the others
+
+
+def tcp_window_bytes() -> int:
+    """The largest send window the kernel grants one connection (``tcp_wmem`` max), else 4 MiB."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 << 20
+
+
+def connections_for_link(gbps: float | None, rtt_ms: float | None, window: int = 0) -> int:
+    """Connections needed to keep ``gbps`` in flight over ``rtt_ms`` when one connection's window
+    is ``window`` bytes: ceil(bandwidth-delay product / window), in [1, MAX_CONNECTIONS]. An
+    unknown rate is taken as 100 Gbps; an unknown RTT as 1 ms."""
+    window = window or tcp_window_bytes()
+    bdp = (gbps or 100.0) * 1e9 / 8 * (rtt_ms if rtt_ms is not None else 1.0) / 1e3
+    return max(1, min(MAX_CONNECTIONS, math.ceil(bdp / window)))
+
+
+@dataclass
+class _Out:
+    """A frame queued on one connection: its buffers (views), when it may be written, for whom."""
+
+    buffers: list[memoryview]
+    nbytes: int
+    stream: PeerStream | None
+    kind: str  # header | data | commit | abort
+    payload: int
+    due: float | None  # monotonic time its last byte may have crossed the shaped link
+    started: bool = False
+    keep: Any = field(default=None, repr=False)  # keeps the source memory alive
 
 
 class PeerStream(SenderStream):
-    """One request being sent: ``send(part)`` per layer, then ``finish()``; ``wait()`` for the ack."""
+    """One request on a ``PeerSession``: ``send(part)`` per layer, ``finish()``, ``wait()``."""
 
     def __init__(self, session: PeerSession, wh: wire.WireHeader) -> None:
         self.session = session
@@ -77,7 +126,7 @@ class PeerStream(SenderStream):
             tensors.append(t)
         self._sent.add(part.layer)
         nbytes = part.nbytes()
-        self.session.monitor.add_queued(nbytes)  # in flight from now on, for the scheduler
+        self.session.meter.add_queued(nbytes)  # in flight from now on, for the scheduler
         self.session.submit(self, (part.layer, tensors, event, nbytes))
 
     def finish(self) -> None:
@@ -105,7 +154,7 @@ class PeerStream(SenderStream):
             raise TimeoutError(f"request {self.request_id!r} not acknowledged in {timeout} s")
         if self.error is not None:
             raise self.error
-        self._all_sent.wait(5.0)  # the ack may overtake the sending threads' bookkeeping
+        self._all_sent.wait(5.0)  # the ack may overtake the I/O thread's bookkeeping
         return self.stats
 
     @property
@@ -181,50 +230,62 @@ class PeerStream(SenderStream):
             self.stats.acked_at = time.time()
         self.buffer_ready.set()
         self._done.set()
-        with self.session._lock:
-            self.session.streams.pop(self.stream_id, None)
+        self.session.forget(self.stream_id)
         staging, self._staging = self._staging, []
         for buf in staging:
             self.session.owner._give_pinned(buf)
 
 
 class PeerSession:
-    """N authenticated connections to one receiver, their threads, link emulator and monitor."""
+    """N authenticated connections to one receiver, served by one I/O thread and one dispatcher
+    thread; its link shaper (if any) and meter."""
 
-    def __init__(self, owner: SenderBase, peer: Peer, n_conns: int) -> None:
+    def __init__(self, owner: SenderBase, peer: Peer) -> None:
         self.owner = owner
         self.peer = peer
         self.session_id = os.urandom(16)
         self.link: LinkShaper | None = owner.link_spec.build() if owner.link_spec else None
-        self.monitor = LinkMeter(link=self.link)
+        self.meter = LinkMeter(link=self.link)
         self.socks: list[socket.socket] = []
         self.error: TransferError | None = None
         self.streams: dict[int, PeerStream] = {}
+        self.last_used = time.monotonic()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()
         self._closing = False
         try:
+            t0 = time.perf_counter()
+            first = socket.create_connection(peer, timeout=owner.connect_timeout)
+            self.socks.append(first)
+            self.connect_rtt_ms = (time.perf_counter() - t0) * 1e3  # SYN -> SYN-ACK
+            n_conns = owner._n_conns(self.connect_rtt_ms)
+            self.socks.clear()
             for i in range(n_conns):
-                s = socket.create_connection(peer, timeout=owner.connect_timeout)
+                s = first if i == 0 else socket.create_connection(peer, owner.connect_timeout)
                 wire.tune_socket(s)
                 self.socks.append(s)
                 client_handshake(s, owner.secret, owner.backend_code, self.session_id, i, n_conns)
-                s.settimeout(None)
-                self.monitor.attach(s)
+                s.setblocking(False)
+                self.meter.attach(s)
         except BaseException:
             for s in self.socks:
                 s.close()
             raise
-        self.queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in self.socks]
+        self.out: list[collections.deque[_Out]] = [collections.deque() for _ in self.socks]
         self.dispatch_q: queue.SimpleQueue = queue.SimpleQueue()
         self._rr = itertools.cycle(range(len(self.socks)))
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._tseq = itertools.count()
+        self._rbuf = bytearray()
         self.threads = [
-            threading.Thread(target=self._send_loop, args=(i,), daemon=True, name=f"tx{i}")
-            for i in range(len(self.socks))
+            threading.Thread(target=self._io_loop, daemon=True, name="tx-io"),
+            threading.Thread(target=self._dispatch_loop, daemon=True, name="tx-dispatch"),
         ]
-        self.threads.append(threading.Thread(target=self._control_loop, daemon=True, name="txc"))
-        self.threads.append(threading.Thread(target=self._dispatch_loop, daemon=True, name="txd"))
         for t in self.threads:
             t.start()
 
@@ -232,7 +293,8 @@ class PeerSession:
     def open(self, header: TransferHeader, parts: list[LayerPart] | None) -> PeerStream:
         if self.error is not None:
             raise self.error
-        wh = wire.build_wire_header(header, self.owner.layout, 0, parts)
+        self.last_used = time.monotonic()
+        wh = wire.build_wire_header(header, self.owner.layout, 0, parts, self.owner.slice_bytes)
         # stream ids must reach the receiver in increasing order: allocating the id and queueing
         # the header happen under one lock, so concurrent opens cannot overtake each other
         with self._open_lock:
@@ -243,6 +305,10 @@ class PeerSession:
                 self.streams[stream.stream_id] = stream
             self.enqueue(0, [wire.frame(wire.HEADER, payload)], stream, "header", 0)
         return stream
+
+    def forget(self, stream_id: int) -> None:
+        with self._lock:
+            self.streams.pop(stream_id, None)
 
     def submit(self, stream: PeerStream, item: Any) -> None:
         self.dispatch_q.put((stream, item))
@@ -255,23 +321,32 @@ class PeerSession:
         kind: str,
         payload: int,
         shaped: bool = True,
+        keep: Any = None,
     ) -> None:
         """Queue a frame on connection ``conn``; ``shaped=False``: delay only, no bandwidth."""
-        nbytes = sum(len(b) for b in buffers)
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        nbytes = sum(len(v) for v in views)
         if stream is not None:
             stream._add_pending(1)
-        self.monitor.add_queued(nbytes)
-        # the link is booked in dispatch order, so slow writes never stretch its timeline
+        self.meter.add_queued(nbytes)
+        # the link is booked in queueing order, so slow writes never stretch its timeline
         due = None
         if self.link is not None:
             due = self.link.reserve(nbytes) if shaped else time.monotonic() + self.link.one_way_s
-        self.queues[conn].put((buffers, nbytes, stream, kind, payload, due))
+        self.out[conn].append(_Out(views, nbytes, stream, kind, payload, due, keep=keep))
+        self.wake()
+
+    def wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._wake_w.send(b"\0")
 
     def next_conn(self) -> int:
         return next(self._rr)
 
     def snapshot(self) -> LinkSnapshot:
-        return self.monitor.snapshot()
+        return self.meter.snapshot()
 
     def fail(self, error: TransferError) -> None:
         """The session is unusable: fail every open stream and drop the connections."""
@@ -282,15 +357,17 @@ class PeerSession:
             self.streams.clear()
         for st in streams:
             st._complete(error)
-        self._shutdown()
+        self._closing = True
+        self.wake()
+        self.dispatch_q.put(None)
 
     def close(self) -> None:
         self._closing = True
-        for q in self.queues:
-            q.put(None)
+        self.wake()
         self.dispatch_q.put(None)
-        for t in self.threads[: len(self.socks)]:
-            t.join(timeout=5)
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
         bulk = getattr(self, "bulk", None)
         if bulk is not None:
             bulk.shutdown(wait=True, cancel_futures=True)
@@ -306,65 +383,189 @@ class PeerSession:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
-    # --- threads
-    def _send_loop(self, i: int) -> None:
-        sock, q = self.socks[i], self.queues[i]
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            buffers, nbytes, stream, kind, payload, due = item
-            dropped = stream is not None and stream.done and kind != "abort"
-            if kind == "abort" and stream is not None and stream.stats.header_bytes == 0:
-                dropped = True  # the header never left: the receiver has nothing to free
-            if self.error is not None or dropped:
-                self.monitor.add_queued(-nbytes)
-                if stream is not None:
-                    stream._on_sent("dropped", 0, 0)
-                continue
-            try:
-                if due is not None:
-                    self.link.wait_until(due)  # type: ignore[union-attr]
-                at = time.time()
-                n = wire.send_buffers(sock, buffers)
-            except TransferError as e:
-                self.monitor.add_queued(-nbytes)
-                self.fail(e)
-                continue
-            self.monitor.add_sent(n, nbytes)
-            if stream is not None:
-                stream._on_sent(kind, n, payload, at)
-
-    def _control_loop(self) -> None:
-        sock = self.socks[0]
+    # --- the I/O thread
+    def _io_loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, -1)
+        sel.register(self.socks[0], selectors.EVENT_READ, 0)  # the receiver's replies
+        writing: set[int] = set()  # connections waiting for room in their socket buffer
         try:
-            while True:
-                ftype, payload = wire.read_small_frame(sock, {wire.DONE, wire.BUFFER, wire.ERROR})
-                if self.link is not None:  # the way back takes RTT/2 too (unshaped: tiny frames)
-                    self.link.wait_until(time.monotonic() + self.link.one_way_s)
-                o = wire.parse_json_payload(payload, wire.FRAME_NAMES[ftype])
-                sid = o.get("stream_id")
-                with self._lock:
-                    stream = self.streams.get(sid) if isinstance(sid, int) else None
-                if ftype == wire.ERROR and stream is None:
-                    raise error_from_code(str(o.get("code")), f"receiver: {o.get('message')}")
-                if stream is None:
-                    continue
-                if ftype == wire.BUFFER:
-                    stream.buffer = o
-                    stream.buffer_ready.set()
-                    continue
-                with self._lock:
-                    self.streams.pop(sid, None)
-                if o.get("ok"):
-                    stream._complete(None)
-                else:
-                    msg = f"receiver refused {stream.request_id!r}: {o.get('message')}"
-                    stream._complete(error_from_code(str(o.get("code")), msg))
+            while not self._closing:
+                now = time.monotonic()
+                while self._timers and self._timers[0][0] <= now:
+                    heapq.heappop(self._timers)[2]()
+                for i, q in enumerate(self.out):
+                    if i in writing or not q or (q[0].due is not None and q[0].due > now):
+                        continue
+                    if not self._write(i):  # socket full: wait until writable
+                        writing.add(i)
+                        self._interest(sel, i, writing)
+                next_at = self._timers[0][0] if self._timers else None
+                for i, q in enumerate(self.out):  # the next frame to come due (shaped link)
+                    if i in writing or not q:
+                        continue
+                    due = now if q[0].started or q[0].due is None else q[0].due
+                    next_at = due if next_at is None else min(next_at, due)
+                timeout = None if next_at is None else max(0.0, next_at - time.monotonic())
+                for key, mask in sel.select(timeout):
+                    i = key.data
+                    if i == -1:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            while self._wake_r.recv(4096):
+                                pass
+                        self._woken = False  # after draining: a wake-up since then is seen
+                        continue
+                    if mask & selectors.EVENT_READ and i == 0:
+                        self._read_replies()
+                    if mask & selectors.EVENT_WRITE and i in writing:
+                        writing.discard(i)
+                        self._interest(sel, i, writing)
         except TransferError as e:
             if not self._closing:
                 self.fail(e)
+        except OSError as e:
+            if not self._closing:
+                self.fail(PeerClosed(f"connection lost: {e}"))
+        finally:
+            sel.close()
+            self._drop_queued()
+            self._shutdown()
 
+    def _interest(self, sel: selectors.BaseSelector, i: int, writing: set[int]) -> None:
+        ev = selectors.EVENT_WRITE if i in writing else 0
+        if i == 0:
+            sel.modify(self.socks[0], selectors.EVENT_READ | ev, 0)
+        elif ev:
+            sel.register(self.socks[i], ev, i)
+        else:
+            sel.unregister(self.socks[i])
+
+    def _write(self, i: int) -> bool:
+        """Write connection ``i``'s due frames until its socket is full (False) or none is due."""
+        sock, q = self.socks[i], self.out[i]
+        budget = _WRITE_BURST
+        while q and budget > 0:
+            item = q[0]
+            now = time.monotonic()
+            if not item.started:
+                if item.due is not None and item.due > now:
+                    return True
+                if self._dropped(item):
+                    q.popleft()
+                    self.meter.add_queued(-item.nbytes)
+                    if item.stream is not None:
+                        item.stream._on_sent("dropped", 0, 0)
+                    continue
+                item.started = True
+            # gather the head frame and the due frames behind it into one sendmsg
+            bufs: list[memoryview] = []
+            gathered = 0
+            for it in itertools.islice(q, 0, 64):
+                if not it.started:
+                    if (it.due is not None and it.due > now) or self._dropped(it):
+                        break
+                    it.started = True
+                bufs.extend(it.buffers)
+                gathered += it.nbytes
+                if len(bufs) >= _IOV_MAX or gathered >= _GATHER_BYTES:
+                    break
+            try:
+                n = sock.sendmsg(bufs[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as e:
+                raise PeerClosed(f"send failed: {e}") from e
+            budget -= n
+            at = time.time()
+            while n:
+                head = q[0]
+                b0 = head.buffers[0]
+                if n >= len(b0):
+                    n -= len(b0)
+                    head.buffers.pop(0)
+                else:
+                    head.buffers[0] = b0[n:]
+                    n = 0
+                if not head.buffers:
+                    self._sent(q.popleft(), at)
+            while q and not q[0].buffers:  # zero-length frames
+                self._sent(q.popleft(), at)
+        return True
+
+    def _dropped(self, item: _Out) -> bool:
+        """Whether a frame not yet begun is to be dropped (its stream ended, or the session)."""
+        st = item.stream
+        if self.error is not None:
+            return True
+        if item.kind == "abort":  # the header never left: the receiver has nothing to free
+            return st is not None and st.stats.header_bytes == 0
+        return st is not None and st.done
+
+    def _sent(self, item: _Out, at: float) -> None:
+        self.meter.add_sent(item.nbytes, item.nbytes)
+        if item.stream is not None:
+            item.stream._on_sent(item.kind, item.nbytes, item.payload, at)
+
+    def _drop_queued(self) -> None:
+        for q in self.out:
+            while q:
+                item = q.popleft()
+                self.meter.add_queued(-item.nbytes)
+                if item.stream is not None:
+                    item.stream._on_sent("dropped", 0, 0)
+
+    def _read_replies(self) -> None:
+        """Read what the receiver sent on connection 0 (non-blocking) and act on whole frames."""
+        sock = self.socks[0]
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                raise PeerClosed(f"connection lost: {e}") from e
+            if not chunk:
+                raise PeerClosed("receiver closed the connection")
+            self._rbuf += chunk
+        head = wire.FRAME_HEAD.size
+        while len(self._rbuf) >= head:
+            ftype, size = wire.parse_frame_head(
+                bytes(self._rbuf[:head]), {wire.DONE, wire.BUFFER, wire.ERROR}
+            )
+            if len(self._rbuf) < head + size:
+                break
+            payload = bytes(self._rbuf[head : head + size])
+            del self._rbuf[: head + size]
+            if self.link is not None:  # the way back takes RTT/2 too (unshaped: tiny frames)
+                at = time.monotonic() + self.link.one_way_s
+                heapq.heappush(
+                    self._timers,
+                    (at, next(self._tseq), lambda f=ftype, p=payload: self._reply(f, p)),
+                )
+            else:
+                self._reply(ftype, payload)
+
+    def _reply(self, ftype: int, payload: bytes) -> None:
+        o = wire.parse_json_payload(payload, wire.FRAME_NAMES[ftype])
+        sid = o.get("stream_id")
+        with self._lock:
+            stream = self.streams.get(sid) if isinstance(sid, int) else None
+        if ftype == wire.ERROR and stream is None:
+            raise error_from_code(str(o.get("code")), f"receiver: {o.get('message')}")
+        if stream is None:
+            return
+        if ftype == wire.BUFFER:
+            stream.buffer = o
+            stream.buffer_ready.set()
+            return
+        self.forget(sid)
+        if o.get("ok"):
+            stream._complete(None)
+        else:
+            msg = f"receiver refused {stream.request_id!r}: {o.get('message')}"
+            stream._complete(error_from_code(str(o.get("code")), msg))
+
+    # --- the dispatcher thread
     def _dispatch_loop(self) -> None:
         while True:
             item = self.dispatch_q.get()
@@ -376,7 +577,7 @@ class PeerSession:
                 continue
             layer, tensors, event, nbytes = work
             if stream.done:
-                self.monitor.add_queued(-nbytes)
+                self.meter.add_queued(-nbytes)
                 continue
             if event is not None:
                 event.synchronize()
@@ -388,13 +589,17 @@ class PeerSession:
                 if not stream._done.wait(1.0):
                     stream.abort(str(e))
             finally:  # its slices are counted where they were queued now
-                self.monitor.add_queued(-nbytes)
+                self.meter.add_queued(-nbytes)
 
 
 class SenderBase(Sender):
     """Opens streams to receivers; one ``PeerSession`` per peer, created on first use.
 
     ``link`` emulates a cross-cluster link for every peer of this sender (None: unshaped).
+    ``connections`` None sizes the connection count to the link (``connections_for_link``: the
+    shaped link's rate and RTT, else the RTT measured on the first connection and 100 Gbps).
+    A session idle for ``idle_close_s`` is closed and reopened on next use (receivers close idle
+    connections after a longer time).
     """
 
     backend_code = 0
@@ -404,12 +609,13 @@ class SenderBase(Sender):
         layout: CacheLayout,
         secret: bytes | str,
         *,
-        connections: int = 4,
+        connections: int | None = None,
         link: LinkShaperSpec | None = None,
         slice_bytes: int | None = None,
         connect_timeout: float = 10.0,
+        idle_close_s: float = 120.0,
     ) -> None:
-        if not 1 <= connections <= 64:
+        if connections is not None and not 1 <= connections <= 64:
             raise ValueError(f"connections must be in [1, 64], got {connections}")
         if slice_bytes is None:  # big slices are cheaper; small ones keep a shaped link smooth
             slice_bytes = 1 << 20 if link is not None else 4 << 20
@@ -421,12 +627,21 @@ class SenderBase(Sender):
         self.link_spec = link
         self.slice_bytes = slice_bytes
         self.connect_timeout = connect_timeout
+        self.idle_close_s = idle_close_s
         self._sessions: dict[Peer, PeerSession] = {}
         self._pinned: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
-    def _n_conns(self) -> int:
-        return self.connections
+    def _n_conns(self, connect_rtt_ms: float) -> int:
+        """Connections per peer: as configured, else sized to the link (the shaped link's top
+        rate and RTT plus the measured connect RTT; unshaped: 100 Gbps over the measured RTT)."""
+        if self.connections is not None:
+            return self.connections
+        spec = self.link_spec
+        if spec is not None:
+            rate = max([g for _, g in spec.schedule] or [spec.gbps or 0.0]) or None
+            return connections_for_link(rate, spec.rtt_ms + connect_rtt_ms)
+        return connections_for_link(None, connect_rtt_ms)
 
     def _take_pinned(self, nbytes: int) -> torch.Tensor:
         """A pinned host staging buffer of at least ``nbytes`` (reused: pinning is slow)."""
@@ -443,12 +658,18 @@ class SenderBase(Sender):
     def session(self, peer: Peer) -> PeerSession:
         """The (re)connected session to ``peer``; AuthError if the peer fails authentication."""
         peer = (peer[0], int(peer[1]))
+        stale = None
         with self._lock:
             s = self._sessions.get(peer)
+            idle = s is not None and time.monotonic() - s.last_used > self.idle_close_s
+            if idle and s is not None and s.error is None and not s.streams:
+                stale, s = s, None
             if s is None or s.error is not None:
-                s = PeerSession(self, peer, self._n_conns())
+                s = PeerSession(self, peer)
                 self._sessions[peer] = s
-            return s
+        if stale is not None:
+            stale.close()
+        return s
 
     def open(self, peer: Peer, header: TransferHeader) -> PeerStream:
         """Announce a request to ``peer``; send its layers with ``stream.send`` as they are computed."""
@@ -457,8 +678,9 @@ class SenderBase(Sender):
     def send_export(
         self, peer: Peer, export: KVExport, header_checksums: bool = False
     ) -> PeerStream:
-        """Send a complete export; returns the stream. With ``header_checksums`` the layer CRCs
-        are computed up front (on the caller's thread) and put in the header as well."""
+        """Send a complete export; returns the stream. With ``header_checksums`` the layer
+        checksums are computed up front (on the caller's thread), put in the header and reused
+        for the COMMIT frames."""
         parts = export.parts if header_checksums else None
         stream = self.session(peer).open(export.header, parts)
         for part in export.parts:

@@ -26,12 +26,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from prfaas.model.config import resolve_config
-from prfaas.model.tokenizer import load_tokenizer
 from prfaas.server.gateway.handover import DecodeFailed, Generation
 from prfaas.server.gateway.openai_models import (
     ChatCompletionRequest,
@@ -53,12 +52,14 @@ from prfaas.server.gateway.openai_protocol import (
     GenerationRequest,
     chat_messages,
     from_validation_error,
-    render_builtin_chat,
     to_generation,
 )
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.server.protocol import TokenLogprobMsg
+from prfaas.server.streaming import ClosingStreamingResponse, unless_disconnected
+from prfaas.tokenizer import load_tokenizer
+from prfaas.tokenizer.chat import ChatTemplateError, load_chat_format
 
 
 def prfaas_version() -> str:
@@ -116,6 +117,7 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
     cfg = router.cfg
     mcfg = resolve_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model, mcfg.eos_token_id)
+    chat_format = load_chat_format(cfg.model, tokenizer)
     token_text = TokenText(tokenizer)
     served = model_name or cfg.model
     created = int(time.time())
@@ -151,7 +153,11 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
 
     @app.get("/admin/nodes")
     async def admin_nodes() -> dict[str, Any]:
-        return {"nodes": router.nodes_info(), "threshold": router.policy.threshold}
+        return {
+            "nodes": router.nodes_info(),
+            "threshold": router.policy.threshold,
+            "inflight": router.admission.inflight,
+        }
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -195,7 +201,7 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
                     "add_generation_prompt false is not supported",
                     param="add_generation_prompt",
                 )
-            ids = tokenizer.encode(render_builtin_chat(chat_messages(body.messages)))
+            ids = _chat_prompt(chat_format, chat_messages(body.messages))
         else:
             ids = tokenizer.encode(body.prompt)
         out: dict[str, Any] = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
@@ -210,49 +216,61 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         return {"prompt": tokenizer.decode(body.tokens)}
 
     async def start(req: GenerationRequest) -> tuple[list[Choice], list[list[int]]]:
-        """Every choice's generation, started (closed again if one cannot start)."""
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
+        """Every choice's generation, started; if one cannot start (or the client leaves), the
+        ones already started are closed before the error goes on."""
+        if req.messages is not None:
+            prompts = [_chat_prompt(chat_format, req.messages)]
+        else:
+            prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
         n = req.n
+        started: list[Generation] = []
 
-        def params(j: int):  # noqa: ANN202
-            if j == 0 or req.params.seed is None:
-                return req.params
-            return req.params.model_copy(update={"seed": req.params.seed + j})
+        async def one(ids: list[int], j: int) -> Generation:
+            p = req.params
+            if j and p.seed is not None:
+                p = p.model_copy(update={"seed": p.seed + j})
+            g = await router.generate(ids, p)
+            started.append(g)
+            return g
 
         async def one_prompt(ids: list[int]) -> list[Generation]:
-            first = await router.generate(ids, params(0))  # its prefill fills the caches
-            if n == 1:
-                return [first]
-            rest = await asyncio.gather(
-                *(router.generate(ids, params(j)) for j in range(1, n)), return_exceptions=True
-            )
-            gens = [first] + [g for g in rest if isinstance(g, Generation)]
-            err = next((g for g in rest if isinstance(g, BaseException)), None)
-            if err is not None:
-                await asyncio.gather(*(g.close("aborted") for g in gens))
-                raise err
-            return gens
+            first = await one(ids, 0)  # its prefill fills the caches the other choices reuse
+            async with asyncio.TaskGroup() as tg:
+                rest = [tg.create_task(one(ids, j)) for j in range(1, n)]
+            return [first, *(t.result() for t in rest)]
 
-        results = await asyncio.gather(*(one_prompt(p) for p in prompts), return_exceptions=True)
-        err = next((r for r in results if isinstance(r, BaseException)), None)
-        if err is not None:
-            for r in results:
-                if not isinstance(r, BaseException):
-                    await asyncio.gather(*(g.close("aborted") for g in r))
-            raise err
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(one_prompt(p)) for p in prompts]
+        except BaseException as e:
+            for g in started:
+                g.close("cancelled")
+            raise _first_error(e) from None
         choices = []
-        for i, gens in enumerate(results):
+        for i, t in enumerate(tasks):
             prefix = ""
             if req.echo:
                 p = req.prompts[i]
                 prefix = p if isinstance(p, str) else tokenizer.decode(p)
-            for j, g in enumerate(gens):
+            for j, g in enumerate(t.result()):
                 choices.append(Choice(i * n + j, g, TextAssembler(tokenizer, req.stop), prefix))
         return choices, prompts
 
-    async def handle(body: CompletionRequest | ChatCompletionRequest, kind: str) -> Response:
+    async def handle(
+        request: Request, body: CompletionRequest | ChatCompletionRequest, kind: str
+    ) -> Response:
         req = to_generation(body, mcfg.vocab_size)
         check_model(req.model)
+        # the client may go away at any time: before the answer, that cancels the work (its
+        # clean-up aborts the requests on their nodes and releases their admission slots)
+        answered, resp = await unless_disconnected(request, respond(req, kind))
+        if answered:
+            return resp
+        if isinstance(resp, ClosingStreamingResponse) and resp.on_close is not None:
+            resp.on_close(False)  # made just as the client left: never sent
+        return Response(status_code=499)
+
+    async def respond(req: GenerationRequest, kind: str) -> Response:
         choices, prompts = await start(req)
         first = choices[0].gen
         rid = response_id(first.route.request_id, kind)
@@ -260,18 +278,32 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         cached = sum(c.gen.route.cached_tokens for c in choices if c.index % req.n == 0)
         headers = first.route.headers()
         if req.stream:
-            return StreamingResponse(
+
+            def on_close(completed: bool) -> None:
+                for c in choices:
+                    c.gen.close("ok" if completed else "cancelled")
+
+            return ClosingStreamingResponse(
                 _sse(choices, req, kind, rid, served, n_prompt, cached, token_text),
+                on_close=on_close,
                 media_type="text/event-stream",
                 headers=headers,
             )
+        outcome = "cancelled"
         try:
-            await asyncio.gather(*(_collect(c) for c in choices))
-        except DecodeFailed as e:
-            await asyncio.gather(*(c.gen.close("decode_failed") for c in choices))
-            raise APIError(502, str(e), "server_error", code="decode_node_failed") from None
+            async with asyncio.TaskGroup() as tg:
+                for c in choices:
+                    tg.create_task(_collect(c))
+            outcome = "ok"
+        except BaseException as e:
+            err = _first_error(e)
+            if isinstance(err, DecodeFailed):
+                outcome = "decode_failed"
+                raise APIError(502, str(err), "server_error", code="decode_node_failed") from None
+            raise err from None
         finally:
-            await asyncio.gather(*(c.gen.close() for c in choices))
+            for c in choices:
+                c.gen.close(outcome)
         out = []
         for c in choices:
             lp = None
@@ -298,14 +330,33 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         return JSONResponse(body_out, headers=headers)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
-        return await handle(body, "completion")
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await handle(request, body, "completion")
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Response:
-        return await handle(body, "chat")
+    async def chat(request: Request, body: ChatCompletionRequest) -> Response:
+        return await handle(request, body, "chat")
 
     return app
+
+
+def _first_error(e: BaseException) -> BaseException:
+    """The first error inside (nested) exception groups, cancellations last."""
+    if isinstance(e, BaseExceptionGroup):
+        leaves = [_first_error(x) for x in e.exceptions]
+        return next((x for x in leaves if not isinstance(x, asyncio.CancelledError)), leaves[0])
+    return e
+
+
+def _chat_prompt(chat_format: Any, messages: list[dict[str, Any]]) -> list[int]:
+    if chat_format is None:
+        raise APIError(
+            400, "this model has no chat template; use /v1/completions", param="messages"
+        )
+    try:
+        return chat_format.encode(messages)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
 
 
 async def _collect(c: Choice) -> None:
@@ -353,11 +404,12 @@ async def _sse(
 ) -> AsyncIterator[str]:
     """The SSE stream of every choice, interleaved as their tokens come; with
     ``include_usage`` every chunk has ``usage: null`` and a last chunk with no choices carries
-    the usage (as OpenAI sends it)."""
+    the usage (as OpenAI sends it).  The response's ``on_close`` releases every generation
+    whatever happens (closed here first with the outcome when the stream ends by itself)."""
     created = int(time.time())
     queue: asyncio.Queue = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(c, queue)) for c in choices]
-    outcome = "ok"
+    outcome = "cancelled"
 
     def chunk(choice: dict[str, Any], c: Choice, final: bool) -> dict[str, Any]:
         obj = {
@@ -417,7 +469,7 @@ async def _sse(
                 c.text_len += len(text)
             if c.finish is not None:
                 c.done, left = True, left - 1
-                await c.gen.close()
+                c.gen.close("ok")
         else:
             if req.include_usage:
                 yield _sse_line(
@@ -430,10 +482,10 @@ async def _sse(
                         "usage": usage(n_prompt, sum(len(c.asm.ids) for c in choices), cached),
                     }
                 )
+            outcome = "ok"
         yield "data: [DONE]\n\n"
     finally:
         for t in pumps:
             t.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
         for c in choices:
-            await c.gen.close(outcome if not c.done else "ok")
+            c.gen.close(outcome if not c.done else "ok")

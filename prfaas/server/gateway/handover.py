@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,9 +99,15 @@ class DecodeStream:
     ``on_dead(node)`` is called when the node fails mid-stream."""
 
     def __init__(
-        self, nodes: NodeClient, ep: NodeEndpoint, rid: str, on_dead: Callable[[str], None]
+        self,
+        nodes: NodeClient,
+        ep: NodeEndpoint,
+        rid: str,
+        on_dead: Callable[[str], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
-        self.nodes, self.ep, self.rid, self.on_dead = nodes, ep, rid, on_dead
+        self.nodes, self.ep, self.rid, self.on_dead, self.spawn = nodes, ep, rid, on_dead, spawn
+        self._closing = False
         self.queue: asyncio.Queue[DecodeEvent] = asyncio.Queue()
         self.resp: httpx.Response | None = None
         self.task: asyncio.Task | None = None
@@ -135,12 +141,21 @@ class DecodeStream:
     async def next(self) -> DecodeEvent:
         return await self.queue.get()
 
-    async def close(self, abort: bool) -> None:
-        if abort and self.dead is None:
+    def close_soon(self, abort: bool) -> None:
+        """Stop reading and close the node's stream, aborting the request there when ``abort``;
+        the network part runs in a background task (safe to call while being cancelled)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.task is not None:
+            self.task.cancel()
+        self.spawn(self._close(abort and self.dead is None))
+
+    async def _close(self, abort: bool) -> None:
+        if abort:
             with contextlib.suppress(httpx.HTTPError):
                 await self.nodes.abort(self.ep, self.rid)
         if self.task is not None:
-            self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
         if self.resp is not None:
@@ -188,13 +203,14 @@ class Generation:
                 self.finish_reason = ev.finish_reason
             yield ev
 
-    async def close(self, outcome: str = "ok") -> None:
-        """Always called once the response is over (aborts the decode if it is still running)."""
+    def close(self, outcome: str = "ok") -> None:
+        """Always called once the response is over (aborts the decode if it is still running);
+        synchronous, so a cancelled response still releases everything; idempotent."""
         if self._closed:
             return
         self._closed = True
-        await self.stream.close(abort=not self.finished)
         self.on_close(self, outcome)
+        self.stream.close_soon(abort=not self.finished)
 
 
 async def prefill_and_handover(
@@ -244,6 +260,9 @@ async def prefill_and_handover(
         route.timings["prefill_sent"] = time.time()
         try:
             res: PrefillResult = await router.nodes.prefill(ep, req, timeout + 10)
+        except asyncio.CancelledError:  # the client went away: stop the prefill and its transfer
+            router.spawn(router.nodes.abort_quietly(ep, info.request_id))
+            raise
         except (httpx.HTTPError, PrefillFailed) as e:
             if stream.dead is not None:
                 raise APIError(

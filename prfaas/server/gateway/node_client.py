@@ -9,6 +9,7 @@ refused with a 5xx), ``APIError`` 400 (the node refused the request as malformed
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from prfaas.server.protocol import (
 )
 
 STATE_TIMEOUT_S = 2.0
+log = logging.getLogger("prfaas.server.router")
 
 
 @dataclass
@@ -127,4 +129,13 @@ class NodeClient:
         return resp, resp.aiter_lines()
 
     async def abort(self, ep: NodeEndpoint, rid: str) -> None:
-        await self.http.post(ep.url + f"/internal/abort/{rid}", timeout=5)
+        """Abort ``rid`` on ``ep`` (whatever its role holds of it: prefill, transfer, decode)."""
+        r = await self.http.post(ep.url + f"/internal/abort/{rid}", timeout=5)
+        r.raise_for_status()
+
+    async def abort_quietly(self, ep: NodeEndpoint, rid: str) -> None:
+        """``abort``, ignoring a node that cannot be reached (it lost the request anyway)."""
+        try:
+            await self.abort(ep, rid)
+        except httpx.HTTPError as e:
+            log.info("abort of %s on %s failed: %s", rid, ep.name, e)

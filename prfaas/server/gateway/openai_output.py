@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from prfaas.model.tokenizer import ByteTokenizer, Tokenizer
 from prfaas.server.protocol import TokenLogprobMsg
+from prfaas.tokenizer import ByteTokenizer, Tokenizer
 
 
 def response_id(request_id: str, kind: str) -> str:

@@ -1,8 +1,9 @@
 """The OpenAI-compatible surface: a validated request body (``openai_models``) turned into what the
 gateway runs (``GenerationRequest``), the chat template, error bodies.
 
-Chat template (byte tokenizer, documented in docs/serving.md): every message becomes
-``<|ROLE|>\\nCONTENT\\n`` and the prompt ends with ``<|assistant|>\\n``.
+Chat template: the gateway encodes ``GenerationRequest.messages`` with the model's own
+(``prfaas.tokenizer.chat``); the presets' (documented in docs/serving.md, ``prompts`` holds it):
+every message becomes ``<|ROLE|>\\nCONTENT\\n`` and the prompt ends with ``<|assistant|>\\n``.
 
 Errors: ``APIError`` carries OpenAI's body ``{"error": {"message", "type", "param", "code"}}``;
 a bad or unsupported field is a 400 whose ``param`` names it.

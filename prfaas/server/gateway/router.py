@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
+import secrets
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import httpx
@@ -97,9 +97,8 @@ class Router:
                 self.live.available,
                 cfg.router.prefill_timeout_s,
             )
-        self._ids = itertools.count()
-        self._prefix_id = os.urandom(3).hex()
         self._poller: asyncio.Task | None = None
+        self._bg: set[asyncio.Task] = set()  # clean-up work that outlives its request
         self.started = time.monotonic()
 
     def _make_policy(self) -> Policy:
@@ -144,7 +143,15 @@ class Router:
             self._poller.cancel()
             with contextlib.suppress(BaseException):
                 await self._poller
+        if self._bg:  # aborts and stream closes still under way (bounded: their own timeouts)
+            await asyncio.wait(set(self._bg), timeout=10)
         await self.nodes.aclose()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background (clean-up that must not be cancelled with its request)."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
 
     # ---- routing ----------------------------------------------------------------------------
     def hash_ids(self, prompt: list[int]) -> list[int]:
@@ -167,7 +174,7 @@ class Router:
         """Admit, route, prefill and hand over; returns once the decode node holds the KV. APIError:
         400 bad prompt, 429 overloaded, 503 nothing can serve it, 502 the decode node failed."""
         self.admission.admit(prompt)
-        rid = f"cmpl-{self._prefix_id}-{next(self._ids)}"
+        rid = new_request_id()
         route = RouteInfo(rid, timings={"arrival": time.time()})
         info = RequestInfo(rid, len(prompt), self.hash_ids(prompt), arrival_s=time.monotonic())
         stream: DecodeStream | None = None
@@ -180,12 +187,12 @@ class Router:
             await prefill_and_handover(
                 self, info, prompt, params, decision, stream, ready, route, self.decide
             )
-        except BaseException as e:
+        except BaseException as e:  # cancelled too (the client went away): nothing awaited here
             if stream is not None:
-                await stream.close(abort=True)
+                stream.close_soon(abort=True)
                 if route.decode_node:
                     self.live.decode_active[route.decode_node] -= 1
-            self.admission.release(f"error_{e.status}" if isinstance(e, APIError) else "error")
+            self.admission.release(_outcome(e))
             raise
         return Generation(route, stream, self.release, info.arrival_s, len(prompt))
 
@@ -200,10 +207,14 @@ class Router:
         and the policy decides again (as many tries as PD nodes)."""
         for _ in range(len(self.by_cluster[self.pd])):
             ep = self.by_cluster[self.pd][decision.decode_instance]
-            stream = DecodeStream(self.nodes, ep, info.request_id, self.mark_down)
+            stream = DecodeStream(self.nodes, ep, info.request_id, self.mark_down, self.spawn)
             try:
                 return stream, await stream.open(prompt, params), decision
+            except asyncio.CancelledError:
+                stream.close_soon(abort=True)
+                raise
             except (httpx.HTTPError, PrefillFailed, DecodeFailed) as e:
+                stream.close_soon(abort=False)
                 log.warning("decode node %s unusable: %s", ep.name, e)
                 self.mark_down(ep.name)
                 decision = self.decide(info)
@@ -233,3 +244,15 @@ class Router:
 
     def nodes_info(self) -> list[dict[str, Any]]:
         return self.live.nodes_info()
+
+
+def new_request_id() -> str:
+    """A request id nobody can guess (96 random bits): ids name requests in abort calls."""
+    return f"cmpl-{secrets.token_hex(12)}"
+
+
+def _outcome(e: BaseException) -> str:
+    """The ``prfaas_requests_total`` outcome of a request that ended with ``e`` before its answer."""
+    if isinstance(e, asyncio.CancelledError):
+        return "cancelled"
+    return f"error_{e.status}" if isinstance(e, APIError) else "error"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prfaas.model.tokenizer import Tokenizer
+from prfaas.tokenizer import Tokenizer
 
 
 class TextAssembler:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -40,8 +41,15 @@ from prfaas.transfer.registry import create_receiver
 log = logging.getLogger("prfaas.server.node")
 
 
+ABORTED_MEMORY = 4096  # aborted request ids remembered (an open may arrive after its abort)
+
+
 class Overloaded(Exception):
     """The node already waits for as many requests as it accepts."""
+
+
+class Aborted(Exception):
+    """The request was aborted (by the router) before or while this node served it."""
 
 
 @dataclass
@@ -54,6 +62,7 @@ class Expectation:
     queue: asyncio.Queue
     imported: bool = False
     finished: bool = False
+    dropped: bool = False  # the stream is over: the engine no longer serves it
     sent: int = 0
 
     def push(self, ev: Message) -> None:  # any thread
@@ -103,6 +112,7 @@ class DecodeSide:
         self.receiver = None
         self.kv_port = 0
         self.max_expect = 4 * worker.engine.config.max_num_seqs
+        self.aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts (refuse late opens)
         worker.add_loop_hook(self._retry_pending)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -132,6 +142,8 @@ class DecodeSide:
         rid, prompt = req.request_id, req.prompt_token_ids
         if rid in self.expect:
             raise ValueError(f"request {rid!r} already expected")
+        if rid in self.aborted:
+            raise Aborted(f"request {rid!r} was aborted")
         if len(self.expect) >= self.max_expect:
             raise Overloaded(f"{self.node.name} holds {len(self.expect)} requests")
 
@@ -145,7 +157,6 @@ class DecodeSide:
 
     async def stream(self, exp: Expectation, token_start: int) -> AsyncIterator[bytes]:
         """The NDJSON lines of one decode; aborts the request when the client goes away."""
-        rid = exp.rid
         try:
             yield event_line(
                 ReadyEvent(
@@ -160,15 +171,42 @@ class DecodeSide:
                 if isinstance(ev, ErrorEvent) or (isinstance(ev, TokenEvent) and ev.finished):
                     break
         finally:
-            self.expect.pop(rid, None)
-            if not exp.finished:
-                self.worker.unsubscribe(rid)
-                self.worker.call(lambda eng: eng.abort(rid))
+            self.drop(exp)
+
+    def drop(self, exp: Expectation) -> None:
+        """The stream of ``exp`` is over (ended, aborted, or its client went away): forget it and,
+        unless it finished, abort it in the engine (frees its cache and slot).  Idempotent;
+        synchronous (event-loop thread)."""
+        if self.expect.get(exp.rid) is exp:
+            del self.expect[exp.rid]
+        if exp.dropped:
+            return
+        exp.dropped = True
+        if not exp.finished:
+            rid = exp.rid
+            self.worker.unsubscribe(rid)
+            self.worker.call(lambda eng: self._abort_in_engine(eng, rid))
+
+    def _abort_in_engine(self, eng: LLMEngine, rid: str) -> None:  # engine thread
+        eng.abort(rid)
+        keep = []
+        for d in self.pending:  # a delivery still waiting for a slot: its buffer goes back
+            if d.export.header.request_id == rid:
+                d.release()
+            else:
+                keep.append(d)
+        self.pending = keep
 
     def abort(self, rid: str) -> bool:
+        """Abort ``rid`` (the router's call): its stream ends with an error event, the engine
+        drops it; a later open of ``rid`` is refused.  True if the node held it."""
+        self.aborted[rid] = None
+        while len(self.aborted) > ABORTED_MEMORY:
+            self.aborted.popitem(last=False)
         exp = self.expect.get(rid)
         if exp is not None:
             exp.push(ErrorEvent(message="aborted by the router"))
+            self.drop(exp)
         return exp is not None
 
     # ---- deliveries -------------------------------------------------------------------------

@@ -1,5 +1,11 @@
-"""The prefill role: prefill a prompt, export its cache from ``token_start`` and send it to the
-decode node's KV receiver (over the emulated link when the decode node is in another cluster).
+"""The prefill role: prefill a prompt and send its cache from ``token_start`` to the decode node's
+KV receiver (over the emulated link when the decode node is in another cluster).
+
+Layer-wise by default (``layerwise``): the destination is registered before the request enters the
+engine, so during the prompt's last prefill chunk each layer's KV goes on the wire as soon as that
+layer is computed (``prfaas.kv.streaming.LayerStreamer``, the engine's layer listener) while the
+next layers compute; at the hand-off only the stream's end is left. A request with nothing left to
+compute (prefix all cached) is exported and sent whole, as is everything with ``layerwise=False``.
 
 Owns the senders (one per destination cluster, opened on first use), the open send streams and
 the cut links (fault injection: a cut aborts the in-flight sends and refuses new ones).
@@ -12,16 +18,48 @@ import contextlib
 import dataclasses
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from prfaas.engine import LLMEngine, RequestOutput
 from prfaas.kv.layout import CacheLayout
+from prfaas.kv.streaming import LayerStreamer, StreamedRequest
+from prfaas.kv.unit import KVExport, TransferHeader
 from prfaas.server.config import ClusterConfig, DeployConfig, NodeConfig
 from prfaas.server.node.engine_worker import EngineWorker
 from prfaas.server.node.wire import engine_marks, engine_params
 from prfaas.server.protocol import LinkReading, NodeCounters, PrefillRequest, PrefillResult
 from prfaas.transfer.errors import TransferError
 from prfaas.transfer.registry import create_sender
+
+ABORTED_MEMORY = 4096  # aborted request ids remembered (a prefill may arrive after its abort)
+
+
+class Aborted(Exception):
+    """The request was aborted (by the router) before or during its prefill or transfer."""
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A prefill under way: its engine output future and, once sending, its send stream."""
+
+    done: asyncio.Future
+    stream: Any = None
+    aborted: bool = False
+
+
+class _ClusterSenders:
+    """What the layer streamer sends through: a peer's streams go through its cluster's sender."""
+
+    def __init__(self, side: PrefillSide) -> None:
+        self.side = side
+        self.cluster_of: dict[tuple[str, int], str] = {}
+
+    def open(self, peer: tuple[str, int], header: TransferHeader) -> Any:
+        return self.side._sender(self.cluster_of[peer]).open(peer, header)
+
+    def send_export(self, peer: tuple[str, int], export: KVExport) -> Any:
+        return self.side._sender(self.cluster_of[peer]).send_export(peer, export)
 
 
 class PrefillSide:
@@ -35,6 +73,7 @@ class PrefillSide:
         worker: EngineWorker,
         layout: CacheLayout,
         counters: NodeCounters,
+        layerwise: bool = True,
     ) -> None:
         self.cfg, self.cluster, self.node = cfg, cluster, node
         self.worker, self.layout, self.counters = worker, layout, counters
@@ -42,7 +81,13 @@ class PrefillSide:
         self.senders: dict[str, Any] = {}  # destination cluster -> sender
         self.peers: dict[str, set[tuple[str, int]]] = {}
         self.inflight: dict[str, set[Any]] = {}  # destination cluster -> open send streams
+        self.active: dict[str, _Prefill] = {}  # request id -> its prefill under way
+        self.aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts (refuse late ones)
         self._lock = threading.Lock()
+        self._routes = _ClusterSenders(self)
+        self.streamer: LayerStreamer | None = None  # layer-wise sending (prefill engines)
+        if layerwise and worker.engine.config.role == "prefill":
+            self.streamer = LayerStreamer(worker.engine, self._routes)
 
     def close(self) -> None:
         for s in self.senders.values():
@@ -96,9 +141,45 @@ class PrefillSide:
             links.setdefault(dst, LinkReading(up=False))
         return links
 
+    def abort(self, rid: str) -> bool:
+        """Abort ``rid`` wherever its prefill is (queued, computing, exported, sending): the engine
+        frees its cache, its send stream is aborted, its route answers ``Aborted``; a prefill of
+        ``rid`` arriving later is refused.  True if the node was serving it.  Event-loop thread."""
+        self.aborted[rid] = None
+        while len(self.aborted) > ABORTED_MEMORY:
+            self.aborted.popitem(last=False)
+        p = self.active.get(rid)
+        if p is None:
+            return False
+        p.aborted = True
+        if not p.done.done():
+            p.done.set_exception(Aborted(f"request {rid!r} aborted"))
+        self.worker.call(lambda eng: eng.abort(rid))  # queued, computing or held for export
+        if self.streamer is not None:  # its layers may be on their way already
+            self.streamer.cancel(rid, "aborted by the router")
+        if p.stream is not None:
+            p.stream.abort("aborted by the router")
+        return True
+
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Prefill, export from ``token_start``, ship to the decode node; ValueError on bad input,
-        TransferError / TimeoutError when the KV did not arrive."""
+        TransferError / TimeoutError when the KV did not arrive, Aborted when aborted meanwhile."""
+        rid = req.request_id
+        if rid in self.aborted:
+            raise Aborted(f"request {rid!r} was aborted")
+        if rid in self.active:
+            raise ValueError(f"request {rid!r} is already being prefilled")
+        p = self.active[rid] = _Prefill(asyncio.get_running_loop().create_future())
+        try:
+            return await self._prefill(req, p)
+        except Exception:
+            if p.aborted:
+                raise Aborted(f"request {rid!r} aborted") from None
+            raise
+        finally:
+            del self.active[rid]
+
+    async def _prefill(self, req: PrefillRequest, p: _Prefill) -> PrefillResult:
         rid, prompt, token_start = req.request_id, req.prompt_token_ids, req.token_start
         params = engine_params(req.params)
         # the prefill node samples nothing (it computes all prompt tokens but the last; the decode
@@ -110,9 +191,11 @@ class PrefillSide:
         if dst in self.link_down:
             raise TransferError(f"link {self.cluster.name}->{dst} is down")
         loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
+        done = p.done
         marks: dict[str, float | None] = {}
         on_cuda = self.worker.engine.device.type == "cuda"
+        streamer = self.streamer
+        handed: dict[str, Any] = {}
 
         def on_out(out: RequestOutput) -> None:  # engine thread, right after the step
             if out.finished:
@@ -123,6 +206,12 @@ class PrefillSide:
 
                     torch.cuda.synchronize(self.worker.engine.device)
                     marks["synced"] = time.time()
+                if streamer is not None and out.finish_reason == "prefilled":
+                    try:  # the layers are on their way; sends it whole if none was computed
+                        handed["st"] = streamer.handoff(rid)
+                    except Exception as e:  # noqa: BLE001 - reported on the route's thread
+                        handed["error"] = e
+                    handed["at"] = time.time()
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_result(out))
 
         def add(eng: LLMEngine) -> None:
@@ -134,31 +223,56 @@ class PrefillSide:
                 raise
 
         t0 = time.time()
-        await self.worker.acall(add)
+        if streamer is not None:  # before the request can run: its first layers may be last
+            self._routes.cluster_of[peer] = dst
+            # connect now, not on the engine thread when the first layer is ready
+            await asyncio.to_thread(self._sender(dst).session, peer)
+            streamer.expect(rid, peer)
         try:
-            out: RequestOutput = await asyncio.wait_for(asyncio.shield(done), timeout)
-        except TimeoutError:
-            await self.worker.acall(lambda eng: eng.abort(rid))
-            raise
-        if out.finish_reason != "prefilled":
-            raise TransferError(f"prefill of {rid} ended with {out.finish_reason!r}")
-        t_prefill = time.time()
-
-        def export(eng: LLMEngine):  # noqa: ANN202
+            await self.worker.acall(add)
             try:
-                return eng.export_request(rid, token_start)
-            finally:
-                eng.release(rid)
+                out: RequestOutput = await asyncio.wait_for(asyncio.shield(done), timeout)
+            except BaseException:  # timed out, aborted, or this route cancelled
+                self.worker.unsubscribe(rid)
+                self.worker.call(lambda eng: eng.abort(rid))
+                raise
+            if out.finish_reason != "prefilled":
+                raise TransferError(f"prefill of {rid} ended with {out.finish_reason!r}")
+            if "error" in handed:
+                raise handed["error"]
+        except BaseException:
+            if streamer is not None:
+                streamer.cancel(rid)
+            raise
+        t_prefill = time.time()
+        streamed: StreamedRequest | None = handed.get("st")
+        if streamed is not None:
+            stream, t_export = streamed.stream, handed["at"]
+            payload = stream.wire_header.payload_nbytes
+        else:
 
-        exp = await self.worker.acall(export)
-        t_export = time.time()
-        if dst in self.link_down:
-            raise TransferError(f"link {self.cluster.name}->{dst} is down")
-        sender = self._sender(dst)
-        # thread-safe: concurrent opens keep id order
-        stream = await asyncio.to_thread(sender.send_export, peer, exp)
+            def export(eng: LLMEngine):  # noqa: ANN202
+                try:
+                    return eng.export_request(rid, token_start)
+                finally:
+                    eng.release(rid)
+
+            exp = await self.worker.acall(export)
+            t_export = time.time()
+            payload = exp.nbytes()
+            if dst in self.link_down:
+                raise TransferError(f"link {self.cluster.name}->{dst} is down")
+            if p.aborted:
+                raise Aborted(f"request {rid!r} aborted")
+            # thread-safe: concurrent opens keep id order
+            stream = await asyncio.to_thread(self._sender(dst).send_export, peer, exp)
+        p.stream = stream
+        if p.aborted:  # aborted while the stream opened
+            stream.abort("aborted by the router")
         self.peers.setdefault(dst, set()).add(peer)
         self.inflight.setdefault(dst, set()).add(stream)
+        if dst in self.link_down:  # cut while it was streaming
+            stream.abort("link cut")
         try:
             st = await asyncio.to_thread(stream.wait, timeout)
         finally:
@@ -172,7 +286,7 @@ class PrefillSide:
             prompt_tokens=len(prompt),
             cached_tokens=out.num_cached_tokens,
             token_start=token_start,
-            payload_bytes=exp.nbytes(),
+            payload_bytes=payload,
             wire_bytes=st.total_bytes,
             prefill_s=t_prefill - t0,
             transfer_s=(st.acked_at or time.time()) - st.opened_at,

@@ -50,7 +50,7 @@ class NodeCacheEvents:
     def sync(self, engine: LLMEngine) -> None:
         """Turn the difference since the last call into events (checkpoints resident, pool puts)."""
         cache = engine.cache
-        now = set(cache.checkpoints.by_hash)
+        now = cache.checkpoint_hashes()
         self._add("add", "node", list(now - self._resident))
         self._add("drop", "node", list(self._resident - now))
         self._resident = now

@@ -8,11 +8,13 @@ import os
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from prfaas.server.node.decode import Aborted as DecodeAborted
 from prfaas.server.node.decode import Overloaded
 from prfaas.server.node.metrics import node_registry
+from prfaas.server.node.prefill import Aborted as PrefillAborted
 from prfaas.server.protocol import (
     AbortResult,
     DecodeRequest,
@@ -26,6 +28,7 @@ from prfaas.server.protocol import (
     PrefixCopy,
     PrefixRequest,
 )
+from prfaas.server.streaming import ClosingStreamingResponse
 from prfaas.transfer.errors import TransferError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,6 +87,8 @@ def build_node_app(node: NodeServer) -> FastAPI:
             return _ok(await node.prefill.prefill(req))
         except ValueError as e:
             return _err(400, "bad_request", str(e))
+        except PrefillAborted as e:
+            return _err(409, "aborted", str(e))
         except (TransferError, OSError, TimeoutError) as e:
             node.counters.prefill_failures += 1
             return _err(503, "transfer_failed", f"{type(e).__name__}: {e}")
@@ -99,8 +104,13 @@ def build_node_app(node: NodeServer) -> FastAPI:
             return _err(400, "bad_request", str(e))
         except Overloaded as e:
             return _err(503, "overloaded", str(e))
-        return StreamingResponse(
-            node.decode.stream(exp, token_start), media_type="application/x-ndjson"
+        except DecodeAborted as e:
+            return _err(409, "aborted", str(e))
+        # the router going away (or the stream ending any way) drops the request here
+        return ClosingStreamingResponse(
+            node.decode.stream(exp, token_start),
+            on_close=lambda completed: node.decode.drop(exp),
+            media_type="application/x-ndjson",
         )
 
     @app.get("/internal/cache_events")
@@ -128,6 +138,7 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/abort/{rid}")
     async def abort(rid: str) -> Response:
-        return _ok(AbortResult(aborted=node.decode.abort(rid)))
+        held = node.prefill.abort(rid) if role == "prefill" else node.decode.abort(rid)
+        return _ok(AbortResult(aborted=held))
 
     return app

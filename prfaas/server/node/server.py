@@ -16,9 +16,9 @@ from typing import Any
 
 from prfaas.engine import LLMEngine
 from prfaas.server.config import DeployConfig
-from prfaas.server.kv_layout import layout_for_engine
 from prfaas.server.node.decode import DecodeSide
 from prfaas.server.node.engine_worker import EngineWorker
+from prfaas.server.node.kv_layout import layout_for_engine
 from prfaas.server.node.prefill import PrefillSide
 from prfaas.server.node.prefix_pool import PrefixPool
 from prfaas.server.node.routes import build_node_app
