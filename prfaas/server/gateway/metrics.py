@@ -14,6 +14,9 @@ capacity, prefix hit rate, the routing threshold.  The nodes serve their own ``/
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -130,3 +133,23 @@ class RouterMetrics:
         self.threshold = Gauge(
             "prfaas_routing_threshold_tokens", "Current routing threshold t", registry=r
         )
+
+    def observe_request(self, gen: Any) -> None:
+        """A response is over: its latencies and token counts (``gen``: a ``Generation``)."""
+        now = time.monotonic()
+        name = self.model_name
+        if gen.first_token_at is not None:
+            ttft = gen.first_token_at - gen.arrival
+            self.ttft.labels(gen.route.prefill_cluster).observe(ttft)
+            self.v_ttft.labels(name).observe(ttft)
+            if gen.num_tokens > 1:
+                tpot = (now - gen.first_token_at) / (gen.num_tokens - 1)
+                self.tpot.observe(tpot)
+                self.v_tpot.labels(name).observe(tpot)
+        self.v_prompt.labels(name).inc(gen.prompt_tokens)
+        self.v_gen.labels(name).inc(gen.num_tokens)
+        if gen.finish_reason is not None:  # vLLM counts the requests that finished
+            self.v_success.labels(name, gen.finish_reason).inc()
+            self.v_e2e.labels(name).observe(now - gen.arrival)
+            self.v_prompt_hist.labels(name).observe(gen.prompt_tokens)
+            self.v_gen_hist.labels(name).observe(gen.num_tokens)

@@ -223,24 +223,7 @@ class Router:
     def release(self, gen: Generation, outcome: str) -> None:
         self.admission.release(outcome)
         self.live.decode_active[gen.route.decode_node] -= 1
-        m = self.metrics
-        now = time.monotonic()
-        name = m.model_name
-        if gen.first_token_at is not None:
-            ttft = gen.first_token_at - gen.arrival
-            m.ttft.labels(gen.route.prefill_cluster).observe(ttft)
-            m.v_ttft.labels(name).observe(ttft)
-            if gen.num_tokens > 1:
-                tpot = (now - gen.first_token_at) / (gen.num_tokens - 1)
-                m.tpot.observe(tpot)
-                m.v_tpot.labels(name).observe(tpot)
-        m.v_prompt.labels(name).inc(gen.prompt_tokens)
-        m.v_gen.labels(name).inc(gen.num_tokens)
-        if gen.finish_reason is not None:  # vLLM counts the requests that finished
-            m.v_success.labels(name, gen.finish_reason).inc()
-            m.v_e2e.labels(name).observe(now - gen.arrival)
-            m.v_prompt_hist.labels(name).observe(gen.prompt_tokens)
-            m.v_gen_hist.labels(name).observe(gen.num_tokens)
+        self.metrics.observe_request(gen)
 
     def nodes_info(self) -> list[dict[str, Any]]:
         return self.live.nodes_info()

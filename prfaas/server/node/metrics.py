@@ -39,11 +39,21 @@ from prfaas.server.protocol import NodeState
 
 class NodeCollector(Collector):
     def __init__(
-        self, state: Callable[[], NodeState], model_name: str, preemptions: Callable[[], int]
+        self,
+        state: Callable[[], NodeState],
+        model_name: str,
+        preemptions: Callable[[], int],
+        exclude: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.state, self.model_name, self.preemptions = state, model_name, preemptions
+        self.exclude = exclude
 
     def collect(self) -> Iterator[Metric]:
+        for m in self._collect():
+            if m.name not in self.exclude:
+                yield m
+
+    def _collect(self) -> Iterator[Metric]:
         s = self.state()
         keys = ["model_name", "engine", "cluster", "role"]
         vals = [self.model_name, s.name, s.cluster, s.role]
