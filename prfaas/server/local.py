@@ -161,4 +161,4 @@ class LocalBackend:
 
     def release(self, gen: Generation, outcome: str) -> None:
         self.admission.release(outcome)
-        self.metrics.observe_request(gen)
+        self.metrics.observe_request(gen, outcome)

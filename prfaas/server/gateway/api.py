@@ -54,6 +54,7 @@ from prfaas.server.gateway.openai_protocol import (
     from_validation_error,
     to_generation,
 )
+from prfaas.server.gateway.request_log import quiet_http_clients
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.server.protocol import TokenLogprobMsg
@@ -126,8 +127,11 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
+        quiet_http_clients()
         await router.start()
+        throughput = asyncio.create_task(router.metrics.log.run(lambda: router.admission.inflight))
         yield
+        throughput.cancel()
         await router.stop()
 
     app = FastAPI(title="prfaas gateway", version=prfaas_version(), lifespan=lifespan)

@@ -19,6 +19,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from prfaas.server.gateway.request_log import RequestLog
+
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # vLLM's buckets
 _TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -31,6 +33,7 @@ class RouterMetrics:
     def __init__(self, model_name: str = "") -> None:
         r = self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.log = RequestLog()  # one line per request, periodic throughput
         m = ["model_name"]
         self.v_ttft = Histogram(
             "vllm:time_to_first_token_seconds", "Time to first token", m, buckets=_TTFT, registry=r
@@ -134,8 +137,10 @@ class RouterMetrics:
             "prfaas_routing_threshold_tokens", "Current routing threshold t", registry=r
         )
 
-    def observe_request(self, gen: Any) -> None:
-        """A response is over: its latencies and token counts (``gen``: a ``Generation``)."""
+    def observe_request(self, gen: Any, outcome: str = "ok") -> None:
+        """A response is over: its latencies and token counts (``gen``: a ``Generation``), and
+        its log line."""
+        self.log.on_request(gen, outcome)
         now = time.monotonic()
         name = self.model_name
         if gen.first_token_at is not None:

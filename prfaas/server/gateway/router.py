@@ -223,7 +223,7 @@ class Router:
     def release(self, gen: Generation, outcome: str) -> None:
         self.admission.release(outcome)
         self.live.decode_active[gen.route.decode_node] -= 1
-        self.metrics.observe_request(gen)
+        self.metrics.observe_request(gen, outcome)
 
     def nodes_info(self) -> list[dict[str, Any]]:
         return self.live.nodes_info()
