@@ -226,3 +226,45 @@ def test_cancelled_requests_release_everything(url):
     again = complete(url, rand_prompt(0, 700), max_tokens=4)
     assert again.status_code == 200
     assert again.json()["prfaas"]["token_ids"] == p["token_ids"]
+
+
+# ------------------------------------------------------------------------ isolation
+
+
+def test_tiny_sampling_values_are_greedy_and_harm_no_batch_mate(url):
+    """temperature=1e-320 / top_p=1e-300 (valid values) answer like greedy sampling, and the
+    requests decoded alongside them are unaffected."""
+    prompts = [rand_prompt(300 + i, 40) for i in range(4)]
+    greedy = [complete(url, p, max_tokens=12, ignore_eos=True).json() for p in prompts]
+    odd = [
+        {"temperature": 1e-320},
+        {"temperature": 1e-320, "top_p": 1e-300},
+        {"temperature": 1.0, "top_p": 1e-300, "seed": 7},
+        {},
+    ]
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/completions",
+                        json={
+                            "model": "tiny",
+                            "prompt": p,
+                            "max_tokens": 12,
+                            "ignore_eos": True,
+                            "temperature": 0,
+                            **kw,
+                        },
+                    )
+                    for p, kw in zip(prompts, odd, strict=True)
+                )
+            )
+
+    for r, want in zip(asyncio.run(main()), greedy, strict=True):
+        assert r.status_code == 200, r.text
+        b = r.json()
+        assert b["choices"][0]["finish_reason"] == "length"
+        assert b["prfaas"]["token_ids"] == want["prfaas"]["token_ids"]
+    assert_nothing_held(url)

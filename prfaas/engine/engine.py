@@ -346,7 +346,14 @@ class LLMEngine:
                 continue
             if req.num_computed < req.num_tokens:
                 continue  # mid-prefill chunk
-            outs.append(self._append_token(req, self._sample(req, lg, top)))
+            try:
+                tok = self._sample(req, lg, top)
+            except Exception as e:  # noqa: BLE001 - this request ends with the error, alone
+                req.error = f"sampling failed: {type(e).__name__}: {e}"
+                self._finish(req, "error")
+                outs.append(self._output(req))
+                continue
+            outs.append(self._append_token(req, tok))
         return outs
 
     def _inputs(self, batch: list[tuple[Request, int]], ahead: bool = False) -> list[SeqInput]:
@@ -576,7 +583,11 @@ class LLMEngine:
             self.cache.close(seq)
             raise CacheFull("no cache blocks free for an imported request")
         self.cache.reserve(seq, len(prompt) + 1)
-        write_import(self.cache, seq, exp)
+        try:
+            write_import(self.cache, seq, exp)
+        except BaseException:
+            self.cache.close(seq)  # nothing of the request stays behind
+            raise
         seed = h.meta.get("seed", self.config.seed)
         req = Request(rid, prompt, params, seed)
         req.sampler.seed = params.seed if params.seed is not None else seed

@@ -11,16 +11,26 @@ top-p, min-p and a seeded draw.
 ``logprobs`` (an integer k): each sampled token comes with its log-probability and the k most
 likely tokens', from ``log_softmax`` of the model's raw logits at that position (before any of
 the processing above: vLLM's default ``raw_logprobs``); -inf is reported as -9999.0.
+
+Numerically safe for every valid value: a temperature below ``SAMPLING_EPS`` samples greedily
+(dividing by it would overflow the logits), top-p always keeps the most likely token, and a
+distribution that is not finite (NaN logits) raises :class:`SamplingError` for that request alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 LOGPROB_FLOOR = -9999.0
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does)
+
+
+class SamplingError(RuntimeError):
+    """One request's token could not be drawn (its logits are not a distribution)."""
 
 
 @dataclass
@@ -41,8 +51,12 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's and the top k
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if (
+            not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
@@ -71,7 +85,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
     def processes_logits(self) -> bool:
@@ -149,7 +163,10 @@ class Sampler:
             logits = self.process(logits, prompt, output, stop_ids)
         if p.greedy:
             return int(torch.argmax(logits))
-        x = logits.float().cpu() / p.temperature
+        x = logits.float().cpu()
+        if bool(torch.isnan(x).any()) or bool(torch.isposinf(x).any()):
+            raise SamplingError("the logits are not finite")
+        x = x / p.temperature  # >= SAMPLING_EPS: finite (-inf: tokens the processing banned)
         if p.top_k > 0:
             kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -157,12 +174,16 @@ class Sampler:
         if p.top_p < 1.0:
             sp, idx = torch.sort(probs, descending=True)
             keep = torch.cumsum(sp, 0) - sp < p.top_p  # smallest set reaching top_p
+            keep[0] = True  # the most likely token, whatever rounding did
             sp = sp * keep
             probs = torch.zeros_like(probs).scatter_(0, idx, sp)
         if p.min_p > 0:
             probs = probs * (probs >= p.min_p * probs.max())
+        total = probs.sum()
+        if not bool(torch.isfinite(total)) or float(total) <= 0:
+            raise SamplingError(f"no token left to sample (probability mass {float(total)})")
         self.gen.manual_seed((self.seed * 1_000_003 + index) & 0x7FFF_FFFF_FFFF_FFFF)
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=self.gen))
+        return int(torch.multinomial(probs / total, 1, generator=self.gen))
 
     def logprobs(self, logits: torch.Tensor, token: int) -> TokenLogprob:
         """``token``'s log-probability under the raw ``logits`` and the top ``params.logprobs``."""

@@ -161,10 +161,13 @@ class TokenEvent(Message):
 
 
 class ErrorEvent(Message):
-    """The decode failed or was aborted: the stream ends."""
+    """The decode failed or was aborted: the stream ends.  ``code``: ``request_failed`` (this
+    request alone failed in the engine: sampling, import), ``aborted`` (by the router),
+    ``decode_failed`` (anything else: the node's engine step failed, ...)."""
 
     event: Literal["error"] = "error"
     message: str
+    code: Literal["request_failed", "aborted", "decode_failed"] = "decode_failed"
 
 
 DecodeEvent = Annotated[

@@ -302,8 +302,8 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         except BaseException as e:
             err = _first_error(e)
             if isinstance(err, DecodeFailed):
-                outcome = "decode_failed"
-                raise APIError(502, str(err), "server_error", code="decode_node_failed") from None
+                outcome = _failed_outcome(err)
+                raise err.api_error() from None
             raise err from None
         finally:
             for c in choices:
@@ -350,6 +350,11 @@ def _first_error(e: BaseException) -> BaseException:
         leaves = [_first_error(x) for x in e.exceptions]
         return next((x for x in leaves if not isinstance(x, asyncio.CancelledError)), leaves[0])
     return e
+
+
+def _failed_outcome(e: DecodeFailed) -> str:
+    """The ``prfaas_requests_total`` outcome of a decode that failed."""
+    return "request_failed" if e.code == "request_failed" else "decode_failed"
 
 
 def _chat_prompt(chat_format: Any, messages: list[dict[str, Any]]) -> list[int]:
@@ -449,8 +454,8 @@ async def _sse(
         while left:
             c, ev = await queue.get()
             if isinstance(ev, DecodeFailed):
-                outcome = "decode_failed"
-                err = APIError(502, str(ev), "server_error", code="decode_node_failed")
+                outcome = _failed_outcome(ev)
+                err = ev.api_error()
                 yield _sse_line({**err.body(), "prfaas": _prfaas_field(c.gen, c.asm.ids)})
                 break
             if c.done:

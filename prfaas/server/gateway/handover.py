@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from prfaas.server.gateway.router import Router
 
 log = logging.getLogger("prfaas.server.router")
+FINISH_REASONS = ("stop", "length")  # OpenAI's; anything else from a node is a failure
 
 
 @dataclass
@@ -91,7 +92,18 @@ class RouteInfo:
 
 
 class DecodeFailed(Exception):
-    """The decode node of a request failed mid-request."""
+    """The decode of a request failed mid-request: ``code`` ``request_failed`` (the request alone
+    failed in the engine), else the decode node failed (``decode_failed``, ``aborted``)."""
+
+    def __init__(self, message: str, code: str = "decode_failed") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+    def api_error(self) -> APIError:
+        """The client's error: 500 ``request_failed`` or 502 ``decode_node_failed``."""
+        if self.code == "request_failed":
+            return APIError(500, self.message, "server_error", code="request_failed")
+        return APIError(502, self.message, "server_error", code="decode_node_failed")
 
 
 class DecodeStream:
@@ -189,9 +201,11 @@ class Generation:
         while not self.finished:
             ev = await self.stream.next()
             if isinstance(ev, ErrorEvent):
-                raise DecodeFailed(ev.message)
+                raise DecodeFailed(ev.message, ev.code)
             if not isinstance(ev, TokenEvent) or not (ev.token_ids or ev.finished):
                 continue  # the import's own output carries no token: nothing for the client yet
+            if ev.finished and ev.finish_reason not in FINISH_REASONS:
+                raise DecodeFailed(f"the decode ended with {ev.finish_reason!r}")
             if ev.token_ids and self.first_token_at is None:
                 self.first_token_at = time.monotonic()
                 self.route.timings["first_token_seen"] = time.time()
@@ -284,12 +298,8 @@ async def prefill_and_handover(
             continue
         if not isinstance(ev, KVEvent):
             msg = getattr(ev, "message", None) or str(ev)
-            raise APIError(
-                502,
-                f"decode node {route.decode_node}: {msg}",
-                "server_error",
-                code="decode_node_failed",
-            )
+            code = ev.code if isinstance(ev, ErrorEvent) else "decode_failed"
+            raise DecodeFailed(f"decode node {route.decode_node}: {msg}", code).api_error()
         break
     _record(router, info, prompt, decision, ep, res, ev, route)
 

@@ -41,6 +41,7 @@ from prfaas.transfer.registry import create_receiver
 log = logging.getLogger("prfaas.server.node")
 
 
+FINISH_REASONS = ("stop", "length")  # what a finished decode may end with (OpenAI's)
 ABORTED_MEMORY = 4096  # aborted request ids remembered (an open may arrive after its abort)
 
 
@@ -69,6 +70,14 @@ class Expectation:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
 
     def on_output(self, out: RequestOutput) -> None:  # engine thread
+        if out.finished and out.finish_reason not in FINISH_REASONS:
+            # the request failed in the engine (or its engine step did): an error, never a
+            # truncated answer with a made-up finish reason
+            self.finished = True
+            code = "request_failed" if out.finish_reason == "error" else "decode_failed"
+            msg = out.error or f"the engine ended the request ({out.finish_reason})"
+            self.push(ErrorEvent(message=f"{msg}", code=code))
+            return
         new = out.token_ids[self.sent :]
         first_at = None
         m = out.metrics
@@ -205,7 +214,7 @@ class DecodeSide:
             self.aborted.popitem(last=False)
         exp = self.expect.get(rid)
         if exp is not None:
-            exp.push(ErrorEvent(message="aborted by the router"))
+            exp.push(ErrorEvent(message="aborted by the router", code="aborted"))
             self.drop(exp)
         return exp is not None
 
@@ -233,6 +242,15 @@ class DecodeSide:
             self.counters.import_errors += 1
             d.release()
             exp.push(KVErrorEvent(message=str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            log.exception("import of %s failed", h.request_id)
+            self.counters.import_errors += 1
+            d.release()
+            exp.finished = True
+            exp.push(
+                ErrorEvent(message=f"import failed: {type(e).__name__}: {e}", code="request_failed")
+            )
             return
         # the import copied the KV into the cache (synchronously): the receive buffer goes back
         # to the receiver's pool, where the next request reuses it (pinned on GPU nodes)

@@ -1,0 +1,132 @@
+"""One bad request never harms another (issue #18, point 2): the sampler is numerically safe for
+every valid value; a request whose sampling fails ends alone with an error, its batch-mates
+produce exactly what they produce without it; a decode node reports a failed request as an error
+event (never a truncated answer with a made-up finish reason), and the gateway answers it with an
+OpenAI error object."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from prfaas import EngineConfig, LLMEngine, SamplingParams
+from prfaas.engine.request import RequestOutput
+from prfaas.engine.sampling import Sampler, SamplingError
+from prfaas.server.gateway.handover import DecodeFailed
+from prfaas.server.node.decode import Expectation
+from prfaas.server.protocol import ErrorEvent, TokenEvent
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------ the sampler
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 1e-320},
+        {"temperature": 5e-324, "seed": 3},
+        {"temperature": 1e-6, "top_p": 1e-300},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 2.0, "top_p": 5e-324, "top_k": 2**62},
+        {"temperature": 0.7, "top_k": 1},
+    ],
+)
+def test_tiny_values_sample_the_most_likely_token(kw):
+    """Tiny temperatures are greedy; a tiny top_p keeps only the most likely token."""
+    logits = torch.randn(256, generator=torch.Generator().manual_seed(1)) * 30
+    s = Sampler(SamplingParams(**kw), default_seed=0)
+    assert [s.sample(logits, i) for i in range(5)] == [int(logits.argmax())] * 5
+
+
+def test_extreme_logits_still_sample():
+    x = torch.full((256,), -1e30)
+    x[7] = 1e30
+    s = Sampler(SamplingParams(temperature=1e-5, top_p=0.5), default_seed=0)
+    assert s.sample(x, 0) == 7
+    s = Sampler(SamplingParams(temperature=2.0), default_seed=0)
+    assert s.sample(torch.zeros(256), 0) in range(256)
+    with pytest.raises(SamplingError):
+        s.sample(torch.full((256,), float("nan")), 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-9])
+def test_non_finite_temperature_is_refused(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=bad)
+
+
+# ------------------------------------------------------------------------ the engine step
+
+
+def run(eng: LLMEngine, reqs: dict[str, tuple[list[int], SamplingParams]]) -> dict:
+    for rid, (p, sp) in reqs.items():
+        eng.add_request(p, sp, rid)
+    got: dict[str, RequestOutput] = {}
+    for _ in range(1000):
+        if not eng.has_unfinished():
+            break
+        for o in eng.step():
+            if o.finished:
+                got[o.request_id] = o
+    return got
+
+
+def test_a_failing_sampler_ends_its_request_alone(tiny_model):
+    sp = SamplingParams(temperature=0.8, seed=4, max_tokens=10, ignore_eos=True)
+    mates = {f"ok{i}": (prompt(i, 30 + 20 * i), sp) for i in range(3)}
+    alone = run(LLMEngine(EngineConfig(model="tiny"), model=tiny_model), dict(mates))
+
+    eng = LLMEngine(EngineConfig(model="tiny"), model=tiny_model)
+    eng.add_request(prompt(9, 40), sp, "bad")
+    bad = eng.requests["bad"]
+
+    def boom(logits: torch.Tensor, index: int) -> int:
+        if index == 3:
+            raise RuntimeError("injected sampling failure")
+        return Sampler.sample(bad.sampler, logits, index)
+
+    bad.sampler.sample = boom
+    got = run(eng, dict(mates))
+    assert got["bad"].finish_reason == "error" and "injected" in got["bad"].error
+    assert len(got["bad"].token_ids) == 3
+    for rid, o in alone.items():  # batch-mates: token for token what they produce alone
+        assert (got[rid].token_ids, got[rid].finish_reason) == (o.token_ids, "length")
+    assert not eng.has_unfinished() and eng.cache.usage() == 0
+
+
+# ------------------------------------------------------------------------ node and gateway
+
+
+def test_decode_node_reports_a_failed_request_as_an_error_event():
+    async def main() -> list:
+        q: asyncio.Queue = asyncio.Queue()
+        exp = Expectation("r", SamplingParams(), asyncio.get_running_loop(), q)
+        base = {"request_id": "r", "prompt_token_ids": [1], "num_cached_tokens": 0}
+        exp.on_output(RequestOutput(token_ids=[5], finished=False, finish_reason=None, **base))
+        exp.on_output(
+            RequestOutput(
+                token_ids=[5, 6], finished=True, finish_reason="error", error="boom", **base
+            )
+        )
+        await asyncio.sleep(0.05)
+        return [q.get_nowait() for _ in range(q.qsize())]
+
+    tok, err = asyncio.run(main())
+    assert isinstance(tok, TokenEvent) and tok.token_ids == [5]
+    assert isinstance(err, ErrorEvent) and err.code == "request_failed" and err.message == "boom"
+
+
+def test_gateway_errors_are_openai_error_objects():
+    e = DecodeFailed("sampling failed", "request_failed").api_error()
+    assert e.status == 500 and e.body()["error"]["code"] == "request_failed"
+    assert e.body()["error"]["type"] == "server_error"
+    e = DecodeFailed("node gone").api_error()
+    assert e.status == 502 and e.body()["error"]["code"] == "decode_node_failed"
