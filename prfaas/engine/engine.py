@@ -379,6 +379,8 @@ class LLMEngine:
             return argmax
         if p.greedy and not p.processes_logits:
             tok = argmax
+        elif not p.processes_logits:
+            tok = req.sampler.sample(logits, len(req.output))
         else:
             tok = req.sampler.sample(
                 logits, len(req.output), req.prompt, req.output, self._stop_ids(p)
