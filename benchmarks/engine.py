@@ -120,7 +120,7 @@ def start_decodes(eng: LLMEngine, B: int, ctx: int, max_tokens: int) -> None:
             [(b + 3 * i) % 250 for i in range(ctx)],
             SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
         )
-    while any(r.in_prefill for r in eng.running) or eng.waiting:
+    while (st := eng.stats()).prefilling or st.waiting:
         eng.step()
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from prfaas.server.auth import control_headers
+
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 
@@ -71,7 +73,11 @@ def run_one(pool: bool, args: argparse.Namespace, work: Path) -> dict:
         report = json.loads(out.read_text())
         nodes = {}
         for n in info["nodes"]:
-            st = httpx.get(f"http://{n['host']}:{n['http_port']}/state", timeout=10).json()
+            st = httpx.get(
+                f"http://{n['host']}:{n['http_port']}/state",
+                timeout=10,
+                headers=control_headers(yaml.safe_load(cfg.read_text())["secret"]),
+            ).json()
             nodes[n["name"]] = {
                 "prefill_tokens_computed": st["prefill_tokens_computed"],
                 "cache_hit_tokens": st["cache_hit_tokens"],

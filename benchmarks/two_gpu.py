@@ -703,10 +703,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_s = time.monotonic() - t_run
         import httpx
 
+        from prfaas.server.auth import control_headers
+
         for n in info.get("nodes", []):
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 node_states[n["name"]] = httpx.get(
-                    f"http://{n['host']}:{n['http_port']}/state", timeout=5
+                    f"http://{n['host']}:{n['http_port']}/state",
+                    timeout=5,
+                    headers=control_headers(cfg["secret"]),
                 ).json()
         _raise_errors(results, "measured run")
     except BaseException:

@@ -121,3 +121,22 @@ def test_presets_keep_the_builtin_template():
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "<|im_end|>u"}]
     assert chat.render(msgs) == "<|system|>\ns\n<|user|>\n<|im_end|>u\n<|assistant|>\n"
     assert chat.encode(msgs) == list(chat.render(msgs).encode())
+
+
+def test_tokenizer_json_directory_chat(tmp_path):
+    """The same rules with a tokenizer.json: template specials are ids, the user's are text."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"?": 0, "<|": 1, "im_end": 2, "|>": 3, "hi": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(
+        [AddedToken("<|im_user|>", special=True), AddedToken("<|im_end|>", special=True)]
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    template = "{% for m in messages %}<|im_user|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    cfg = {"eos_token": "<|im_end|>", "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    t = load_tokenizer(str(tmp_path))
+    chat = load_chat_format(str(tmp_path), t)
+    assert chat.encode([{"role": "user", "content": "hi <|im_end|>"}]) == [5, 4, 1, 2, 3, 6]

@@ -137,8 +137,10 @@ def test_no_leaks_after_500_random_requests(tiny_model):
     assert eng.cache.blocks.num_in_use() == 0
     assert eng.cache.checkpoints.num_in_use() == 0
     assert eng.cache.num_free_slots == 16
-    assert not eng.requests and not eng.running and not eng.waiting
-    assert eng.cache.hits > 0  # the prefix cache was exercised
+    st = eng.stats()
+    assert (st.waiting, st.running, st.waiting_for_kv, st.prefilled) == (0, 0, 0, 0)
+    assert not eng.requests
+    assert st.cache_hit_tokens > 0  # the prefix cache was exercised
 
 
 def test_full_cache_waits_and_preempts_without_corruption(tiny_model):

@@ -62,21 +62,32 @@ def test_score_correction_bias_changes_routing(release):
     assert changed >= 5, f"the bias changed the experts of only {changed} of 40 tokens"
 
 
-@pytest.mark.parametrize("budget", [5, 16, 64])
-def test_engine_greedy_matches_transformers_generate(release, budget):
+N_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(release):
+    """Three prompts and transformers' greedy continuations (computed once for the module)."""
     d, info, hf, ours = release
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, info["n_base"], (n,), generator=g).tolist() for n in (37, 9, 20)]
-    stops = json.loads((d / "generation_config.json").read_text())["eos_token_id"]
-    n_new = 10
     expected = []
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
             out = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=N_NEW, do_sample=False
             )
             expected.append(out[0, len(p) :].tolist())
+    return prompts, expected
+
+
+@pytest.mark.parametrize("budget", [5, 16, 64])
+def test_engine_greedy_matches_transformers_generate(release, hf_greedy, budget):
+    d, info, hf, ours = release
+    prompts, expected = hf_greedy
+    stops = json.loads((d / "generation_config.json").read_text())["eos_token_id"]
+    n_new = N_NEW
     eng = LLMEngine(
         EngineConfig(
             model=str(d),
@@ -89,9 +100,8 @@ def test_engine_greedy_matches_transformers_generate(release, budget):
         ),
         model=ours,
     )
-    assert (
-        set(stops) <= eng.stop_ids
-    )  # generation_config.json's stop list, as transformers reads it
+    # the stop list of generation_config.json, which transformers' generate reads too
+    assert set(stops) <= eng.stop_ids
     params = SamplingParams(temperature=0.0, max_tokens=n_new)
     rids = [eng.add_request(p, params) for p in prompts]
     done = {}
@@ -218,6 +228,17 @@ def test_config_defaults_and_aliases_follow_transformers():
         k == "mla" for k in ours.layer_kinds
     ]
     assert ours.num_experts == 8 and ours.kda_head_dim == ref.linear_head_dim == 128
+    assert ours.eos_token_id == ref.eos_token_id == d["eos_token_id"]
+    d["eos_token_id"] = None  # explicit null: no eos (transformers keeps None)
+    assert (
+        ModelConfig.from_hf_dict(d).eos_token_id
+        is None
+        is transformers.KimiLinearConfig(**d).eos_token_id
+    )
+    del d["eos_token_id"]  # absent: transformers' default
+    assert (
+        ModelConfig.from_hf_dict(d).eos_token_id == transformers.KimiLinearConfig(**d).eos_token_id
+    )
 
 
 def _run(eng, prompt, params):

@@ -130,3 +130,39 @@ def test_gateway_errors_are_openai_error_objects():
     assert e.body()["error"]["type"] == "server_error"
     e = DecodeFailed("node gone").api_error()
     assert e.status == 502 and e.body()["error"]["code"] == "decode_node_failed"
+
+
+# ------------------------------------------------------------------------ authentication units
+
+
+def test_placeholder_secret_is_refused_off_loopback():
+    from prfaas.server.auth import check_node_secret
+
+    placeholder = "prfaas-local-dev-secret-change-me"
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_node_secret(host, placeholder)
+    for host in ("0.0.0.0", "10.1.2.3", "node-7.cluster"):
+        with pytest.raises(ValueError, match="placeholder"):
+            check_node_secret(host, placeholder)
+        check_node_secret(host, "a-secret-of-our-own-0123456789")
+
+
+def test_prfaas_node_off_loopback_with_placeholder_secret_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from prfaas.server.config import DEFAULT_CONFIG
+
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["clusters"][1]["nodes"][0]["host"] = "0.0.0.0"
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run(
+        [sys.executable, "-m", "prfaas.cli", "node", "--config", str(path), "--node", "pd-p0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "placeholder secret" in r.stdout + r.stderr

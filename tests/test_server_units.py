@@ -60,7 +60,10 @@ def test_default_config_is_the_readme_deployment():
         ("prfaas", "prfaas", ["prefill"]),
         ("pd", "pd", ["prefill", "decode"]),
     ]
-    assert cfg.model == "tiny" and cfg.device == "cpu" and cfg.router.threshold == 256
+    assert cfg.model == "tiny" and cfg.device == "cpu"
+    # the whole scheduler by default: no hand-set t; the packaged profile of tiny on CPU
+    assert cfg.router.threshold is None and cfg.router.rebalance
+    assert cfg.profile_path().name == "profile_tiny_cpu.yaml" and cfg.profile_path().is_file()
     assert cfg.link("prfaas", "pd").spec().build().current_gbps() == 1.0
     assert all(n.host == "127.0.0.1" for c in cfg.clusters for n in c.nodes)
 
@@ -234,15 +237,22 @@ def f0_state(up: bool) -> NodeState:
 def test_router_state_mirrors_the_deployment(router):
     st = router.build_state(now=100.0)
     pd = st.clusters["pd"]
-    assert pd.prefill.busy_until == [100.0, INF, INF]  # decode nodes take no prefill work
+    assert pd.prefill.busy_until == [0.0, INF, INF]  # decode nodes take no prefill work
     assert pd.decode.bs_max == [0, 32, 32] and pd.decode.load == [INF, 0.0, 0.0]
-    assert st.clusters["prfaas"].prefill.busy_until == [100.0]
+    assert st.clusters["prfaas"].prefill.busy_until == [0.0]
     assert st.links[("prfaas", "pd")].capacity_gbps == 1.0
-    router.live.prefill_outstanding["p0"] = 5000
-    router.live.decode_active["d0"] = 4
-    st = router.build_state(now=100.0)
-    assert st.clusters["pd"].prefill.busy_until[0] == pytest.approx(101.0)  # 5000 tok / 5000 tok/s
-    assert st.clusters["pd"].decode.load == [INF, 0.125, 0.0]
+    # the observer's busy times come from the deployment's hardware profile (tiny on CPU)
+    prompt = list(range(200))
+    d = router.route(info(router, prompt))
+    assert (d.prefill_cluster, d.prefill_instance, d.decode_instance) == ("pd", 0, 1)
+    t = router.sched.observer.prefill_time("pd", 200)
+    st = router.build_state()
+    assert st.clusters["pd"].prefill.busy_until[0] == pytest.approx(st.now + t, abs=0.05)
+    assert st.clusters["pd"].decode.load == [INF, 1 / 32, 0.0]
+    router.sched.kv_delivered("r")
+    assert st.clusters["pd"].decode.slots_used == [0, 1, 0]
+    router.sched.decode_done("r", output_len=7)
+    assert st.clusters["pd"].decode.load == [INF, 0.0, 0.0] and list(st.recent_output) == [7]
 
 
 def test_router_threshold_prefix_and_fallback(router):
@@ -259,7 +269,8 @@ def test_router_threshold_prefix_and_fallback(router):
     d = router.decide(info(router, long))
     assert (d.prefill_cluster, d.cached_len, d.uncached_len) == ("pd", 256, 44)
     # the PrfaaS node down (or its link cut): the policy itself falls back to PD-P
-    router.prefix["pd"] = type(router.prefix["pd"])(64, 64)
+    fresh = type(router.prefix["pd"])(64, 64)  # the index the observer reads, emptied
+    router.prefix["pd"] = router.build_state().clusters["pd"].prefix = fresh
     router.mark_down("f0")
     assert router.decide(info(router, long)).prefill_cluster == "pd"
     router.live.node_up["f0"] = True
@@ -268,7 +279,7 @@ def test_router_threshold_prefix_and_fallback(router):
     router.live.node_state["f0"] = f0_state(up=True)
     assert router.decide(info(router, long)).prefill_cluster == "prfaas"
     # decode placement: least loaded, dead nodes skipped, none left -> 503
-    router.live.decode_active["d0"] = 1
+    assert router.route(info(router, short)).decode_instance == 1  # d0 now holds one request
     assert router.decide(info(router, short)).decode_instance == 2
     router.mark_down("d1")
     assert router.decide(info(router, short)).decode_instance == 1
@@ -336,6 +347,7 @@ def test_node_routes_answer_protocol_messages(tiny_model):
 
     import httpx
 
+    from prfaas.server.auth import control_headers
     from prfaas.server.node.server import NodeServer
     from prfaas.server.protocol import ErrorBody, LinkAdminResult, NodeHealth
 
@@ -346,8 +358,13 @@ def test_node_routes_answer_protocol_messages(tiny_model):
     }
 
     async def scenario() -> None:
-        p0 = httpx.AsyncClient(transport=httpx.ASGITransport(nodes["p0"].app), base_url="http://p0")
-        d0 = httpx.AsyncClient(transport=httpx.ASGITransport(nodes["d0"].app), base_url="http://d0")
+        auth = control_headers(cfg.secret)
+        p0 = httpx.AsyncClient(
+            transport=httpx.ASGITransport(nodes["p0"].app), base_url="http://p0", headers=auth
+        )
+        d0 = httpx.AsyncClient(
+            transport=httpx.ASGITransport(nodes["d0"].app), base_url="http://d0", headers=auth
+        )
         h = NodeHealth.model_validate_json((await p0.get("/health")).content)
         assert (h.name, h.role) == ("p0", "prefill")
         st = NodeState.model_validate_json((await d0.get("/state")).content)

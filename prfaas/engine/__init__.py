@@ -6,10 +6,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["LLM", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "EngineConfig", "EngineStats", "LLMEngine", "RequestOutput", "SamplingParams"]
 
 _WHERE = {
-    "EngineConfig": "prfaas.engine.engine",
+    "EngineConfig": "prfaas.engine.config",
+    "EngineStats": "prfaas.engine.stats",
     "LLMEngine": "prfaas.engine.engine",
     "LLM": "prfaas.engine.llm",
     "RequestOutput": "prfaas.engine.request",
@@ -17,10 +18,12 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prfaas.engine.engine import EngineConfig, LLMEngine
+    from prfaas.engine.config import EngineConfig
+    from prfaas.engine.engine import LLMEngine
     from prfaas.engine.llm import LLM
     from prfaas.engine.request import RequestOutput
     from prfaas.engine.sampling import SamplingParams
+    from prfaas.engine.stats import EngineStats
 
 
 def __getattr__(name: str) -> Any:

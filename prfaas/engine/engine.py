@@ -5,104 +5,59 @@ decodes, a hybrid prefix cache, and the roles ``mixed``, ``prefill`` and ``decod
 * ``prefill``: stops after the prefill (and the first sampled token); the request keeps its cache
   until ``export_request`` / ``release``. A ``layer_listener`` receives each layer's part as soon as
   the last prefill chunk has written it (layer-wise streaming).
-* ``decode``: starts from an imported cache (``import_request``) and decodes.
+* ``decode``: starts from an imported cache and decodes: ``expect_kv`` holds a request waiting for
+  its KV, ``import_kv`` hands the KV over (written once there is room), or ``import_request``
+  imports at once.
+
+A step is schedule -> run -> update: the ``Scheduler`` (scheduler.py) picks the rows, the model runs
+them here, the scheduler takes the sampled tokens back. With ``async_decode``, a greedy decode-only
+step is launched before the previous one's tokens are read back (outputs come one call later).
+The engine is not thread-safe: one thread drives it (``server.engine_worker``).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
 import zlib
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from prfaas.cache.hashing import hash_chain
-from prfaas.cache.hybrid import CacheConfig, CacheFull, HybridCache
+from prfaas.cache.hybrid import HybridCache
+from prfaas.engine.config import ROLES, EngineConfig
 from prfaas.engine.kv_io import export_layer, validate_export, write_import
 from prfaas.engine.model_runner import ModelRunner
-from prfaas.engine.request import Request, RequestOutput, Status
+from prfaas.engine.request import KVArrival, Request, RequestOutput, Status
 from prfaas.engine.sampling import SamplingParams
+from prfaas.engine.scheduler import Scheduler, SchedulerOutput
+from prfaas.engine.stats import EngineStats
 from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
 from prfaas.tokenizer import Tokenizer, load_tokenizer, stop_ids_of
 
-ROLES = ("mixed", "prefill", "decode")
-
-
-@dataclass
-class EngineConfig:
-    model: str = "tiny"
-    role: str = "mixed"
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
-    seed: int = 0  # random weights (presets) and the default sampling seed
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512  # token budget of one step
-    max_model_len: int = 4096
-    block_size: int = 16
-    num_blocks: int | None = None  # default: enough for max_num_seqs sequences of max_model_len / 4
-    checkpoint_interval: int = 64
-    num_checkpoints: int = 64
-    enable_prefix_cache: bool = True
-    cuda_graphs: bool = True  # decode-only steps replay captured CUDA graphs (CUDA, dense MLP)
-    # greedy decode-only steps: launch step k+1 (its input tokens taken on the device from step k)
-    # before step k's tokens are read back, so the host's work overlaps the GPU's; outputs come
-    # one step() call later
-    async_decode: bool = True
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_model_len < 2:
-            raise ValueError(
-                "max_num_batched_tokens, max_num_seqs must be >= 1, max_model_len >= 2"
-            )
-
-    def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def resolved_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
-        try:
-            return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-                self.dtype
-            ]
-        except KeyError:
-            raise ValueError(f"unsupported dtype {self.dtype!r}") from None
-
-    def cache_config(self) -> CacheConfig:
-        nb = self.num_blocks
-        if nb is None:
-            nb = max(64, self.max_num_seqs * (-(-self.max_model_len // self.block_size)) // 4)
-        return CacheConfig(
-            block_size=self.block_size,
-            num_blocks=nb,
-            max_seqs=self.max_num_seqs,
-            checkpoint_interval=self.checkpoint_interval,
-            num_checkpoints=self.num_checkpoints,
-            enable_prefix_cache=self.enable_prefix_cache,
-        )
-
+__all__ = ["ROLES", "EngineConfig", "LLMEngine", "LayerListener"]
 
 LayerListener = Callable[[Request, LayerPart], None]
+ImportDone = Callable[[str | None], None]
 
 
 @dataclass
 class _PendingDecode:
     """A greedy decode step launched and not yet read back (``EngineConfig.async_decode``)."""
 
-    batch: list[Request]
+    sched: SchedulerOutput
     tokens: torch.Tensor  # (n,) int64 on the device: each row's greedy token
     host: torch.Tensor  # (n,) its host copy (pinned on CUDA), filled asynchronously
     event: torch.cuda.Event | None  # set once ``host`` holds the tokens (CUDA)
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class LLMEngine:
@@ -117,29 +72,22 @@ class LLMEngine:
         self.model = model or build_model(cfg.model, self.device, self.dtype, cfg.seed)
         self.model_config = self.model.config
         self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
-        self.stop_ids = stop_ids_of(self.tokenizer)  # end a request unless it sets ignore_eos
         self.cache = HybridCache(self.model_config, cfg.cache_config(), self.device, self.dtype)
         self.runner = ModelRunner(self.model, cuda_graphs=cfg.cuda_graphs)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.prefilled: dict[str, Request] = {}  # prefill role: done, cache held for export
-        self.requests: dict[str, Request] = {}
+        # a request ends on these unless it sets ignore_eos
+        self.stop_ids = stop_ids_of(self.tokenizer)
+        self.scheduler = Scheduler(cfg.scheduler_config(self.stop_ids), self.cache)
         self.layer_listener: LayerListener | None = None
-        self._forced: list[RequestOutput] = []  # finished outside a model step (abort, no room)
         self._pending: _PendingDecode | None = None  # async_decode: launched, not read back
         self._ids = itertools.count()
-        # counters (tests and metrics)
-        self.num_prefill_tokens_computed = 0
-        self.num_decode_tokens = 0
         self.num_steps = 0
-        self.num_preemptions = 0
         self.num_pipelined_steps = 0  # async_decode: steps launched before the last was read back
 
     # ----- requests in ------------------------------------------------------------------------
     def _new_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def _validate_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+    def _validate_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise ValueError("prompt is empty")
         vocab = self.model_config.vocab_size
@@ -157,6 +105,17 @@ class LLMEngine:
                 f"prompt needs {need} cache blocks; the cache holds only {self.cache.cfg.num_blocks}"
             )
 
+    def _new_request(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None
+    ) -> Request:
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(ids)
+        rid = request_id or self._new_id()
+        if rid in self.scheduler.requests:
+            raise ValueError(f"request id {rid!r} already in use")
+        return Request(rid, ids, params, self.config.seed * 1_000_003 + zlib.crc32(rid.encode()))
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -170,141 +129,98 @@ class LLMEngine:
         ``export_request``; ``kv_start`` (block aligned: the prefix the decode node already holds)
         is where the layer-wise stream of the MLA KV starts."""
         if self.config.role == "decode":
-            raise ValueError("a decode-role engine takes requests only through import_request")
-        params = params or SamplingParams()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(ids, params)
-        rid = request_id or self._new_id()
-        if rid in self.requests:
-            raise ValueError(f"request id {rid!r} already in use")
-        req = Request(rid, ids, params, self.config.seed * 1_000_003 + zlib.crc32(rid.encode()))
+            raise ValueError("a decode-role engine takes requests only with their KV (expect_kv)")
+        req = self._new_request(prompt, params, request_id)
         if self.config.role == "prefill":
-            if not 0 <= kv_start <= len(ids) - 1 or kv_start % self.cache.block_size:
-                raise ValueError(
-                    f"kv_start {kv_start} must be block aligned and at most {len(ids) - 1}"
-                )
-            req.handoff_at, req.kv_start = len(ids) - 1, kv_start
-        self.requests[rid] = req
-        self.waiting.append(req)
-        return rid
+            n = len(req.prompt)
+            if not 0 <= kv_start <= n - 1 or kv_start % self.cache.block_size:
+                raise ValueError(f"kv_start {kv_start} must be block aligned and at most {n - 1}")
+            req.handoff_at, req.kv_start = n - 1, kv_start
+        self.scheduler.add(req)
+        return req.request_id
+
+    def expect_kv(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams | None = None,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Hold a request whose prompt's KV another node computes (decode or mixed role). Returns
+        the prompt tokens this node already holds in its prefix cache (block aligned, at most
+        ``len(prompt) - 1``): the KV to send starts there. The request holds no cache until
+        ``import_kv``; it ends after ``timeout_s`` without its KV (finish reason ``error``) or on
+        ``abort``, reported as an output like any other. ValueError on bad input."""
+        if self.config.role == "prefill":
+            raise ValueError("a prefill-role engine cannot import requests")
+        req = self._new_request(prompt, params, request_id)
+        self.scheduler.expect_kv(req, timeout_s)
+        return self.cache.match(req.prompt, need_state=False, max_tokens=len(prompt) - 1).num_tokens
+
+    def import_kv(self, exp: KVExport, on_done: ImportDone | None = None) -> None:
+        """The KV of a request held by ``expect_kv`` (matched by the header's request id). Checked
+        now: ImportMismatch / ValueError if it does not fit (the request keeps waiting), KeyError if
+        nobody waits for it. It is written into the cache at the next ``step()`` with a free slot
+        and blocks, before any new request is admitted, and decodes from that step on.
+        ``on_done(error)`` is called on the engine thread once ``exp`` was written (``None``) or
+        dropped (the reason): the request ended first, or the cached prefix before
+        ``token_start`` is gone (then the request waits on, for a KV from a lower
+        ``token_start``). ``exp``'s buffers may be reused once it was called."""
+        h = exp.header
+        req = self.scheduler.waiting_for_kv.get(h.request_id)
+        if req is None or req.kv_arrival is not None:
+            raise KeyError(f"no request {h.request_id!r} is waiting for its KV")
+        validate_export(self.model_config, exp)
+        if list(h.prompt_token_ids) != req.prompt:
+            raise ValueError(f"the KV of {h.request_id!r} is for another prompt")
+        if req.params.seed is None:  # the prefill node's seed: tokens as on one mixed node
+            req.sampler.seed = h.meta.get("seed", req.sampler.seed)
+        self.scheduler.kv_arrived(h.request_id, KVArrival(h.token_start, h.token_end, exp, on_done))
+
+    def import_request(
+        self, exp: KVExport, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> RequestOutput:
+        """Continue decoding a request from an imported cache at once (decode or mixed role).
+        Everything is validated before the cache is touched: ImportMismatch / ValueError (the
+        prefix before ``token_start`` must be in this node's prefix cache), CacheFull when there is
+        no room now."""
+        if self.config.role == "prefill":
+            raise ValueError("a prefill-role engine cannot import requests")
+        validate_export(self.model_config, exp)
+        h = exp.header
+        params = params or SamplingParams()
+        prompt = list(h.prompt_token_ids)
+        self._validate_prompt(prompt)
+        seed = h.meta.get("seed", self.config.seed)
+        req = Request(request_id or h.request_id, prompt, params, seed)
+        self.scheduler.admit_import(req, h.token_start, h.token_end)
+        self._write_import(req, exp)
+        return self._output(req)
+
+    def _write_import(self, req: Request, exp: KVExport, report: bool = False) -> None:
+        """Write ``exp`` into ``req``'s admitted cache; on failure ``req`` ends (with ``error``,
+        reported if ``report``: nothing of it stays behind) and the exception propagates."""
+        assert req.cache is not None
+        try:
+            write_import(self.cache, req.cache, exp)
+        except BaseException as e:
+            self.scheduler.finish(req, "error", report=report, error=f"KV import failed: {e!r}")
+            raise
+        self.scheduler.import_written(req)
 
     def abort(self, request_id: str) -> None:
-        req = self.requests.get(request_id)
+        req = self.scheduler.requests.get(request_id)
         if req is not None:
-            self._finish(req, "abort", emit=True)
+            self.scheduler.finish(req, "abort", report=True)
 
-    # ----- scheduling -------------------------------------------------------------------------
-    def _chunk(self, req: Request, budget: int) -> int:
-        n = min(req.num_pending, budget)
-        ci = self.cache.cfg.checkpoint_interval
-        if self.cache.cfg.enable_prefix_cache and ci > 0 and req.cache is not None:
-            nxt = (req.num_computed // ci + 1) * ci
-            if req.num_computed + n > nxt and nxt <= req.cache.prompt_len:
-                n = nxt - req.num_computed  # end the chunk on a checkpoint boundary
-        return n
-
-    def _preempt(self, req: Request) -> None:
-        """Free a running request's cache and queue it to be recomputed from its tokens."""
-        self.running.remove(req)
-        if req.cache is not None:
-            self.cache.close(req.cache)
-            req.cache = None
-        req.num_computed = 0
-        req.status = Status.WAITING
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(req)
-
-    def _admit(self, req: Request) -> bool:
-        if not self.cache.num_free_slots:
-            return False
-        seq = self.cache.open(req.tokens)
-        if not self.cache.can_reserve(seq, req.num_tokens + 1):
-            self.cache.close(seq)
-            return False
-        self.cache.reserve(seq, req.num_tokens + 1)
-        req.cache = seq
-        req.num_computed = seq.num_cached_tokens
-        if not req.output:
-            req.num_cached_tokens = seq.num_cached_tokens
-        req.status = Status.RUNNING
-        self.running.append(req)
-        if req.num_pending <= 0:  # prefill role, prefix all cached (or a 1-token prompt)
-            self._handoff(req)
-        return True
-
-    def _handoff(self, req: Request) -> None:
-        """Prefill role: the request's prefill is done; hold its cache for export."""
-        self.running.remove(req)
-        req.status = Status.PREFILLED
-        req.finish_reason = "prefilled"
-        req.metrics.finished = time.monotonic()
-        self.prefilled[req.request_id] = req
-        self._forced.append(self._output(req))
-
-    def _schedule(self) -> list[tuple[Request, int]]:
-        budget = self.config.max_num_batched_tokens
-        batch: list[tuple[Request, int]] = []
-        preempt_before = self.num_preemptions
-        # 1. decodes first, oldest request first: one token each; when blocks run out the newest
-        #    running request is preempted (recomputed later), possibly the one asking
-        gone: set[int] = set()  # preempted in this loop (a set: `in self.running` is O(n))
-
-        def preempt(r: Request) -> None:
-            self._preempt(r)
-            gone.add(id(r))
-
-        for req in list(self.running):
-            if id(req) in gone or req.in_prefill:
-                continue
-            if budget <= 0:
-                break
-            while not self.cache.can_reserve(req.cache, req.num_tokens + 1):
-                victim = self.running[-1]
-                if victim is req:
-                    break
-                for k, (r, n) in enumerate(batch):
-                    if r is victim:
-                        del batch[k]
-                        budget += n
-                        break
-                preempt(victim)
-            if not self.cache.can_reserve(req.cache, req.num_tokens + 1):
-                if len(self.running) == 1:  # alone and still no room: the cache is its length limit
-                    self._finish(req, "length", emit=True)
-                else:
-                    preempt(req)
-                continue
-            self.cache.reserve(req.cache, req.num_tokens + 1)
-            batch.append((req, 1))
-            budget -= 1
-        # 2. prefills already under way (their prompt blocks were reserved at admission)
-        for req in self.running:
-            if budget <= 0:
-                break
-            if req.in_prefill:
-                n = self._chunk(req, budget)
-                batch.append((req, n))
-                budget -= n
-        # 3. admit waiting requests while slots, blocks and budget last (not right after a
-        #    preemption: the freed blocks go to the requests already running)
-        preempted = self.num_preemptions != preempt_before
-        while (
-            not preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
-            req = self.waiting[0]
-            if not self._admit(req):
-                break
-            self.waiting.popleft()
-            if req.status != Status.RUNNING:
-                continue  # handed off at admission
-            n = self._chunk(req, budget)
-            batch.append((req, n))
-            budget -= n
-        return batch
+    def abort_all(self) -> int:
+        """Abort every request (after a failed step: the engine starts clean); returns how many.
+        A pipelined step not read back is dropped."""
+        self._pending = None
+        reqs = list(self.scheduler.requests.values())
+        for req in reqs:
+            self.scheduler.finish(req, "abort", report=True)
+        return len(reqs)
 
     # ----- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -313,63 +229,70 @@ class LLMEngine:
         or finished (with ``async_decode``, a pipelined decode step's outputs come one call later)."""
         if self._pending is not None:
             return self._step_pipelined()
-        batch = self._schedule()
-        outs, self._forced = self._forced, []
-        if not batch:
-            return outs
-        if self._pipelinable(batch):
-            self._pending = self._launch([r for r, _ in batch], None)
-            return outs
+        sched = self.scheduler.schedule()
+        self._write_imports(sched)
+        if self._pipelinable(sched):
+            self._pending = self._launch(sched, None)
+            return self._outputs(self.scheduler.take_reports())
+        return self._outputs(self.scheduler.update_from_output(sched, self._run(sched)))
+
+    def _write_imports(self, sched: SchedulerOutput) -> None:
+        failed = False
+        for imp in sched.imports:
+            err = imp.error
+            if err is None:
+                try:
+                    self._write_import(imp.request, imp.arrival.data, report=True)
+                except Exception as e:  # noqa: BLE001 - the request ends with the error
+                    err, failed = f"{type(e).__name__}: {e}", True
+            if imp.arrival.on_done is not None:
+                imp.arrival.on_done(err)
+        if failed:  # those requests ended: their rows go
+            sched.rows[:] = [r for r in sched.rows if r.request.status == Status.RUNNING]
+
+    def _run(self, sched: SchedulerOutput) -> list[int | None]:
+        """Run the rows on the model; each sampling row's token (None for the others)."""
+        rows = sched.rows
+        if not rows:
+            return []
         self.num_steps += 1
-        seqs = self._inputs(batch)
-        callback = self._streaming_callback(batch)
-        logits = self.runner.step(seqs, self.cache.tensors, callback)
+        callback = self._streaming_callback(sched)
+        logits = self.runner.step(self._inputs(sched), self.cache.tensors, callback)
         # one device-to-host copy per step: every row's argmax, and the logits themselves only
         # when some row samples (a per-row copy would synchronise once per request)
         argmax = logits.argmax(-1).tolist()
-        if not all(r.params.plain_greedy for r, _ in batch):
+        if not all(r.request.params.plain_greedy for r in rows):
             logits = logits.cpu()
-        for (req, n), lg, top in zip(batch, logits, argmax, strict=True):
-            if req.in_prefill:
-                self.num_prefill_tokens_computed += n
+        tokens: list[int | None] = []
+        for row, lg, top in zip(rows, logits, argmax, strict=True):
+            req = row.request
+            if not row.samples:
+                tokens.append(None)
+            elif req.params.plain_greedy:
+                tokens.append(top)
             else:
-                self.num_decode_tokens += 1
-            req.num_computed += n
-            self.cache.on_computed(req.cache, req.num_computed)
-            if req.handoff_at is not None and req.num_computed >= req.handoff_at:
-                self.running.remove(req)
-                req.status = Status.PREFILLED
-                req.finish_reason = "prefilled"
-                req.metrics.finished = time.monotonic()
-                self.prefilled[req.request_id] = req
-                outs.append(self._output(req))
-                continue
-            if req.num_computed < req.num_tokens:
-                continue  # mid-prefill chunk
-            try:
-                tok = self._sample(req, lg, top)
-            except Exception as e:  # noqa: BLE001 - this request ends with the error, alone
-                req.error = f"sampling failed: {type(e).__name__}: {e}"
-                self._finish(req, "error")
-                outs.append(self._output(req))
-                continue
-            outs.append(self._append_token(req, tok))
-        return outs
+                try:
+                    tokens.append(self._sample(req, lg, top))
+                except Exception as e:  # noqa: BLE001 - this request ends with the error, alone
+                    err = f"sampling failed: {type(e).__name__}: {e}"
+                    self.scheduler.finish(req, "error", report=True, error=err)
+                    tokens.append(None)  # its row is dropped (the request ended)
+        return tokens
 
-    def _inputs(self, batch: list[tuple[Request, int]], ahead: bool = False) -> list[SeqInput]:
-        """The model inputs of ``batch``: each request's next ``n`` tokens at its next position;
-        ``ahead``: one position further, the token not known on the host yet (a placeholder)."""
-        now = time.monotonic()
+    def _inputs(self, sched: SchedulerOutput) -> list[SeqInput]:
+        """The model inputs of ``sched``'s rows: each row's tokens at its positions; ``ahead``
+        rows' token is not known on the host yet (a placeholder)."""
         toks: list[int] = []
-        for req, n in batch:
-            if req.metrics.first_scheduled is None:
-                req.metrics.first_scheduled = now
-            toks += [0] * n if ahead else req.token_slice(req.num_computed, n)
-        ids = torch.tensor(toks).split([n for _, n in batch])  # one tensor, a view per request
-        return [
-            SeqInput(t, req.num_computed + ahead, req.cache.blocks, req.cache.slot)
-            for (req, _), t in zip(batch, ids, strict=True)
-        ]
+        for row in sched.rows:
+            n = row.num_tokens
+            toks += [0] * n if sched.ahead else row.request.token_slice(row.start, n)
+        ids = torch.tensor(toks).split([r.num_tokens for r in sched.rows])  # a view per row
+        out = []
+        for row, t in zip(sched.rows, ids, strict=True):
+            seq = row.request.cache
+            assert seq is not None
+            out.append(SeqInput(t, row.start, seq.blocks, seq.slot))
+        return out
 
     def _sample(self, req: Request, logits: torch.Tensor, argmax: int) -> int:
         """The next token of ``req`` from its row of logits (``argmax``: already known); its
@@ -390,33 +313,38 @@ class LLMEngine:
         return tok
 
     def _stop_ids(self, p: SamplingParams) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        return list(p.stop_token_ids) + ([eos] if eos is not None and not p.ignore_eos else [])
+        """The tokens ``min_tokens`` holds back: the request's stop tokens and, unless it
+        ignores EOS, the model's."""
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.stop_ids))
 
-    def _append_token(self, req: Request, tok: int) -> RequestOutput:
-        req.output.append(tok)
-        if req.metrics.first_token is None:
-            req.metrics.first_token = time.monotonic()
-        self._check_stop(req, tok)
-        return self._output(req)
+    def _streaming_callback(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
+        if self.config.role != "prefill" or self.layer_listener is None:
+            return None
+        done = [r.request for r in sched.rows if r.hands_off]
+        if not done:
+            return None
+        listener = self.layer_listener
+
+        def on_layer(layer: int) -> None:
+            for r in done:
+                listener(r, export_layer(self.cache, r.cache, layer, r.kv_start, r.handoff_at))
+
+        return on_layer
 
     # ----- pipelined greedy decode (async_decode) ---------------------------------------------
-    def _pipelinable(self, batch: list[tuple[Request, int]]) -> bool:
-        """A decode-only step of every running request, all greedy, nothing waiting to be admitted:
-        the next step can be launched before this one's tokens are read back."""
+    def _pipelinable(self, sched: SchedulerOutput) -> bool:
         return (
             self.config.async_decode
             and self.config.role != "prefill"
-            and not self.waiting
-            and len(batch) == len(self.running)
-            and all(n == 1 and not r.in_prefill and r.params.plain_greedy for r, n in batch)
+            and self.scheduler.can_pipeline(sched)
         )
 
-    def _launch(self, rows: list[Request], device_tokens: torch.Tensor | None) -> _PendingDecode:
-        """Launch a decode step of ``rows``, one token each: the host's next tokens, or (with
-        ``device_tokens``, the tokens of a step not yet read back) one position further."""
-        seqs = self._inputs([(r, 1) for r in rows], ahead=device_tokens is not None)
-        logits = self.runner.step(seqs, self.cache.tensors, None, device_tokens=device_tokens)
+    def _launch(self, sched: SchedulerOutput, device_tokens: torch.Tensor | None) -> _PendingDecode:
+        """Launch the greedy decode step ``sched``: its input tokens from the host, or (an
+        ``ahead`` step) ``device_tokens``, the tokens of a step not yet read back."""
+        logits = self.runner.step(
+            self._inputs(sched), self.cache.tensors, None, device_tokens=device_tokens
+        )
         tokens = logits.argmax(-1)
         event = None
         if tokens.is_cuda:
@@ -428,86 +356,30 @@ class LLMEngine:
             host = tokens
         self.num_steps += 1
         self.num_pipelined_steps += device_tokens is not None
-        return _PendingDecode(rows, tokens, host, event)
+        return _PendingDecode(sched, tokens, host, event)
 
     def _step_pipelined(self) -> list[RequestOutput]:
         p, self._pending = self._pending, None
         assert p is not None
-        live = [r for r in p.batch if r.status == Status.RUNNING]  # not aborted meanwhile
-        # rows that step p does not finish by length go on, if nothing else needs the engine
-        go = [
-            r
-            for r in live
-            if len(r.output) + 1 < r.params.max_tokens
-            and r.num_tokens + 1 < self.config.max_model_len
-        ]
         nxt = None
-        if (
-            go
-            and not self.waiting
-            and len(live) == len(self.running)
-            and all(self.cache.can_reserve(r.cache, r.num_tokens + 2) for r in go)
-        ):
-            for r in go:
-                self.cache.reserve(r.cache, r.num_tokens + 2)
+        ahead = self.scheduler.schedule_ahead(p.sched)
+        if ahead is not None:
             tokens = p.tokens
-            if len(go) < len(p.batch):  # some rows end: gather the others' tokens on the device
-                index = {id(r): i for i, r in enumerate(p.batch)}
-                pick = torch.tensor([index[id(r)] for r in go])
+            if len(ahead.rows) < len(p.sched.rows):  # some rows end: gather the others' tokens
+                index = {id(r.request): i for i, r in enumerate(p.sched.rows)}
+                pick = torch.tensor([index[id(r.request)] for r in ahead.rows])
                 if tokens.is_cuda:  # from pinned memory: a pageable copy would wait for step p
                     pick = pick.pin_memory().to(tokens.device, non_blocking=True)
                 tokens = tokens.index_select(0, pick)
-            nxt = self._launch(go, tokens)
+            nxt = self._launch(ahead, tokens)
         # read step p back while the device runs the next one
-        if p.event is not None:
-            p.event.synchronize()
-        outs, self._forced = self._forced, []
-        for req, tok in zip(p.batch, p.host.tolist(), strict=True):
-            if req.status != Status.RUNNING:
-                continue  # aborted, or stopped by an earlier token: its row is dropped
-            self.num_decode_tokens += 1
-            req.num_computed += 1
-            self.cache.on_computed(req.cache, req.num_computed)
-            outs.append(self._append_token(req, tok))
+        outs = self._outputs(self.scheduler.update_from_output(p.sched, p.read()))
         self._pending = nxt
         return outs
 
-    def _streaming_callback(self, batch: list[tuple[Request, int]]) -> Callable[[int], None] | None:
-        if self.config.role != "prefill" or self.layer_listener is None:
-            return None
-        done = [r for r, n in batch if r.num_computed + n == r.handoff_at]
-        if not done:
-            return None
-        listener = self.layer_listener
-
-        def on_layer(layer: int) -> None:
-            for r in done:
-                listener(r, export_layer(self.cache, r.cache, layer, r.kv_start, r.handoff_at))
-
-        return on_layer
-
-    def _check_stop(self, req: Request, tok: int) -> None:
-        p = req.params
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.stop_ids):
-            self._finish(req, "stop")
-        elif len(req.output) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
-            self._finish(req, "length")
-
-    def _finish(self, req: Request, reason: str, emit: bool = False) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        if req in self.waiting:
-            self.waiting.remove(req)
-        self.prefilled.pop(req.request_id, None)
-        if req.cache is not None:
-            self.cache.close(req.cache)
-            req.cache = None
-        req.status = Status.FINISHED
-        req.finish_reason = reason
-        req.metrics.finished = time.monotonic()
-        self.requests.pop(req.request_id, None)
-        if emit:
-            self._forced.append(self._output(req))
+    # ----- outputs ----------------------------------------------------------------------------
+    def _outputs(self, reqs: list[Request]) -> list[RequestOutput]:
+        return [self._output(r) for r in reqs]
 
     def _output(self, req: Request) -> RequestOutput:
         out = req.to_output()
@@ -516,8 +388,61 @@ class LLMEngine:
         return out
 
     def has_unfinished(self) -> bool:
-        """Work left: queued or running requests, or outputs not yet returned by step()."""
-        return bool(self.waiting or self.running or self._forced or self._pending)
+        """Work left: queued or running requests, arrived KV, or outputs not yet returned by
+        step(). Requests still waiting for their KV do not count."""
+        return self.scheduler.has_unfinished() or self._pending is not None
+
+    def stats(self) -> EngineStats:
+        s, c = self.scheduler, self.cache
+        live = list(s.waiting) + s.running
+        return EngineStats(
+            waiting=len(s.waiting),
+            running=len(s.running),
+            prefilling=sum(r.in_prefill for r in s.running),
+            waiting_for_kv=len(s.waiting_for_kv),
+            kv_arrived=len(s.arrived),
+            prefilled=len(s.prefilled),
+            pending_tokens=sum(r.num_pending for r in live),
+            max_num_seqs=self.config.max_num_seqs,
+            free_slots=c.num_free_slots,
+            cache_usage=c.usage(),
+            cache_hit_tokens=c.hits,
+            cache_query_tokens=c.queries,
+            prefill_tokens_computed=s.num_prefill_tokens_computed,
+            decode_tokens=s.num_decode_tokens,
+            steps=self.num_steps,
+            pipelined_steps=self.num_pipelined_steps,
+            preemptions=s.num_preemptions,
+        )
+
+    # the scheduler's queues and counters (read-only views; callers use stats())
+    @property
+    def waiting(self) -> list[Request]:
+        return list(self.scheduler.waiting)
+
+    @property
+    def running(self) -> list[Request]:
+        return list(self.scheduler.running)
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        return dict(self.scheduler.requests)
+
+    @property
+    def prefilled(self) -> dict[str, Request]:
+        return dict(self.scheduler.prefilled)
+
+    @property
+    def num_prefill_tokens_computed(self) -> int:
+        return self.scheduler.num_prefill_tokens_computed
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.scheduler.num_decode_tokens
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
 
     # ----- prefill → decode hand-off ----------------------------------------------------------
     def make_header(self, req: Request, token_start: int = 0) -> TransferHeader:
@@ -538,7 +463,7 @@ class LLMEngine:
         """The cache of a prefilled request (prefill role): the MLA KV of prompt tokens
         [token_start, L - 1) and the KDA/conv states after L - 1 tokens. The decode node computes
         the last prompt token itself and samples the first output token."""
-        req = self.prefilled.get(request_id)
+        req = self.scheduler.prefilled.get(request_id)
         if req is None:
             raise KeyError(f"no prefilled request {request_id!r}")
         end = len(req.prompt) - 1
@@ -552,52 +477,6 @@ class LLMEngine:
 
     def release(self, request_id: str) -> None:
         """Free a prefilled request's cache (after its export was sent, or on error)."""
-        req = self.prefilled.get(request_id)
+        req = self.scheduler.prefilled.get(request_id)
         if req is not None:
-            self._finish(req, "prefilled")
-
-    def import_request(
-        self, exp: KVExport, params: SamplingParams | None = None, request_id: str | None = None
-    ) -> RequestOutput:
-        """Continue decoding a request from an imported cache (decode or mixed role). Everything is
-        validated before the cache is touched; the prefix before ``token_start`` must be in this
-        node's prefix cache."""
-        if self.config.role == "prefill":
-            raise ValueError("a prefill-role engine cannot import requests")
-        validate_export(self.model_config, exp)
-        h = exp.header
-        params = params or SamplingParams()
-        prompt = list(h.prompt_token_ids)
-        self._validate_prompt(prompt, params)
-        rid = request_id or h.request_id
-        if rid in self.requests:
-            raise ValueError(f"request id {rid!r} already in use")
-        if len(self.running) >= self.config.max_num_seqs or not self.cache.num_free_slots:
-            raise CacheFull("no free request slot for an imported request")
-        seq = self.cache.open(prompt, need_state=False, max_reuse=h.token_start)
-        if seq.num_cached_tokens != h.token_start:
-            self.cache.close(seq)
-            raise ValueError(
-                f"import starts at token {h.token_start} but only {seq.num_cached_tokens} prompt "
-                "tokens are in this node's prefix cache"
-            )
-        if not self.cache.can_reserve(seq, len(prompt) + 1):
-            self.cache.close(seq)
-            raise CacheFull("no cache blocks free for an imported request")
-        self.cache.reserve(seq, len(prompt) + 1)
-        try:
-            write_import(self.cache, seq, exp)
-        except BaseException:
-            self.cache.close(seq)  # nothing of the request stays behind
-            raise
-        seed = h.meta.get("seed", self.config.seed)
-        req = Request(rid, prompt, params, seed)
-        req.sampler.seed = params.seed if params.seed is not None else seed
-        req.cache = seq
-        req.num_computed = h.token_end  # the last prompt token is this node's first input
-        req.num_cached_tokens = h.token_start
-        req.status = Status.RUNNING
-        self.cache.on_computed(seq, h.token_end)
-        self.requests[rid] = req
-        self.running.append(req)
-        return self._output(req)
+            self.scheduler.finish(req, "prefilled")

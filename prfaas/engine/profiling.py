@@ -83,7 +83,7 @@ def time_prefill(
         eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=1))
         _sync(eng.device)
         t0 = time.perf_counter()
-        while any(q.in_prefill for q in eng.running) or eng.waiting:
+        while (st := eng.stats()).prefilling or st.waiting:
             eng.step()
         _sync(eng.device)
         if r:
@@ -119,7 +119,7 @@ def time_decode(
             [(b + 3 * i) % 250 for i in range(ctx)],
             SamplingParams(temperature=0, max_tokens=steps + 3 + prefill_steps, ignore_eos=True),
         )
-    while any(r.in_prefill for r in eng.running) or eng.waiting:
+    while (st := eng.stats()).prefilling or st.waiting:
         eng.step()
     for _ in range(2):
         eng.step()  # warm-up (graph capture)
@@ -128,8 +128,9 @@ def time_decode(
     for _ in range(steps):
         eng.step()
     _sync(eng.device)
-    if len(eng.running) != batch:
-        raise RuntimeError(f"decode timing ran with {len(eng.running)} sequences, not {batch}")
+    running = eng.stats().running
+    if running != batch:
+        raise RuntimeError(f"decode timing ran with {running} sequences, not {batch}")
     return (time.perf_counter() - t0) / steps
 
 

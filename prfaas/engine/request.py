@@ -1,10 +1,18 @@
-"""A request inside the engine and what the engine reports of it."""
+"""A request inside the engine and what the engine reports of it.
+
+Life of a request: ``WAITING`` (queued; no cache) -> ``RUNNING`` (holds a state slot and cache
+blocks; prefilling, then decoding) -> ``FINISHED``. A prefill-role request ends ``PREFILLED`` (its
+cache held for export until released). A request whose prompt's KV comes from another node starts
+``WAITING_FOR_KV`` (no cache); once the KV has arrived and there is room it is written into the
+cache and the request runs (decodes). Preemption sends a running request back to ``WAITING``."""
 
 from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prfaas.cache.hybrid import SeqCache
 from prfaas.engine.sampling import Sampler, SamplingParams, TokenLogprob
@@ -12,6 +20,7 @@ from prfaas.engine.sampling import Sampler, SamplingParams, TokenLogprob
 
 class Status(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # its prompt's KV comes from another node
     RUNNING = "running"  # prefilling or decoding
     PREFILLED = "prefilled"  # prefill role: done, cache held for export
     FINISHED = "finished"
@@ -40,6 +49,20 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
 
 
+@dataclass
+class KVArrival:
+    """The imported KV of a request waiting for it: prompt tokens [token_start, token_end) of the
+    MLA KV (the tokens before ``token_start`` must be in this node's prefix cache) and the KDA
+    state after ``token_end`` tokens. ``data`` is what the engine writes into the cache (the
+    scheduler never reads it); ``on_done(error)`` is called once, on the engine thread, when it was
+    written (``None``) or dropped (the reason): the data's buffers may be reused after it."""
+
+    token_start: int
+    token_end: int
+    data: Any
+    on_done: Callable[[str | None], None] | None = None
+
+
 class Request:
     def __init__(
         self, request_id: str, prompt: list[int], params: SamplingParams, default_seed: int
@@ -62,6 +85,10 @@ class Request:
         # prompt token and samples the first output token); None = run to the end
         self.handoff_at: int | None = None
         self.kv_start = 0  # prefill role: first token whose MLA KV the decode node needs
+        # WAITING_FOR_KV: when the wait ends (time.monotonic(); None = no limit) and the KV once
+        # it has arrived (until it is written into the cache)
+        self.kv_deadline: float | None = None
+        self.kv_arrival: KVArrival | None = None
 
     @property
     def tokens(self) -> list[int]:

@@ -91,7 +91,13 @@ _DEFAULTS: dict[str, Any] = {  # transformers' defaults (KimiLinearConfig 5.24)
 }
 
 
+# fields where an explicit null means "none" (transformers keeps it); elsewhere null = default
+_NULLABLE = ("bos_token_id", "eos_token_id")
+
+
 def _get(d: dict[str, Any], field: str) -> Any:
+    if field in _NULLABLE and field in d:
+        return d[field]
     for key in _ALIASES.get(field, (field,)):
         if d.get(key) is not None:
             return d[key]

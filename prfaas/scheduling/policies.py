@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from prfaas.scheduling.lengths import Empirical, LengthDist
-from prfaas.scheduling.planner import Fleet, best_threshold, optimize
+from prfaas.scheduling.planner import Fleet, best_threshold
 from prfaas.scheduling.types import (
     INF,
     ClusterState,
@@ -166,6 +166,7 @@ class LongTermRebalancing:
     confirm: int = 2
     reverse_after_s: float = 600.0
     planner_guided: bool = True
+    planner_gain: float = 0.05  # the planner must predict this much more Λ_max for a switch
     last_s: float = -INF
     streak: int = 0
     streak_to: Role | None = None
@@ -410,9 +411,10 @@ class PrfaaSPolicy(Policy):
         self, now: float, state: SystemState, pd: ClusterState
     ) -> tuple[Role, int, str] | None:
         """Paper: Θ_prfaas + Θ_pd-p ≪ Θ_pd-d (or the reverse) at the observed lengths and outputs.
-        The planner's best split of the PD nodes (Eqs. 3-8) tells the direction; a switch also needs
-        queues that show it (prefill backlog above ``prefill_lo_s`` with decode slack, or requests
-        waiting for decode slots)."""
+        The planner (Eqs. 3-8, best t) at one PD node more or less in the prefill role tells the
+        direction when it predicts ``planner_gain`` more Λ_max; a switch also needs queues that show
+        it (prefill backlog above ``prefill_lo_s`` with decode slack, or requests waiting for
+        decode slots)."""
         rb, a = self.rebalance, self.adaptive
         if not rb.planner_guided or a is None or len(state.recent_uncached) < a.min_samples:
             return None
@@ -422,7 +424,19 @@ class PrfaaSPolicy(Policy):
         n_p, n_d = fleet.n_p, fleet.n_d
         if fleet.n_prfaas == 0 and n_p == 0:
             return None
-        best = optimize(dist, fleet, n_p + n_d, grid)
+
+        def lam(k: int) -> float:  # the planner's Λ_max with k PD-P nodes (best t)
+            f = replace(fleet, n_p=k, n_d=n_p + n_d - k)
+            if f.n_prfaas == 0 and k == 0:
+                return 0.0
+            return best_threshold(dist, f, grid).lambda_max
+
+        here = lam(n_p) * (1 + rb.planner_gain)
+        more_p = n_d > rb.min_each and lam(n_p + 1) > here
+        fewer_p = not more_p and n_p > rb.min_each and lam(n_p - 1) > here
+        if not (more_p or fewer_p):
+            return None
+        best = replace(fleet, n_p=n_p + 1 if more_p else n_p - 1)
         pool, dpool = pd.prefill, pd.decode
         active_p = pool.active()
         backlog = pool.backlog_s(now) / len(active_p) if active_p else INF

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(up)
     up.add_argument("--host", default=None, help="gateway host (default: config router.host)")
     up.add_argument("--port", type=port, default=None, help="gateway port (0 = any free port)")
-    up.add_argument("--threshold", type=float, default=None, help="routing threshold t (tokens)")
+    _scheduler(up)
     up.add_argument("--policy", default=None, help="prfaas | homogeneous | naive")
     up.add_argument("--model", default=None, help="model preset or directory (default: config)")
     up.add_argument(
@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--cache-mode", default=None, help="oblivious | scarce | abundant | auto")
     up.add_argument("--log-dir", default=None, help="where node logs go (default: a temp dir)")
     up.add_argument("--ready-file", default=None, help="write the gateway URL here once serving")
+    _api_key_arg(up)
     up.set_defaults(func=run_up_cmd)
 
     node = sub.add_parser("node", help="run one node (one engine, one role, one cluster)")
@@ -54,7 +55,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     router.add_argument("--host", default=None)
     router.add_argument("--port", type=port, default=None)
     router.add_argument("--ready-file", default=None)
+    _scheduler(router)
+    _api_key_arg(router)
     router.set_defaults(func=run_router_cmd)
+
+
+def _scheduler(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fixed-threshold",
+        "--threshold",
+        dest="threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="route on a fixed t (tokens), no short-term re-search (default: the whole scheduler: "
+        "the planner's t over the deployment's profile, re-searched on observed lengths)",
+    )
+    p.add_argument(
+        "--no-rebalance", action="store_true", help="no live PD role rebalancing (role switches)"
+    )
+    p.add_argument("--profile", default=None, help="hardware profile file the scheduler plans with")
+
+
+def _apply_scheduler(cfg, args: argparse.Namespace) -> None:  # noqa: ANN001
+    if args.threshold is not None:
+        cfg.router.threshold = args.threshold
+    if args.no_rebalance:
+        cfg.router.rebalance = False
+    if args.profile is not None:
+        from pathlib import Path
+
+        cfg.router.profile = str(Path(args.profile).resolve())
+
+
+def _api_key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="clients must send 'Authorization: Bearer KEY' on /v1 and /admin routes "
+        "(default: $PRFAAS_API_KEY; none: open)",
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -76,8 +116,7 @@ def run_up_cmd(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(args)
-        if args.threshold is not None:
-            cfg.router.threshold = args.threshold
+        _apply_scheduler(cfg, args)
         if args.policy is not None:
             cfg.router.policy = args.policy
         if args.model is not None:
@@ -106,8 +145,19 @@ def run_up_cmd(args: argparse.Namespace) -> int:
             why = why or (check_cuda(n.device) if n.device else None)
     if why:
         fail("prfaas up", why)
+    from prfaas.server.auth import resolve_api_key
+
     try:
-        return run_up(cfg, host, port_, args.smoke, args.ready_file, args.log_dir, args.log_level)
+        return run_up(
+            cfg,
+            host,
+            port_,
+            args.smoke,
+            args.ready_file,
+            args.log_dir,
+            args.log_level,
+            resolve_api_key(args.api_key),
+        )
     except KeyboardInterrupt:  # during start-up: the nodes already started are stopped
         print("prfaas up: interrupted", file=sys.stderr)
         return 130
@@ -118,7 +168,10 @@ def run_node_cmd(args: argparse.Namespace) -> int:
 
     try:
         cfg = _load(args)
-        cfg.node(args.node)
+        from prfaas.server.auth import check_node_secret
+
+        _, node = cfg.node(args.node)
+        check_node_secret(node.host, cfg.secret)
     except ValueError as e:
         fail(f"prfaas {args.command}", str(e))
     return run_node(cfg, args.node, args.ready_file, args.parent_pid, args.log_level)
@@ -126,12 +179,15 @@ def run_node_cmd(args: argparse.Namespace) -> int:
 
 def run_router_cmd(args: argparse.Namespace) -> int:
     # the gateway alone: no engine here, so no torch (the nodes check the engine settings)
+    from prfaas.server.auth import resolve_api_key
     from prfaas.server.gateway.serve import serve_gateway
     from prfaas.server.launcher import endpoints_from_config
     from prfaas.server.sockets import install_sigterm_as_interrupt
 
     try:
         cfg = _load(args, full=False)
+        _apply_scheduler(cfg, args)
+        cfg.validate(full=False)
         eps = endpoints_from_config(cfg)
     except ValueError as e:
         fail(f"prfaas {args.command}", str(e))
@@ -140,6 +196,15 @@ def run_router_cmd(args: argparse.Namespace) -> int:
     port = cfg.router.port if args.port is None else args.port
     install_sigterm_as_interrupt()
     try:
-        return asyncio.run(serve_gateway(cfg, eps, host, port, ready_file=args.ready_file))
+        return asyncio.run(
+            serve_gateway(
+                cfg,
+                eps,
+                host,
+                port,
+                ready_file=args.ready_file,
+                api_key=resolve_api_key(args.api_key),
+            )
+        )
     except KeyboardInterrupt:
         return 0

@@ -78,12 +78,22 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     policy: str = "prfaas"
-    threshold: float = 256.0
+    # prfaas: the paper's whole scheduler by default (docs/simulator.md): the planner's t over the
+    # profile and the expected lengths, re-searched on the observed ones and on link/queue signals,
+    # and live PD role rebalancing. A threshold fixes t (no short-term search).
+    threshold: float | None = None
+    rebalance: bool = True
+    profile: str = ""  # hardware profile file (`prfaas profile --out`); "": the packaged one
+    output_len: float = 128.0  # expected output tokens until requests have finished
+    prior: dict[str, float] | None = (
+        None  # expected prompt lengths {mu, sigma, lo, hi} (log-normal)
+    )
+    adaptive_opts: dict[str, Any] = field(default_factory=dict)  # ShortTermAdaptation settings
+    rebalance_opts: dict[str, Any] = field(default_factory=dict)  # LongTermRebalancing settings
     cache_mode: str = "scarce"
     max_inflight: int = 64
     prefill_timeout_s: float = 60.0
     poll_interval_s: float = 0.5
-    prefill_tokens_per_s: float = 5000.0  # prior for the queue-drain estimate of a prefill node
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,7 @@ class DeployConfig:
     prefix_pool: bool = False  # second cache tier on each cluster's Mooncake Store + KV manager
     prefix_pool_segment_mb: int = 256  # host DRAM each node contributes to its cluster's pool
     prefix_pool_retry_s: float = 5.0  # back-off after a store failure (recompute meanwhile)
+    config_dir: str = ""  # the folder of the file it was read from (relative paths start there)
 
     # ---- look-ups ---------------------------------------------------------------------------
     def node(self, name: str) -> tuple[ClusterConfig, NodeConfig]:
@@ -133,6 +144,17 @@ class DeployConfig:
             if (lk.src, lk.dst) == (src, dst):
                 return lk
         return None
+
+    def profile_path(self) -> Path | None:
+        """The hardware profile the gateway plans with: ``router.profile`` (relative paths from the
+        config file's folder, ``config_dir``), else the packaged ``profile_<model>_<device>.yaml``
+        if there is one."""
+        r = self.router.profile
+        if r:
+            p = Path(r)
+            return p if p.is_absolute() else Path(self.config_dir or ".") / p
+        p = DEFAULT_CONFIG.parent / f"profile_{Path(self.model).name}_{self.device}.yaml"
+        return p if p.is_file() else None
 
     def engine_limits(self) -> EngineLimits:
         """The engine settings the gateway needs (no torch; the nodes' engines use the same)."""
@@ -231,10 +253,14 @@ class DeployConfig:
                 PoolAddress(c.pool_master, c.pool_metadata)  # ValueError if malformed
         if r.policy in ("prfaas", "naive") and self.prfaas_cluster is None:
             raise ValueError(f"policy {r.policy!r} needs a PrfaaS cluster")
-        if r.max_inflight < 1 or r.threshold < 0 or r.prefill_timeout_s <= 0:
+        bad_t = r.threshold is not None and not r.threshold >= 0
+        if r.max_inflight < 1 or bad_t or r.prefill_timeout_s <= 0 or not r.output_len > 0:
             raise ValueError(
-                "router: need max_inflight >= 1, threshold >= 0, prefill_timeout_s > 0"
+                "router: need max_inflight >= 1, threshold >= 0 (or none), prefill_timeout_s > 0, "
+                "output_len > 0"
             )
+        if r.prior is not None and set(r.prior) != {"mu", "sigma", "lo", "hi"}:
+            raise ValueError("router.prior: give mu, sigma, lo and hi (a truncated log-normal)")
         if not isinstance(self.engine, dict):
             raise ValueError("engine: expected a mapping")
         if full:
@@ -272,4 +298,7 @@ def parse_deploy_config(data: dict[str, Any], full: bool = True) -> DeployConfig
 def load_deploy_config(path: str | Path | None = None, full: bool = True) -> DeployConfig:
     """Read a deployment file (default: the packaged ``deploy_local.yaml``)."""
     p = Path(path) if path is not None else DEFAULT_CONFIG
-    return parse_deploy_config(read_mapping(p, "deployment config"), full)
+    cfg = parse_deploy_config(read_mapping(p, "deployment config"), full)
+    if not cfg.config_dir:
+        cfg.config_dir = str(p.resolve().parent)
+    return cfg

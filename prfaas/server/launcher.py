@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ from prfaas.server.protocol import NodeReady
 if TYPE_CHECKING:  # pragma: no cover
     from prfaas.cache.pool_mooncake import MooncakeMaster
 
+log = logging.getLogger("prfaas.server.launcher")
+
 
 @dataclass
 class NodeProcess:
@@ -32,7 +36,9 @@ class NodeProcess:
     proc: subprocess.Popen
     ready_file: Path
     log_file: Path
+    cmd: list[str]
     info: NodeReady | None = None
+    restarts: int = 0
 
 
 def write_config(cfg: DeployConfig, path: Path) -> Path:
@@ -46,8 +52,15 @@ def _tail(path: Path, n: int = 2000) -> str:
     return ""
 
 
+def _spawn(cmd: list[str], log_file: Path) -> subprocess.Popen:
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def start_nodes(cfg: DeployConfig, run_dir: Path, timeout_s: float = 180.0) -> list[NodeProcess]:
-    """One ``prfaas node`` OS process per node of the deployment; returns once all serve."""
+    """One ``prfaas node`` OS process per node of the deployment; returns once all serve.  The
+    deployment file the nodes read is then rewritten with the ports they bound, so that a node
+    restarted by the :class:`Supervisor` comes back on the same addresses."""
     cfg_path = write_config(cfg, run_dir / "deploy.yaml")
     procs: list[NodeProcess] = []
     try:
@@ -69,29 +82,124 @@ def start_nodes(cfg: DeployConfig, run_dir: Path, timeout_s: float = 180.0) -> l
                     "--parent-pid",
                     str(os.getpid()),
                 ]
-                with open(logf, "wb") as out:
-                    p = subprocess.Popen(
-                        cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                    )
-                procs.append(NodeProcess(n.name, p, ready, logf))
+                procs.append(NodeProcess(n.name, _spawn(cmd, logf), ready, logf, cmd))
         deadline = time.monotonic() + timeout_s
         for np_ in procs:
-            while not np_.ready_file.exists():
-                if np_.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"node {np_.name} exited with {np_.proc.returncode}:\n{_tail(np_.log_file)}"
-                    )
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"node {np_.name} not ready in {timeout_s} s")
-                time.sleep(0.05)
-            np_.info = NodeReady.model_validate_json(np_.ready_file.read_text())
+            np_.info = _wait_ready(np_, deadline, timeout_s)
     except BaseException:
         stop_nodes(procs)
         raise
+    for np_ in procs:  # fixed addresses from now on (restarts keep them)
+        _, node = cfg.node(np_.name)
+        assert np_.info is not None
+        node.http_port = np_.info.http_port
+        if np_.info.kv_port:
+            node.kv_port = np_.info.kv_port
+    write_config(cfg, cfg_path)
     return procs
 
 
-def stop_nodes(procs: list[NodeProcess], timeout_s: float = 10.0) -> None:
+def _wait_ready(
+    np_: NodeProcess, deadline: float, timeout_s: float, stop: threading.Event | None = None
+) -> NodeReady:
+    while not np_.ready_file.exists():
+        if stop is not None and stop.is_set():
+            raise RuntimeError(f"node {np_.name}: stopping")
+        if np_.proc.poll() is not None:
+            raise RuntimeError(
+                f"node {np_.name} exited with {np_.proc.returncode}:\n{_tail(np_.log_file)}"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"node {np_.name} not ready in {timeout_s} s")
+        time.sleep(0.05)
+    return NodeReady.model_validate_json(np_.ready_file.read_text())
+
+
+class Supervisor:
+    """Restarts a node process that died (``prfaas up``): checks every ``interval_s``; a dead node
+    is restarted after a backoff of ``min_backoff_s`` doubling per consecutive failure up to
+    ``max_backoff_s`` (a node that served for ``stable_s`` starts again from the minimum); every
+    exit and restart is logged (``log``) and counted (``NodeProcess.restarts``)."""
+
+    def __init__(
+        self,
+        procs: list[NodeProcess],
+        interval_s: float = 0.5,
+        min_backoff_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        stable_s: float = 60.0,
+        ready_timeout_s: float = 180.0,
+    ) -> None:
+        self.procs = procs
+        self.interval_s, self.min_backoff_s, self.max_backoff_s = (
+            interval_s,
+            min_backoff_s,
+            max_backoff_s,
+        )
+        self.stable_s, self.ready_timeout_s = stable_s, ready_timeout_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # held while a process is replaced (stop_nodes waits)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="node-supervisor")
+        self._started_at = {np_.name: time.monotonic() for np_ in procs}
+        self._failures = dict.fromkeys((np_.name for np_ in procs), 0)
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """No more restarts (call before stopping the nodes)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for np_ in self.procs:
+                if np_.proc.poll() is not None and not self._stop.is_set():
+                    self._restart(np_)
+
+    def _restart(self, np_: NodeProcess) -> None:
+        code = np_.proc.returncode
+        lived = time.monotonic() - self._started_at[np_.name]
+        if lived >= self.stable_s:
+            self._failures[np_.name] = 0
+        k = self._failures[np_.name]
+        backoff = min(self.max_backoff_s, self.min_backoff_s * 2**k)
+        log.warning(
+            "node %s (pid %s) exited with code %s after %.1f s; restarting in %.1f s (restart %d)",
+            np_.name,
+            np_.proc.pid,
+            code,
+            lived,
+            backoff,
+            np_.restarts + 1,
+        )
+        if self._stop.wait(backoff):
+            return
+        with self._lock:
+            if self._stop.is_set():
+                return
+            with contextlib.suppress(FileNotFoundError):
+                np_.ready_file.unlink()
+            np_.proc = _spawn(np_.cmd, np_.log_file)
+            np_.restarts += 1
+            self._started_at[np_.name] = time.monotonic()
+        try:
+            deadline = time.monotonic() + self.ready_timeout_s
+            np_.info = _wait_ready(np_, deadline, self.ready_timeout_s, self._stop)
+        except RuntimeError as e:
+            self._failures[np_.name] = k + 1
+            log.warning("restart of node %s failed: %s", np_.name, str(e).splitlines()[0])
+            return
+        self._failures[np_.name] = k + 1 if lived < self.stable_s else 0
+        log.warning("node %s is back (pid %s)", np_.name, np_.info.pid)
+
+
+def stop_nodes(
+    procs: list[NodeProcess], timeout_s: float = 10.0, supervisor: Supervisor | None = None
+) -> None:
+    if supervisor is not None:
+        supervisor.stop()
     for np_ in procs:
         if np_.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -133,6 +241,7 @@ def run_up(
     ready_file: str | None = None,
     log_dir: str | None = None,
     log_level: str = "warning",
+    api_key: str | None = None,
 ) -> int:
     run_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="prfaas-up-"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +253,7 @@ def run_up(
     except BaseException:
         stop_pool_masters(masters)
         raise
+    supervisor: Supervisor | None = None
     try:
         for np_ in procs:
             i = np_.info
@@ -160,6 +270,7 @@ def run_up(
             "nodes": [np_.info.model_dump() for np_ in procs if np_.info],
             "run_dir": str(run_dir),
         }
+        supervisor = Supervisor(procs).start()  # a node that dies is restarted (same ports)
         try:
             return asyncio.run(
                 serve_gateway(
@@ -171,13 +282,14 @@ def run_up(
                     ready_file,
                     log_level,
                     extra,
+                    api_key,
                 )
             )
         except KeyboardInterrupt:
             return 0
     finally:
         print("stopping nodes ...", flush=True)
-        stop_nodes(procs)
+        stop_nodes(procs, supervisor=supervisor)
         stop_pool_masters(masters)
         print("stopped.", flush=True)
 

@@ -80,7 +80,7 @@ class LocalBackend:
             NodeCollector(
                 self.state,
                 model_name,
-                lambda: engine.num_preemptions,
+                lambda: engine.stats().preemptions,
                 exclude={"vllm:num_requests_running"},
             )
         )
@@ -102,20 +102,21 @@ class LocalBackend:
             self._started = False
 
     def state(self) -> NodeState:
-        eng = self.engine
+        st = self.engine.stats()
         return NodeState(
             name=NODE,
             cluster=CLUSTER,
             role="decode",
             pid=os.getpid(),
-            waiting=len(eng.waiting),
-            running=len(eng.running),
-            max_num_seqs=eng.config.max_num_seqs,
-            cache_usage=eng.cache.usage(),
-            cache_hit_tokens=eng.cache.hits,
-            cache_query_tokens=eng.cache.queries,
-            prefill_tokens_computed=eng.num_prefill_tokens_computed,
-            decode_tokens=eng.num_decode_tokens,
+            waiting=st.waiting,
+            running=st.running,
+            pending_tokens=st.pending_tokens,
+            max_num_seqs=st.max_num_seqs,
+            cache_usage=st.cache_usage,
+            cache_hit_tokens=st.cache_hit_tokens,
+            cache_query_tokens=st.cache_query_tokens,
+            prefill_tokens_computed=st.prefill_tokens_computed,
+            decode_tokens=st.decode_tokens,
         )
 
     def nodes_info(self) -> list[dict[str, Any]]:

@@ -268,6 +268,12 @@ class LinkAdminResult(Message):
     aborted: int  # in-flight sends aborted by the cut
 
 
+class RoleAdmin(Message):
+    """Switch a drained PD node to another role (the gateway's long-term rebalancing)."""
+
+    role: Literal["prefill", "decode"]
+
+
 # ---- prefix pool --------------------------------------------------------------------------------
 class CacheEvent(Message):
     """A node's holding changed: ``op`` add/drop, ``where`` "node" (its cache) or "pool"."""

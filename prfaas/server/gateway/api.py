@@ -31,6 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from prfaas.model.config import resolve_config
+from prfaas.server.auth import add_api_key
+from prfaas.server.gateway.errors import check_text, install_error_handlers
 from prfaas.server.gateway.handover import DecodeFailed, Generation
 from prfaas.server.gateway.openai_models import (
     ChatCompletionRequest,
@@ -114,7 +116,10 @@ class Choice:
     done: bool = False
 
 
-def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
+def build_gateway_app(
+    router: Router, model_name: str | None = None, api_key: str | None = None
+) -> FastAPI:
+    """The gateway's app; with ``api_key``, ``/v1`` and ``/admin`` need it (``auth``)."""
     cfg = router.cfg
     mcfg = resolve_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model, mcfg.eos_token_id)
@@ -135,6 +140,8 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
         await router.stop()
 
     app = FastAPI(title="prfaas gateway", version=prfaas_version(), lifespan=lifespan)
+    add_api_key(app, api_key)
+    install_error_handlers(app)  # framework errors and surprises: OpenAI error bodies
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -142,7 +149,12 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return _error_response(from_validation_error(list(e.errors())))
+        errors = list(e.errors())
+        if errors and tuple(errors[0].get("loc", ())) == ("body",):  # no body at all
+            return _error_response(
+                APIError(400, "the request body must be a JSON object", code="invalid_json")
+            )
+        return _error_response(from_validation_error(errors))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -263,6 +275,7 @@ def build_gateway_app(router: Router, model_name: str | None = None) -> FastAPI:
     async def handle(
         request: Request, body: CompletionRequest | ChatCompletionRequest, kind: str
     ) -> Response:
+        check_text(body.model_dump())  # a lone surrogate cannot be tokenized: 400, not 500
         req = to_generation(body, mcfg.vocab_size)
         check_model(req.model)
         # the client may go away at any time: before the answer, that cancels the work (its

@@ -245,6 +245,7 @@ async def prefill_and_handover(
     kv_host, kv_port = ready.kv_addr
     tried: set[str] = set()
     live, timeout = router.live, router.cfg.router.prefill_timeout_s
+    prefilled = False
     if decision.copy_from and decision.copy_tokens and router.kv is not None:
         dst_ep = router.by_cluster[decision.prefill_cluster][decision.prefill_instance]
         try:
@@ -269,8 +270,6 @@ async def prefill_and_handover(
             timeout_s=timeout,
             decode=DecodeTarget(cluster=router.pd, kv_host=kv_host, kv_port=kv_port),
         )
-        work = decision.uncached_len
-        live.prefill_outstanding[ep.name] += work
         route.timings["prefill_sent"] = time.time()
         try:
             res: PrefillResult = await router.nodes.prefill(ep, req, timeout + 10)
@@ -289,9 +288,13 @@ async def prefill_and_handover(
             router.metrics.fallbacks.labels(ep.cluster).inc()
             decision = decide(info)
             continue
-        finally:
-            live.prefill_outstanding[ep.name] -= work
         route.timings["prefill_answered"] = time.time()
+        if not prefilled:  # the observer: the prefill ended (before its transfer did), and the
+            # node answers once its transfer is done: the KV is at the decode node, which admits
+            # it to a slot or keeps it waiting for one (as the simulator's kv_delivered)
+            prefilled = True
+            router.sched.prefill_done(info.request_id, time.monotonic() - res.transfer_s)
+            router.sched.kv_delivered(info.request_id)
         ev = await stream.next()
         if isinstance(ev, KVErrorEvent) and token_start > 0:
             token_start = 0  # the decode node lost the prefix meanwhile: send everything
@@ -321,11 +324,8 @@ def _record(
     for k, v in ev.timings.items():
         route.timings[f"d.{k}"] = v
     cluster = decision.prefill_cluster
-    if cluster in router.prefix and info.hash_ids:
-        router.prefix[cluster].insert(info.hash_ids, info.prompt_len, decision.prefill_instance)
     if router.kv is not None:
         router.kv.note_routed(info, decision, prompt)
-    router.live.recent_uncached.append(max(info.prompt_len - res.cached_tokens, 0))
     route.prefill_cluster, route.prefill_node = cluster, ep.name
     route.offloaded = cluster != router.pd
     route.cached_tokens = res.cached_tokens

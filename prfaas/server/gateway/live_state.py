@@ -1,31 +1,25 @@
-"""The gateway's live view of the deployment: which nodes are up, their last ``NodeState``, the
-router's own accounting (prefill work outstanding, decodes active per node) and the links' readings;
-``build_state`` turns it into the ``SystemState`` the policy reads.
+"""The gateway's live view of the deployment: which nodes are up, their last ``NodeState``, and the
+scheduler's :class:`~prfaas.scheduling.observer.ClusterObserver` (through ``sched``, a
+:class:`~prfaas.scheduling.live.LiveScheduler`) fed with what the nodes report: availability (a node
+down, or a PrfaaS node's link to the PD cluster cut, takes no work) and the links' counters (bytes
+sent, bytes in flight, up) for the link capacity estimator.  ``build_state`` is the observer's
+``SystemState``: the same object the simulator's policy reads.
 
 Polled every ``router.poll_interval_s`` (``poll``); a node that does not answer is down until it
-answers again.  Link capacity of a cut link reads 0.
+answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
 import httpx
 
-from prfaas.scheduling.types import (
-    INF,
-    ClusterState,
-    DecodePool,
-    LinkState,
-    PrefillPool,
-    Role,
-    SystemState,
-)
+from prfaas.scheduling.live import LiveScheduler
+from prfaas.scheduling.types import SystemState
 from prfaas.server.config import DeployConfig
 from prfaas.server.gateway.metrics import RouterMetrics
 from prfaas.server.gateway.node_client import NodeClient, NodeEndpoint
@@ -38,24 +32,20 @@ class LiveState:
         cfg: DeployConfig,
         endpoints: list[NodeEndpoint],
         by_cluster: dict[str, list[NodeEndpoint]],
-        bs_max: int,
+        sched: LiveScheduler,
         metrics: RouterMetrics,
     ) -> None:
-        self.cfg, self.by_cluster, self.bs_max, self.metrics = cfg, by_cluster, bs_max, metrics
+        self.cfg, self.by_cluster, self.sched, self.metrics = cfg, by_cluster, sched, metrics
         self.pd = cfg.pd_cluster
         self.endpoints = {e.name: e for e in endpoints}
+        self.index = {e.name: (c, i) for c, eps in by_cluster.items() for i, e in enumerate(eps)}
         self.node_up = {n: True for n in self.endpoints}
         self.node_state: dict[str, NodeState] = {}
-        self.prefill_outstanding = {n: 0 for n in self.endpoints}  # tokens sent, not answered
-        self.decode_active = {n: 0 for n in self.endpoints}
-        self.links = {
-            (lk.src, lk.dst): LinkState(lk.src, lk.dst, lk.nominal_gbps, lk.nominal_gbps)
-            for lk in cfg.links
-        }
-        self.recent_uncached: deque[int] = deque(maxlen=2000)
+        self.links = sched.observer.state.links  # (src, dst) -> LinkState, kept by the observer
 
     def mark_down(self, name: str) -> None:
         self.node_up[name] = False
+        self._sync(self.endpoints[name])
 
     def available(self, ep: NodeEndpoint) -> bool:
         """Up, and (a prefill node outside the PD cluster) its link to the PD cluster not cut."""
@@ -68,45 +58,40 @@ class LiveState:
                 return False
         return True
 
-    def build_state(self, prefix: Mapping[str, Any], now: float | None = None) -> SystemState:
-        """The observable state the policy reads (router accounting + the nodes' last readings);
-        ``prefix``: each cluster's prefix index (or KV-manager view)."""
-        now = time.monotonic() if now is None else now
-        rate = self.cfg.router.prefill_tokens_per_s
-        clusters: dict[str, ClusterState] = {}
-        for c in self.cfg.clusters:
-            eps = self.by_cluster[c.name]
-            roles = [Role.PREFILL if e.role == "prefill" else Role.DECODE for e in eps]
-            pre = None
-            if any(r is Role.PREFILL for r in roles):
-                bu = [
-                    now + self.prefill_outstanding[e.name] / rate
-                    if e.role == "prefill" and self.available(e)
-                    else INF
-                    for e in eps
-                ]
-                qr = [self._waiting(e.name) for e in eps]
-                qt = [self.prefill_outstanding[e.name] for e in eps]
-                pre = PrefillPool(bu, qr, qt)
-            dec = None
-            if c.kind == "pd":
-                used = [self.decode_active[e.name] for e in eps]
-                bs = [self.bs_max if e.role == "decode" else 0 for e in eps]
-                load = [
-                    used[i] / bs[i] if bs[i] and self.available(e) else INF
-                    for i, e in enumerate(eps)
-                ]
-                dec = DecodePool(used, [0] * len(eps), bs, load)
-            clusters[c.name] = ClusterState(c.name, c.kind, pre, dec, prefix.get(c.name), roles)
-        return SystemState(now, clusters, self.links, list(self.recent_uncached))
+    def _sync(self, ep: NodeEndpoint) -> None:
+        c, i = self.index[ep.name]
+        self.sched.set_available(c, i, self.available(ep))
 
-    def _waiting(self, name: str) -> int:
-        st = self.node_state.get(name)
-        return st.waiting if st is not None else 0
+    def build_state(
+        self, prefix: Mapping[str, Any] | None = None, now: float | None = None
+    ) -> SystemState:
+        """The observable state the policy reads (the observer's; ``prefix`` is the observer's own);
+        node availability is brought up to date first."""
+        for ep in self.endpoints.values():
+            self._sync(ep)
+        return self.sched.state(now)
 
     async def poll(self, nodes: NodeClient) -> None:
-        """Read every node's state once (concurrently); update links and metrics."""
+        """Read every node's state once (concurrently); feed availability and link counters."""
         await asyncio.gather(*(self._poll_one(nodes, ep) for ep in self.endpoints.values()))
+        for ep in self.endpoints.values():
+            self._sync(ep)
+        m = self.metrics
+        for (src, dst), ls in self.links.items():
+            sent, in_flight, up, seen = 0.0, 0.0, True, False
+            for ep in self.by_cluster.get(src, []):
+                st = self.node_state.get(ep.name)
+                lk = st.links.get(dst) if st is not None and self.node_up[ep.name] else None
+                if lk is None:
+                    continue
+                seen = True
+                sent += lk.bytes_sent
+                in_flight += lk.bytes_in_flight
+                up = up and lk.up
+            if seen:
+                self.sched.link_reading(src, dst, sent, in_flight, up)
+            m.link_gbps.labels(src, dst).set(ls.throughput_gbps)
+            m.link_capacity.labels(src, dst).set(ls.capacity_gbps)
 
     async def _poll_one(self, nodes: NodeClient, ep: NodeEndpoint) -> None:
         m = self.metrics
@@ -122,14 +107,6 @@ class LiveState:
         m.queue_depth.labels(ep.cluster, ep.name).set(st.waiting + st.running + st.expecting)
         q = st.cache_query_tokens
         m.cache_hit_rate.labels(ep.cluster, ep.name).set(st.cache_hit_tokens / q if q else 0.0)
-        for dst, lk in st.links.items():
-            ls = self.links.get((ep.cluster, dst))
-            if ls is not None:
-                ls.throughput_gbps = lk.gbps
-                ls.capacity_gbps = lk.capacity_gbps if lk.up else 0.0
-                ls.bytes_in_flight = lk.bytes_in_flight
-                m.link_gbps.labels(ep.cluster, dst).set(ls.throughput_gbps)
-                m.link_capacity.labels(ep.cluster, dst).set(ls.capacity_gbps)
 
     def nodes_info(self) -> list[dict[str, Any]]:
         """Per node: its endpoint, up, pid, available, links (``/admin/nodes``, ``/health``)."""

@@ -136,6 +136,12 @@ class RouterMetrics:
         self.threshold = Gauge(
             "prfaas_routing_threshold_tokens", "Current routing threshold t", registry=r
         )
+        self.role_switches = Counter(
+            "prfaas_role_switches_total",
+            "PD nodes switched to another role (long-term rebalancing)",
+            ["cluster", "role"],
+            registry=r,
+        )
 
     def observe_request(self, gen: Any, outcome: str = "ok") -> None:
         """A response is over: its latencies and token counts (``gen``: a ``Generation``), and

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from prfaas.server.auth import control_headers
 from prfaas.server.gateway.openai_protocol import APIError
 from prfaas.server.protocol import (
     CacheEventsReply,
@@ -26,6 +27,7 @@ from prfaas.server.protocol import (
     PrefixCopyResult,
     PrefixPublishResult,
     PrefixRequest,
+    RoleAdmin,
     error_message,
 )
 
@@ -56,10 +58,12 @@ def node_error(status: int, text: str | bytes, ep: NodeEndpoint) -> Exception:
 
 
 class NodeClient:
-    def __init__(self, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, secret: str, http: httpx.AsyncClient | None = None) -> None:
+        """``secret``: the deployment's; every call carries the control token derived from it."""
         self.http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=1000)
         )
+        self.http.headers.update(control_headers(secret))
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -67,6 +71,20 @@ class NodeClient:
     async def state(self, ep: NodeEndpoint) -> NodeState:
         r = await self.http.get(ep.url + "/state", timeout=STATE_TIMEOUT_S)
         r.raise_for_status()
+        return NodeState.model_validate_json(r.content)
+
+    async def switch_role(self, ep: NodeEndpoint, role: str, timeout: float = 60.0) -> NodeState:
+        """Ask a drained PD node to serve in ``role`` (``POST /admin/role``)."""
+        r = await self.http.post(
+            ep.url + "/admin/role",
+            content=RoleAdmin(role=role).to_json(),
+            headers={"content-type": "application/json"},
+            timeout=timeout,
+        )
+        if r.status_code != 200:
+            raise PrefillFailed(
+                f"{ep.name}: role switch: HTTP {r.status_code}: {error_message(r.text)}"
+            )
         return NodeState.model_validate_json(r.content)
 
     async def cache_events(self, ep: NodeEndpoint, since: int) -> CacheEventsReply:

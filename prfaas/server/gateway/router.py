@@ -25,12 +25,13 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 import httpx
 
 from prfaas.cache.hashing import hash_chain
-from prfaas.scheduling.policies import HomogeneousPD, NaiveHeterogeneous, Policy, PrfaaSPolicy
+from prfaas.scheduling.policies import Policy
 from prfaas.scheduling.prefix_index import PrefixIndex
 from prfaas.scheduling.types import RequestInfo, RouteDecision, SystemState
 from prfaas.server.config import DeployConfig
@@ -48,6 +49,7 @@ from prfaas.server.gateway.live_state import LiveState
 from prfaas.server.gateway.metrics import RouterMetrics
 from prfaas.server.gateway.node_client import NodeClient, NodeEndpoint, PrefillFailed
 from prfaas.server.gateway.openai_protocol import APIError
+from prfaas.server.gateway.scheduler import build_scheduler
 from prfaas.server.protocol import ReadyEvent, SamplingParamsMsg
 
 log = logging.getLogger("prfaas.server.router")
@@ -69,12 +71,10 @@ class Router:
             self.by_cluster[c.name] = eps
         self.pd = cfg.pd_cluster
         self.prfaas = cfg.prfaas_cluster
-        self.policy = policy or self._make_policy()
         lim = cfg.engine_limits()
         self.block_tokens = lim.checkpoint_interval if lim.enable_prefix_cache else 0
         self.metrics = RouterMetrics(cfg.model)
-        self.nodes = NodeClient()
-        self.live = LiveState(cfg, endpoints, self.by_cluster, lim.max_num_seqs, self.metrics)
+        self.nodes = NodeClient(cfg.secret)
         self.admission = Admission(lim.max_model_len, cfg.router.max_inflight, self.metrics)
         self.prefix: dict[str, Any] = {
             c.name: PrefixIndex(lim.num_checkpoints * len(c.nodes), self.block_tokens or 1)
@@ -90,6 +90,11 @@ class Router:
                 lim.checkpoint_interval,
             )
             self.prefix = {c.name: self.kvm.view(c.name) for c in cfg.clusters}
+        # one observer of the cluster, fed by the request path and the poller (scheduling.live)
+        self.sched = build_scheduler(cfg, self.by_cluster, self.prefix, policy)
+        self.policy = self.sched.policy
+        self.live = LiveState(cfg, endpoints, self.by_cluster, self.sched, self.metrics)
+        if self.kvm is not None:
             self.kv = KVManagerClient(
                 self.kvm,
                 self.nodes,
@@ -101,18 +106,11 @@ class Router:
         self._bg: set[asyncio.Task] = set()  # clean-up work that outlives its request
         self.started = time.monotonic()
 
-    def _make_policy(self) -> Policy:
-        r = self.cfg.router
-        if r.policy == "homogeneous":
-            return HomogeneousPD(pd=self.pd)
-        if r.policy == "naive":
-            return NaiveHeterogeneous(prfaas=self.prfaas, pd=self.pd)
-        return PrfaaSPolicy(r.threshold, prfaas=self.prfaas, pd=self.pd, cache_mode=r.cache_mode)
-
     # ---- live state -------------------------------------------------------------------------
     def build_state(self, now: float | None = None) -> SystemState:
-        """The observable state the policy reads (router accounting + the nodes' last readings)."""
-        return self.live.build_state(self.prefix, now)
+        """The observable state the policy reads: the observer's (the simulator's policy reads the
+        same one)."""
+        return self.live.build_state(now=now)
 
     def mark_down(self, name: str) -> None:
         self.live.mark_down(name)
@@ -129,10 +127,33 @@ class Router:
         while True:
             try:
                 await self.poll_once()
-                self.policy.on_tick(time.monotonic(), self.build_state())
+                self.adapt()
             except Exception:  # never let the poller die
                 log.exception("poll failed")
             await asyncio.sleep(self.cfg.router.poll_interval_s)
+
+    def adapt(self) -> None:
+        """The policy's periodic adaptation (threshold search, role rebalancing); drained nodes
+        whose switch it started are switched in the background."""
+        for a in self.sched.tick():
+            log.warning("role switch: %s#%d -> %s (%s)", a.cluster, a.instance, a.to_role, a.reason)
+        for sw in self.sched.ready_switches():
+            sw.executing = True
+            self.spawn(self._switch_role(sw.cluster, sw.instance, sw.to_role.value))
+
+    async def _switch_role(self, cluster: str, instance: int, role: str) -> None:
+        ep = self.by_cluster[cluster][instance]
+        try:
+            st = await self.nodes.switch_role(ep, role)
+        except (httpx.HTTPError, PrefillFailed, ValueError) as e:
+            log.warning("role switch of %s to %s failed: %s", ep.name, role, e)
+            self.sched.switch_failed(cluster, instance)
+            return
+        ep.role = st.role
+        self.live.node_state[ep.name] = st
+        self.sched.switch_done(cluster, instance)
+        self.metrics.role_switches.labels(cluster, role).inc()
+        log.warning("role switch: %s now %s", ep.name, role)
 
     async def start(self) -> None:
         await self.poll_once()
@@ -170,6 +191,16 @@ class Router:
                 503, f"no node can serve the request now: {e}", "server_error", code="no_capacity"
             ) from None
 
+    def route(self, info: RequestInfo, decode_instance: int | None = None) -> RouteDecision:
+        """Decide and tell the observer (a request routed before is forgotten first);
+        ``decode_instance``: the decode node is already chosen (its stream is open)."""
+        self.sched.decode_done(info.request_id)
+        d = self.decide(info)
+        if decode_instance is not None:
+            d = replace(d, decode_cluster=self.pd, decode_instance=decode_instance)
+        self.sched.routed(info, d)
+        return d
+
     async def generate(self, prompt: list[int], params: SamplingParamsMsg) -> Generation:
         """Admit, route, prefill and hand over; returns once the decode node holds the KV. APIError:
         400 bad prompt, 429 overloaded, 503 nothing can serve it, 502 the decode node failed."""
@@ -179,19 +210,26 @@ class Router:
         info = RequestInfo(rid, len(prompt), self.hash_ids(prompt), arrival_s=time.monotonic())
         stream: DecodeStream | None = None
         try:
-            decision = self.decide(info)
+            decision = self.route(info)
             stream, ready, decision = await self._open_decode(info, prompt, params, decision)
-            self.live.decode_active[stream.ep.name] += 1
             route.decode_node = stream.ep.name
             route.timings["decode_ready"] = time.time()
+            d_inst = decision.decode_instance
             await prefill_and_handover(
-                self, info, prompt, params, decision, stream, ready, route, self.decide
+                self,
+                info,
+                prompt,
+                params,
+                decision,
+                stream,
+                ready,
+                route,
+                lambda i: self.route(i, d_inst),
             )
         except BaseException as e:  # cancelled too (the client went away): nothing awaited here
             if stream is not None:
                 stream.close_soon(abort=True)
-                if route.decode_node:
-                    self.live.decode_active[route.decode_node] -= 1
+            self.sched.decode_done(rid)
             self.admission.release(_outcome(e))
             raise
         return Generation(route, stream, self.release, info.arrival_s, len(prompt))
@@ -217,12 +255,13 @@ class Router:
                 stream.close_soon(abort=False)
                 log.warning("decode node %s unusable: %s", ep.name, e)
                 self.mark_down(ep.name)
-                decision = self.decide(info)
+                decision = self.route(info)
         raise APIError(503, "no decode node answered", "server_error", code="no_capacity")
 
     def release(self, gen: Generation, outcome: str) -> None:
         self.admission.release(outcome)
-        self.live.decode_active[gen.route.decode_node] -= 1
+        out_len = gen.num_tokens if gen.finished else None
+        self.sched.decode_done(gen.route.request_id, output_len=out_len)
         self.metrics.observe_request(gen, outcome)
 
     def nodes_info(self) -> list[dict[str, Any]]:

@@ -19,18 +19,19 @@ from prfaas.server.sockets import bind_socket, write_ready_file
 
 SMOKE_PROMPTS = [
     ("short prompt (PD-P)", "Hello, prfaas! "),
-    ("long prompt (PrfaaS)", "PrfaaS offloads long prefills across datacenters. " * 8),
+    ("long prompt (PrfaaS)", "PrfaaS offloads long prefills across datacenters. " * 20),
     (
         "long prompt, shared prefix (PrfaaS, only the tail crosses)",
-        "PrfaaS offloads long prefills across datacenters. " * 8 + "And a new question?",
+        "PrfaaS offloads long prefills across datacenters. " * 20 + "And a new question?",
     ),
 ]
 
 
-async def run_smoke(url: str, model: str) -> int:
+async def run_smoke(url: str, model: str, api_key: str | None = None) -> int:
     """Send a few requests through the gateway and print what happened; 0 if all worked."""
     ok = True
-    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as c:
         for label, prompt in SMOKE_PROMPTS:
             r = await c.post(
                 "/v1/completions",
@@ -81,9 +82,12 @@ async def serve_gateway(
     ready_file: str | None = None,
     log_level: str = "warning",
     extra_ready: dict[str, Any] | None = None,
+    api_key: str | None = None,
 ) -> int:
+    """Serve the gateway until stopped; ``api_key``: what ``/v1`` and ``/admin`` require
+    (``prfaas.server.auth``; None: open)."""
     router = Router(cfg, endpoints)
-    app = build_gateway_app(router)
+    app = build_gateway_app(router, api_key=api_key)
     sock = bind_socket(host, port)
     url = f"http://{host}:{sock.getsockname()[1]}"
     server = uvicorn.Server(
@@ -106,7 +110,7 @@ async def serve_gateway(
     rc = 0
     if smoke:
         try:
-            rc = await run_smoke(url, cfg.model)
+            rc = await run_smoke(url, cfg.model, api_key)
         finally:
             server.should_exit = True
     await task

@@ -1,11 +1,13 @@
 """The decode role: wait for a request's KV, import it, stream the new tokens.
 
-A decode starts with ``open`` (the route ``POST /internal/decode``): the node records an
-:class:`Expectation` and answers how much of the prompt it already holds (``token_start``); the
-prefill node then sends the KV from there to this node's receiver.  A delivery is imported in the
-engine thread; one that finds no free decode slot (``CacheFull``) waits in ``pending`` and is
-retried every engine loop.  Events go to the stream as protocol messages (``ready``, ``kv`` or
-``kv_error``, ``token`` ..., the last one ``finished``; ``error`` when aborted).
+A decode starts with ``open`` (the route ``POST /internal/decode``): the engine holds the request
+waiting for its KV (``LLMEngine.expect_kv``, which answers how much of the prompt this node
+already holds: ``token_start``) and the node records an :class:`Expectation` (the stream's event
+queue); the prefill node then sends the KV from there to this node's receiver. A delivery goes to
+the engine (``import_kv``), which writes it once a slot and blocks are free and hands the receive
+buffer back (``Delivery.release``) through the import's ``on_done``. Events go to the stream as
+protocol messages (``ready``, ``kv`` or ``kv_error``, ``token`` ..., the last one ``finished``;
+``error`` when aborted or the request failed in the engine).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from prfaas.cache.hybrid import CacheFull
 from prfaas.engine import LLMEngine, RequestOutput, SamplingParams
 from prfaas.kv.layout import CacheLayout
 from prfaas.server.config import DeployConfig, NodeConfig
@@ -61,7 +62,6 @@ class Expectation:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    imported: bool = False
     finished: bool = False
     dropped: bool = False  # the stream is over: the engine no longer serves it
     sent: int = 0
@@ -104,7 +104,7 @@ class Expectation:
 
 
 class DecodeSide:
-    """KV in: the receiver, the expected requests and the imports waiting for a slot."""
+    """KV in: the receiver and the event streams of the requests whose KV the engine waits for."""
 
     def __init__(
         self,
@@ -117,12 +117,10 @@ class DecodeSide:
         self.cfg, self.node, self.worker = cfg, node, worker
         self.layout, self.counters = layout, counters
         self.expect: dict[str, Expectation] = {}
-        self.pending: list[Delivery] = []  # deliveries waiting for a free decode slot
         self.receiver = None
         self.kv_port = 0
         self.max_expect = 4 * worker.engine.config.max_num_seqs
         self.aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts (refuse late opens)
-        worker.add_loop_hook(self._retry_pending)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -156,12 +154,19 @@ class DecodeSide:
         if len(self.expect) >= self.max_expect:
             raise Overloaded(f"{self.node.name} holds {len(self.expect)} requests")
 
-        def held(eng: LLMEngine) -> int:
-            return eng.cache.match(prompt, need_state=False, max_tokens=len(prompt) - 1).num_tokens
-
-        token_start = await self.worker.acall(held)
         exp = Expectation(rid, params, asyncio.get_running_loop(), asyncio.Queue())
+
+        def expect(eng: LLMEngine) -> int:
+            token_start = eng.expect_kv(rid, prompt, params)
+            self.worker.subscribe(rid, exp.on_output)  # before the request can produce any
+            return token_start
+
         self.expect[rid] = exp
+        try:
+            token_start = await self.worker.acall(expect)
+        except BaseException:
+            self.expect.pop(rid, None)
+            raise
         return exp, token_start
 
     async def stream(self, exp: Expectation, token_start: int) -> AsyncIterator[bytes]:
@@ -194,17 +199,8 @@ class DecodeSide:
         if not exp.finished:
             rid = exp.rid
             self.worker.unsubscribe(rid)
-            self.worker.call(lambda eng: self._abort_in_engine(eng, rid))
-
-    def _abort_in_engine(self, eng: LLMEngine, rid: str) -> None:  # engine thread
-        eng.abort(rid)
-        keep = []
-        for d in self.pending:  # a delivery still waiting for a slot: its buffer goes back
-            if d.export.header.request_id == rid:
-                d.release()
-            else:
-                keep.append(d)
-        self.pending = keep
+            # the engine hands back the buffer of a KV that arrived and was not written yet
+            self.worker.call(lambda eng: eng.abort(rid))
 
     def abort(self, rid: str) -> bool:
         """Abort ``rid`` (the router's call): its stream ends with an error event, the engine
@@ -228,59 +224,54 @@ class DecodeSide:
     def _import(self, eng: LLMEngine, d: Delivery) -> None:  # engine thread
         h = d.export.header
         exp = self.expect.get(h.request_id)
-        if exp is None or exp.imported:
+        t_import = time.time()
+
+        def done(error: str | None) -> None:  # engine thread: written, or dropped
+            # the KV is in the cache (or will never be): the receive buffer goes back to the
+            # receiver's pool, where the next request reuses it (pinned on GPU nodes)
+            d.release()
+            if error is not None:
+                self.counters.import_errors += 1
+                if exp is not None:
+                    exp.push(KVErrorEvent(message=error))
+                return
+            self.counters.imports += 1
+            if exp is None:
+                return
+            t = d.timings
+            exp.push(
+                KVEvent(
+                    token_start=h.token_start,
+                    payload_bytes=t.payload_bytes,
+                    wire_bytes=t.wire_bytes,
+                    receive_s=t.delivered_at - t.header_at,
+                    timings={  # time.time() on this node
+                        "header_at": t.header_at,
+                        "first_data_at": t.first_data_at,
+                        "last_byte_at": t.last_byte_at,
+                        "delivered_at": t.delivered_at,
+                        "import_start": t_import,  # handed to the engine
+                        "import_end": time.time(),  # written (after waiting for room, if any)
+                    },
+                )
+            )
+
+        try:
+            eng.import_kv(d.export, done)
+        except KeyError:
             log.warning("KV for %s arrived but nobody waits for it; dropped", h.request_id)
             d.release()
-            return
-        t_import = time.time()
-        try:
-            out = eng.import_request(d.export, exp.params, h.request_id)
-        except CacheFull:
-            self.pending.append(d)
-            return
-        except ValueError as e:
-            self.counters.import_errors += 1
-            d.release()
-            exp.push(KVErrorEvent(message=str(e)))
-            return
+        except ValueError as e:  # does not fit this node: the request waits on
+            done(str(e))
         except Exception as e:  # noqa: BLE001 - this request fails alone
             log.exception("import of %s failed", h.request_id)
             self.counters.import_errors += 1
             d.release()
-            exp.finished = True
-            exp.push(
-                ErrorEvent(message=f"import failed: {type(e).__name__}: {e}", code="request_failed")
-            )
-            return
-        # the import copied the KV into the cache (synchronously): the receive buffer goes back
-        # to the receiver's pool, where the next request reuses it (pinned on GPU nodes)
-        d.release()
-        self.counters.imports += 1
-        exp.imported = True
-        t = d.timings
-        exp.push(
-            KVEvent(
-                token_start=h.token_start,
-                payload_bytes=t.payload_bytes,
-                wire_bytes=t.wire_bytes,
-                receive_s=t.delivered_at - t.header_at,
-                timings={  # time.time() on this node
-                    "header_at": t.header_at,
-                    "first_data_at": t.first_data_at,
-                    "last_byte_at": t.last_byte_at,
-                    "delivered_at": t.delivered_at,
-                    "import_start": t_import,
-                    "import_end": time.time(),
-                },
-            )
-        )
-        if not out.finished:
-            self.worker.subscribe(h.request_id, exp.on_output)
-        exp.on_output(out)
-
-    def _retry_pending(self, eng: LLMEngine) -> None:  # engine thread, every loop
-        if not self.pending or not eng.cache.num_free_slots:
-            return
-        todo, self.pending = self.pending, []
-        for d in todo:
-            self._import(eng, d)
+            eng.abort(h.request_id)
+            if exp is not None:
+                exp.finished = True
+                exp.push(
+                    ErrorEvent(
+                        message=f"import failed: {type(e).__name__}: {e}", code="request_failed"
+                    )
+                )

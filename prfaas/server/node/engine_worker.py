@@ -112,8 +112,7 @@ class EngineWorker:
                 outs = eng.step()  # cheap when idle: returns outputs of aborts, if any
             except Exception:
                 log.exception("engine step failed; aborting its requests")
-                for rid in list(eng.requests):
-                    eng.abort(rid)
+                eng.abort_all()
                 outs = eng.step()
             self.steps += 1
             for out in outs:

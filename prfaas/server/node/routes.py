@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from prfaas.server.auth import add_node_auth
 from prfaas.server.node.decode import Aborted as DecodeAborted
 from prfaas.server.node.decode import Overloaded
 from prfaas.server.node.metrics import node_registry
@@ -27,6 +28,7 @@ from prfaas.server.protocol import (
     PrefillRequest,
     PrefixCopy,
     PrefixRequest,
+    RoleAdmin,
 )
 from prfaas.server.streaming import ClosingStreamingResponse
 from prfaas.transfer.errors import TransferError
@@ -48,17 +50,29 @@ def _ok(msg: Message) -> Response:
 
 def build_node_app(node: NodeServer) -> FastAPI:
     app = FastAPI(title=f"prfaas node {node.node.name}")
-    name, role = node.node.name, node.role
+    add_node_auth(app, node.cfg.secret)  # every route but /health: the deployment's token
+    name = node.node.name
 
     @app.get("/health")
     async def health() -> Response:
-        return _ok(NodeHealth(name=name, role=role, pid=os.getpid()))
+        return _ok(NodeHealth(name=name, role=node.role, pid=os.getpid()))
+
+    @app.post("/admin/role")
+    async def admin_role(request: Request) -> Response:
+        try:
+            body = RoleAdmin.model_validate_json(await request.body())
+        except ValueError:
+            return _err(400, "bad_request", 'body must be {"role": "prefill"|"decode"}')
+        try:
+            return _ok(await node.switch_role(body.role))
+        except ValueError as e:
+            return _err(409, "busy", str(e))
 
     @app.get("/state")
     async def state() -> Response:
         return _ok(node.state())
 
-    registry = node_registry(node.state, node.cfg.model, lambda: node.engine.num_preemptions)
+    registry = node_registry(node.state, node.cfg.model, lambda: node.engine.stats().preemptions)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -80,8 +94,8 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/prefill")
     async def prefill(request: Request) -> Response:
-        if role != "prefill":
-            return _err(400, "wrong_role", f"{name} is a {role} node")
+        if node.role != "prefill":
+            return _err(400, "wrong_role", f"{name} is a {node.role} node")
         try:
             req = PrefillRequest.model_validate_json(await request.body())
             return _ok(await node.prefill.prefill(req))
@@ -95,8 +109,8 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/decode")
     async def decode(request: Request) -> Response:
-        if role != "decode":
-            return _err(400, "wrong_role", f"{name} is a {role} node")
+        if node.role != "decode":
+            return _err(400, "wrong_role", f"{name} is a {node.role} node")
         try:
             req = DecodeRequest.model_validate_json(await request.body())
             exp, token_start = await node.decode.open(req)
@@ -138,7 +152,7 @@ def build_node_app(node: NodeServer) -> FastAPI:
 
     @app.post("/internal/abort/{rid}")
     async def abort(rid: str) -> Response:
-        held = node.prefill.abort(rid) if role == "prefill" else node.decode.abort(rid)
+        held = node.prefill.abort(rid) if node.role == "prefill" else node.decode.abort(rid)
         return _ok(AbortResult(aborted=held))
 
     return app

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from prfaas.engine import LLMEngine
+from prfaas.server.auth import check_node_secret
 from prfaas.server.config import DeployConfig
 from prfaas.server.node.decode import DecodeSide
 from prfaas.server.node.engine_worker import EngineWorker
@@ -31,6 +32,7 @@ class NodeServer:
     def __init__(self, cfg: DeployConfig, node_name: str, engine: LLMEngine | None = None) -> None:
         self.cfg = cfg
         self.cluster, self.node = cfg.node(node_name)
+        check_node_secret(self.node.host, cfg.secret)
         self.role = self.node.role
         _use_device(cfg.node_engine_config(node_name).resolved_device())
         self.engine = engine or LLMEngine(cfg.node_engine_config(node_name))
@@ -61,25 +63,53 @@ class NodeServer:
         self.worker.stop()
         self.pool.close()
 
+    # ---- role switch ------------------------------------------------------------------------
+    async def switch_role(self, role: str) -> NodeState:
+        """Serve in ``role`` from now on, without a restart: the engine's role changes in its own
+        thread once it holds no request; a node turning decode starts its KV receiver.  ValueError
+        when the node still has work (the gateway drains it first) or is not a PD node."""
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {role!r}")
+        if role == self.role:
+            return self.state()
+        if self.cluster.kind != "pd":
+            raise ValueError(
+                f"{self.node.name} is in a {self.cluster.kind} cluster: no role switch"
+            )
+        if self.decode.expect or self.prefill.active:
+            raise ValueError(f"{self.node.name} still has requests: drain it first")
+
+        def swap(eng: LLMEngine) -> None:
+            st = eng.stats()
+            if st.waiting or st.running or st.prefilled or st.waiting_for_kv:
+                raise ValueError(f"{self.node.name} still has requests: drain it first")
+            eng.config.role = role
+
+        await self.worker.acall(swap)
+        if role == "decode" and self.decode.receiver is None:
+            self.decode.start()
+        self.role = role
+        return self.state()
+
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> NodeState:
-        eng = self.engine
+        st = self.engine.stats()
         return NodeState(
             name=self.node.name,
             cluster=self.cluster.name,
             role=self.role,
             pid=os.getpid(),
             kv_addr=(self.node.host, self.kv_port) if self.role == "decode" else None,
-            waiting=len(eng.waiting),
-            running=len(eng.running),
-            pending_tokens=sum(r.num_pending for r in list(eng.waiting) + list(eng.running)),
-            expecting=len(self.decode.expect),
-            max_num_seqs=eng.config.max_num_seqs,
-            cache_usage=eng.cache.usage(),
-            cache_hit_tokens=eng.cache.hits,
-            cache_query_tokens=eng.cache.queries,
-            prefill_tokens_computed=eng.num_prefill_tokens_computed,
-            decode_tokens=eng.num_decode_tokens,
+            waiting=st.waiting,
+            running=st.running,
+            pending_tokens=st.pending_tokens,
+            expecting=st.waiting_for_kv,
+            max_num_seqs=st.max_num_seqs,
+            cache_usage=st.cache_usage,
+            cache_hit_tokens=st.cache_hit_tokens,
+            cache_query_tokens=st.cache_query_tokens,
+            prefill_tokens_computed=st.prefill_tokens_computed,
+            decode_tokens=st.decode_tokens,
             links=self.prefill.link_readings(),
             stats=self.counters,
             pool=self.pool.stats(),

@@ -1,0 +1,97 @@
+"""A decode engine holding requests that wait for their KV (``expect_kv``): the KV arrives
+(``import_kv``), is written once there is room, and the tokens equal one mixed engine's; waits
+end on abort or timeout with the arrived buffers handed back; ``stats()`` counts them."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from prfaas import EngineConfig, LLMEngine, SamplingParams
+from prfaas.engine.kv_io import ImportMismatch
+
+
+def make(model, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model="tiny", **kw), model=model)
+
+
+def finish_all(eng: LLMEngine) -> dict[str, object]:
+    done, steps = {}, 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+        steps += 1
+        assert steps < 2000
+    return done
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randrange(20, 70))] for _ in range(n)]
+
+
+def exports(model, ps: list[list[int]], sp: SamplingParams) -> list:
+    pre = make(model, role="prefill")
+    rids = [pre.add_request(p, sp, f"r{i}") for i, p in enumerate(ps)]
+    finish_all(pre)
+    out = [pre.export_request(r) for r in rids]
+    for r in rids:
+        pre.release(r)
+    return out
+
+
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_expected_requests_decode_like_mixed(tiny_model, async_decode):
+    ps = prompts(4)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    mixed = make(tiny_model)
+    ids = [mixed.add_request(p, sp, f"r{i}") for i, p in enumerate(ps)]
+    want = {k: v.token_ids for k, v in finish_all(mixed).items()}
+    exps = exports(tiny_model, ps, sp)
+    # two slots for four requests: the other two wait with their KV until a slot frees
+    dec = make(tiny_model, role="decode", max_num_seqs=2, async_decode=async_decode)
+    for i, p in enumerate(ps):
+        assert dec.expect_kv(f"r{i}", p, sp) == 0  # no prefix held
+    st = dec.stats()
+    assert (st.waiting_for_kv, st.running, dec.cache.blocks.num_in_use()) == (4, 0, 0)
+    assert not dec.has_unfinished()  # nothing to step until a KV arrives
+    log: list = []
+    for e in exps:
+        dec.import_kv(e, lambda err, rid=e.header.request_id: log.append((rid, err)))
+    assert dec.stats().kv_arrived == 4 and log == []
+    dec.step()
+    assert log == [("r0", None), ("r1", None)] and dec.stats().running == 2
+    got = {k: v.token_ids for k, v in finish_all(dec).items()}
+    assert got == want and [r for r, _ in log] == ids and all(e is None for _, e in log)
+    st = dec.stats()
+    assert (st.waiting_for_kv, st.running, st.free_slots) == (0, 0, 2)
+    assert dec.cache.blocks.num_in_use() == 0
+
+
+def test_kv_wait_ends_on_abort_timeout_and_bad_kv(tiny_model):
+    ps = prompts(3, seed=1)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    (e0, e1, e2) = exports(tiny_model, ps, sp)
+    dec = make(tiny_model, role="decode")
+    dec.expect_kv("r0", ps[0], sp)
+    dec.expect_kv("r1", ps[1], sp, timeout_s=0.0)
+    dec.expect_kv("r2", ps[2], sp)
+    with pytest.raises(KeyError):  # nobody waits for "x"
+        dec.import_kv(replace(e1, header=replace(e1.header, request_id="x")))
+    with pytest.raises(ImportMismatch):
+        dec.import_kv(replace(e2, parts=e2.parts[:-1]))  # r2 keeps waiting
+    log: list = []
+    dec.import_kv(e0, log.append)
+    dec.abort("r0")  # arrived, not yet written: its buffers are handed back
+    outs = {o.request_id: o for o in dec.step()}
+    assert outs["r0"].finish_reason == "abort" and log == ["request ended (abort)"]
+    assert outs["r1"].finish_reason == "error" and "did not arrive" in outs["r1"].error
+    assert dec.stats().waiting_for_kv == 1
+    dec.import_kv(e2)
+    assert finish_all(dec)["r2"].finish_reason == "length"
+    assert dec.cache.blocks.num_in_use() == 0 and dec.stats().waiting_for_kv == 0
+    with pytest.raises(ValueError, match="prefill-role"):
+        make(tiny_model, role="prefill").expect_kv("x", ps[0])
