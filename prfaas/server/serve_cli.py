@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port, default=8000, help="listen port (0 = any free port)")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("PRFAAS_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $PRFAAS_API_KEY)",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 and /admin (default: $PRFAAS_API_KEY)",
     )
     p.add_argument("--served-model-name", default=None, help="model name in the API")
     p.add_argument("--max-model-len", type=positive_int, default=None, help="context length")
@@ -170,15 +170,14 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, engine, sock) -> int:  # noqa: ANN001
     import uvicorn
 
+    from prfaas.server.auth import resolve_api_key
     from prfaas.server.gateway.api import build_gateway_app
-    from prfaas.server.gateway.auth import require_api_key
     from prfaas.server.local import LocalBackend
     from prfaas.server.sockets import write_ready_file
 
     name = args.served_model_name or args.model
     backend = LocalBackend(engine, name, args.max_inflight)
-    app = build_gateway_app(backend, name)
-    require_api_key(app, args.api_key)
+    app = build_gateway_app(backend, name, api_key=resolve_api_key(args.api_key))
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
     )
