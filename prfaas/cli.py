@@ -13,6 +13,9 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from typing import NoReturn
+
+from prfaas import __version__
 
 # command -> (module that registers it, its one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "prfaas.server.cli",
         "start a PrfaaS deployment on this machine (PrfaaS + PD clusters, emulated link, gateway)",
     ),
+    "serve": (
+        "prfaas.server.serve_cli",
+        "serve one model on this machine with the OpenAI API (like vllm serve)",
+    ),
     "node": ("prfaas.server.cli", "run one node (one engine, one role, one cluster)"),
     "router": ("prfaas.server.cli", "run the gateway/router against already running nodes"),
     "bench": ("prfaas.bench.cli", "load-test an OpenAI-compatible endpoint (ours, vLLM, SGLang)"),
@@ -39,10 +46,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one line for a bad argument (``prfaas CMD: error: ...``, exit 2), the way
+    every command reports its own argument errors (``prfaas.cli_args.fail``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    parser = argparse.ArgumentParser(
-        prog="prfaas", description="Prefill-as-a-Service for hybrid-attention LLMs"
-    )
+    parser = _Parser(prog="prfaas", description="Prefill-as-a-Service for hybrid-attention LLMs")
+    parser.add_argument("--version", action="version", version=f"prfaas {__version__}")
     return parser, parser.add_subparsers(dest="command", metavar="COMMAND")
 
 

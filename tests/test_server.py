@@ -209,9 +209,11 @@ def test_openai_client_streaming_and_not(url, offline):
         )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
-    last = chunks[-1]
+    # OpenAI's include_usage: usage null in every chunk, then one with no choices and the usage
+    last, usage_chunk = chunks[-2], chunks[-1]
+    assert usage_chunk.choices == [] and all(c.usage is None for c in chunks[:-1])
     assert last.choices[0].finish_reason == full.choices[0].finish_reason
-    assert last.usage.completion_tokens == full.usage.completion_tokens
+    assert usage_chunk.usage.completion_tokens == full.usage.completion_tokens
     assert last.model_extra["prfaas"]["prefill_cluster"] == "pd"
     (want,) = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=10))
     assert full.choices[0].text == want.text
@@ -286,7 +288,7 @@ def test_stop_strings_and_stop_token_ids(url, offline):
         ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
         ({"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop"),
-        ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+        ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
         ({"model": "tiny", "prompt": "x", "seed": "s"}, 400, "seed"),
         ({"model": "tiny", "prompt": [1, 2, 99999]}, 400, "prompt"),
         ({"model": "tiny", "prompt": "x" * 1100}, 400, "prompt"),
@@ -354,8 +356,157 @@ def test_metrics(url):
         'prfaas_prefix_cache_hit_rate{cluster="prfaas",node="prfaas-0"}',
         'prfaas_requests_total{outcome="rejected_429"}',
         "prfaas_kv_transfer_bytes_total",
+        'prfaas_kv_transfer_seconds_count{dst_cluster="pd",src_cluster="prfaas"}',
+        'vllm:time_to_first_token_seconds_count{model_name="tiny"}',
+        'vllm:time_per_output_token_seconds_count{model_name="tiny"}',
+        'vllm:e2e_request_latency_seconds_count{model_name="tiny"}',
+        'vllm:request_success_total{finished_reason="length",model_name="tiny"}',
+        'vllm:generation_tokens_total{model_name="tiny"}',
+        'vllm:num_requests_running{model_name="tiny"}',
     ]:
         assert needle in text, needle
+    # every node serves its own: vLLM's engine gauges, ours (KV bytes sent, link readings)
+    node = httpx.get(node_info(url, "prfaas-0")["url"] + "/metrics").text
+    labels = 'cluster="prfaas",engine="prfaas-0",model_name="tiny",role="prefill"'
+    link = 'cluster="prfaas",dst_cluster="pd",engine="prfaas-0",model_name="tiny",role="prefill"'
+    for needle in [
+        f"vllm:num_requests_waiting{{{labels}}} 0.0",
+        f"vllm:kv_cache_usage_perc{{{labels}}}",
+        f"prfaas_node_kv_bytes_sent_total{{{link}}}",
+        f"prfaas_node_link_capacity_gbps{{{link}}} 2.0",
+    ]:
+        assert needle in node, needle
+    decode = httpx.get(node_info(url, "pd-d0")["url"] + "/metrics").text
+    assert 'prfaas_node_kv_imports_total{cluster="pd",engine="pd-d0"' in decode
+
+
+# ------------------------------------------------------------------------ OpenAI / vLLM features
+
+
+def test_logprobs_equal_the_offline_engines(url, offline):
+    """Completions and chat, streamed or not: each token's logprob and top alternatives are the
+    engine's (``tests/test_sampling_features.py`` checks those against log_softmax of the
+    model's logits)."""
+    prompt = rand_prompt(21, 40)
+    sp = SamplingParams(temperature=0.7, seed=9, max_tokens=6, ignore_eos=True, logprobs=3)
+    (want,) = offline.generate([prompt], sp)
+    kw = {"max_tokens": 6, "temperature": 0.7, "seed": 9, "ignore_eos": True}
+    b = complete(url, prompt, logprobs=3, **kw).json()
+    lp = b["choices"][0]["logprobs"]
+    assert b["prfaas"]["token_ids"] == want.token_ids
+    assert lp["token_logprobs"] == pytest.approx([x.logprob for x in want.logprobs], abs=1e-5)
+    assert all(len(t) >= 1 for t in lp["top_logprobs"]) and len(lp["tokens"]) == 6
+    assert lp["text_offset"][0] == 0
+    # chat, streamed: one content entry per token, top_logprobs 2 of the engine's 3
+    msgs = [{"role": "user", "content": "q"}]
+    templated = "<|user|>\nq\n<|assistant|>\n"
+    (cw,) = offline.generate([templated], sp)
+    body = {"model": "tiny", "messages": msgs, "logprobs": True, "top_logprobs": 3, **kw}
+    r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+    content = [e for ev in events for e in ev["choices"][0]["logprobs"]["content"]]
+    assert [e["logprob"] for e in content] == pytest.approx(
+        [x.logprob for x in cw.logprobs], abs=1e-5
+    )
+    top = [[t["logprob"] for t in e["top_logprobs"]] for e in content]
+    assert top == [pytest.approx([v for _, v in x.top], abs=1e-5) for x in cw.logprobs]
+    assert all(
+        e["bytes"] == ([t] if t < 256 else []) for e, t in zip(content, cw.token_ids, strict=True)
+    )
+    assert events[0]["id"].startswith("chatcmpl-")
+    nb = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert nb["id"].startswith("chatcmpl-") and nb["object"] == "chat.completion"
+    assert [e["logprob"] for e in nb["choices"][0]["logprobs"]["content"]] == pytest.approx(
+        [x.logprob for x in cw.logprobs], abs=1e-5
+    )
+
+
+def test_n_choices_share_the_prompts_prefill(url, offline):
+    prompt = rand_prompt(22, 200)  # PD-P; 3 checkpoints of 64 tokens
+    kw = {"max_tokens": 5, "temperature": 0.9, "seed": 40, "extra_body": {"ignore_eos": True}}
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    r = client.completions.create(model="tiny", prompt=prompt, n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for j, c in enumerate(r.choices):
+        sp = SamplingParams(temperature=0.9, seed=40 + j, max_tokens=5, ignore_eos=True)
+        (want,) = offline.generate([prompt], sp)
+        assert c.model_extra["prfaas"]["token_ids"] == want.token_ids and c.text == want.text
+    # the later choices took the prompt's prefix from the caches the first one filled
+    first, *later = [c.model_extra["prfaas"] for c in r.choices]
+    assert first["cached_tokens"] == 0 and all(p["cached_tokens"] == 192 for p in later)
+    # a decode node the first choice used holds the prefix too (least-loaded placement may pick
+    # the other one)
+    for p in later:
+        assert p["decode_prefix_tokens"] == (192 if p["decode_node"] == first["decode_node"] else 0)
+    assert r.usage.prompt_tokens == 200 and r.usage.completion_tokens == 15
+
+
+def test_a_list_of_prompts_with_n_and_echo(url, offline):
+    prompts = ["first prompt ", "the second one "]
+    b = complete(url, prompts, n=2, echo=True, max_tokens=4).json()
+    assert [c["index"] for c in b["choices"]] == [0, 1, 2, 3]
+    for i, p in enumerate(prompts):
+        (want,) = offline.generate([p], SamplingParams(temperature=0, max_tokens=4))
+        for c in b["choices"][2 * i : 2 * i + 2]:
+            assert c["text"] == p + want.text
+    assert b["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+    assert b["usage"]["completion_tokens"] == 16
+    # streamed: the echo comes first, then each choice's tokens, by index
+    r = httpx.post(
+        url + "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": prompts,
+            "max_tokens": 4,
+            "temperature": 0,
+            "echo": True,
+            "stream": True,
+        },
+        timeout=60,
+    )
+    events = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+    texts = {0: "", 1: ""}
+    for ev in events:
+        for c in ev["choices"]:
+            texts[c["index"]] += c["text"]
+    assert texts == {0: b["choices"][0]["text"], 1: b["choices"][2]["text"]}
+
+
+def test_penalties_bias_and_min_tokens_equal_the_offline_engines(url, offline):
+    prompt = rand_prompt(23, 30)
+    kw = {
+        "repetition_penalty": 0.3,
+        "frequency_penalty": 1.0,
+        "presence_penalty": 0.5,
+        "logit_bias": {"65": 2.0},
+        "min_tokens": 3,
+    }
+    sp = SamplingParams(temperature=0, max_tokens=8, **{**kw, "logit_bias": {65: 2.0}})
+    (want,) = offline.generate([prompt], sp)
+    b = complete(url, prompt, **kw).json()
+    assert b["prfaas"]["token_ids"] == want.token_ids
+
+
+def test_tokenize_detokenize_version_models(url):
+    t = httpx.post(url + "/tokenize", json={"model": "tiny", "prompt": "héllo"}).json()
+    assert t == {
+        "count": 6,
+        "max_model_len": 1024,
+        "tokens": list("héllo".encode()),
+        "token_strs": None,
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    t = httpx.post(url + "/tokenize", json={"messages": msgs}).json()
+    assert t["tokens"] == list(b"<|user|>\nhi\n<|assistant|>\n")
+    d = httpx.post(url + "/detokenize", json={"tokens": list("héllo".encode())}).json()
+    assert d == {"prompt": "héllo"}
+    assert httpx.post(url + "/detokenize", json={"tokens": [99999]}).status_code == 400
+    assert httpx.post(url + "/tokenize", json={"model": "x", "prompt": "a"}).status_code == 404
+    from prfaas.server.gateway.api import prfaas_version
+
+    assert httpx.get(url + "/version").json() == {"version": prfaas_version()}
+    (card,) = httpx.get(url + "/v1/models").json()["data"]
+    assert card["max_model_len"] == 1024 and card["id"] == "tiny"
 
 
 # ------------------------------------------------------------------------ faults (kill nodes last)

@@ -153,7 +153,7 @@ def test_parse_request_maps_every_field():
     "body, param",
     [
         ([], None),
-        ({"model": "m", "prompt": [[1], [2]]}, "prompt"),
+        ({"model": "m", "prompt": [[1], []]}, "prompt"),
         ({"model": "m", "prompt": [1, -1]}, "prompt"),
         ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
         ({"model": "m", "prompt": "x", "temperature": float("nan")}, "temperature"),
@@ -161,7 +161,9 @@ def test_parse_request_maps_every_field():
         ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
         ({"model": "m", "prompt": "x", "stop": ["a"] * 9}, "stop"),
         ({"model": "m", "prompt": "x", "stop_token_ids": [500]}, "stop_token_ids"),
-        ({"model": "m", "prompt": "x", "logprobs": 5}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"999": 1}}, "logit_bias"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
     ],
 )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+
+from prfaas.cli_args import check_cuda, device, fail
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,12 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    why = check_cuda(args.device)
+    if why:
+        fail("prfaas generate", why)
     from prfaas.engine import LLM, SamplingParams
 
     try:
@@ -40,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         outs = llm.generate(args.prompts, params)
     except ValueError as e:
-        print(f"error: {e}")
-        return 2
+        fail("prfaas generate", str(e))
+    except KeyboardInterrupt:
+        print("prfaas generate: interrupted", file=sys.stderr)
+        return 130
     dt = time.perf_counter() - t0
     for o in outs:
         if args.json:

@@ -268,18 +268,18 @@ class LLMEngine:
         # one device-to-host copy per step: every row's argmax, and the logits themselves only
         # when some row samples (a per-row copy would synchronise once per request)
         argmax = logits.argmax(-1).tolist()
-        if not all(r.request.params.greedy for r in rows):
+        if not all(r.request.params.plain_greedy for r in rows):
             logits = logits.cpu()
         tokens: list[int | None] = []
         for row, lg, top in zip(rows, logits, argmax, strict=True):
             req = row.request
             if not row.samples:
                 tokens.append(None)
-            elif req.params.greedy:
+            elif req.params.plain_greedy:
                 tokens.append(top)
             else:
                 try:
-                    tokens.append(req.sampler.sample(lg, len(req.output)))
+                    tokens.append(self._sample(req, lg, top))
                 except Exception as e:  # noqa: BLE001 - this request ends with the error, alone
                     err = f"sampling failed: {type(e).__name__}: {e}"
                     self.scheduler.finish(req, "error", report=True, error=err)
@@ -300,6 +300,29 @@ class LLMEngine:
             assert seq is not None
             out.append(SeqInput(t, row.start, seq.blocks, seq.slot))
         return out
+
+    def _sample(self, req: Request, logits: torch.Tensor, argmax: int) -> int:
+        """The next token of ``req`` from its row of logits (``argmax``: already known); its
+        log-probabilities recorded when asked for."""
+        p = req.params
+        if p.plain_greedy:
+            return argmax
+        if p.greedy and not p.processes_logits:
+            tok = argmax
+        elif not p.processes_logits:
+            tok = req.sampler.sample(logits, len(req.output))
+        else:
+            tok = req.sampler.sample(
+                logits, len(req.output), req.prompt, req.output, self._stop_ids(p)
+            )
+        if p.logprobs is not None:
+            req.logprobs.append(req.sampler.logprobs(logits, tok))
+        return tok
+
+    def _stop_ids(self, p: SamplingParams) -> list[int]:
+        """The tokens ``min_tokens`` holds back: the request's stop tokens and, unless it
+        ignores EOS, the model's."""
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.stop_ids))
 
     def _streaming_callback(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
         if self.config.role != "prefill" or self.layer_listener is None:

@@ -9,11 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from prfaas.engine.profiling import run_profile
-from prfaas.scheduling.profile import gbps
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -47,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from prfaas.engine.profiling import run_profile
+    from prfaas.scheduling.profile import gbps
+
     if args.gpus_per_instance < 1:
         print("error: --gpus-per-instance must be >= 1", file=sys.stderr)
         return 2

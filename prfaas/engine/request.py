@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prfaas.cache.hybrid import SeqCache
-from prfaas.engine.sampling import Sampler, SamplingParams
+from prfaas.engine.sampling import Sampler, SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -45,6 +45,8 @@ class RequestOutput:
     text: str = ""  # the decoded output: on the final output only (finished or prefilled)
     error: str | None = None
     metrics: RequestMetrics | None = None
+    # params.logprobs set: one entry per token of token_ids (see prfaas.engine.sampling)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Request:
         self.params = params
         self.sampler = Sampler(params, default_seed)
         self.output: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # params.logprobs set: one per output token
         self.status = Status.WAITING
         self.cache: SeqCache | None = None
         self.num_computed = 0  # tokens whose KV/state is in the cache
@@ -129,4 +132,5 @@ class Request:
             text=text,
             error=self.error,
             metrics=self.metrics,
+            logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
         )

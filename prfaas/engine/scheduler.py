@@ -331,7 +331,8 @@ class Scheduler:
             and not self.arrived
             and len(out.rows) == len(self.running)
             and all(
-                r.num_tokens == 1 and not r.is_prefill and r.request.params.greedy for r in out.rows
+                r.num_tokens == 1 and not r.is_prefill and r.request.params.plain_greedy
+                for r in out.rows
             )
         )
 

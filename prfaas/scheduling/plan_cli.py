@@ -8,17 +8,6 @@ import platform
 import sys
 from pathlib import Path
 
-from prfaas.scheduling.plan_config import load_plan_config
-from prfaas.scheduling.plan_report import (
-    format_extras,
-    format_link_sweep,
-    format_table,
-    format_vs_paper,
-    plot_figure5,
-    plot_link_sweep,
-)
-from prfaas.scheduling.plan_study import figure5, grid_for, link_sweep, run_plan, solve
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -56,6 +45,17 @@ def _links(args, cfg) -> list[float]:
 
 
 def build(args: argparse.Namespace) -> tuple[dict, str, str]:
+    from prfaas.scheduling.plan_config import load_plan_config
+    from prfaas.scheduling.plan_report import (
+        format_extras,
+        format_link_sweep,
+        format_table,
+        format_vs_paper,
+        plot_figure5,
+        plot_link_sweep,
+    )
+    from prfaas.scheduling.plan_study import figure5, grid_for, link_sweep, run_plan, solve
+
     cfg = load_plan_config(args.config)
     if args.link_gbps is not None:
         if not args.link_gbps > 0:
@@ -77,7 +77,12 @@ def build(args: argparse.Namespace) -> tuple[dict, str, str]:
         result["paper"] = cfg.paper
         md += ["", "## Model vs paper", "", format_vs_paper(result, cfg.paper)]
     if args.link_sweep:
-        rows = link_sweep(cfg, _links(args, cfg), grid)
+        from tqdm import tqdm
+
+        links = tqdm(  # a bar on a terminal (the sweep takes tens of seconds)
+            _links(args, cfg), desc="link sweep", unit="link", file=sys.stderr, disable=None
+        )
+        rows = link_sweep(cfg, links, grid)
         result["link_sweep"] = rows
         text += ["", "Link sweep (PrfaaS-PD re-optimised per link):", format_link_sweep(rows)]
         md += ["", "## Link sweep", "", format_link_sweep(rows, markdown=True)]
@@ -100,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"prfaas plan: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("prfaas plan: interrupted", file=sys.stderr)
+        return 130
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save + ".json").write_text(json.dumps(result, indent=2) + "\n")

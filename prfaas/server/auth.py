@@ -31,7 +31,7 @@ API_KEY_ENV = "PRFAAS_API_KEY"
 # the secret of the shipped local config: fine on loopback, refused anywhere else
 PLACEHOLDER_SECRETS = frozenset({"prfaas-local-dev-secret-change-me"})
 GATEWAY_PROTECTED = ("/v1", "/admin")
-NODE_OPEN = ("/health",)
+NODE_OPEN = ("/health", "/metrics")  # Prometheus scrapes nodes without the control token
 
 
 def resolve_api_key(arg: str | None) -> str | None:

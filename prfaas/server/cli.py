@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
+
+from prfaas.cli_args import check_bindable, check_cuda, device, fail, port
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,11 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _common(up)
     up.add_argument("--host", default=None, help="gateway host (default: config router.host)")
-    up.add_argument("--port", type=int, default=None, help="gateway port (0 = any free port)")
+    up.add_argument("--port", type=port, default=None, help="gateway port (0 = any free port)")
     _scheduler(up)
     up.add_argument("--policy", default=None, help="prfaas | homogeneous | naive")
     up.add_argument("--model", default=None, help="model preset or directory (default: config)")
-    up.add_argument("--device", default=None, help="cpu | cuda | auto (default: config)")
+    up.add_argument(
+        "--device", type=device, default=None, help="auto | cpu | cuda | cuda:N (default: config)"
+    )
     up.add_argument(
         "--link-gbps", type=float, default=None, help="bandwidth of every emulated link"
     )
@@ -48,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     router = sub.add_parser("router", help="run the gateway/router against already running nodes")
     _common(router)
     router.add_argument("--host", default=None)
-    router.add_argument("--port", type=int, default=None)
+    router.add_argument("--port", type=port, default=None)
     router.add_argument("--ready-file", default=None)
     _scheduler(router)
     _api_key_arg(router)
@@ -126,23 +131,36 @@ def run_up_cmd(args: argparse.Namespace) -> int:
             for lk in cfg.links:
                 lk.gbps, lk.schedule = args.link_gbps, []
         cfg.validate()  # everything, the engine settings too (torch: the nodes start here anyway)
+        from prfaas.model.config import resolve_config
+
+        resolve_config(cfg.model)  # a preset or a model directory
     except ValueError as e:
-        print(f"error: {e}")
-        return 2
+        fail("prfaas up", str(e))
     host = args.host or cfg.router.host
-    port = cfg.router.port if args.port is None else args.port
+    port_ = cfg.router.port if args.port is None else args.port
+    # before any node starts: the gateway's port and the devices
+    why = check_bindable(host, port_) or check_cuda(cfg.device)
+    for c in cfg.clusters:
+        for n in c.nodes:
+            why = why or (check_cuda(n.device) if n.device else None)
+    if why:
+        fail("prfaas up", why)
     from prfaas.server.auth import resolve_api_key
 
-    return run_up(
-        cfg,
-        host,
-        port,
-        args.smoke,
-        args.ready_file,
-        args.log_dir,
-        args.log_level,
-        resolve_api_key(args.api_key),
-    )
+    try:
+        return run_up(
+            cfg,
+            host,
+            port_,
+            args.smoke,
+            args.ready_file,
+            args.log_dir,
+            args.log_level,
+            resolve_api_key(args.api_key),
+        )
+    except KeyboardInterrupt:  # during start-up: the nodes already started are stopped
+        print("prfaas up: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_node_cmd(args: argparse.Namespace) -> int:
@@ -155,8 +173,7 @@ def run_node_cmd(args: argparse.Namespace) -> int:
         _, node = cfg.node(args.node)
         check_node_secret(node.host, cfg.secret)
     except ValueError as e:
-        print(f"error: {e}")
-        return 2
+        fail(f"prfaas {args.command}", str(e))
     return run_node(cfg, args.node, args.ready_file, args.parent_pid, args.log_level)
 
 
@@ -173,8 +190,7 @@ def run_router_cmd(args: argparse.Namespace) -> int:
         cfg.validate(full=False)
         eps = endpoints_from_config(cfg)
     except ValueError as e:
-        print(f"error: {e}")
-        return 2
+        fail(f"prfaas {args.command}", str(e))
 
     host = args.host or cfg.router.host
     port = cfg.router.port if args.port is None else args.port

@@ -57,6 +57,13 @@ class SamplingParamsMsg(Message):
     seed: int | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    min_tokens: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    logprobs: int | None = Field(None, ge=0, le=20)  # the sampled token's and the top k
 
 
 # ---- prefill ------------------------------------------------------------------------------------
@@ -133,11 +140,21 @@ class KVErrorEvent(Message):
     message: str
 
 
+class TokenLogprobMsg(Message):
+    """A sampled token's log-probability and the top alternatives ``[id, logprob]``, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = Field(default_factory=list)
+
+
 class TokenEvent(Message):
-    """New tokens; the last event of a stream has ``finished`` true."""
+    """New tokens; the last event of a stream has ``finished`` true; ``logprobs`` (one per new
+    token) when the request asked for them."""
 
     event: Literal["token"] = "token"
     token_ids: list[int]
+    logprobs: list[TokenLogprobMsg] | None = None
     finished: bool
     finish_reason: str | None = None
     first_token_at: float | None = None  # the engine sampled the first token (its first event)

@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from prfaas.sim.setups import DEFAULT_CONFIG, SYSTEMS
+# as prfaas.sim.setups defines them (a test keeps them equal); the simulator loads only when the
+# command runs, so --help is instant
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "case_study.yaml"
+SYSTEMS = ("prfaas", "homogeneous_pd", "naive_heterogeneous")
 
 EXPERIMENTS = ("validation", "bursty", "linkdrop", "cache", "capacity")
 
@@ -97,6 +100,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Ctrl-C: the systems already simulated are written (report, plots, summary), no traceback."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("prfaas sim: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from prfaas.sim import experiments as E
     from prfaas.sim.engine import SimOptions, Simulator
     from prfaas.sim.metrics import SLO, summarize
@@ -149,12 +161,19 @@ def run(args: argparse.Namespace) -> int:
         for name in systems:
             if name not in cs.setups:
                 raise ValueError(f"system {name!r} not in {args.config}")
-            s = cs.setups[name]
-            opt = SimOptions(progress=not args.no_progress and len(w) >= 20000)
-            r = Simulator(s.deployment, s.make_policy(), opt).run(w)
-            r.system = name
-            results.append(r)
-            sums.append(summarize(r, slo))
+        try:
+            for name in systems:
+                s = cs.setups[name]
+                opt = SimOptions(progress=not args.no_progress and sys.stderr.isatty())
+                r = Simulator(s.deployment, s.make_policy(), opt).run(w)
+                r.system = name
+                results.append(r)
+                sums.append(summarize(r, slo))
+        except KeyboardInterrupt:
+            if not results:
+                raise
+            done = ", ".join(r.system for r in results)
+            print(f"prfaas sim: interrupted; writing the systems done ({done})", file=sys.stderr)
     except ValueError as e:
         print(f"prfaas sim: error: {e}", file=sys.stderr)
         return 2

@@ -35,9 +35,11 @@ class Admission:
             )
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
+        self.metrics.v_running.labels(self.metrics.model_name).set(self.inflight)
 
     def release(self, outcome: str) -> None:
         """One admitted request is over (``outcome``: ok, error_502, decode_failed, ...)."""
         self.inflight -= 1
         self.metrics.inflight.set(self.inflight)
+        self.metrics.v_running.labels(self.metrics.model_name).set(self.inflight)
         self.metrics.requests.labels(outcome).inc()

@@ -185,9 +185,12 @@ class Generation:
         stream: DecodeStream,
         on_close: Callable[[Generation, str], None],
         arrival: float,
+        prompt_tokens: int = 0,
     ) -> None:
         self.route, self.stream, self.on_close = route, stream, on_close
+        self.prompt_tokens = prompt_tokens
         self.finished = False
+        self.finish_reason: str | None = None
         self.arrival = arrival  # time.monotonic()
         self.first_token_at: float | None = None
         self.num_tokens = 0
@@ -210,6 +213,8 @@ class Generation:
                     self.route.timings["d.first_token"] = ev.first_token_at
             self.num_tokens += len(ev.token_ids)
             self.finished = ev.finished
+            if ev.finished:
+                self.finish_reason = ev.finish_reason
             yield ev
 
     def close(self, outcome: str = "ok") -> None:
@@ -347,3 +352,4 @@ def _record(
     m = router.metrics
     m.decisions.labels(cluster, str(route.offloaded).lower()).inc()
     m.transfer_bytes.labels(cluster, router.pd).inc(route.transfer_wire_bytes)
+    m.transfer_seconds.labels(cluster, router.pd).observe(res.transfer_s)

@@ -104,7 +104,7 @@ class GenerationRequest:
         return self.prompts[0]
 
 
-def _messages(msgs: list[ChatMessage]) -> list[dict[str, Any]]:
+def chat_messages(msgs: list[ChatMessage]) -> list[dict[str, Any]]:
     return [
         {**m.model_dump(exclude_none=True), "content": m.model_dump()["content"] or ""}
         for m in msgs
@@ -131,7 +131,7 @@ def apply_chat_template(messages: Any) -> str:
     except ValidationError as e:
         err = from_validation_error(e)
         raise bad(f"messages: {err.message}", "messages") from None
-    return render_builtin_chat(_messages(msgs))
+    return render_builtin_chat(chat_messages(msgs))
 
 
 def _prompts(p: Any, vocab_size: int) -> list[str | list[int]]:
@@ -151,17 +151,6 @@ def _prompts(p: Any, vocab_size: int) -> list[str | list[int]]:
     return prompts
 
 
-# features the engine does not have yet: a 400 naming them, never silence
-_NOT_YET = {
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_p": 0.0,
-    "min_tokens": 0,
-    "logit_bias": None,
-}
-
-
 def to_generation(
     req: CompletionRequest | ChatCompletionRequest, vocab_size: int
 ) -> GenerationRequest:
@@ -176,7 +165,7 @@ def to_generation(
             raise unsupported("tool_choice")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad("top_logprobs needs logprobs: true", "top_logprobs")
-        messages = _messages(req.messages)
+        messages = chat_messages(req.messages)
         prompts: list[str | list[int]] = [render_builtin_chat(messages)]
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         echo = False
@@ -189,18 +178,15 @@ def to_generation(
             raise unsupported("best_of", "best_of other than n")
         prompts = _prompts(req.prompt, vocab_size)
         logprobs, echo, max_tokens, kind = req.logprobs, req.echo, req.max_tokens, "completion"
-    for name, default in _NOT_YET.items():
-        if getattr(req, name) not in (default, {}):
-            raise unsupported(name, f"{name} (not yet)")
-    if req.n != 1:
-        raise unsupported("n", "n > 1 (not yet)")
-    if len(prompts) > 1:
-        raise unsupported("prompt", "a list of several prompts (not yet)")
-    if echo:
-        raise unsupported("echo", "echo (not yet)")
-    if logprobs is not None:
-        param = "top_logprobs" if kind == "chat" and req.top_logprobs else "logprobs"
-        raise unsupported(param, "logprobs (not yet)")
+    if echo and logprobs is not None:
+        raise unsupported("echo", "echo with logprobs (the prompt's logprobs)")
+    bias: dict[int, float] = {}
+    for k, v in (req.logit_bias or {}).items():
+        if not k.isdigit() or int(k) >= vocab_size:
+            raise bad(
+                f"logit_bias keys must be token ids in [0, {vocab_size}), got {k!r}", "logit_bias"
+            )
+        bias[int(k)] = float(v)
     stop_ids = list(req.stop_token_ids or [])
     if any(t >= vocab_size for t in stop_ids):
         raise bad(f"stop_token_ids must be token ids in [0, {vocab_size})", "stop_token_ids")
@@ -214,6 +200,13 @@ def to_generation(
             seed=req.seed,
             stop_token_ids=stop_ids,
             ignore_eos=req.ignore_eos,
+            presence_penalty=float(req.presence_penalty),
+            frequency_penalty=float(req.frequency_penalty),
+            repetition_penalty=float(req.repetition_penalty),
+            logit_bias=bias,
+            min_tokens=req.min_tokens,
+            min_p=float(req.min_p),
+            logprobs=logprobs,
         )
     except ValidationError as e:
         raise from_validation_error(e) from None

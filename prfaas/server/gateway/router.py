@@ -73,7 +73,7 @@ class Router:
         self.prfaas = cfg.prfaas_cluster
         lim = cfg.engine_limits()
         self.block_tokens = lim.checkpoint_interval if lim.enable_prefix_cache else 0
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(cfg.model)
         self.nodes = NodeClient(cfg.secret)
         self.admission = Admission(lim.max_model_len, cfg.router.max_inflight, self.metrics)
         self.prefix: dict[str, Any] = {
@@ -232,7 +232,7 @@ class Router:
             self.sched.decode_done(rid)
             self.admission.release(_outcome(e))
             raise
-        return Generation(route, stream, self.release, info.arrival_s)
+        return Generation(route, stream, self.release, info.arrival_s, len(prompt))
 
     async def _open_decode(
         self,
@@ -262,11 +262,7 @@ class Router:
         self.admission.release(outcome)
         out_len = gen.num_tokens if gen.finished else None
         self.sched.decode_done(gen.route.request_id, output_len=out_len)
-        m = self.metrics
-        if gen.first_token_at is not None:
-            m.ttft.labels(gen.route.prefill_cluster).observe(gen.first_token_at - gen.arrival)
-            if gen.num_tokens > 1:
-                m.tpot.observe((time.monotonic() - gen.first_token_at) / (gen.num_tokens - 1))
+        self.metrics.observe_request(gen, outcome)
 
     def nodes_info(self) -> list[dict[str, Any]]:
         return self.live.nodes_info()

@@ -33,6 +33,7 @@ from prfaas.server.protocol import (
     NodeCounters,
     ReadyEvent,
     TokenEvent,
+    TokenLogprobMsg,
     event_line,
 )
 from prfaas.transfer.backend import Delivery, TransferFailure
@@ -82,12 +83,19 @@ class Expectation:
         m = out.metrics
         if new and not self.sent and m is not None and m.first_token is not None:
             first_at = wall_time(m.first_token)  # the engine sampled it (time.time())
+        lps = None
+        if out.logprobs is not None:
+            lps = [
+                TokenLogprobMsg(token_id=lp.token_id, logprob=lp.logprob, top=list(lp.top))
+                for lp in out.logprobs[self.sent :]
+            ]
         self.sent = len(out.token_ids)
         if out.finished:
             self.finished = True
         self.push(
             TokenEvent(
                 token_ids=list(new),
+                logprobs=lps,
                 finished=out.finished,
                 finish_reason=out.finish_reason,
                 first_token_at=first_at,

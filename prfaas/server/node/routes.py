@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from prfaas.server.auth import add_node_auth
 from prfaas.server.node.decode import Aborted as DecodeAborted
 from prfaas.server.node.decode import Overloaded
+from prfaas.server.node.metrics import node_registry
 from prfaas.server.node.prefill import Aborted as PrefillAborted
 from prfaas.server.protocol import (
     AbortResult,
@@ -69,6 +71,12 @@ def build_node_app(node: NodeServer) -> FastAPI:
     @app.get("/state")
     async def state() -> Response:
         return _ok(node.state())
+
+    registry = node_registry(node.state, node.cfg.model, lambda: node.engine.stats().preemptions)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/link")
     async def admin_link(request: Request) -> Response:

@@ -1,0 +1,98 @@
+"""Command-line manners: every command's ``--help`` loads neither torch nor numpy (so it starts
+at once); argument errors are one line on stderr with exit status 2, before any process starts;
+``--version``; the parsers' defaults equal the values of the modules they stand in for."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prfaas.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "numpy", "scipy", "matplotlib", "prfaas.engine.engine")
+
+
+def test_every_help_loads_nothing_heavy():
+    probe = f"""
+import json, sys
+from prfaas.cli import main
+for cmd in {sorted(COMMANDS)!r}:
+    try:
+        main([cmd, "--help"])
+    except SystemExit as e:
+        assert e.code == 0, (cmd, e.code)
+print("PROBE" + json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
+"""
+    r = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("PROBE")]
+    assert r.returncode == 0 and line, r.stderr
+    assert json.loads(line[-1][5:]) == []
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "prfaas.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_version():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip().startswith("prfaas ")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["up", "--port", "99999"], "port must be in"),
+        (["up", "--device", "gpu"], "device must be"),
+        (["up", "--model", "no-such-model"], "no-such-model"),
+        (["up", "--device", "cuda"], "CUDA is not available"),
+        (["generate", "--device", "cuda:x"], "device must be"),
+        (["router", "--port", "-1"], "port must be in"),
+        (["bench"], "required"),
+        (["sim", "--link-drop", "3:1:0.5"], "START < END"),
+    ],
+)
+def test_argument_errors_are_one_line_exit_2(args, words):
+    r = run_cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert words in lines[0] and lines[0].startswith(f"prfaas {args[0]}: error:")
+    assert "starting" not in r.stdout  # no node was started
+
+
+def test_up_on_a_busy_port_starts_nothing():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli("up", "--port", str(port))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot listen" in r.stderr
+    assert "starting" not in r.stdout
+
+
+def test_parser_defaults_equal_the_modules_values():
+    from prfaas.bench import cli as bench_cli
+    from prfaas.bench.client import ENDPOINTS, IGNORE_EOS_MODES
+    from prfaas.bench.prompts import DEFAULT_BLOCK_TOKENS
+    from prfaas.bench.workload import SYNTHETIC_OUTPUT_LEN
+    from prfaas.sim import cli as sim_cli
+    from prfaas.sim.setups import DEFAULT_CONFIG, SYSTEMS
+
+    assert tuple(ENDPOINTS) == bench_cli.ENDPOINT_NAMES
+    assert bench_cli.IGNORE_EOS_MODES == IGNORE_EOS_MODES
+    assert bench_cli.DEFAULT_BLOCK_TOKENS == DEFAULT_BLOCK_TOKENS
+    assert bench_cli.SYNTHETIC_OUTPUT_LEN == SYNTHETIC_OUTPUT_LEN
+    assert sim_cli.SYSTEMS == SYSTEMS and sim_cli.DEFAULT_CONFIG == DEFAULT_CONFIG

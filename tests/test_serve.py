@@ -1,0 +1,106 @@
+"""``prfaas serve MODEL``: started as a user starts it (its own process, loopback), one request
+through the official ``openai`` client equal to the offline engine's, the API key, Ctrl-C without a
+traceback; bad arguments refused with one line and exit status 2 before anything loads."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from prfaas import LLM, SamplingParams
+
+
+def prfaas(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prfaas.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_serve_one_request_through_the_openai_client_then_ctrl_c(tmp_path):
+    ready = tmp_path / "ready.json"
+    proc = prfaas(
+        "serve",
+        "tiny",
+        "--port",
+        "0",
+        "--api-key",
+        "sk-test",
+        "--served-model-name",
+        "my-tiny",
+        "--max-model-len",
+        "512",
+        "--device",
+        "cpu",
+        "--ready-file",
+        str(ready),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+        url = json.loads(ready.read_text())["url"]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
+        r = client.completions.create(
+            model="my-tiny", prompt="Hello, serve", max_tokens=8, temperature=0
+        )
+        (want,) = LLM("tiny").generate(
+            ["Hello, serve"], SamplingParams(temperature=0, max_tokens=8)
+        )
+        assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.token_ids)
+        models = client.models.list().data
+        assert [m.id for m in models] == ["my-tiny"] and models[0].max_model_len == 512
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(url + "/health").status_code == 200  # open, as in vLLM
+        assert "vllm:kv_cache_usage_perc" in httpx.get(url + "/metrics").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["nosuchmodel"], "unknown model"),
+        (["tiny", "--port", "70000"], "port must be in"),
+        (["tiny", "--device", "tpu"], "device must be"),
+        (["tiny", "--gpu-memory-utilization", "1.5"], "(0, 1]"),
+        (["tiny", "--tensor-parallel-size", "2"], "only 1"),
+        (["tiny", "--max-model-len", "0"], "positive integer"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(args, words):
+    proc = prfaas("serve", *args)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("prfaas serve: error:")
+
+
+def test_busy_port_is_refused_before_loading():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = prfaas("serve", "tiny", "--port", str(port))
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and err.count("\n") == 1 and f"127.0.0.1:{port}" in err, err
