@@ -70,6 +70,8 @@ class SchedulerOutput:
     rows: list[ScheduledRow] = field(default_factory=list)  # decodes first, then prefills
     imports: list[ScheduledImport] = field(default_factory=list)  # before the rows run
     preempted: list[str] = field(default_factory=list)  # request ids, in this schedule
+    # request ids ended outside a step since the last update (aborts, timeouts, no room left)
+    finished: list[str] = field(default_factory=list)
     # pipelined decode: each row is one position past what the host knows; its input token is
     # the previous step's output, still on the device
     ahead: bool = False
@@ -319,6 +321,7 @@ class Scheduler:
             n = self._chunk(req, budget)
             rows.append(self._row(req, n, now))
             budget -= n
+        out.finished = [r.request_id for r in self._reports if r.status == Status.FINISHED]
         return out
 
     def can_pipeline(self, out: SchedulerOutput) -> bool:
