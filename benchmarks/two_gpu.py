@@ -415,10 +415,14 @@ def measured_breakdown(res: dict[str, Any]) -> dict[str, Any]:
     T = p["timings"]
     arrival, p_start, p_end = T["arrival"], T["p.prefill_start"], T["p.prefill_end"]
     kv_in, first = T["d.delivered_at"], T["d.first_token"]
+    # with layer-wise streaming the last layer's KV can be in place at the decode node before the
+    # prefill node stamps its end (the step's remaining work overlaps the send): the prefill then
+    # counts up to the hand-off and the transfer tail is zero, so the parts still sum to the TTFT
+    hand_off = min(p_end, kv_in)
     out = {
         "queue": p_start - arrival,
-        "prefill": p_end - p_start,
-        "transfer": kv_in - p_end,
+        "prefill": hand_off - p_start,
+        "transfer": kv_in - hand_off,
         "first_decode": first - kv_in,
         "ttft": first - arrival,  # the nodes' TTFT: the components' sum
         "router_ttft": T["first_token_seen"] - arrival,

@@ -96,8 +96,8 @@ def test_offloaded_kv_crossed_the_shaped_link(run):
         if r["offloaded"]:
             # at 0.5 Gbps the wire part cannot be faster than the bytes / bandwidth
             floor = r["transfer_bytes"] * 8 / 0.5e9
+            # (the tail after the prefill can be shorter: layers stream during the last chunk)
             assert r["measured"]["detail"]["wire"] >= 0.9 * floor
-            assert r["measured"]["transfer"] >= 0.9 * floor
     # the KV the profile predicts is the KV that crossed (within a token's share: L vs L - 1)
     off = [r for r in doc["requests"] if r["offloaded"]]
     for r in off:
