@@ -223,7 +223,9 @@ def test_prefix_copied_when_abundant_recomputed_when_scarce(tiny_model):
             async def scenario() -> None:
                 router = Router(cfg, eps)
                 router.nodes.http = httpx.AsyncClient(
-                    transport=_Nodes({"f0": f0.app, "p0": p0.app}), base_url="http://f0"
+                    transport=_Nodes({"f0": f0.app, "p0": p0.app}),
+                    base_url="http://f0",
+                    headers=router.nodes.http.headers,  # the deployment's control token
                 )
                 await router.kv.poll_cache_events(eps)
                 R1 = P[:256] + toks(30, 144)

@@ -338,6 +338,11 @@ class Scheduler:
             )
         )
 
+    def _new_blocks(self, r: Request, ahead: int) -> int:
+        """Cache blocks ``r`` still needs to cover ``num_tokens + ahead`` positions."""
+        assert r.cache is not None
+        return max(0, self.cache.blocks_for(r.num_tokens + ahead) - len(r.cache.blocks))
+
     def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """The decode step after ``prev`` (whose tokens are not read back yet): its rows that do not
         end by length, one position further; None when it does not apply (a row's request ended,
@@ -354,7 +359,9 @@ class Scheduler:
             or self.waiting
             or self.arrived
             or len(live) != len(self.running)
-            or not all(self.cache.can_reserve(r.cache, r.num_tokens + 2) for r in go)
+            # the blocks of all rows together (one row's can_reserve says nothing about the
+            # others: a full cache raised CacheFull and aborted the whole batch)
+            or sum(self._new_blocks(r, 2) for r in go) > self.cache.blocks.num_free
         ):
             return None
         for r in go:

@@ -272,6 +272,10 @@ async def prefill_and_handover(
             router.spawn(router.nodes.abort_quietly(ep, info.request_id))
             raise
         except (httpx.HTTPError, PrefillFailed) as e:
+            if stream.dead is None and not await _answers(router, stream.ep):
+                # the KV had nowhere to go: the decode node died, not the prefill node
+                stream.dead = f"decode node {stream.ep.name} stopped answering"
+                router.mark_down(stream.ep.name)
             if stream.dead is not None:
                 raise APIError(
                     502, stream.dead, "server_error", code="decode_node_failed"
@@ -284,9 +288,12 @@ async def prefill_and_handover(
             decision = decide(info)
             continue
         route.timings["prefill_answered"] = time.time()
-        if not prefilled:  # the observer: the prefill ended (before its transfer did)
+        if not prefilled:  # the observer: the prefill ended (before its transfer did), and the
+            # node answers once its transfer is done: the KV is at the decode node, which admits
+            # it to a slot or keeps it waiting for one (as the simulator's kv_delivered)
             prefilled = True
             router.sched.prefill_done(info.request_id, time.monotonic() - res.transfer_s)
+            router.sched.kv_delivered(info.request_id)
         ev = await stream.next()
         if isinstance(ev, KVErrorEvent) and token_start > 0:
             token_start = 0  # the decode node lost the prefix meanwhile: send everything
@@ -297,6 +304,15 @@ async def prefill_and_handover(
             raise DecodeFailed(f"decode node {route.decode_node}: {msg}", code).api_error()
         break
     _record(router, info, prompt, decision, ep, res, ev, route)
+
+
+async def _answers(router: Router, ep: NodeEndpoint) -> bool:
+    """Whether ``ep`` answers its state poll now (a failed hand-over blames the right node)."""
+    try:
+        await router.nodes.state(ep)
+    except (httpx.HTTPError, ValueError):
+        return False
+    return True
 
 
 def _record(
@@ -316,7 +332,6 @@ def _record(
     for k, v in ev.timings.items():
         route.timings[f"d.{k}"] = v
     cluster = decision.prefill_cluster
-    router.sched.kv_delivered(info.request_id)  # prompt blocks entered the index at prefill_done
     if router.kv is not None:
         router.kv.note_routed(info, decision, prompt)
     route.prefill_cluster, route.prefill_node = cluster, ep.name

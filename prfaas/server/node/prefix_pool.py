@@ -47,14 +47,13 @@ class NodeCacheEvents:
             self.seq += 1
             self.events.append(CacheEvent(seq=self.seq, op=op, where=where, hashes=sorted(hashes)))
 
-    def sync(self, engine: LLMEngine) -> None:
-        """Turn the difference since the last call into events (checkpoints resident, pool puts)."""
-        cache = engine.cache
-        now = cache.checkpoint_hashes()
+    def sync(self, engine: LLMEngine, tier: StoreTier | None = None) -> None:
+        """Turn the difference since the last call into events: the engine cache's resident
+        checkpoints, and the puts of ``tier`` (the node's pool tier, if on)."""
+        now = engine.cache.checkpoint_hashes()
         self._add("add", "node", list(now - self._resident))
         self._add("drop", "node", list(self._resident - now))
         self._resident = now
-        tier = cache.tier
         if tier is not None:
             puts = tier.stats.put_hashes
             self._add("add", POOL, list(set(puts[self._pool_seen :])))
@@ -137,7 +136,7 @@ class PrefixPool:
 
     async def events_since(self, since: int) -> CacheEventsReply:
         def sync(eng: LLMEngine) -> CacheEventsReply:
-            self.cache_events.sync(eng)
+            self.cache_events.sync(eng, self.tier)
             return self.cache_events.since(since)
 
         return await self.worker.acall(sync)
