@@ -95,3 +95,26 @@ def test_kv_wait_ends_on_abort_timeout_and_bad_kv(tiny_model):
     assert dec.cache.blocks.num_in_use() == 0 and dec.stats().waiting_for_kv == 0
     with pytest.raises(ValueError, match="prefill-role"):
         make(tiny_model, role="prefill").expect_kv("x", ps[0])
+
+
+def test_abort_all_frees_every_request(tiny_model):
+    ps = prompts(3, seed=2)
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    (e0,) = exports(tiny_model, ps[:1], sp)
+    eng = make(tiny_model, max_num_seqs=2)
+    log: list = []
+    eng.expect_kv("r0", ps[0], sp)
+    eng.import_kv(e0, log.append)
+    eng.add_request(ps[1], sp, "a")
+    eng.add_request(ps[2], sp, "b")
+    eng.expect_kv("w", ps[2], sp)
+    for _ in range(4):
+        eng.step()
+    assert eng.stats().running == 2 and log == [None]
+    assert eng.abort_all() == 4
+    outs = eng.step()
+    assert sorted(o.request_id for o in outs) == ["a", "b", "r0", "w"]
+    assert all(o.finish_reason == "abort" for o in outs)
+    st = eng.stats()
+    assert (st.running, st.waiting, st.waiting_for_kv, st.free_slots) == (0, 0, 0, 2)
+    assert not eng.has_unfinished() and eng.cache.blocks.num_in_use() == 0

@@ -166,3 +166,18 @@ def test_prfaas_node_off_loopback_with_placeholder_secret_exits_2(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "placeholder secret" in r.stdout + r.stderr
+
+
+def test_pipelined_decode_with_a_full_cache_preempts_instead_of_failing(tiny_model):
+    """Greedy rows that all need a new cache block in the same pipelined step, with fewer blocks
+    free than rows: the engine must not raise (that aborted every batch-mate), and the tokens are
+    those of the synchronous engine."""
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    reqs = {f"r{i}": (prompt(40 + i, 13), sp) for i in range(3)}
+    kw = {"model": "tiny", "num_blocks": 4, "max_model_len": 64, "enable_prefix_cache": False}
+    want = run(LLMEngine(EngineConfig(async_decode=False, **kw), model=tiny_model), dict(reqs))
+    eng = LLMEngine(EngineConfig(async_decode=True, **kw), model=tiny_model)
+    got = run(eng, dict(reqs))
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
+    assert all(o.finish_reason == "length" for o in got.values())
+    assert eng.num_pipelined_steps > 0 and eng.num_preemptions > 0

@@ -149,6 +149,7 @@ def test_alone_without_room_ends_by_length():
     step(s)  # 32
     out, rep = step(s)  # the next decode needs a third block; nobody to preempt
     assert rep == [a] and a.finish_reason == "length" and not out.rows
+    assert out.finished == ["a"]
     no_leak(s)
 
 
@@ -182,6 +183,7 @@ def test_aborts_anywhere_free_everything_and_are_reported():
     s.finish(c, "abort", report=True)
     out, rep = step(s)
     assert rep == [a, c] and a.finish_reason == "abort" and rows(out) == [("b", 0, 16)]
+    assert out.finished == ["a", "c"]
     s.finish(b, "abort", report=True)
     assert s.take_reports() == [b]
     no_leak(s)

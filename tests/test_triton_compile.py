@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from prfaas.model import triton_ops
+from prfaas.model import moe_ops, triton_ops
+from prfaas.model.config import PRESETS
 
 pytestmark = pytest.mark.skipif(
     triton_ops.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -133,6 +134,7 @@ def _ops_calls() -> None:
     triton_ops.rms_norm(x, w, 1e-5, residual=x)
     triton_ops.rms_norm_gated(x, x, w, 1e-5, bf)
     triton_ops.silu_mul(torch.randn(5, 2 * 96, generator=g).to(bf))
+    triton_ops.silu_mul(torch.randn(5, 2 * 96, generator=g).to(bf), row_scale=torch.rand(5))
     W, k = 64, 4
     big = torch.randn(2, 7, 3 * W + 16, generator=g).to(bf)
     cw = torch.randn(3 * W, k, generator=g).to(bf)
@@ -160,3 +162,20 @@ def check_compiles(monkeypatch, module, run, min_kernels: int) -> None:
 
 def test_kernels_compile_for_sm90(monkeypatch):
     check_compiles(monkeypatch, triton_ops, _ops_calls, min_kernels=5)
+
+
+def _moe_calls() -> None:
+    from prfaas.model.materialize import random_model
+
+    moe = random_model(PRESETS["tiny"], "cpu", torch.bfloat16).model.layers[1].block_sparse_moe
+    enabled = triton_ops.enabled
+    triton_ops.enabled = lambda t: True
+    try:
+        for n in (6, 40):  # the per-pair GEMV path, then the permuted one
+            moe.forward(torch.randn(n, PRESETS["tiny"].hidden_size).to(torch.bfloat16))
+    finally:
+        triton_ops.enabled = enabled
+
+
+def test_moe_kernels_compile_for_sm90(monkeypatch):
+    check_compiles(monkeypatch, moe_ops, _moe_calls, min_kernels=2)

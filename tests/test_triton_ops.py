@@ -75,6 +75,10 @@ def test_silu_mul():
     y = triton_ops.silu_mul(gu)
     gate, up = gu.chunk(2, -1)
     torch.testing.assert_close(y, F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    scale = torch.rand(12, generator=g)  # one routing weight per row (the MoE's pairs)
+    ys = triton_ops.silu_mul(gu.view(12, -1), row_scale=scale)
+    want = (F.silu(gate) * up).view(12, -1) * scale[:, None]
+    torch.testing.assert_close(ys, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])

@@ -27,7 +27,10 @@ class EngineConfig:
     checkpoint_interval: int = 64
     num_checkpoints: int = 64
     enable_prefix_cache: bool = True
-    cuda_graphs: bool = True  # decode-only steps replay captured CUDA graphs (CUDA, dense MLP)
+    cuda_graphs: bool = True  # decode-only steps replay captured CUDA graphs (CUDA)
+    # CUDA with num_blocks None: the cache takes this fraction of device memory less the weights
+    # and a profiled peak forward (prfaas.engine.memory_plan)
+    gpu_memory_utilization: float = 0.9
     # greedy decode-only steps: launch step k+1 (its input tokens taken on the device from step k)
     # before step k's tokens are read back, so the host's work overlaps the GPU's; outputs come
     # one step() call later

@@ -28,6 +28,7 @@ from prfaas.cache.hashing import hash_chain
 from prfaas.cache.hybrid import HybridCache
 from prfaas.engine.config import ROLES, EngineConfig
 from prfaas.engine.kv_io import export_layer, validate_export, write_import
+from prfaas.engine.memory_plan import plan_memory
 from prfaas.engine.model_runner import ModelRunner
 from prfaas.engine.request import KVArrival, Request, RequestOutput, Status
 from prfaas.engine.sampling import SamplingParams
@@ -72,7 +73,13 @@ class LLMEngine:
         self.model = model or build_model(cfg.model, self.device, self.dtype, cfg.seed)
         self.model_config = self.model.config
         self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
-        self.cache = HybridCache(self.model_config, cfg.cache_config(), self.device, self.dtype)
+        cache_cfg, self.memory_plan = cfg.cache_config(), None
+        if self.device.type == "cuda" and cfg.num_blocks is None:
+            self.memory_plan = plan_memory(
+                self.model, cache_cfg, cfg.gpu_memory_utilization, cfg.max_num_batched_tokens
+            )
+            cache_cfg = self.memory_plan.cache_config
+        self.cache = HybridCache(self.model_config, cache_cfg, self.device, self.dtype)
         self.runner = ModelRunner(self.model, cuda_graphs=cfg.cuda_graphs)
         # a request ends on these unless it sets ignore_eos
         self.stop_ids = stop_ids_of(self.tokenizer)

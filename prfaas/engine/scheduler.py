@@ -70,6 +70,8 @@ class SchedulerOutput:
     rows: list[ScheduledRow] = field(default_factory=list)  # decodes first, then prefills
     imports: list[ScheduledImport] = field(default_factory=list)  # before the rows run
     preempted: list[str] = field(default_factory=list)  # request ids, in this schedule
+    # request ids ended outside a step since the last update (aborts, timeouts, no room left)
+    finished: list[str] = field(default_factory=list)
     # pipelined decode: each row is one position past what the host knows; its input token is
     # the previous step's output, still on the device
     ahead: bool = False
@@ -319,6 +321,7 @@ class Scheduler:
             n = self._chunk(req, budget)
             rows.append(self._row(req, n, now))
             budget -= n
+        out.finished = [r.request_id for r in self._reports if r.status == Status.FINISHED]
         return out
 
     def can_pipeline(self, out: SchedulerOutput) -> bool:
@@ -336,6 +339,11 @@ class Scheduler:
             )
         )
 
+    def _new_blocks(self, r: Request, ahead: int) -> int:
+        """Cache blocks ``r`` still needs to cover ``num_tokens + ahead`` positions."""
+        assert r.cache is not None
+        return max(0, self.cache.blocks_for(r.num_tokens + ahead) - len(r.cache.blocks))
+
     def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """The decode step after ``prev`` (whose tokens are not read back yet): its rows that do not
         end by length, one position further; None when it does not apply (a row's request ended,
@@ -352,7 +360,9 @@ class Scheduler:
             or self.waiting
             or self.arrived
             or len(live) != len(self.running)
-            or not all(self.cache.can_reserve(r.cache, r.num_tokens + 2) for r in go)
+            # the blocks of all rows together (one row's can_reserve says nothing about the
+            # others: a full cache raised CacheFull and aborted the whole batch)
+            or sum(self._new_blocks(r, 2) for r in go) > self.cache.blocks.num_free
         ):
             return None
         for r in go:

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from prfaas.model.config import ModelConfig, resolve_config
+from prfaas.model.materialize import empty_model, random_model
 from prfaas.model.model import HybridForCausalLM
 from prfaas.tokenizer.loader import BYTE_TOKENIZER_CLASS
 
@@ -36,7 +37,8 @@ def save_checkpoint(model: HybridForCausalLM, directory: str | Path) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # clones: the stacked experts' parameters are views of one tensor, which safetensors refuses
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -61,20 +63,31 @@ def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> HybridForCausalLM:
     """Build the model from ``config.json`` and load every tensor; missing or unexpected names and
-    shape mismatches are errors."""
+    shape mismatches are errors.
+
+    Streams: the parameters are allocated empty on ``device`` first (experts stacked, see
+    :mod:`prfaas.model.materialize`), then each shard is opened in turn and each tensor read,
+    moved to ``device`` and copied into its parameter (converted to ``dtype`` there) before the
+    next is read (plain reads, no memory map). Host memory holds one tensor, never the model
+    (unless ``device`` is the CPU, where the model itself lives)."""
     d = Path(directory)
     cfg = ModelConfig.from_json(d)
+    files = _checkpoint_files(d)
+    where: dict[str, Path] = {}
+    ck_dtype: dict[str, torch.dtype] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:  # headers only
+        for k, (dt, shape, _, _) in _header(f).items():
+            where[k], shapes[k], ck_dtype[k] = f, shape, dt
+    if cfg.tie_word_embeddings and "lm_head.weight" not in where:
+        src = "model.embed_tokens.weight"
+        if src in where:
+            where["lm_head.weight"], shapes["lm_head.weight"] = where[src], shapes[src]
+            ck_dtype["lm_head.weight"] = ck_dtype[src]
     with torch.device("meta"):
-        model = HybridForCausalLM(cfg)
-    expected = model.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
-    for f in _checkpoint_files(d):
-        for k, v in load_file(str(f), device=str(device)).items():
-            loaded[k] = v
-    if cfg.tie_word_embeddings:
-        loaded.setdefault("lm_head.weight", loaded.get("model.embed_tokens.weight"))
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
+        expected = HybridForCausalLM(cfg).state_dict()
+    missing = sorted(set(expected) - set(where))
+    unexpected = sorted(set(where) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {d} does not match its config: missing {missing[:5]}"
@@ -82,17 +95,69 @@ def load_checkpoint(
             f"{'...' if len(unexpected) > 5 else ''}"
         )
     for k, t in expected.items():
-        if tuple(loaded[k].shape) != tuple(t.shape):
-            raise ValueError(f"{k}: checkpoint shape {tuple(loaded[k].shape)} != {tuple(t.shape)}")
-    if dtype is not None:
-        loaded = {
-            k: (v.float() if keeps_fp32(k) else v.to(dtype)) if v.is_floating_point() else v
-            for k, v in loaded.items()
-        }
-    model.load_state_dict(loaded, assign=True, strict=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        if shapes[k] != tuple(t.shape):
+            raise ValueError(f"{k}: checkpoint shape {shapes[k]} != {tuple(t.shape)}")
+
+    def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
+        src = ck_dtype[name]
+        if dtype is None or not src.is_floating_point:
+            return src
+        return torch.float32 if keeps_fp32(name) else dtype
+
+    model = empty_model(cfg, device, dtype_of)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for f in files:
+            for k, t in _read_tensors(f):
+                params[k].copy_(t.to(params[k].device))
     return model.eval()
+
+
+def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """A safetensors file's tensors: name -> (dtype, shape, start, end), offsets from the start of
+    the data section (which follows the 8-byte header length and the JSON header)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        meta = json.loads(fh.read(n))
+    out = {}
+    for k, v in meta.items():
+        if k == "__metadata__":
+            continue
+        if v["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: {k} has unsupported dtype {v['dtype']}")
+        start, end = v["data_offsets"]
+        out[k] = (_DTYPES[v["dtype"]], tuple(v["shape"]), start, end)
+    return out
+
+
+def _read_tensors(path: Path):
+    """Yield (name, host tensor) one at a time, in file order, with plain reads (no memory map:
+    the host holds one tensor's bytes at a time)."""
+    entries = sorted(_header(path).items(), key=lambda kv: kv[1][2])
+    with open(path, "rb") as fh:
+        base = 8 + int.from_bytes(fh.read(8), "little")
+        for k, (dt, shape, start, end) in entries:
+            fh.seek(base + start)
+            buf = bytearray(fh.read(end - start))
+            if len(buf) != end - start:
+                raise ValueError(f"{path}: {k} is truncated")
+            t = torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
+            yield k, t.view(shape)
+            del t, buf
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def build_model(
@@ -101,9 +166,15 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> HybridForCausalLM:
-    """A checkpoint directory (config.json + safetensors) or a preset with random weights."""
+    """A checkpoint directory (config.json + safetensors) or a preset with random weights. On a
+    GPU the random weights are drawn there (no host copy: see :mod:`prfaas.model.materialize`);
+    on the CPU they are the CPU generator's draws from ``seed``, as ever."""
     if isinstance(model, str) and Path(model).is_dir() and list(Path(model).glob("*.safetensors")):
         return load_checkpoint(model, device=device, dtype=dtype)
     cfg = resolve_config(model)
+    if torch.device(device).type != "cpu":
+        return random_model(
+            cfg, device, lambda n, p: torch.float32 if keeps_fp32(n) else dtype, seed
+        )
     m = HybridForCausalLM(cfg).init_weights(seed)
     return cast_model(m.to(device=device), dtype).eval()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prfaas.model import triton_ops
+from prfaas.model import moe_ops, triton_ops
 from prfaas.model.config import ModelConfig
 
 
@@ -94,7 +94,17 @@ class MoEGate(nn.Module):
 
 class SparseMoE(nn.Module):
     """Sigmoid router with score-correction bias (used only for choosing), top-k, optional
-    renormalisation, routed scaling, plus always-on shared experts (Kimi / DeepSeek-V3 style)."""
+    renormalisation, routed scaling, plus always-on shared experts (Kimi / DeepSeek-V3 style).
+
+    ``forward`` on CUDA (fused path enabled) runs :func:`moe_ops.experts_forward`: grouped GEMMs
+    over the experts' weights stacked in two tensors, no host sync. :meth:`pack_experts` stacks them
+    (the experts' parameters become views of the stacked tensors, so there is one copy of the
+    weights; a later ``.to()`` or ``load_state_dict(assign=True)`` unpacks them, and the next fused
+    forward packs again). Elsewhere ``forward`` is the reference: a loop over the chosen experts.
+    ``record`` (a list, default None): the whole-batch path appends each call's expert ids (the
+    benchmarks count the experts a step touches)."""
+
+    CHUNK = 16384  # tokens per pass of the whole-batch path
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -111,18 +121,81 @@ class SparseMoE(nn.Module):
             if cfg.num_shared_experts
             else None
         )
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.record: list[torch.Tensor] | None = None
 
+    # ----- stacked expert weights -----------------------------------------------------------
+    def _views_key(self) -> tuple:
+        first, last = self.experts[0], self.experts[-1]
+        return (first.w1.weight.data_ptr(), last.w2.weight.data_ptr(), first.w1.weight.dtype)
+
+    def is_packed(self) -> bool:
+        if self._stacked is None:
+            return False
+        w13, w2 = self._stacked
+        first = self.experts[0]
+        return self._views_key() == (w13.data_ptr(), w2[-1].data_ptr(), w13.dtype) and (
+            first.w1.weight.device == w13.device
+        )
+
+    @torch.no_grad()
+    def pack_experts(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack the experts' weights into ``w13`` (E, 2I, H) = [w1 | w3] per expert and ``w2``
+        (E, H, I), and make each expert's parameters views of them (expert by expert: the extra
+        memory is one expert's weights). Experts on the meta device are not copied: the stacked
+        tensors are allocated empty on ``device`` in ``dtype`` (default: where the experts are).
+        Returns (w13, w2)."""
+        if self.is_packed() and device is None and dtype is None:
+            return self._stacked
+        e0 = self.experts[0]
+        E, (inter, h) = len(self.experts), e0.w1.weight.shape
+        dev = torch.device(device) if device is not None else e0.w1.weight.device
+        dt = dtype or e0.w1.weight.dtype
+        with torch.inference_mode(False):
+            w13 = torch.empty(E, 2 * inter, h, device=dev, dtype=dt)
+            w2 = torch.empty(E, h, inter, device=dev, dtype=dt)
+            for e, ex in enumerate(self.experts):
+                if ex.w1.weight.device.type != "meta":
+                    w13[e, :inter].copy_(ex.w1.weight)
+                    w13[e, inter:].copy_(ex.w3.weight)
+                    w2[e].copy_(ex.w2.weight)
+                ex.w1.weight = nn.Parameter(w13[e, :inter], requires_grad=False)
+                ex.w3.weight = nn.Parameter(w13[e, inter:], requires_grad=False)
+                ex.w2.weight = nn.Parameter(w2[e], requires_grad=False)
+        self._stacked = (w13, w2)
+        return self._stacked
+
+    # ----- forward ------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, h) -> (weights (T, k), expert ids (T, k))."""
-        scores = torch.sigmoid(F.linear(x.float(), self.gate.weight.float()))
-        choice = scores + self.gate.e_score_correction_bias.float()
-        idx = torch.topk(choice, self.top_k, dim=-1, sorted=True).indices
-        w = scores.gather(-1, idx)
-        if self.renormalize:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return w * self.scaling, idx
+        g = self.gate
+        return moe_ops.route(
+            x, g.weight, g.e_score_correction_bias, self.top_k, self.renormalize, self.scaling
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops.enabled(x):
+            return self.forward_grouped(x)
+        return self.forward_reference(x)
+
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole-batch path (:mod:`moe_ops`): no host sync on CUDA; on the CPU the grouped
+        GEMMs run as loops (what the tests compare with :meth:`forward_reference`)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if x.shape[0] > self.CHUNK:  # long prefills: bounded intermediates (T*k rows each)
+            parts = [self.forward_grouped(c) for c in x.split(self.CHUNK)]
+            return torch.cat(parts).reshape(shape)
+        w, idx = self.route(x)
+        if self.record is not None:
+            self.record.append(idx)
+        w13, w2 = self.pack_experts()
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return moe_ops.experts_forward(x, w, idx, w13, w2, shared).reshape(shape)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx = self.route(x)

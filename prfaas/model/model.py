@@ -90,28 +90,33 @@ class HybridForCausalLM(nn.Module):
     # ----- initialisation -----------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> HybridForCausalLM:
-        """Random weights from a seed (fan-in scaled so that random logits are well spread)."""
-        gen = torch.Generator().manual_seed(seed)
+        """Random weights from a seed (fan-in scaled so that random logits are well spread), drawn
+        on each parameter's device (one generator per device, seeded with ``seed``): a model on the
+        CPU gets the same weights as ever; one built on a GPU gets its own draw without any host
+        copy of the weights."""
+        gens: dict[torch.device, torch.Generator] = {}
         for name, p in self.named_parameters():
+            gen = gens.get(p.device)
+            if gen is None:
+                gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            kw = {"generator": gen, "device": p.device}
             if name.endswith("A_log"):
-                vals = torch.empty(p.shape).uniform_(1, 16, generator=gen).log()
+                vals = torch.empty(p.shape, device=p.device).uniform_(1, 16, generator=gen).log()
             elif name.endswith("dt_bias"):
                 dt = torch.exp(
-                    torch.rand(p.shape, generator=gen) * (math.log(0.1) - math.log(1e-3))
-                    + math.log(1e-3)
+                    torch.rand(p.shape, **kw) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
                 )
                 vals = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
             elif name.endswith("e_score_correction_bias"):
-                vals = torch.randn(p.shape, generator=gen) * 0.01
+                vals = torch.randn(p.shape, **kw) * 0.01
             elif "norm" in name:
-                vals = torch.ones(p.shape)
+                vals = torch.ones(p.shape, device=p.device)
             elif name.endswith("embed_tokens.weight"):
-                vals = torch.randn(p.shape, generator=gen)
-            elif "conv1d" in name:
-                vals = torch.randn(p.shape, generator=gen) * (1 / math.sqrt(p.shape[-1]))
-            else:
-                vals = torch.randn(p.shape, generator=gen) * (1 / math.sqrt(p.shape[-1]))
+                vals = torch.randn(p.shape, **kw)
+            else:  # linear and conv weights
+                vals = torch.randn(p.shape, **kw) * (1 / math.sqrt(p.shape[-1]))
             p.copy_(vals.to(p.dtype))
+            del vals
         return self
 
     # ----- cache-free reference -----------------------------------------------------------------
@@ -270,7 +275,8 @@ class HybridForCausalLM(nn.Module):
     # ----- decode with static shapes (CUDA-graph capturable) -----------------------------------
     def decode(self, b: DecodeBatch, cache: CacheTensors) -> torch.Tensor:
         """One decode token per row; no host synchronisation and no host-to-device copies, so it
-        can be captured in a CUDA graph (dense MLP models; the MoE routing syncs). Computes what
+        can be captured in a CUDA graph (MoE layers too: on CUDA they run ``moe_ops``, which never
+        syncs; the CPU reference loop does). Computes what
         ``step`` computes for decode rows. Returns (B, vocab) fp32 logits."""
         x = self.model.embed_tokens(b.tokens)
         pos = b.lengths - 1

@@ -95,13 +95,17 @@ if triton is not None:
         tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, y_ptr, stride_gu, N_COLS, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(
+        gu_ptr, y_ptr, scale_ptr, stride_gu, N_COLS, BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < N_COLS
         g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
         u = tl.load(gu_ptr + row * stride_gu + N_COLS + cols, mask=m, other=0.0).to(tl.float32)
         y = g * tl.sigmoid(g) * u
+        if HAS_SCALE:
+            y = y * tl.load(scale_ptr + row).to(tl.float32)
         tl.store(y_ptr + row * N_COLS + cols, y.to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
@@ -250,8 +254,9 @@ def rms_norm_gated(x: Tensor, gate: Tensor, weight: Tensor, eps: float, out_dtyp
     return y.view(shape)
 
 
-def silu_mul(gate_up: Tensor) -> Tensor:
-    """``silu(gate) * up`` where the last dim of ``gate_up`` is ``[gate | up]``."""
+def silu_mul(gate_up: Tensor, row_scale: Tensor | None = None) -> Tensor:
+    """``silu(gate) * up`` where the last dim of ``gate_up`` is ``[gate | up]``; times
+    ``row_scale[r]`` (one value per row, computed in fp32) when given."""
     _require()
     shape = gate_up.shape
     n = shape[-1] // 2
@@ -259,7 +264,10 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     y = torch.empty((gu.shape[0], n), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     if gu.shape[0]:
-        _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, y, gu.stride(0), n, BLOCK=block)
+        scale = row_scale.contiguous() if row_scale is not None else y
+        _silu_mul_kernel[(gu.shape[0], triton.cdiv(n, block))](
+            gu, y, scale, gu.stride(0), n, BLOCK=block, HAS_SCALE=row_scale is not None
+        )
     return y.view(*shape[:-1], n)
 
 

@@ -277,6 +277,10 @@ async def prefill_and_handover(
             router.spawn(router.nodes.abort_quietly(ep, info.request_id))
             raise
         except (httpx.HTTPError, PrefillFailed) as e:
+            if stream.dead is None and not await _answers(router, stream.ep):
+                # the KV had nowhere to go: the decode node died, not the prefill node
+                stream.dead = f"decode node {stream.ep.name} stopped answering"
+                router.mark_down(stream.ep.name)
             if stream.dead is not None:
                 raise APIError(
                     502, stream.dead, "server_error", code="decode_node_failed"
@@ -305,6 +309,15 @@ async def prefill_and_handover(
             raise DecodeFailed(f"decode node {route.decode_node}: {msg}", code).api_error()
         break
     _record(router, info, prompt, decision, ep, res, ev, route)
+
+
+async def _answers(router: Router, ep: NodeEndpoint) -> bool:
+    """Whether ``ep`` answers its state poll now (a failed hand-over blames the right node)."""
+    try:
+        await router.nodes.state(ep)
+    except (httpx.HTTPError, ValueError):
+        return False
+    return True
 
 
 def _record(

@@ -1,0 +1,254 @@
+"""The whole-batch MoE on a GPU against the reference loop, and a few layers of the 48B geometry
+end to end (run on a GPU machine).
+
+1. One MoE layer of Kimi-Linear-48B-A3B (256 experts, top-8, one shared expert, hidden 2304,
+   expert width 1024), bf16, random weights: ``SparseMoE.forward_grouped`` (sort permutation,
+   ``torch._grouped_mm``, fused SiLU-mul) against ``forward_reference`` (a loop over experts) at
+   several token counts: relative L2 error, device time of each, the bytes of the experts the
+   tokens chose over the measured time; then the grouped path captured in a CUDA graph and
+   replayed on new inputs, compared with eager.
+2. The 48B geometry cut to ``--layers`` layers (MLA at layer 3, MoE from layer 1), random
+   weights: teacher-forced logits of the fused path against the PyTorch path (prefill, then
+   decode steps), the CUDA-graph decode against the eager static decode, and greedy tokens of the
+   engine with and without graphs.
+
+    python benchmarks/gpu_check_moe.py --out benchmarks/results/moe_gpu_check_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_check_model import compare, forced_logits, rel  # noqa: E402
+from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from prfaas.model import moe_ops  # noqa: E402
+from prfaas.model.config import PRESETS  # noqa: E402
+from prfaas.model.layers import SparseMoE  # noqa: E402
+from prfaas.model.materialize import empty_model, random_model  # noqa: E402
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    if not torch.cuda.is_available():  # CPU dry run
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+@torch.inference_mode()
+def moe_layer_check(tokens: list[int], preset: str, dev: str) -> dict:
+    cfg = PRESETS[preset]
+    with torch.device(dev):
+        moe = SparseMoE(cfg).to(torch.bfloat16)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for n, p in moe.named_parameters():
+        if n.endswith("e_score_correction_bias"):
+            p.copy_(torch.randn(p.shape, device=dev, generator=g) * 0.01)
+        else:
+            p.copy_(torch.randn(p.shape, device=dev, generator=g) / math.sqrt(p.shape[-1]))
+    moe.pack_experts()
+    expert_bytes = 3 * cfg.moe_intermediate_size * cfg.hidden_size * 2
+    out = {}
+    for T in tokens:
+        x = torch.randn(T, cfg.hidden_size, device=dev, generator=g).bfloat16()
+        ref = moe.forward_reference(x)
+        got = moe.forward_grouped(x)
+        _, idx = moe.route(x)
+        touched = int(torch.unique(idx).numel())
+        t_grouped = time_ms(lambda x=x: moe.forward_grouped(x))
+        t_ref = time_ms(lambda x=x: moe.forward_reference(x), reps=5) if T <= 8192 else None
+        if T * cfg.num_experts_per_token <= moe_ops.SMALL_PAIRS:  # the permuted path instead
+            small, moe_ops.SMALL_PAIRS = moe_ops.SMALL_PAIRS, 0
+            t_permuted = time_ms(lambda x=x: moe.forward_grouped(x))
+            rel_permuted = rel(moe.forward_grouped(x), ref)
+            moe_ops.SMALL_PAIRS = small
+        else:
+            t_permuted, rel_permuted = t_grouped, None
+        moved = (touched + 1) * expert_bytes  # chosen experts + the shared one
+        out[T] = {
+            "rel_err_vs_reference": rel(got, ref),
+            "experts_touched": touched,
+            "grouped_ms": t_grouped,
+            "reference_loop_ms": t_ref,
+            "permuted_path_ms": t_permuted,
+            "permuted_path_rel_err": rel_permuted,
+            "expert_bytes": moved,
+            "grouped_gb_per_s": moved / t_grouped / 1e6,
+            "grouped_tflops": 2
+            * T
+            * (cfg.num_experts_per_token + 1)
+            * expert_bytes
+            / 2
+            / t_grouped
+            / 1e9,
+        }
+        print(json.dumps({"moe_layer": T, **out[T]}), flush=True)
+    if dev != "cuda":
+        return out
+    # graph capture of the grouped path: replay on new inputs equals eager
+    T = 128
+    xs = torch.randn(T, cfg.hidden_size, device=dev, generator=g).bfloat16()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            moe.forward_grouped(xs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = moe.forward_grouped(xs)
+    errs = []
+    for _ in range(3):
+        xs.copy_(torch.randn(T, cfg.hidden_size, device=dev, generator=g).bfloat16())
+        graph.replay()
+        errs.append(float((ys.float() - moe.forward_grouped(xs).float()).abs().max()))
+    out["graph_replay_max_abs_diff_vs_eager"] = max(errs)
+    out["graph_replay_ms"] = time_ms(graph.replay)
+    print(json.dumps({"graph": errs, "replay_ms": out["graph_replay_ms"]}), flush=True)
+    return out
+
+
+def engine_tokens(
+    model, graphs: bool, prompts: list[list[int]], n: int
+) -> tuple[list[list[int]], int]:
+    eng = LLMEngine(
+        model=model,
+        config=EngineConfig(
+            model=model.config.name,
+            cuda_graphs=graphs,
+            max_num_seqs=len(prompts),
+            max_num_batched_tokens=4096,
+            max_model_len=1024,
+            enable_prefix_cache=False,
+            num_blocks=len(prompts) * 64 + 8,
+        ),
+    )
+    ids = [
+        eng.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        for p in prompts
+    ]
+    done: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = list(o.token_ids)
+    return [done[i] for i in ids], eng.runner.num_graph_steps
+
+
+def model_check(
+    layers: int, n_prefill: int, steps: int, preset: str, dev: str, gate_scale: float = 1.0
+) -> dict:
+    """``gate_scale``: the routers' weights times this (a random router with near-ties among its
+    top-k flips experts on bf16 noise; a sharper one shows the kernels' error alone)."""
+    base = PRESETS[preset]
+    cfg = dataclasses.replace(
+        base, num_hidden_layers=layers, full_attn_layers=(3,), name=f"kimi-48b-{layers}l"
+    )
+    model = random_model(cfg, dev, torch.bfloat16, seed=0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SparseMoE):
+                m.gate.weight.mul_(gate_scale)
+    # the same weights in fp32, PyTorch path: the reference both bf16 paths are held to
+    model32 = empty_model(cfg, dev, torch.float32)
+    with torch.no_grad():
+        sd = model.state_dict()
+        for k, a in model32.state_dict().items():
+            a.copy_(sd[k])
+    toks = [(13 * i + 5) % 250 for i in range(n_prefill + steps)]
+    res: dict = {"layers": layers, "kinds": cfg.layer_kinds, "gate_scale": gate_scale}
+    ref32 = forced_logits(model32, toks, n_prefill, False)
+    # the fused path in fp32 (fla and Triton kernels in fp32; grouped GEMMs as loops) against the
+    # PyTorch path in fp32: the kernels' own error, without bf16 rounding or routing flips
+    res["fused_fp32_vs_torch_path_fp32"] = compare(
+        forced_logits(model32, toks, n_prefill, True), ref32
+    )
+    del model32
+    ref = forced_logits(model, toks, n_prefill, False)
+    fused = forced_logits(model, toks, n_prefill, True)
+    res["fused_vs_torch_path"] = compare(fused, ref)
+    res["fused_bf16_vs_fp32_reference"] = compare(fused, ref32)
+    res["torch_path_bf16_vs_fp32_reference"] = compare(ref, ref32)
+    print(json.dumps(res), flush=True)
+    graphs = forced_logits(model, toks, n_prefill, True, graphs=True)
+    static = forced_logits(model, toks, n_prefill, True, static=True)
+    res["graphs_vs_static_eager"] = compare(graphs, static)
+    res["graphs_vs_torch_path"] = compare(graphs, ref)
+    print(json.dumps(res), flush=True)
+    if gate_scale == 1.0:
+        prompts = [[(7 * i + 3 * b) % 250 for i in range(100 + 37 * b)] for b in range(4)]
+        with torch.inference_mode():
+            a, na = engine_tokens(model, True, prompts, 24)
+            b, nb = engine_tokens(model, False, prompts, 24)
+        res["engine_greedy_graphs_equal_eager"] = a == b
+        res["engine_graph_steps"] = na
+        res["engine_tokens_graphs_first"] = [t[:8] for t in a]
+        print(json.dumps({"engine_greedy_graphs_equal_eager": a == b, "graph_steps": na}))
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 32, 128, 1024, 32768])
+    ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--prefill", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--skip-layer", action="store_true")
+    ap.add_argument("--preset", default="kimi-linear-48b", help="tiny: a CPU dry run")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--gate-scale",
+        type=float,
+        default=8.0,
+        help="a second check with sharper routers (1: none)",
+    )
+    args = ap.parse_args()
+    dev = args.device
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    res: dict = {"device": name, "torch": torch.__version__, "preset": args.preset}
+    if not args.skip_layer:
+        res["moe_layer"] = moe_layer_check(args.tokens, args.preset, dev)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+
+    save()
+    res["model"] = model_check(args.layers, args.prefill, args.steps, args.preset, dev)
+    save()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    if args.gate_scale != 1.0:
+        res["model_sharp_router"] = model_check(
+            args.layers, args.prefill, args.steps, args.preset, dev, gate_scale=args.gate_scale
+        )
+    print(json.dumps(res))
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
