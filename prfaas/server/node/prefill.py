@@ -56,10 +56,10 @@ class _ClusterSenders:
         self.cluster_of: dict[tuple[str, int], str] = {}
 
     def open(self, peer: tuple[str, int], header: TransferHeader) -> Any:
-        return self.side._sender(self.cluster_of[peer]).open(peer, header)
+        return self.side.sender_for(self.cluster_of[peer]).open(peer, header)
 
     def send_export(self, peer: tuple[str, int], export: KVExport) -> Any:
-        return self.side._sender(self.cluster_of[peer]).send_export(peer, export)
+        return self.side.sender_for(self.cluster_of[peer]).send_export(peer, export)
 
 
 class PrefillSide:
@@ -94,7 +94,8 @@ class PrefillSide:
             with contextlib.suppress(Exception):
                 s.close()
 
-    def _sender(self, cluster: str) -> Any:  # any thread
+    def sender_for(self, cluster: str) -> Any:  # any thread
+        """The KV sender towards ``cluster`` (made on first use, shared by this node's sends)."""
         with self._lock:
             s = self.senders.get(cluster)
             if s is None:
@@ -226,7 +227,7 @@ class PrefillSide:
         if streamer is not None:  # before the request can run: its first layers may be last
             self._routes.cluster_of[peer] = dst
             # connect now, not on the engine thread when the first layer is ready
-            await asyncio.to_thread(self._sender(dst).session, peer)
+            await asyncio.to_thread(self.sender_for(dst).session, peer)
             streamer.expect(rid, peer)
         try:
             await self.worker.acall(add)
@@ -265,7 +266,7 @@ class PrefillSide:
             if p.aborted:
                 raise Aborted(f"request {rid!r} aborted")
             # thread-safe: concurrent opens keep id order
-            stream = await asyncio.to_thread(self._sender(dst).send_export, peer, exp)
+            stream = await asyncio.to_thread(self.sender_for(dst).send_export, peer, exp)
         p.stream = stream
         if p.aborted:  # aborted while the stream opened
             stream.abort("aborted by the router")
