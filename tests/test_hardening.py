@@ -14,13 +14,11 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-import yaml
+from deploy_process import running_deployment
 
 from prfaas.server.auth import control_headers
 
@@ -67,28 +65,14 @@ def rand_prompt(seed: int, n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     d = tmp_path_factory.mktemp("deploy")
-    cfg = d / "deploy.yaml"
-    cfg.write_text(yaml.safe_dump(CONFIG))
-    ready = d / "gateway.json"
-    with open(d / "up.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prfaas.cli", "up", "--config", str(cfg), "--port", "0"]
-            + ["--ready-file", str(ready), "--log-dir", str(d / "logs")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PRFAAS_API_KEY": API_KEY},
-        )
-    deadline = time.monotonic() + 180
-    while not ready.exists():
-        assert proc.poll() is None, (d / "up.log").read_text()
-        assert time.monotonic() < deadline, "deployment did not start"
-        time.sleep(0.1)
-    info = json.loads(ready.read_text())
-    info["proc"], info["dir"] = proc, d
-    yield info
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+    with running_deployment(
+        CONFIG,
+        d,
+        env={**os.environ, "PRFAAS_API_KEY": API_KEY},
+        start_timeout_s=180,
+        stop_timeout_s=60,
+    ) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")

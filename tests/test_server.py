@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from deploy_process import running_deployment
 
 from prfaas import LLM, SamplingParams
 from prfaas.server.auth import control_headers
@@ -65,27 +66,8 @@ def rand_prompt(seed: int, n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     d = tmp_path_factory.mktemp("deploy")
-    cfg = d / "deploy.yaml"
-    cfg.write_text(yaml.safe_dump(CONFIG))
-    ready = d / "gateway.json"
-    with open(d / "up.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prfaas.cli", "up", "--config", str(cfg), "--port", "0"]
-            + ["--ready-file", str(ready), "--log-dir", str(d / "logs")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert proc.poll() is None, (d / "up.log").read_text()
-        assert time.monotonic() < deadline, "deployment did not start"
-        time.sleep(0.1)
-    info = json.loads(ready.read_text())
-    info["proc"], info["dir"] = proc, d
-    yield info
-    if proc.poll() is None:  # Ctrl-C stops everything cleanly
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+    with running_deployment(CONFIG, d, start_timeout_s=120, stop_timeout_s=30) as info:
+        yield info
     for n in info["nodes"]:
         with pytest.raises(ProcessLookupError):
             os.kill(n["pid"], 0)
