@@ -1,9 +1,12 @@
 """``prfaas profile``: measure the model on this device and write a HardwareProfile file that the
-planner and simulator load (``prfaas.scheduling.profile.load_profiles``)."""
+planner and simulator load (``prfaas.scheduling.profile.load_profiles``): KV size and prefill time
+per length, decode step time per batch, and the nodes' hand-off costs (export out of a prefill
+engine, import into a decode engine, at the shortest and the longest length)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -74,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
             "torch": str(torch.__version__),
             "decode_ctx": res.decode_ctx,
             "skipped_lengths": {str(k): v for k, v in res.skipped.items()},
+            "handoff": [dataclasses.asdict(h) for h in res.handoff],
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     }
@@ -83,6 +87,11 @@ def main(args: argparse.Namespace) -> int:
     rows.append(f"{'batch':>8} {'step s':>10}  (decode, ctx {res.decode_ctx})")
     for b, t in zip(res.decode_batch, res.decode_step_s, strict=True):
         rows.append(f"{b:>8} {t:>10.5f}")
+    for h in res.handoff:
+        rows.append(
+            f"hand-off {h.length:>6}: {h.nbytes} B, export {h.export_s * 1e3:.2f} ms, import "
+            f"{h.import_s * 1e3:.2f} ms, first step {h.first_step_s * 1e3:.2f} ms"
+        )
     print("\n".join(rows), file=sys.stderr)
     if args.out:
         out = Path(args.out)
