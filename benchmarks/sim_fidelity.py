@@ -174,7 +174,30 @@ def measure(args: argparse.Namespace, d: Path) -> dict:
         "ttft_ms": [1000 * r["ttft_s"] if r["ok"] else None for r in recs],
         "offloaded": [bool(r.get("routing", {}).get("offloaded")) for r in recs],
         "input_len": [r["input_len"] for r in recs],
+        "breakdown_ms": [breakdown(r.get("routing", {}).get("timings")) for r in recs],
     }
+
+
+# the live request's path, from the gateway's and the nodes' stamps (one host: one clock); the
+# same split as benchmarks/two_gpu.py
+PARTS = (
+    ("route_and_dispatch", "arrival", "p.received"),
+    ("prefill_node_wait", "p.received", "p.prefill_start"),
+    ("prefill", "p.prefill_start", "p.prefill_end"),
+    ("export_and_wire", "p.prefill_end", "d.last_byte_at"),
+    ("verify_and_deliver", "d.last_byte_at", "d.delivered_at"),
+    ("import_wait", "d.delivered_at", "d.import_start"),
+    ("import", "d.import_start", "d.import_end"),
+    ("first_step", "d.import_end", "d.first_token"),
+    ("relay_to_router", "d.first_token", "first_token_seen"),
+)
+
+
+def breakdown(t: dict | None) -> dict[str, float] | None:
+    """Milliseconds of each part of a request's TTFT (None where stamps are missing)."""
+    if not isinstance(t, dict) or any(a not in t or b not in t for _, a, b in PARTS):
+        return None
+    return {k: 1000 * (t[b] - t[a]) for k, a, b in PARTS}
 
 
 def main() -> int:
@@ -243,6 +266,19 @@ def report(data: dict) -> str:
             f"{t:.0f} | {s['replay_profile_only']['ttft_ms'][i]:.0f} | "
             f"{s['replay_handoff']['ttft_ms'][i]:.0f} |"
         )
+    bd = [b for b in live["breakdown_ms"] if b]
+    parts = []
+    if bd:
+        parts = [
+            f"Where the live TTFT goes (mean over {len(bd)} requests, ms, from the gateway's and "
+            "the nodes' stamps; the simulator models prefill, export + wire, import and the first "
+            "step as one decode step, and the engines' queues in front of them):",
+            "",
+            "| " + " | ".join(k for k, _, _ in PARTS) + " |",
+            "|---" * len(PARTS) + "|",
+            "| " + " | ".join(f"{np.mean([b[k] for b in bd]):.1f}" for k, _, _ in PARTS) + " |",
+            "",
+        ]
     own = s["own_policy_handoff"]
     ho = ", ".join(
         f"{k} {prof[k]:.4g}" for k in ("export_gbps", "import_gbps", "import_fixed_s") if k in prof
@@ -275,6 +311,7 @@ def report(data: dict) -> str:
             f"offloads {sum(own['offloaded'])} of {len(own['offloaded'])} and predicts mean / P90 "
             f"{own['pct']['mean']:.0f} / {own['pct']['p90']:.0f} ms.",
             "",
+            *parts,
             "Per request (ms):",
             "",
             *per,
