@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prfaas.server.gateway.handover import DecodeFailed, Generation
-from prfaas.server.gateway.openai_protocol import GenerationRequest
+from prfaas.server.gateway.openai_protocol import APIError, GenerationRequest
 from prfaas.server.gateway.serving_context import ServingContext
 from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.server.protocol import TokenLogprobMsg
@@ -27,6 +27,9 @@ class Choice:
     gen: Generation
     asm: TextAssembler
     prefix: str = ""  # echo: the prompt's text
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobMsg] | None = None  # echo with logprobs: tokens 1..
+    prompt_only: bool = False  # echo with max_tokens 0: the generated token is not answered
     finish: str | None = None
     logprobs: list[TokenLogprobMsg] = field(default_factory=list)
     text_len: int = 0  # characters sent so far (completions' text_offset)
@@ -43,6 +46,9 @@ async def start_choices(
     else:
         prompts = [ctx.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
     n = req.n
+    prompt_lps: list[list[TokenLogprobMsg] | None] = [None] * len(prompts)
+    if req.echo and req.logprobs is not None:
+        prompt_lps = [await prompt_logprobs(ctx, ids, req.logprobs) for ids in prompts]
     started: list[Generation] = []
 
     async def one(ids: list[int], j: int) -> Generation:
@@ -74,12 +80,34 @@ async def start_choices(
             prefix = p if isinstance(p, str) else ctx.tokenizer.decode(p)
         for j, g in enumerate(t.result()):
             asm = TextAssembler(ctx.tokenizer, req.stop, req.params.min_tokens)
-            choices.append(Choice(i * n + j, g, asm, prefix))
+            c = Choice(i * n + j, g, asm, prefix, prompts[i], prompt_lps[i], req.prompt_only)
+            choices.append(c)
     return choices, prompts
+
+
+async def prompt_logprobs(ctx: ServingContext, ids: list[int], k: int) -> list[TokenLogprobMsg]:
+    """The log-probabilities of ``ids[1:]`` (and the top ``k`` at each position), from the
+    backend; 400 naming ``echo`` when it cannot compute them."""
+    compute = getattr(ctx.router, "prompt_logprobs", None)
+    if compute is None:
+        raise APIError(
+            400,
+            "echo with logprobs (the prompt's logprobs) is not supported by this deployment "
+            "(prfaas serve supports it)",
+            param="echo",
+            code="unsupported_parameter",
+        )
+    lps = await compute(ids, k)
+    return [lp for lp in lps[1:] if lp is not None]
 
 
 async def collect(c: Choice) -> None:
     """Read a choice's generation to its end (non-streaming)."""
+    if c.prompt_only:
+        async for _ in c.gen.events():
+            pass
+        c.finish = "length"
+        return
     async for ev in c.gen.events():
         c.asm.add(ev.token_ids)
         if ev.logprobs:

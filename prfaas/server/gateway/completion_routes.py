@@ -92,12 +92,13 @@ def completion_routes(ctx: ServingContext) -> APIRouter:
         out = []
         for c in choices:
             lp = None
-            if req.logprobs is not None:
-                lp = (
-                    chat_logprobs(c.logprobs, ctx.token_text)
-                    if kind == "chat"
-                    else completion_logprobs(c.logprobs, ctx.token_text, len(c.prefix))
-                )
+            if req.logprobs is not None and kind == "chat":
+                lp = chat_logprobs(c.logprobs, ctx.token_text)
+            elif c.prompt_logprobs is not None:  # echo: the prompt's tokens, then the output's
+                lps = c.prompt_logprobs + c.logprobs
+                lp = completion_logprobs(lps, ctx.token_text, 0, c.prompt_ids[:1])
+            elif req.logprobs is not None:
+                lp = completion_logprobs(c.logprobs, ctx.token_text, len(c.prefix))
             ch = choice_body(kind, c.index, c.prefix + c.asm.text, c.finish, lp)
             if len(choices) > 1:
                 ch["prfaas"] = prfaas_field(c.gen, c.asm.ids)

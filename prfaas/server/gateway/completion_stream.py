@@ -85,8 +85,11 @@ async def sse(
         # echo: the prompt's text first, one chunk per choice
         for c in choices:
             if c.prefix:
+                lp = None
+                if c.prompt_logprobs is not None:
+                    lp = completion_logprobs(c.prompt_logprobs, tt, 0, c.prompt_ids[:1])
                 yield sse_line(
-                    chunk(choice_chunk(kind, c.index, c.prefix, None, True, None), c, False)
+                    chunk(choice_chunk(kind, c.index, c.prefix, None, True, lp), c, False)
                 )
                 c.first = False
                 c.text_len = len(c.prefix)
@@ -103,14 +106,18 @@ async def sse(
             if ev is None:  # the stream ended without a finished event: nothing more to say
                 c.done, left = True, left - 1
                 continue
-            text = c.asm.add(ev.token_ids)
-            if c.asm.stopped:
-                c.finish = c.gen.finish_reason = "stop"
-            elif ev.finished:
-                c.finish = ev.finish_reason
-            if c.finish is not None:
-                text += c.asm.finish()
-            lp = lp_of(c, ev.logprobs)
+            if c.prompt_only:  # echo with max_tokens 0: its one token is not answered
+                text, lp = "", None
+                c.finish = "length" if ev.finished else None
+            else:
+                text = c.asm.add(ev.token_ids)
+                if c.asm.stopped:
+                    c.finish = c.gen.finish_reason = "stop"
+                elif ev.finished:
+                    c.finish = ev.finish_reason
+                if c.finish is not None:
+                    text += c.asm.finish()
+                lp = lp_of(c, ev.logprobs)
             if c.finish is not None or text or c.first or (lp is not None and ev.token_ids):
                 ch = choice_chunk(kind, c.index, text, c.finish, c.first, lp)
                 yield sse_line(chunk(ch, c, final=c.finish is not None))

@@ -92,7 +92,8 @@ class GenerationRequest:
     include_usage: bool = False
     model: str = ""
     n: int = 1
-    echo: bool = False
+    echo: bool = False  # completions: the prompt's text (and with logprobs its logprobs) first
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt alone, no generated token
     logprobs: int | None = None  # top alternatives per token (0: the sampled token's only)
     # chat: the validated messages (None-valued keys dropped, a missing content is "")
     messages: list[dict[str, Any]] | None = None
@@ -127,9 +128,16 @@ def to_generation(
 ) -> GenerationRequest:
     """What the gateway runs of a validated body; APIError 400 for values we do not serve."""
     messages = None
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(
+            400,
+            f"response_format {req.response_format.type!r} is not supported: this server has no "
+            'structured output (guided decoding); only {"type": "text"}',
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    prompt_only = False
     if isinstance(req, ChatCompletionRequest):
-        if req.response_format is not None and req.response_format.type != "text":
-            raise unsupported("response_format", f"response_format {req.response_format.type!r}")
         if req.tools:
             raise unsupported("tools")
         if req.tool_choice not in (None, "none"):
@@ -149,8 +157,10 @@ def to_generation(
             raise unsupported("best_of", "best_of other than n")
         prompts = _prompts(req.prompt, vocab_size)
         logprobs, echo, max_tokens, kind = req.logprobs, req.echo, req.max_tokens, "completion"
-    if echo and logprobs is not None:
-        raise unsupported("echo", "echo with logprobs (the prompt's logprobs)")
+        if max_tokens == 0:
+            if not echo:
+                raise bad("max_tokens: 0 only with echo (the prompt alone)", "max_tokens")
+            prompt_only, max_tokens = True, 1  # one token generated, not answered (as vLLM)
     bias: dict[int, float] = {}
     for k, v in (req.logit_bias or {}).items():
         if not k.isdigit() or int(k) >= vocab_size:
@@ -192,6 +202,7 @@ def to_generation(
         model=req.model,
         n=req.n,
         echo=echo,
+        prompt_only=prompt_only,
         logprobs=logprobs,
         messages=messages,
     )
