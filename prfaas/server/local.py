@@ -4,8 +4,9 @@
 ``LocalBackend`` offers what ``prfaas.server.gateway.api.build_gateway_app`` uses of a ``Router``
 (``generate``, ``metrics``, ``admission``, ``start``/``stop``, ``nodes_info``, ``policy``,
 ``cfg.model``) and ``prompt_logprobs`` (``echo`` with ``logprobs``): a request is added to a
-mixed-role ``LLMEngine`` running in its ``EngineWorker`` thread and its outputs come back as the same ``TokenEvent`` messages a decode node streams, so the
-API, its features and its metrics are the gateway's.  ``/metrics`` adds the engine's gauges
+mixed-role ``LLMEngine`` running in its ``EngineWorker`` thread and its outputs come back as
+the same ``TokenEvent`` messages a decode node streams, so the API, its features and its metrics
+are the gateway's.  ``/metrics`` adds the engine's gauges
 (``prfaas.server.node.metrics``, node name ``serve``, cluster ``local``).
 """
 
