@@ -175,7 +175,7 @@ def test_parse_request_maps_every_field():
         ({"model": "m", "prompt": "x", "stop": ["a"] * 9}, "stop"),
         ({"model": "m", "prompt": "x", "stop_token_ids": [500]}, "stop_token_ids"),
         ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
-        ({"model": "m", "prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ({"model": "m", "prompt": "x", "logit_bias": {"999": 1}}, "logit_bias"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
     ],
