@@ -281,7 +281,8 @@ if triton is not None:
 
 
 ROUTER_GEMV_ROWS = 64  # at most this many tokens: the router's logits by a Triton GEMV
-ROUTER_CONFIG = {"BE": 8, "BK": 256, "num_warps": 4}  # _router_logits_kernel's blocks
+# _router_logits_kernel's blocks (tuned on an H200, benchmarks/results/moe_tune_h200.json)
+ROUTER_CONFIG = {"BE": 2, "BK": 512, "num_warps": 4}
 
 
 def route(
@@ -427,10 +428,11 @@ def combine(
 
 
 SMALL_PAIRS = 64  # at most this many (token, expert) pairs: the per-pair GEMV path
-# the per-pair kernels' blocks (BN outputs, BK inputs per step) and launch options
+# the per-pair kernels' blocks (BN outputs, BK inputs per step) and launch options, tuned on an
+# H200 at one token (benchmarks/gpu_tune_moe.py, benchmarks/results/moe_tune_h200.json)
 PAIR_CONFIG = {
-    "gate_up": {"BN": 16, "BK": 256, "num_warps": 4, "num_stages": 3},
-    "down": {"BN": 8, "BK": 256, "num_warps": 4, "num_stages": 3},
+    "gate_up": {"BN": 16, "BK": 128, "num_warps": 8, "num_stages": 3},
+    "down": {"BN": 4, "BK": 512, "num_warps": 8, "num_stages": 3},
 }
 
 
@@ -538,14 +540,25 @@ def pair_experts(
     return out
 
 
-# the grouped GEMMs of the permuted path: "grouped_mm" (torch._grouped_mm) or "triton"
-# (:func:`fused_experts`, rows gathered inside the GEMM); measured in benchmarks/gpu_tune_moe.py
-GROUPED_IMPL = "grouped_mm"
+# the grouped GEMMs of the permuted path: "auto" (the Triton grouped GEMM of
+# :func:`fused_experts` up to TRITON_MAX_PAIRS pairs, ``torch._grouped_mm`` above), "triton" or
+# "grouped_mm". On an H200 (benchmarks/results/moe_tune_h200.json, one MoE layer of the 48B
+# geometry): 1024 pairs 0.90 vs 1.25 ms, 8192 pairs 1.19 vs 1.34 ms, 65536 pairs 2.71 vs 2.35 ms.
+GROUPED_IMPL = "auto"
+TRITON_MAX_PAIRS = 8192
 # fused_experts' tiles by pair count: (pairs at most, {BM, BN, BK, num_warps, num_stages})
 FUSED_CONFIGS = [
-    (4096, {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3}),
-    (1 << 62, {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 3}),
+    (2048, {"BM": 16, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 3}),
+    (16384, {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4}),
+    (1 << 62, {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}),
 ]
+
+
+def use_triton_grouped(pairs: int) -> bool:
+    """Whether the permuted path of ``pairs`` (token, expert) pairs runs :func:`fused_experts`."""
+    if GROUPED_IMPL == "auto":
+        return pairs <= TRITON_MAX_PAIRS
+    return GROUPED_IMPL == "triton"
 
 
 def align_blocks(idx: Tensor, num_experts: int, bm: int) -> tuple[Tensor, Tensor]:
@@ -626,7 +639,7 @@ def experts_forward(
         h = pair_gemv(x, ids, w13, div=k)  # (T*k, 2I) in pair order
         a = silu_mul_scaled(h, weights.reshape(-1).float())
         return combine(pair_gemv(a, ids, w2, div=1), None, k, shared, x.dtype)
-    if GROUPED_IMPL == "triton" and triton_ops.enabled(x):
+    if triton_ops.enabled(x) and use_triton_grouped(T * k):
         return combine(fused_experts(x, weights, idx, w13, w2), None, k, shared, x.dtype)
     order, offs = permute(idx, w13.shape[0])
     xs = x[order // k]  # (T*k, H) the pairs' inputs, grouped by expert
