@@ -5,7 +5,7 @@ prompt of the Kimi Linear 48B geometry. CPU seconds per GB are per side, from th
 sender's and the receiver's threads (kernel time of their syscalls included), and the checksum's
 cost per GB (XXH3-64 against zlib CRC-32) is measured on the same bytes.
 
-    python benchmarks/transfer.py            # CPU parts -> benchmarks/results/transfer_cpu.{json,md}
+    python benchmarks/transfer.py            # CPU parts -> benchmarks/results/transfer_loopback.{json,md}
     python benchmarks/transfer.py --gpu      # GPU part  -> benchmarks/results/transfer_gpu.{json,md}
                                              # (no CUDA device: says so and exits 0)
     python benchmarks/transfer.py --gpu --device cpu --tokens 4096   # the same path on CPU
@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -108,17 +109,28 @@ def plain_sendall(payload: list[memoryview], total: int) -> tuple[float, float, 
 
 
 def timed_transfers(
-    backend: str, layout: CacheLayout, export, repeats: int, **tx_kwargs
+    backend: str,
+    layout: CacheLayout,
+    export,
+    repeats: int,
+    baselines: dict | None = None,
+    **tx_kwargs,
 ) -> list[dict]:
     """Open -> delivered figures of ``repeats`` requests on one warm session (connection set-up
     and a first, untimed request excluded; the consumer releases each delivery's buffer), with
     the CPU seconds of the sender's (tx*, mc*) and the receiver's (rx*) threads and of the whole
-    process (which also counts Mooncake's own threads)."""
+    process (which also counts Mooncake's own threads). ``baselines``: name -> a function run
+    right before each timed request (same bytes, same moment: a fair pair under shared load),
+    its result stored in the row under that name."""
     rx = create_receiver(backend, layout, SECRET).start()
     tx = create_sender(backend, layout, SECRET, **tx_kwargs)
     rows = []
     try:
         for i in range(repeats + 1):
+            row: dict = {}
+            if i:
+                for name, fn in (baselines or {}).items():
+                    row[name] = fn()
             cpu0, p0 = thread_cpu(("tx", "mc", "rx")), time.process_time()
             t0 = time.time()
             stream = tx.send_export(rx.address, export)
@@ -128,7 +140,7 @@ def timed_transfers(
             cpu1, p1 = thread_cpu(("tx", "mc", "rx")), time.process_time()
             d.release()
             if i:
-                rows.append(
+                row.update(
                     {
                         "seconds": d.timings.delivered_at - t0,
                         "last_byte_s": d.timings.last_byte_at - t0,
@@ -140,10 +152,44 @@ def timed_transfers(
                         "process_cpu_s": p1 - p0,
                     }
                 )
+                rows.append(row)
     finally:
         tx.close()
         rx.close()
     return rows
+
+
+def plain_mooncake(export) -> Callable[[], float]:
+    """Mooncake's own ceiling here: a function timing one ``batch_transfer_sync_write`` of all
+    the export's bytes (16 MiB slices) into a registered buffer, through the TransferEngine our
+    backend uses, none of our code around it (no control connection, no checksums)."""
+    from prfaas.transfer.mooncake_backend import _engine
+
+    eng = _engine("127.0.0.1")
+    target = f"127.0.0.1:{eng.get_rpc_port()}"
+    tensors = [t for p in export.parts for t in p.tensors.values()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    dst = torch.empty(total, dtype=torch.uint8)
+    dst.fill_(0)  # faulted in, as our receiver's pooled buffers are
+    if eng.register_memory(dst.data_ptr(), total) != 0:
+        raise RuntimeError("mooncake register_memory failed")
+    srcs, dsts, lens, off, sl = [], [], [], 0, 16 << 20
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        for o in range(0, n, sl):
+            srcs.append(t.data_ptr() + o)
+            dsts.append(dst.data_ptr() + off + o)
+            lens.append(min(sl, n - o))
+        off += n
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        if eng.batch_transfer_sync_write(target, srcs, dsts, lens) != 0:
+            raise RuntimeError("mooncake write failed")
+        return time.perf_counter() - t0
+
+    run.keep = dst  # type: ignore[attr-defined]  # the registered buffer lives with the function
+    return run
 
 
 def checksum_cost(payload: list[memoryview], total: int) -> dict:
@@ -169,25 +215,34 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes * 8 / seconds / 1e9
 
 
-def _row(backend: str, conns: int | None, total: int, ours: list[dict], plain: list) -> dict:
-    med = statistics.median(r["seconds"] for r in ours)
-    pmed = statistics.median(p[0] for p in plain)
+def _row(backend: str, conns: int | None, total: int, ours: list[dict]) -> dict:
+    """Medians over the pairs; ``ratio`` is the median of the per-pair ratios (each timed request
+    against the plain sendall run right before it)."""
     gb = total / 1e9
+    med = statistics.median
+
+    def plain(i: int) -> float:
+        return med(r["plain"][i] for r in ours)
+
     row = {
         "backend": backend,
         "connections": conns,
-        "ours_gbps": gbps(total, med),
-        "plain_sendall_gbps": gbps(total, pmed),
-        "ours_tx_cpu_s_per_gb": statistics.median(r["tx_cpu_s"] for r in ours) / gb,
-        "ours_rx_cpu_s_per_gb": statistics.median(r["rx_cpu_s"] for r in ours) / gb,
-        "ours_process_cpu_s_per_gb": statistics.median(r["process_cpu_s"] for r in ours) / gb,
-        "plain_tx_cpu_s_per_gb": statistics.median(p[1] for p in plain) / gb,
-        "plain_rx_cpu_s_per_gb": statistics.median(p[2] for p in plain) / gb,
-        "first_data_ms": 1e3 * statistics.median(r["first_data_s"] for r in ours),
-        "last_byte_to_delivered_ms": 1e3
-        * statistics.median(r["seconds"] - r["last_byte_s"] for r in ours),
+        "pairs": len(ours),
+        "ours_gbps": gbps(total, med(r["seconds"] for r in ours)),
+        "plain_sendall_gbps": gbps(total, plain(0)),
+        "ratio": med(r["plain"][0] / r["seconds"] for r in ours),
+        "ours_tx_cpu_s_per_gb": med(r["tx_cpu_s"] for r in ours) / gb,
+        "ours_rx_cpu_s_per_gb": med(r["rx_cpu_s"] for r in ours) / gb,
+        "ours_process_cpu_s_per_gb": med(r["process_cpu_s"] for r in ours) / gb,
+        "plain_tx_cpu_s_per_gb": plain(1) / gb,
+        "plain_rx_cpu_s_per_gb": plain(2) / gb,
+        "first_data_ms": 1e3 * med(r["first_data_s"] for r in ours),
+        "last_byte_to_delivered_ms": 1e3 * med(r["seconds"] - r["last_byte_s"] for r in ours),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
-    row["ratio"] = row["ours_gbps"] / row["plain_sendall_gbps"]
+    if "mooncake_plain" in ours[0]:
+        row["mooncake_plain_gbps"] = gbps(total, med(r["mooncake_plain"] for r in ours))
+        row["ratio_to_mooncake_plain"] = med(r["mooncake_plain"] / r["seconds"] for r in ours)
     return row
 
 
@@ -199,19 +254,14 @@ def bench_cpu(tokens: int, repeats: int, shaped_mb: dict[float, int]) -> dict:
     out: dict = {"payload_bytes": total, "tokens": tokens, "loopback": []}
     out["checksum"] = checksum_cost(payload, total)
     print(out["checksum"], flush=True)
-    for conns in (1, 2, 4, 8):
-        plain = [plain_sendall(payload, total) for _ in range(repeats)]
-        ours = timed_transfers("tcp", layout, export, repeats, connections=conns)
-        plain += [plain_sendall(payload, total) for _ in range(repeats)]
-        row = _row("tcp", conns, total, ours, plain)
+    plain = {"plain": lambda: plain_sendall(payload, total)}
+    for conns in (1, 2, 4, 8, None):  # None: connections sized to the link
+        kw = {} if conns is None else {"connections": conns}
+        ours = timed_transfers("tcp", layout, export, repeats, plain, **kw)
+        row = _row("tcp", ours[0]["connections"], total, ours)
+        row["sized"] = conns is None
         out["loopback"].append(row)
         print(row, flush=True)
-    sized = timed_transfers("tcp", layout, export, repeats)  # connections sized to the link
-    plain = [plain_sendall(payload, total) for _ in range(repeats)]
-    row = _row("tcp", sized[0]["connections"], total, sized, plain)
-    row["sized"] = True
-    out["loopback"].append(row)
-    print(row, flush=True)
     try:
         import mooncake.engine  # noqa: F401
     except ImportError:
@@ -221,9 +271,9 @@ def bench_cpu(tokens: int, repeats: int, shaped_mb: dict[float, int]) -> dict:
         backends = ["tcp", "mooncake"]
     out["backends"] = backends
     if "mooncake" in backends:
-        mc = timed_transfers("mooncake", layout, export, repeats)
-        plain = [plain_sendall(payload, total) for _ in range(repeats)]
-        row = _row("mooncake", None, total, mc, plain)
+        base = {**plain, "mooncake_plain": plain_mooncake(export)}
+        mc = timed_transfers("mooncake", layout, export, repeats, base)
+        row = _row("mooncake", None, total, mc)
         out["loopback"].append(row)
         print(row, flush=True)
     return bench_shaped(out, layout, shaped_mb, backends)
@@ -232,14 +282,20 @@ def bench_cpu(tokens: int, repeats: int, shaped_mb: dict[float, int]) -> dict:
 def bench_shaped(
     out: dict, layout: CacheLayout, shaped_mb: dict[float, int], backends: list[str]
 ) -> dict:
+    """Utilisation of emulated links; each row also has what an unshaped plain sendall of the
+    same bytes reaches right before it (the host's own ceiling under its current load: a link
+    faster than that cannot be filled by anything on this host)."""
     out["shaped"] = []
     for link_gbps, mb in shaped_mb.items():
         n_tok = max(0, (mb * 1_000_000 - layout.request_nbytes(0)) // 1152 // 7)
         lay = CacheLayout.kimi_linear_48b(max_tokens=max(n_tok, 1))
         ex = random_export(lay, "shaped", 0, n_tok, seed=2)
+        payload = [tensor_bytes(t) for p in ex.parts for t in p.tensors.values()]
+        total = sum(len(m) for m in payload)
+        plain = {"plain": lambda payload=payload, total=total: plain_sendall(payload, total)}
         for backend in backends:
             rs = timed_transfers(
-                backend, lay, ex, 1, connections=4, link=LinkShaperSpec(gbps=link_gbps)
+                backend, lay, ex, 1, plain, connections=4, link=LinkShaperSpec(gbps=link_gbps)
             )
             r = rs[0]
             row = {
@@ -249,6 +305,8 @@ def bench_shaped(
                 "ideal_s": r["bytes"] * 8 / (link_gbps * 1e9),
                 "last_byte_s": r["last_byte_s"],
                 "delivered_s": r["seconds"],
+                "host_plain_sendall_gbps": gbps(total, r["plain"][0]),
+                "loadavg_1m": round(os.getloadavg()[0], 2),
             }
             row["utilisation"] = row["ideal_s"] / row["last_byte_s"]
             out["shaped"].append(row)
@@ -398,15 +456,20 @@ def write(out_dir: Path, name: str, result: dict) -> None:
             "plain sendall checks nothing.",
             "",
             f"## Loopback, {result['payload_bytes'] / 1e6:.1f} MB per request "
-            f"(Kimi Linear 48B geometry, {result['tokens']} tokens), median of {result['repeats']}",
+            f"(Kimi Linear 48B geometry, {result['tokens']} tokens), {result['repeats']} pairs",
             "",
-            "CPU s/GB: CPU time of the side's threads (user + kernel) per GB of payload; "
-            "'sized' = connection count chosen by the sender for the link.",
+            "Each timed request is paired with a plain single-socket `sendall` -> `recv_into` of "
+            "the same bytes run right before it, in the same process (both ends of both on this "
+            "host's cores, so both compete with the same load); 'ratio' is the median of the "
+            "per-pair ratios (Gbps columns: medians). CPU s/GB: CPU time of the side's threads "
+            "(user + kernel) per GB of payload. 'sized' = connection count chosen by the sender "
+            "for the link. Mooncake: 'plain' is still sendall; its own ceiling (one "
+            "`batch_transfer_sync_write` of the same bytes, none of our code) is under the table.",
             "",
-            "| backend | connections | ours Gbps | plain sendall Gbps (same run) | ratio | "
+            "| backend | connections | ours Gbps | plain sendall Gbps | ratio (pairs) | "
             "ours tx / rx CPU s/GB | plain tx / rx CPU s/GB | first byte ms | last byte -> "
-            "delivered ms |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "delivered ms | load 1m |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["loopback"]:
             conns = f"{r['connections'] or '-'}" + (" (sized)" if r.get("sized") else "")
@@ -415,8 +478,19 @@ def write(out_dir: Path, name: str, result: dict) -> None:
                 f"{r['plain_sendall_gbps']:.2f} | {r['ratio']:.2f} | "
                 f"{r['ours_tx_cpu_s_per_gb']:.3f} / {r['ours_rx_cpu_s_per_gb']:.3f} | "
                 f"{r['plain_tx_cpu_s_per_gb']:.3f} / {r['plain_rx_cpu_s_per_gb']:.3f} | "
-                f"{r['first_data_ms']:.1f} | {r['last_byte_to_delivered_ms']:.1f} |"
+                f"{r['first_data_ms']:.1f} | {r['last_byte_to_delivered_ms']:.1f} | "
+                f"{r['loadavg_1m']} |"
             )
+        for r in result["loopback"]:
+            if "mooncake_plain_gbps" in r:
+                lines += [
+                    "",
+                    f"Mooncake's own ceiling here (same run, same bytes, 16 MiB slices, one batch): "
+                    f"{r['mooncake_plain_gbps']:.2f} Gbps; our Mooncake backend reaches "
+                    f"{r['ratio_to_mooncake_plain']:.2f}x of it (median of pairs). Its process "
+                    "CPU (Mooncake's own threads included) is "
+                    f"{r['ours_process_cpu_s_per_gb']:.3f} s/GB.",
+                ]
         r1 = result["loopback"][0]
         ours_cpu = r1["ours_tx_cpu_s_per_gb"] + r1["ours_rx_cpu_s_per_gb"]
         plain_cpu = r1["plain_tx_cpu_s_per_gb"] + r1["plain_rx_cpu_s_per_gb"]
@@ -426,30 +500,36 @@ def write(out_dir: Path, name: str, result: dict) -> None:
             "### Where the time goes (tcp, 1 connection)",
             "",
             f"Both ends run in this one process on {m['nproc']} cores that other work shares "
-            f"(load above), so the run is CPU-bound and throughput follows CPU per byte: ours "
-            f"spends {ours_cpu:.3f} s/GB (sender {r1['ours_tx_cpu_s_per_gb']:.3f}, receiver "
-            f"{r1['ours_rx_cpu_s_per_gb']:.3f}) where plain sendall spends {plain_cpu:.3f} "
-            f"(ratio of CPU {plain_cpu / ours_cpu:.2f}, of throughput {r1['ratio']:.2f}). Of the "
-            f"difference ({ours_cpu - plain_cpu:.3f} s/GB), up to {hashing:.3f} s/GB is the "
-            "XXH3-64 pass on each side (the checksum line above, from memory; the receiver's runs "
-            "on bytes still in cache); the rest is the "
-            "non-blocking event loop (select, EAGAIN retries) and the Python around each "
-            "syscall. The request's fixed costs: header (JSON of the prompt's token ids, "
-            f"SHA-256) and the first slice, {r1['first_data_ms']:.1f} ms from open to the first "
-            f"byte in; the tail from the last byte in to the delivery is "
-            f"{r1['last_byte_to_delivered_ms']:.1f} ms (slices are verified as they land).",
+            f"(load above): when the host is busy the run is CPU-bound and throughput follows CPU "
+            f"per byte. Ours spends {ours_cpu:.3f} s/GB (sender {r1['ours_tx_cpu_s_per_gb']:.3f}, "
+            f"receiver {r1['ours_rx_cpu_s_per_gb']:.3f}) where plain sendall spends "
+            f"{plain_cpu:.3f} (ratio of CPU {plain_cpu / ours_cpu:.2f}, of throughput "
+            f"{r1['ratio']:.2f}). Of the difference ({ours_cpu - plain_cpu:.3f} s/GB), up to "
+            f"{hashing:.3f} s/GB is the XXH3-64 pass on each side (the checksum line above, from "
+            "memory); the rest is the Python around each syscall and the event loop. A `perf` "
+            "profile of this path is in docs/transfer.md (Performance). The request's fixed "
+            "costs: header (JSON + base64 token ids, SHA-256) and the first slice, "
+            f"{r1['first_data_ms']:.1f} ms from open to the first byte in; the tail from the last "
+            f"byte in to the delivery is {r1['last_byte_to_delivered_ms']:.1f} ms (slices are "
+            "verified as they land).",
         ]
         lines += [
             "",
             "## Emulated link (4 connections), utilisation = (bytes / rate) / last-byte time",
             "",
-            "| backend | link Gbps | MB | ideal s | last byte s | utilisation |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "'host plain sendall': an unshaped plain sendall of the same bytes right before "
+            "(what this host moves at all under its current load; a link faster than that cannot "
+            "be filled).",
+            "",
+            "| backend | link Gbps | MB | ideal s | last byte s | utilisation | "
+            "host plain sendall Gbps | load 1m |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["shaped"]:
             lines.append(
-                f"| {r['backend']} | {r['link_gbps']} | {r['bytes'] / 1e6:.1f} | {r['ideal_s']:.3f} | "
-                f"{r['last_byte_s']:.3f} | {r['utilisation']:.3f} |"
+                f"| {r['backend']} | {r['link_gbps']} | {r['bytes'] / 1e6:.1f} | "
+                f"{r['ideal_s']:.3f} | {r['last_byte_s']:.3f} | {r['utilisation']:.3f} | "
+                f"{r['host_plain_sendall_gbps']:.2f} | {r['loadavg_1m']} |"
             )
     if "gpu_to_gpu" in result:
         lines += [
@@ -479,7 +559,7 @@ def main() -> int:
         "--device", default="cuda", choices=["cuda", "cpu"], help="--gpu's device (cpu: smoke test)"
     )
     ap.add_argument("--tokens", type=int, default=None, help="MLA tokens per request")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed pairs per row")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if args.repeats < 1:
@@ -504,7 +584,7 @@ def main() -> int:
     else:
         tokens = args.tokens if args.tokens is not None else 16384
         result = bench_cpu(tokens, args.repeats, {1.0: 150, 10.0: 600})
-        name = "transfer_cpu"
+        name = "transfer_loopback"
     if args.tokens is not None:
         cmd += f" --tokens {args.tokens}"
     result.update(
