@@ -1,4 +1,5 @@
-"""``prfaas generate``: run prompts through the offline engine."""
+"""``prfaas generate``: run prompts through the offline engine (greedy by default), with progress
+bars on a terminal: the model built or loaded, then the requests as they finish."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 
 from prfaas.cli_args import check_cuda, device, fail
+from prfaas.cli_progress import counter, stages
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     why = check_cuda(args.device)
     if why:
         fail("prfaas generate", why)
-    from prfaas.engine import LLM, SamplingParams
+    from prfaas.engine import SamplingParams
 
     try:
         params = SamplingParams(
@@ -42,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             seed=args.seed,
         )
-        llm = LLM(args.model, device=args.device)
+        engine = load_engine(args.model, args.device)
         t0 = time.perf_counter()
-        outs = llm.generate(args.prompts, params)
+        outs = generate(engine, args.prompts, params)
     except ValueError as e:
         fail("prfaas generate", str(e))
     except KeyboardInterrupt:
@@ -69,5 +71,40 @@ def run(args: argparse.Namespace) -> int:
                 f"{o.finish_reason}] {o.token_ids}"
             )
     n = sum(len(o.token_ids) for o in outs)
-    print(f"# {len(outs)} requests, {n} tokens in {dt:.2f} s on {llm.engine.device}")
+    print(f"# {len(outs)} requests, {n} tokens in {dt:.2f} s on {engine.device}")
     return 0
+
+
+def load_engine(model: str, device: str):  # noqa: ANN201 - an LLMEngine
+    """The engine of ``model`` on ``device``, its model built or loaded under a progress bar."""
+    from prfaas.engine import EngineConfig, LLMEngine
+    from prfaas.model.checkpoint import build_model
+
+    cfg = EngineConfig(model=model, device=device)
+    dev, dt = cfg.resolved_device(), cfg.resolved_dtype()
+    names = [f"building {model} on {dev}", "allocating the KV cache"]
+    with stages("prfaas generate", names) as st:
+        m = build_model(model, dev, dt, cfg.seed)
+        st.next()
+        engine = LLMEngine(cfg, model=m)
+        st.next()
+    return engine
+
+
+def generate(engine, prompts: list[str], params) -> list:  # noqa: ANN001
+    """Every prompt run to its end (outputs in the prompts' order), a bar over the requests
+    finished and the tokens generated."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    tokens: dict[str, int] = {}
+    with counter("prfaas generate", len(ids), "req") as bar:
+        while engine.has_unfinished():
+            outs = engine.step()
+            for out in outs:
+                tokens[out.request_id] = len(out.token_ids)
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update()
+            if outs:
+                bar.set_postfix_str(f"{sum(tokens.values())} tokens")
+    return [done[i] for i in ids]
