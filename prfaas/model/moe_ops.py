@@ -543,12 +543,13 @@ def pair_experts(
 # the grouped GEMMs of the permuted path: "auto" (the Triton grouped GEMM of
 # :func:`fused_experts` up to TRITON_MAX_PAIRS pairs, ``torch._grouped_mm`` above), "triton" or
 # "grouped_mm". On an H200 (benchmarks/results/moe_tune_h200.json, one MoE layer of the 48B
-# geometry): 1024 pairs 0.90 vs 1.25 ms, 8192 pairs 1.19 vs 1.34 ms, 65536 pairs 2.71 vs 2.35 ms.
+# geometry): 256 pairs 0.57 vs 0.83 ms, 1024 pairs 0.91 vs 1.26 ms, 8192 pairs 1.19 vs 1.34 ms,
+# 65536 pairs 2.71 vs 2.35 ms.
 GROUPED_IMPL = "auto"
 TRITON_MAX_PAIRS = 8192
 # fused_experts' tiles by pair count: (pairs at most, {BM, BN, BK, num_warps, num_stages})
 FUSED_CONFIGS = [
-    (2048, {"BM": 16, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 3}),
+    (2048, {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3}),
     (16384, {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4}),
     (1 << 62, {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}),
 ]
