@@ -238,6 +238,7 @@ if triton is not None:
         BE: tl.constexpr,
         BM: tl.constexpr,
         BP: tl.constexpr,
+        BF: tl.constexpr,
     ):
         # one program: pairs per expert, padded to whole BM blocks; each expert's padded start;
         # the expert of each block (-1 past the last); pairs[:] = P (padding, overwritten next)
@@ -260,10 +261,10 @@ if triton is not None:
             tl.store(be_ptr + b, tl.where(owner < E, owner, -1), mask=b < NB)
             b0 += BP
         q0 = 0
-        while q0 < NB * BM:
-            q = q0 + tl.arange(0, BP)
-            tl.store(pairs_ptr + q, tl.zeros((BP,), dtype=tl.int64) + P, mask=q < NB * BM)
-            q0 += BP
+        while q0 < NB * BM:  # wide stores: one program writes all of pairs
+            q = q0 + tl.arange(0, BF)
+            tl.store(pairs_ptr + q, tl.zeros((BF,), dtype=tl.int64) + P, mask=q < NB * BM)
+            q0 += BF
 
     @triton.jit
     def _align_place_kernel(ids_ptr, pstart_ptr, pairs_ptr, P, BP: tl.constexpr):
@@ -643,7 +644,7 @@ def align_blocks(idx: Tensor, num_experts: int, bm: int) -> tuple[Tensor, Tensor
             ids = flat.contiguous()
             _align_counts_kernel[(1,)](
                 ids, pstart, be, pairs, P, nb, E=num_experts,
-                BE=triton.next_power_of_2(num_experts), BM=bm, BP=64,
+                BE=triton.next_power_of_2(num_experts), BM=bm, BP=64, BF=1024,
             )  # fmt: skip
             _align_place_kernel[(triton.cdiv(P, 64),)](ids, pstart, pairs, P, BP=64)
         else:
