@@ -28,6 +28,7 @@ from prfaas.transfer.backend import (
     Delivery,
     DeliveryCallback,
     FailureCallback,
+    LayerCallback,
     Peer,
     Receiver,
     TransferFailure,
@@ -44,7 +45,9 @@ __all__ = ["Assembly", "Conn", "ReceiverBase", "ReceiverSession"]
 class ReceiverBase(ConnectionLoop, RequestAssembly, Receiver):
     """Listens on ``host:port`` (0 = any free port); ``start()`` then read ``address``.
 
-    Outcomes go to ``on_delivery`` / ``on_failure`` when given, else to ``deliveries``.
+    Outcomes go to ``on_delivery`` / ``on_failure`` when given, else to ``deliveries``; with
+    ``on_layer``, each layer goes there too once verified, while later layers are still in flight
+    (on the I/O thread for tcp, the verifier thread for mooncake: the callback must be quick).
     """
 
     backend_code = 0
@@ -58,6 +61,7 @@ class ReceiverBase(ConnectionLoop, RequestAssembly, Receiver):
         port: int = 0,
         on_delivery: DeliveryCallback | None = None,
         on_failure: FailureCallback | None = None,
+        on_layer: LayerCallback | None = None,
         max_request_bytes: int | None = None,
         max_inflight_bytes: int = 16 << 30,
         header_wait_s: float = 10.0,
@@ -72,6 +76,7 @@ class ReceiverBase(ConnectionLoop, RequestAssembly, Receiver):
         self.host, self.port = host, port
         self.on_delivery = on_delivery
         self.on_failure = on_failure
+        self.on_layer = on_layer  # each verified layer as it lands (before the delivery)
         limit = wire.buffer_offsets(
             [
                 wire.LayerDesc(

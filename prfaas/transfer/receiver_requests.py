@@ -1,7 +1,7 @@
 """The receiver's request life cycle (``RequestAssembly``, a mixin of ``ReceiverBase``): a HEADER is
 validated against the layout before the request's buffer is allocated, COMMIT frames close layers,
 each complete layer is verified (inline from the slice digests for tcp, else on the verifier thread
-while later layers arrive), announced to ``on_layer`` when given, and a request whose layers are all
+while later layers arrive), handed to ``on_layer`` when given (a ``LayerArrival``: views of the receive buffer), and a request whose layers are all
 verified is delivered; failures free the buffer and are reported once.
 """
 
@@ -17,6 +17,7 @@ from prfaas.kv.unit import KVExport, LayerPart
 from prfaas.transfer import wire
 from prfaas.transfer.backend import (
     Delivery,
+    LayerArrival,
     TransferFailure,
     TransferTimings,
 )
@@ -160,6 +161,7 @@ class RequestAssembly:
         with asm.lock:
             if asm.done:
                 return
+            buf = asm.buf
             if ok:
                 asm.verified[layer] = True
                 asm.n_verified += 1
@@ -167,7 +169,14 @@ class RequestAssembly:
         if not ok:
             msg = f"request {asm.wh.header.request_id!r} layer {layer}: checksum mismatch"
             self._fail_stream(session, asm, ChecksumError(msg), notify=True)
-        elif complete:
+            return
+        if self.on_layer is not None and buf is not None:
+            arrival = LayerArrival(asm.wh.header, _layer_part(asm.wh, buf, layer), session.peer)
+            try:
+                self.on_layer(arrival)
+            except Exception:  # a consumer bug must not kill the transport
+                log.exception("transfer layer callback failed")
+        if complete:
             self._deliver(session, asm)
 
     def _release(self, session: ReceiverSession, asm: Assembly) -> bool:
@@ -198,17 +207,7 @@ class RequestAssembly:
             return
         wh, buf = asm.wh, asm.buf
         assert buf is not None
-        parts = []
-        for li, ld in enumerate(wh.layers):
-            tensors = {}
-            for ti, td in enumerate(ld.tensors):
-                off = wh.offsets[li][ti]
-                tensors[td.name] = (
-                    buf[off : off + td.nbytes].view(DTYPES[td.dtype]).view(td.shape)
-                    if td.nbytes
-                    else torch.empty(td.shape, dtype=DTYPES[td.dtype])
-                )
-            parts.append(LayerPart(ld.layer, ld.kind, tensors))
+        parts = [_layer_part(wh, buf, li) for li in range(len(wh.layers))]
         now = time.time()
         timings = TransferTimings(
             request_id=wh.header.request_id,
@@ -226,3 +225,17 @@ class RequestAssembly:
     @staticmethod
     def _done_obj(sid: int, error: TransferError) -> dict:
         return {"stream_id": sid, "ok": False, "code": error.code, "message": str(error)}
+
+
+def _layer_part(wh: wire.WireHeader, buf: torch.Tensor, li: int) -> LayerPart:
+    """Layer ``li`` of a request's receive buffer, its tensors as views (no copy)."""
+    ld = wh.layers[li]
+    tensors = {}
+    for ti, td in enumerate(ld.tensors):
+        off = wh.offsets[li][ti]
+        tensors[td.name] = (
+            buf[off : off + td.nbytes].view(DTYPES[td.dtype]).view(td.shape)
+            if td.nbytes
+            else torch.empty(td.shape, dtype=DTYPES[td.dtype])
+        )
+    return LayerPart(ld.layer, ld.kind, tensors)
