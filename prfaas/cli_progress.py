@@ -23,10 +23,13 @@ class Stages:
     def __init__(self, bar: tqdm, desc: str, names: Sequence[str]) -> None:
         self.bar, self.desc, self.names, self.i = bar, desc, list(names), -1
 
-    def next(self) -> None:
+    def next(self, name: str | None = None) -> None:
+        """The next step starts (``name``: its name, when known only now)."""
         if self.i >= 0:
             self.bar.update()
         self.i += 1
+        if name is not None and self.i < len(self.names):
+            self.names[self.i] = name
         if self.i < len(self.names):
             n = len(self.names)
             self.bar.set_description_str(f"{self.desc}: {self.names[self.i]} ({self.i + 1}/{n})")

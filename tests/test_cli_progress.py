@@ -1,6 +1,6 @@
 """Progress bars of the commands (``prfaas.cli_progress``): on a terminal ``generate`` and
-``profile`` show the model being built and then their counted work; off a terminal (logs, pipes)
-nothing is drawn."""
+``profile`` show a bar from the start (torch's import is its first step), the model being built,
+then their counted work; off a terminal (logs, pipes) nothing is drawn."""
 
 from __future__ import annotations
 
@@ -45,12 +45,17 @@ def test_no_bar_off_a_terminal():
     [
         (
             ["generate", "--model", "tiny", "--device", "cpu", "--max-tokens", "2", "a", "b"],
-            ["prfaas generate: building tiny on cpu (1/2)", "2/2", "req"],
+            ["generate: loading torch (1/3)", "generate: building tiny on cpu (2/3)", "2/2", "req"],
         ),
         (
             ["profile", "--model", "tiny", "--device", "cpu", "--lengths", "8", "16"]
             + ["--batches", "1", "--ctx", "8", "--steps", "1"],
-            ["prfaas profile: building tiny on cpu (1/1)", "3/3", "step", "prefill 16:"],
+            [
+                "profile: loading torch (1/2)",
+                "profile: building tiny on cpu (2/2)",
+                "3/3",
+                "prefill 16:",
+            ],
         ),
     ],
 )

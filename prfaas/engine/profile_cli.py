@@ -70,15 +70,17 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     check_args(args)
-    from prfaas.engine import EngineConfig
-    from prfaas.engine.profiling import run_profile
-    from prfaas.model.checkpoint import build_model
-    from prfaas.scheduling.profile import gbps
-
     try:
-        cfg = EngineConfig(model=args.model, device=args.device)
-        dev, dt = cfg.resolved_device(), cfg.resolved_dtype()
-        with stages("prfaas profile", [f"building {args.model} on {dev}"]) as st:
+        names = ["loading torch", f"building {args.model}"]
+        with stages("prfaas profile", names) as st:
+            from prfaas.engine import EngineConfig
+            from prfaas.engine.profiling import run_profile
+            from prfaas.model.checkpoint import build_model
+            from prfaas.scheduling.profile import gbps
+
+            cfg = EngineConfig(model=args.model, device=args.device)
+            dev, dt = cfg.resolved_device(), cfg.resolved_dtype()
+            st.next(f"building {args.model} on {dev}")
             model = build_model(args.model, dev, dt, cfg.seed)
             st.next()
         n = len(set(args.lengths)) + len(set(args.batches))

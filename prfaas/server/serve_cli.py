@@ -117,19 +117,21 @@ def kv_budget_blocks(
 
 
 def build_engine(args: argparse.Namespace):  # noqa: ANN201
-    """The engine of ``args`` (model built or loaded, cache sized), with a progress bar."""
-    from prfaas.engine import EngineConfig, LLMEngine
-    from prfaas.model.checkpoint import build_model
-
+    """The engine of ``args`` (model built or loaded, cache sized), under a progress bar from
+    the start (torch's import included)."""
     kw = {"max_num_seqs": args.max_num_seqs}
     if args.max_model_len is not None:
         kw["max_model_len"] = args.max_model_len
-    base = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
-    )
-    dev, dt = base.resolved_device(), base.resolved_dtype()
-    names = [f"building {args.model} on {dev}", "allocating the KV cache"]
+    names = ["loading torch", f"building {args.model}", "allocating the KV cache"]
     with stages("prfaas serve", names) as st:
+        from prfaas.engine import EngineConfig, LLMEngine
+        from prfaas.model.checkpoint import build_model
+
+        base = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
+        )
+        dev, dt = base.resolved_device(), base.resolved_dtype()
+        st.next(f"building {args.model} on {dev}")
         model = build_model(args.model, dev, dt, args.seed)
         st.next()
         if dev.type == "cuda":
