@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prfaas.cache.hashing import hash_chain
 from prfaas.cache import store_tier
+from prfaas.cache.hashing import hash_chain
 from prfaas.cache.pool_mooncake import MooncakeKVStore, MooncakeMaster, PoolAddress
 from prfaas.cache.store_tier import (
     BadObject,

@@ -7,7 +7,8 @@ Every argument is checked before anything loads (a bad one: one line on stderr, 
 model is a preset or a model directory, the port can be listened on, the device exists.  Then the
 socket is bound, the model built or loaded, the engine's KV cache sized (on CUDA:
 ``--gpu-memory-utilization`` of the GPU's memory, less what is in use after the weights), and the
-API served until Ctrl-C or SIGTERM (no traceback).
+API served until Ctrl-C or SIGTERM (no traceback; requests still running end at once, as
+``prfaas.server.gateway.serve.GatewayServer`` stops them, and are aborted in the engine).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import json
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from prfaas.cli_args import check_bindable, check_cuda, device, fail, fraction, port, positive_int
+from prfaas.cli_progress import stages
 
 log = logging.getLogger("prfaas.serve")
 
@@ -114,44 +117,43 @@ def kv_budget_blocks(
 
 
 def build_engine(args: argparse.Namespace):  # noqa: ANN201
-    """The engine of ``args`` (model built or loaded, cache sized), with a progress bar."""
-    from tqdm import tqdm
-
-    from prfaas.engine import EngineConfig, LLMEngine
-    from prfaas.model.checkpoint import build_model
-
+    """The engine of ``args`` (model built or loaded, cache sized), under a progress bar from
+    the start (torch's import included)."""
     kw = {"max_num_seqs": args.max_num_seqs}
     if args.max_model_len is not None:
         kw["max_model_len"] = args.max_model_len
-    base = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
-    )
-    dev, dt = base.resolved_device(), base.resolved_dtype()
-    with tqdm(total=3, desc="prfaas serve", unit="step", file=sys.stderr, leave=False) as bar:
-        bar.set_postfix_str(f"building {args.model} on {dev}")
+    names = ["loading torch", f"building {args.model}", "allocating the KV cache"]
+    with stages("prfaas serve", names) as st:
+        from prfaas.engine import EngineConfig, LLMEngine
+        from prfaas.model.checkpoint import build_model
+
+        base = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
+        )
+        dev, dt = base.resolved_device(), base.resolved_dtype()
+        st.next(f"building {args.model} on {dev}")
         model = build_model(args.model, dev, dt, args.seed)
-        bar.update()
+        st.next()
         if dev.type == "cuda":
             import torch
 
             free, total = torch.cuda.mem_get_info(dev)
             kw.update(kv_budget_blocks(total, free, args.gpu_memory_utilization, model.config, kw))
-        bar.set_postfix_str("allocating the KV cache")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
         )
         engine = LLMEngine(cfg, model=model)
-        bar.update()
-        bar.set_postfix_str("ready")
-        bar.update()
+        st.next()
     return engine
 
 
-def run_serve_cmd(args: argparse.Namespace) -> int:
+def run_serve_cmd(args: argparse.Namespace) -> NoReturn:
     check_args(args)
+    # --log-level is prfaas's; the libraries' INFO lines (torch's at exit) stay out
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("prfaas").setLevel(args.log_level.upper())
     from prfaas.server.sockets import bind_socket, install_sigterm_as_interrupt
 
     install_sigterm_as_interrupt()
@@ -161,36 +163,44 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
             engine = build_engine(args)
         except ValueError as e:
             fail("prfaas serve", str(e))
-        return asyncio.run(_serve(args, engine, sock))
+        server = _server(args, engine, sock)
+        # uvicorn's serve() is the main coroutine: it handles Ctrl-C from its first step, so an
+        # interrupt during start-up stops it cleanly as well
+        asyncio.run(server.serve(sockets=[sock]))
     except KeyboardInterrupt:
-        print("prfaas serve: stopped", file=sys.stderr)
-        return 0
+        pass
+    print("prfaas serve: stopped", file=sys.stderr)
+    _exit_now(0)
 
 
-async def _serve(args: argparse.Namespace, engine, sock) -> int:  # noqa: ANN001
-    import uvicorn
+def _exit_now(rc: int) -> NoReturn:
+    """Exit once everything is stopped, skipping the interpreter's teardown of torch's modules
+    (0.5-1.5 s on a busy machine): the engine thread is joined, the socket closed, the output
+    flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
+
+def _server(args: argparse.Namespace, engine, sock):  # noqa: ANN001, ANN202
+    """The API server of ``engine`` on ``sock`` (not started): it prints the URL and writes
+    the ready file once it serves."""
     from prfaas.server.auth import resolve_api_key
     from prfaas.server.gateway.api import build_gateway_app
+    from prfaas.server.gateway.serve import gateway_server
     from prfaas.server.local import LocalBackend
     from prfaas.server.sockets import write_ready_file
 
     name = args.served_model_name or args.model
     backend = LocalBackend(engine, name, args.max_inflight)
     app = build_gateway_app(backend, name, api_key=resolve_api_key(args.api_key))
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.02)
-    if task.done():
-        await task
-        return 1
     host, port_ = sock.getsockname()[:2]
     url = f"http://{host}:{port_}"
-    print(f"prfaas serve: {name} ready at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-    if args.ready_file:
-        write_ready_file(args.ready_file, json.dumps({"url": url, "pid": os.getpid()}))
-    await task
-    return 0
+
+    def announce() -> None:
+        print(f"prfaas serve: {name} ready at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+        if args.ready_file:
+            write_ready_file(args.ready_file, json.dumps({"url": url, "pid": os.getpid()}))
+
+    return gateway_server(app, on_started=announce)
