@@ -1,8 +1,9 @@
 """Simulator fidelity against the live system: one short trace replayed through ``prfaas up`` (tiny
 model on CPU, the packaged local deployment, the gateway's default scheduler) with ``prfaas bench``,
 and through the simulator with the same deployment (``sim.from_deploy``: nodes, links, chunk, MLA
-layers, slots) and a profile measured on this machine right before (``prfaas profile``: prefill,
-decode steps and the nodes' hand-off costs, export and import); TTFT percentiles side by side.
+layers, slots) and a profile measured on this machine right before and right after the replay
+(``prfaas profile``: prefill, decode steps and the nodes' hand-off costs, export and import; per point
+the better of the two); TTFT percentiles side by side.
 
 The simulator replays the live run's routing (each request prefilled where the gateway sent it), so
 the comparison is of the timing model, not of two threshold searches; the simulator's own policy
@@ -136,19 +137,41 @@ def pcts(x: list[float]) -> dict[str, float]:
     }
 
 
+def profile_now(out: Path) -> None:
+    """``prfaas profile`` of the tiny model on this CPU (prefill, decode steps, hand-off)."""
+    subprocess.run(
+        [sys.executable, "-m", "prfaas.cli", "profile", "--model", "tiny", "--device", "cpu"]
+        + ["--lengths", "64", "512", "1800", "--batches", "1", "4", "16"]
+        + ["--ctx", "256", "--steps", "4", "--chunk", "512", "--name", "tiny-cpu-now"]
+        + ["--out", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+
+
+def best_of(a: Path, b: Path, out: Path) -> None:
+    """One profile from two measurements, right before and right after the replay: per point the
+    faster time and the higher rate (the profiler's own rule, best of its repetitions, carried over
+    both: other jobs on the shared cores only ever slow a measurement down)."""
+    pa, pb = (next(iter(yaml.safe_load(p.read_text())["profiles"].values())) for p in (a, b))
+    best = dict(pa)
+    for k in ("prefill_s", "decode_step_s"):
+        best[k] = [min(x, y) for x, y in zip(pa[k], pb[k], strict=True)]
+    for k in ("export_gbps", "import_gbps"):
+        if k in pa and k in pb:
+            best[k] = max(pa[k], pb[k])
+    if "import_fixed_s" in pa and "import_fixed_s" in pb:
+        best["import_fixed_s"] = min(pa["import_fixed_s"], pb["import_fixed_s"])
+    out.write_text(yaml.safe_dump({"profiles": {best["name"]: best}}, sort_keys=False))
+
+
 def measure(args: argparse.Namespace, d: Path) -> dict:
     """Profile this machine, then replay the trace through ``prfaas up``; the raw figures."""
     py = sys.executable
     load0 = os.getloadavg()
     t0 = time.monotonic()
-    subprocess.run(
-        [py, "-m", "prfaas.cli", "profile", "--model", "tiny", "--device", "cpu"]
-        + ["--lengths", "64", "512", "1800", "--batches", "1", "4", "16"]
-        + ["--ctx", "256", "--steps", "4", "--chunk", "512", "--name", "tiny-cpu-now"]
-        + ["--out", str(d / "profile.yaml")],
-        check=True,
-        cwd=ROOT,
-    )
+    profile_now(d / "profile_before.yaml")
     profile_s = time.monotonic() - t0
     cfg = yaml.safe_load((ROOT / "prfaas" / "configs" / "deploy_local.yaml").read_text())
     cfg["router"]["profile"] = str(d / "profile.yaml")
@@ -164,11 +187,19 @@ def measure(args: argparse.Namespace, d: Path) -> dict:
             cwd=ROOT,
         )
     load2 = os.getloadavg()
+    profile_now(d / "profile_after.yaml")
+    best_of(d / "profile_before.yaml", d / "profile_after.yaml", d / "profile.yaml")
     live = json.loads((d / "live.json").read_text())
     recs = sorted(live["per_request"], key=lambda r: r["index"])
     return {
         "profile": yaml.safe_load((d / "profile.yaml").read_text()),
         "profile_measure_s": profile_s,
+        "profiles_measured": {
+            k: next(
+                iter(yaml.safe_load((d / f"profile_{k}.yaml").read_text())["profiles"].values())
+            )
+            for k in ("before", "after")
+        },
         "load_avg_1_5_15": {"before_profile": load0, "before_replay": load1, "after": load2},
         "completed": sum(1 for r in recs if r["ok"]),
         "ttft_ms": [1000 * r["ttft_s"] if r["ok"] else None for r in recs],
@@ -296,8 +327,9 @@ def report(data: dict) -> str:
             f"Trace: {data['requests']} requests, Poisson {data['rate']} req/s, prompts log-normal "
             "in [32, 1800] tokens, 8-24 output tokens, no shared prefixes. Deployment: "
             "`deploy_local.yaml` (1 PrfaaS node, 1 PD-P, 1 PD-D, 1 Gbps / 10 ms link), the default "
-            "scheduler, rebalancing off (2 PD nodes). Profile measured on this machine right before "
-            f"(`prfaas profile`, {live['profile_measure_s']:.0f} s): prefill 512 tokens "
+            "scheduler, rebalancing off (2 PD nodes). Profile measured on this machine right before and "
+            f"right after the replay, per point the better (`prfaas profile`, "
+            f"{live['profile_measure_s']:.0f} s each): prefill 512 tokens "
             f"{1e3 * prof['prefill_s'][prof['lengths'].index(512)]:.1f} ms, decode step (batch 1) "
             f"{1e3 * prof['decode_step_s'][0]:.2f} ms, hand-off {ho}.",
             "",
