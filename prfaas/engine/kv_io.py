@@ -33,15 +33,8 @@ def export_layer(
         flat = cache.tensors.mla_kv[j].view(-1, model.latent_dim)
         kv = flat[cache.rows(seq, token_start, token_end)]  # a gather: a copy
         return LayerPart(layer, "mla", {"kv": kv})
-    j = model.kda_layers.index(layer)
-    return LayerPart(
-        layer,
-        "kda",
-        {
-            "state": cache.tensors.kda_state[j][seq.slot].clone(),
-            "conv": cache.tensors.conv_state[j][seq.slot].clone(),
-        },
-    )
+    state, conv = cache.read_kda_slot(model.kda_layers.index(layer), seq.slot)
+    return LayerPart(layer, "kda", {"state": state, "conv": conv})
 
 
 def expected_shapes(model: ModelConfig, layer: int, num_tokens: int) -> dict[str, tuple[int, ...]]:
@@ -84,11 +77,7 @@ def write_import(cache: HybridCache, seq: SeqCache, exp: KVExport) -> None:
     rows = cache.rows(seq, h.token_start, h.token_end)
     for p in exp.parts:
         if p.kind == "mla":
-            j = model.mla_layers.index(p.layer)
-            flat = cache.tensors.mla_kv[j].view(-1, model.latent_dim)
-            flat[rows] = p.tensors["kv"].to(flat.device, flat.dtype)
+            cache.write_mla_rows(model.mla_layers.index(p.layer), rows, p.tensors["kv"])
         else:
             j = model.kda_layers.index(p.layer)
-            st, cv = cache.tensors.kda_state[j], cache.tensors.conv_state[j]
-            st[seq.slot] = p.tensors["state"].to(st.device, st.dtype)
-            cv[seq.slot] = p.tensors["conv"].to(cv.device, cv.dtype)
+            cache.write_kda_slot(j, seq.slot, p.tensors["state"], p.tensors["conv"])

@@ -26,9 +26,7 @@ def backend_for(device: torch.device) -> str:
 
 def host_store(timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.TCPStore:
     """Rank 0's store on 127.0.0.1 and a free port (``store.port``)."""
-    return dist.TCPStore(
-        "127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout_s)
-    )
+    return dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def join_store(port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> dist.TCPStore:

@@ -82,9 +82,7 @@ def check_tp(cfg: ModelConfig, size: int) -> str | None:
     }
     bad = [f"{k} {v}" for k, v in need.items() if v % size]
     if bad:
-        return (
-            f"tensor_parallel_size {size} does not divide {', '.join(bad)} of model {cfg.name!r}"
-        )
+        return f"tensor_parallel_size {size} does not divide {', '.join(bad)} of model {cfg.name!r}"
     return None
 
 
