@@ -36,7 +36,7 @@ class EngineConfig:
     # one step() call later
     async_decode: bool = True
     # ranks of one instance (vLLM's name): heads, MLP widths and experts split over that many
-    # processes (prfaas.parallel; docs/tensor_parallel.md). > 1: no CUDA graphs, no async_decode
+    # processes (prfaas.model.tp; docs/tensor_parallel.md). > 1: no CUDA graphs, no async_decode
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:

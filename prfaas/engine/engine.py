@@ -72,11 +72,11 @@ class LLMEngine:
     ) -> None:
         self.config = cfg = config or EngineConfig()
         self.device, self.dtype = cfg.resolved_device(), cfg.resolved_dtype()
-        self.tp = None  # tensor_parallel_size > 1: the ranks (prfaas.parallel.runtime)
+        self.tp = None  # tensor_parallel_size > 1: the ranks (prfaas.engine.tp_runtime)
         if cfg.tensor_parallel_size > 1:
             if model is not None:
                 raise ValueError("a tensor-parallel engine builds its ranks' models itself")
-            from prfaas.parallel.runtime import TPRuntime
+            from prfaas.engine.tp_runtime import TPRuntime
 
             self.config = cfg = dataclasses.replace(cfg, cuda_graphs=False, async_decode=False)
             self.tp = TPRuntime(

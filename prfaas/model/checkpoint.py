@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from prfaas.model.config import ModelConfig, resolve_config
 from prfaas.model.materialize import empty_model, random_model
 from prfaas.model.model import HybridForCausalLM
-from prfaas.parallel.group import TPGroup
-from prfaas.parallel.shard import shard_tensor
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.shard import shard_tensor
 from prfaas.tokenizer.loader import BYTE_TOKENIZER_CLASS
 
 # parameters kept in float32 whatever the load dtype (name suffixes): the router's gate weight and
@@ -69,7 +69,7 @@ def load_checkpoint(
 ) -> HybridForCausalLM:
     """Build the model from ``config.json`` and load every tensor; missing or unexpected names and
     shape mismatches are errors. With ``tp`` (tensor parallel): the rank's model, each tensor read
-    whole and sliced (:mod:`prfaas.parallel.shard`).
+    whole and sliced (:mod:`prfaas.model.tp.shard`).
 
     Streams: the parameters are allocated empty on ``device`` first (experts stacked, see
     :mod:`prfaas.model.materialize`), then each shard is opened in turn and each tensor read,

@@ -16,8 +16,8 @@ from torch import nn
 from prfaas.model import kda_ops, triton_ops
 from prfaas.model.config import ModelConfig
 from prfaas.model.layers import RMSNorm, stacked_weight
-from prfaas.parallel.group import TPGroup
-from prfaas.parallel.layers import row_linear, tp_size
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.layers import row_linear, tp_size
 
 
 class KDAAttention(nn.Module):

@@ -8,8 +8,8 @@ from torch import nn
 
 from prfaas.model import moe_ops, triton_ops
 from prfaas.model.config import ModelConfig
-from prfaas.parallel.group import TPGroup
-from prfaas.parallel.layers import ep_experts_forward, row_linear, tp_size
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.layers import ep_experts_forward, row_linear, tp_size
 
 
 def _version(t: torch.Tensor) -> int:

@@ -19,7 +19,7 @@ from torch import nn
 from prfaas.model.config import ModelConfig
 from prfaas.model.layers import SparseMoE
 from prfaas.model.model import HybridForCausalLM
-from prfaas.parallel.group import TPGroup
+from prfaas.model.tp.group import TPGroup
 
 DtypeOf = Callable[[str, torch.Tensor], torch.dtype]
 

@@ -15,8 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from prfaas.model.config import ModelConfig
 from prfaas.model.layers import RMSNorm
 from prfaas.model.mla_paged import paged_mla_decode
-from prfaas.parallel.group import TPGroup
-from prfaas.parallel.layers import row_linear, tp_size
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.layers import row_linear, tp_size
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:

@@ -8,7 +8,6 @@ Two entry points that compute the same function:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,11 +18,12 @@ from torch import nn
 from prfaas.model import kda_ops
 from prfaas.model.batch import CacheTensors, SeqInput
 from prfaas.model.config import ModelConfig
+from prfaas.model.init_values import init_value
 from prfaas.model.kda import KDAAttention
 from prfaas.model.layers import DenseMLP, RMSNorm, SparseMoE
 from prfaas.model.mla import MLAAttention
-from prfaas.parallel.group import TPGroup
-from prfaas.parallel.shard import kv_geometry
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.shard import kv_geometry
 
 
 @dataclass
@@ -79,29 +79,9 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def init_value(
-    name: str, shape: torch.Size | tuple[int, ...], gen: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """The random initial value of parameter ``name`` (fp32, drawn from ``gen`` on ``device``):
-    fan-in scaled so that random logits are well spread."""
-    kw = {"generator": gen, "device": device}
-    if name.endswith("A_log"):
-        return torch.empty(shape, device=device).uniform_(1, 16, generator=gen).log()
-    if name.endswith("dt_bias"):
-        dt = torch.exp(torch.rand(shape, **kw) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-    if name.endswith("e_score_correction_bias"):
-        return torch.randn(shape, **kw) * 0.01
-    if "norm" in name:
-        return torch.ones(shape, device=device)
-    if name.endswith("embed_tokens.weight"):
-        return torch.randn(shape, **kw)
-    return torch.randn(shape, **kw) * (1 / math.sqrt(shape[-1]))  # linear and conv weights
-
-
 class HybridForCausalLM(nn.Module):
     """``tp`` (a ``TPGroup`` of size > 1): the model of one tensor-parallel rank (its heads,
-    MLP width and experts: :mod:`prfaas.parallel.shard`); ``config`` stays the whole model's and
+    MLP width and experts: :mod:`prfaas.model.tp.shard`); ``config`` stays the whole model's and
     ``kv_geometry`` is the geometry of the rank's cache tensors (``config`` without tp)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
@@ -125,7 +105,7 @@ class HybridForCausalLM(nn.Module):
         CPU gets the same weights as ever; one built on a GPU gets its own draw without any host
         copy of the weights."""
         if self.tp is not None:  # the whole model's draws, each rank keeping its slices
-            from prfaas.parallel.weights import init_rank_weights
+            from prfaas.model.tp.weights import init_rank_weights
 
             init_rank_weights(self, seed)
             return self

@@ -1,5 +1,5 @@
 """Rank 0 of a tensor-parallel instance: the engine's own process. It spawns ranks 1..size-1
-(:mod:`prfaas.parallel.worker`), holds rank 0's slice of the model, and gives the engine
+(:mod:`prfaas.engine.tp_worker`), holds rank 0's slice of the model, and gives the engine
 
 * :class:`ShardedHybridCache`: the engine's ``HybridCache`` (all bookkeeping: blocks, slots, prefix
   cache) over rank 0's cache tensors; the state operations it does on them (slot resets,
@@ -32,10 +32,11 @@ import torch.multiprocessing as mp
 from prfaas.cache.hybrid import CacheConfig, HybridCache
 from prfaas.engine.memory_plan import MemoryPlan, plan_memory
 from prfaas.engine.model_runner import ModelRunner
+from prfaas.engine.tp_worker import RankSpec, build_rank_model, stream_gather, worker_main
 from prfaas.model.batch import CacheTensors, SeqInput
 from prfaas.model.config import ModelConfig, resolve_config
-from prfaas.parallel.group import DEFAULT_TIMEOUT_S, TPGroup, host_store
-from prfaas.parallel.shard import (
+from prfaas.model.tp.group import DEFAULT_TIMEOUT_S, TPGroup, host_store
+from prfaas.model.tp.shard import (
     check_tp,
     kda_conv_join,
     kda_conv_shard,
@@ -43,7 +44,6 @@ from prfaas.parallel.shard import (
     kda_state_shard,
     kv_geometry,
 )
-from prfaas.parallel.worker import RankSpec, build_rank_model, stream_gather, worker_main
 
 
 def timeout_s() -> float:

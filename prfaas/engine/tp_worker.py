@@ -1,5 +1,5 @@
 """A worker rank (1 .. size-1) of a tensor-parallel instance: its own process, its slice of the
-model and of the cache, driven by rank 0 (:mod:`prfaas.parallel.runtime`) over a pipe.
+model and of the cache, driven by rank 0 (:mod:`prfaas.engine.tp_runtime`) over a pipe.
 
 Commands (tuples, first item the name) arrive in the order rank 0 issues them; each carries the
 cache operations rank 0 queued since the previous command (state slot resets from zeros or a
@@ -25,8 +25,8 @@ from prfaas.engine.model_runner import ModelRunner
 from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
-from prfaas.parallel.group import TPGroup, join_store
-from prfaas.parallel.shard import kda_conv_shard, kda_state_shard
+from prfaas.model.tp.group import TPGroup, join_store
+from prfaas.model.tp.shard import kda_conv_shard, kda_state_shard
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,15 @@ model for any ``tensor_parallel_size``), checkpoints read whole tensor by tensor
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from prfaas.model.model import HybridForCausalLM, init_value
-from prfaas.parallel.shard import shard_tensor
+from prfaas.model.init_values import init_value
+from prfaas.model.tp.shard import shard_tensor
 
 
 @torch.no_grad()
-def init_rank_weights(model: HybridForCausalLM, seed: int) -> None:
-    """Fill rank ``model.tp.rank``'s parameters with its slices of the whole model that
+def init_rank_weights(model: nn.Module, seed: int) -> None:
+    """Fill the parameters of ``model`` (a ``HybridForCausalLM`` of rank ``model.tp.rank``) with its slices of the whole model that
     ``HybridForCausalLM(cfg).init_weights(seed)`` draws: every parameter of the whole model is
     drawn in the same order from one generator on the rank's device (one whole tensor at a time:
     peak memory is the largest parameter), and the rank keeps its slice."""
@@ -21,7 +22,7 @@ def init_rank_weights(model: HybridForCausalLM, seed: int) -> None:
     dev = next(iter(params.values())).device
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.device("meta"):
-        whole = HybridForCausalLM(cfg)
+        whole = type(model)(cfg)  # the whole model, no memory
     for name, meta in whole.named_parameters():
         vals = init_value(name, meta.shape, gen, dev)
         got = shard_tensor(cfg, name, vals, tp.rank, tp.size)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prfaas.model import moe_ops, triton_ops
-from prfaas.parallel.group import TPGroup
+from prfaas.model.tp.group import TPGroup
 
 
 def tp_size(tp: TPGroup | None) -> int:
