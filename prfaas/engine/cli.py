@@ -7,7 +7,14 @@ import json
 import sys
 import time
 
-from prfaas.cli_args import check_cuda, device, fail
+from prfaas.cli_args import (
+    check_cuda,
+    check_tp_devices,
+    check_tp_model,
+    device,
+    fail,
+    positive_int,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +31,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=positive_int,
+        default=1,
+        help="ranks of the engine, one process (and GPU) each",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    why = check_cuda(args.device)
+    tp = args.tensor_parallel_size
+    why = (
+        check_cuda(args.device)
+        or check_tp_model(args.model, tp)
+        or check_tp_devices(args.device, tp)
+    )
     if why:
         fail("prfaas generate", why)
     from prfaas.engine import LLM, SamplingParams
@@ -42,9 +61,12 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             seed=args.seed,
         )
-        llm = LLM(args.model, device=args.device)
-        t0 = time.perf_counter()
-        outs = llm.generate(args.prompts, params)
+        llm = LLM(args.model, device=args.device, tensor_parallel_size=tp)
+        try:
+            t0 = time.perf_counter()
+            outs = llm.generate(args.prompts, params)
+        finally:
+            llm.engine.close()
     except ValueError as e:
         fail("prfaas generate", str(e))
     except KeyboardInterrupt:
