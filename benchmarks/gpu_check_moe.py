@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -26,12 +27,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_check_model import compare, forced_logits, rel  # noqa: E402
 from prfaas import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from prfaas.model import moe_ops  # noqa: E402
+from prfaas.model.checkpoint import keeps_fp32  # noqa: E402
 from prfaas.model.config import PRESETS  # noqa: E402
 from prfaas.model.layers import SparseMoE  # noqa: E402
 from prfaas.model.materialize import empty_model, random_model  # noqa: E402
@@ -155,55 +158,165 @@ def engine_tokens(
     return [done[i] for i in ids], eng.runner.num_graph_steps
 
 
-def model_check(
-    layers: int, n_prefill: int, steps: int, preset: str, dev: str, gate_scale: float = 1.0
-) -> dict:
-    """``gate_scale``: the routers' weights times this (a random router with near-ties among its
-    top-k flips experts on bf16 noise; a sharper one shows the kernels' error alone)."""
+class RouterProbe:
+    """Wraps every ``SparseMoE.route`` of a model (an instance attribute over the method): each
+    call keeps its path's own routing (the Triton router on the fused path, torch's on the
+    PyTorch path) and records the expert ids and, per token, the gap between the k-th and the
+    (k+1)-th biased score. With ``forced`` (expert ids per call, in call order, from another run)
+    the call returns those experts instead, weighted by this run's own scores (renormalised and
+    scaled as the router does): the two runs then differ only in arithmetic, not in choices."""
+
+    def __init__(self, model, forced: list[torch.Tensor] | None = None) -> None:
+        self.moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+        self.forced = forced
+        self.ids: list[torch.Tensor] = []
+        self.gaps: list[torch.Tensor] = []
+        for m in self.moes:
+            m.route = functools.partial(self._route, m)
+
+    def _route(self, m: SparseMoE, x: torch.Tensor):
+        g = m.gate
+        k = m.top_k
+        w, idx = moe_ops.route(x, g.weight, g.e_score_correction_bias, k, m.renormalize, m.scaling)
+        scores = torch.sigmoid(F.linear(x.float(), g.weight.float()))
+        top = (scores + g.e_score_correction_bias.float()).topk(k + 1, dim=-1).values
+        n = len(self.ids)
+        self.ids.append(idx.cpu())
+        self.gaps.append((top[:, k - 1] - top[:, k]).cpu())
+        if self.forced is not None:
+            idx = self.forced[n].to(x.device)
+            w = scores.gather(-1, idx)
+            if m.renormalize:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            w = w * m.scaling
+        return w, idx
+
+    def remove(self) -> None:
+        for m in self.moes:
+            del m.route
+
+
+def probed_logits(model, toks, n_prefill, fla: bool, forced=None):
+    probe = RouterProbe(model, forced)
+    try:
+        logits = forced_logits(model, toks, n_prefill, fla)
+    finally:
+        probe.remove()
+    return logits, probe
+
+
+def routing_agreement(a: RouterProbe, b: RouterProbe, gaps_ref: list[torch.Tensor]) -> dict:
+    """Per (call, token): whether the two runs chose the same expert set; the reference run's
+    k-th/(k+1)-th gap where they differ, against all gaps."""
+    same, flipped_gaps, calls = 0, [], min(len(a.ids), len(b.ids))
+    total = 0
+    for c in range(calls):
+        sa = a.ids[c].sort(-1).values
+        sb = b.ids[c].sort(-1).values
+        eq = (sa == sb).all(-1)
+        same += int(eq.sum())
+        total += eq.numel()
+        flipped_gaps.append(gaps_ref[c][~eq])
+    allg = torch.cat(gaps_ref[:calls]).float()
+    fl = torch.cat(flipped_gaps).float() if flipped_gaps else torch.zeros(0)
+    return {
+        "calls": calls,
+        "calls_a_b": [len(a.ids), len(b.ids)],
+        "tokens_same_experts": same / max(total, 1),
+        "tokens_flipped": total - same,
+        "gap_median_all": float(allg.median()),
+        "gap_median_flipped": float(fl.median()) if fl.numel() else None,
+        "gap_max_flipped": float(fl.max()) if fl.numel() else None,
+        "frac_all_gaps_below_max_flipped": float((allg <= fl.max()).float().mean())
+        if fl.numel()
+        else 0.0,
+    }
+
+
+def margins(a, b, ref) -> dict:
+    """Per step: the fp32 reference's top-2 logit margin, and the bf16 noise there (the larger
+    of the two bf16 runs' max |logit - reference|); argmax agreement of a and b on the steps
+    whose margin exceeds twice that noise (the steps bf16 can decide)."""
+    rows, decidable, agree_dec = [], 0, 0
+    for x, y, r in zip(a, b, ref, strict=True):
+        top = r.topk(2).values
+        m = float(top[0] - top[1])
+        noise = max(float((x - r).abs().max()), float((y - r).abs().max()))
+        same = int(x.argmax() == y.argmax())
+        rows.append({"margin": round(m, 4), "noise": round(noise, 4), "agree": same})
+        if m > 2 * noise:
+            decidable += 1
+            agree_dec += same
+    disagree = [r for r in rows if not r["agree"]]
+    return {
+        "steps": len(rows),
+        "decidable_steps": decidable,
+        "argmax_agree_on_decidable": agree_dec / decidable if decidable else None,
+        "disagreeing_steps": disagree,
+        "median_margin": sorted(r["margin"] for r in rows)[len(rows) // 2],
+        "median_noise": sorted(r["noise"] for r in rows)[len(rows) // 2],
+    }
+
+
+def model_check(layers: int, n_prefill: int, steps: int, preset: str, dev: str) -> dict:
+    """The fused path against the PyTorch path on ``layers`` layers of the geometry (routers in
+    fp32, as built for serving), both bf16 and held to the same weights in fp32 (PyTorch path):
+    logits, argmax, the routers' choices and their margins; then again with every run's experts
+    forced to the fp32 run's choices; then CUDA-graph decode against eager and the engine's greedy
+    tokens with and without graphs."""
     base = PRESETS[preset]
     cfg = dataclasses.replace(
         base, num_hidden_layers=layers, full_attn_layers=(3,), name=f"kimi-48b-{layers}l"
     )
-    model = random_model(cfg, dev, torch.bfloat16, seed=0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, SparseMoE):
-                m.gate.weight.mul_(gate_scale)
-    # the same weights in fp32, PyTorch path: the reference both bf16 paths are held to
+    model = random_model(
+        cfg, dev, lambda n, p: torch.float32 if keeps_fp32(n) else torch.bfloat16, seed=0
+    )
     model32 = empty_model(cfg, dev, torch.float32)
     with torch.no_grad():
         sd = model.state_dict()
         for k, a in model32.state_dict().items():
             a.copy_(sd[k])
     toks = [(13 * i + 5) % 250 for i in range(n_prefill + steps)]
-    res: dict = {"layers": layers, "kinds": cfg.layer_kinds, "gate_scale": gate_scale}
-    ref32 = forced_logits(model32, toks, n_prefill, False)
-    # the fused path in fp32 (fla and Triton kernels in fp32; grouped GEMMs as loops) against the
-    # PyTorch path in fp32: the kernels' own error, without bf16 rounding or routing flips
-    res["fused_fp32_vs_torch_path_fp32"] = compare(
-        forced_logits(model32, toks, n_prefill, True), ref32
-    )
+    res: dict = {"layers": layers, "kinds": cfg.layer_kinds, "prefill": n_prefill, "steps": steps}
+    t0 = time.time()
+    ref32, p32 = probed_logits(model32, toks, n_prefill, False)
     del model32
-    ref = forced_logits(model, toks, n_prefill, False)
-    fused = forced_logits(model, toks, n_prefill, True)
+    torch.cuda.empty_cache() if dev == "cuda" else None
+    ref, pt = probed_logits(model, toks, n_prefill, False)
+    fused, pf = probed_logits(model, toks, n_prefill, True)
     res["fused_vs_torch_path"] = compare(fused, ref)
     res["fused_bf16_vs_fp32_reference"] = compare(fused, ref32)
     res["torch_path_bf16_vs_fp32_reference"] = compare(ref, ref32)
+    res["routing_fused_vs_torch_path"] = routing_agreement(pf, pt, p32.gaps)
+    res["routing_fused_vs_fp32"] = routing_agreement(pf, p32, p32.gaps)
+    res["routing_torch_path_vs_fp32"] = routing_agreement(pt, p32, p32.gaps)
+    res["margins_fused_vs_torch_path"] = margins(fused, ref, ref32)
+    res["seconds_unforced"] = time.time() - t0
     print(json.dumps(res), flush=True)
+    # the same experts everywhere (the fp32 run's): what is left is the kernels' arithmetic
+    ref_f, _ = probed_logits(model, toks, n_prefill, False, forced=p32.ids)
+    fused_f, _ = probed_logits(model, toks, n_prefill, True, forced=p32.ids)
+    res["forced_routing"] = {
+        "fused_vs_torch_path": compare(fused_f, ref_f),
+        "fused_bf16_vs_fp32_reference": compare(fused_f, ref32),
+        "torch_path_bf16_vs_fp32_reference": compare(ref_f, ref32),
+        "margins_fused_vs_torch_path": margins(fused_f, ref_f, ref32),
+    }
+    print(json.dumps({"forced_routing": res["forced_routing"]}), flush=True)
     graphs = forced_logits(model, toks, n_prefill, True, graphs=True)
     static = forced_logits(model, toks, n_prefill, True, static=True)
     res["graphs_vs_static_eager"] = compare(graphs, static)
-    res["graphs_vs_torch_path"] = compare(graphs, ref)
-    print(json.dumps(res), flush=True)
-    if gate_scale == 1.0:
-        prompts = [[(7 * i + 3 * b) % 250 for i in range(100 + 37 * b)] for b in range(4)]
-        with torch.inference_mode():
-            a, na = engine_tokens(model, True, prompts, 24)
-            b, nb = engine_tokens(model, False, prompts, 24)
-        res["engine_greedy_graphs_equal_eager"] = a == b
-        res["engine_graph_steps"] = na
-        res["engine_tokens_graphs_first"] = [t[:8] for t in a]
-        print(json.dumps({"engine_greedy_graphs_equal_eager": a == b, "graph_steps": na}))
+    res["graphs_vs_fused_eager"] = compare(graphs, fused)
+    print(json.dumps({"graphs_vs_static_eager": res["graphs_vs_static_eager"]}), flush=True)
+    prompts = [[(7 * i + 3 * b) % 250 for i in range(100 + 37 * b)] for b in range(4)]
+    with torch.inference_mode():
+        a, na = engine_tokens(model, True, prompts, 24)
+        b, nb = engine_tokens(model, False, prompts, 24)
+    res["engine_greedy_graphs_equal_eager"] = a == b
+    res["engine_graph_steps"] = na
+    res["engine_tokens_graphs_first"] = [t[:8] for t in a]
+    res["seconds"] = time.time() - t0
+    print(json.dumps({"engine_greedy_graphs_equal_eager": a == b, "graph_steps": na}))
     return res
 
 
@@ -217,12 +330,7 @@ def main() -> int:
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--preset", default="kimi-linear-48b", help="tiny: a CPU dry run")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument(
-        "--gate-scale",
-        type=float,
-        default=8.0,
-        help="a second check with sharper routers (1: none)",
-    )
+    ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args()
     dev = args.device
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -237,14 +345,8 @@ def main() -> int:
             Path(args.out).write_text(json.dumps(res, indent=2))
 
     save()
-    res["model"] = model_check(args.layers, args.prefill, args.steps, args.preset, dev)
-    save()
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-    if args.gate_scale != 1.0:
-        res["model_sharp_router"] = model_check(
-            args.layers, args.prefill, args.steps, args.preset, dev, gate_scale=args.gate_scale
-        )
+    if not args.skip_model:
+        res["model"] = model_check(args.layers, args.prefill, args.steps, args.preset, dev)
     print(json.dumps(res))
     save()
     return 0

@@ -5,8 +5,10 @@ prompt of the Kimi Linear 48B geometry. CPU seconds per GB are per side, from th
 sender's and the receiver's threads (kernel time of their syscalls included), and the checksum's
 cost per GB (XXH3-64 against zlib CRC-32) is measured on the same bytes.
 
-    python benchmarks/transfer.py            # CPU parts -> benchmarks/results/transfer_cpu.{json,md}
+    python benchmarks/transfer.py            # CPU parts -> benchmarks/results/transfer_loopback.{json,md}
     python benchmarks/transfer.py --gpu      # GPU part  -> benchmarks/results/transfer_gpu.{json,md}
+                                             # (no CUDA device: says so and exits 0)
+    python benchmarks/transfer.py --gpu --device cpu --tokens 4096   # the same path on CPU
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,17 +109,28 @@ def plain_sendall(payload: list[memoryview], total: int) -> tuple[float, float, 
 
 
 def timed_transfers(
-    backend: str, layout: CacheLayout, export, repeats: int, **tx_kwargs
+    backend: str,
+    layout: CacheLayout,
+    export,
+    repeats: int,
+    baselines: dict | None = None,
+    **tx_kwargs,
 ) -> list[dict]:
     """Open -> delivered figures of ``repeats`` requests on one warm session (connection set-up
     and a first, untimed request excluded; the consumer releases each delivery's buffer), with
     the CPU seconds of the sender's (tx*, mc*) and the receiver's (rx*) threads and of the whole
-    process (which also counts Mooncake's own threads)."""
+    process (which also counts Mooncake's own threads). ``baselines``: name -> a function run
+    right before each timed request (same bytes, same moment: a fair pair under shared load),
+    its result stored in the row under that name."""
     rx = create_receiver(backend, layout, SECRET).start()
     tx = create_sender(backend, layout, SECRET, **tx_kwargs)
     rows = []
     try:
         for i in range(repeats + 1):
+            row: dict = {}
+            if i:
+                for name, fn in (baselines or {}).items():
+                    row[name] = fn()
             cpu0, p0 = thread_cpu(("tx", "mc", "rx")), time.process_time()
             t0 = time.time()
             stream = tx.send_export(rx.address, export)
@@ -126,7 +140,7 @@ def timed_transfers(
             cpu1, p1 = thread_cpu(("tx", "mc", "rx")), time.process_time()
             d.release()
             if i:
-                rows.append(
+                row.update(
                     {
                         "seconds": d.timings.delivered_at - t0,
                         "last_byte_s": d.timings.last_byte_at - t0,
@@ -138,10 +152,44 @@ def timed_transfers(
                         "process_cpu_s": p1 - p0,
                     }
                 )
+                rows.append(row)
     finally:
         tx.close()
         rx.close()
     return rows
+
+
+def plain_mooncake(export) -> Callable[[], float]:
+    """Mooncake's own ceiling here: a function timing one ``batch_transfer_sync_write`` of all
+    the export's bytes (16 MiB slices) into a registered buffer, through the TransferEngine our
+    backend uses, none of our code around it (no control connection, no checksums)."""
+    from prfaas.transfer.mooncake_backend import _engine
+
+    eng = _engine("127.0.0.1")
+    target = f"127.0.0.1:{eng.get_rpc_port()}"
+    tensors = [t for p in export.parts for t in p.tensors.values()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    dst = torch.empty(total, dtype=torch.uint8)
+    dst.fill_(0)  # faulted in, as our receiver's pooled buffers are
+    if eng.register_memory(dst.data_ptr(), total) != 0:
+        raise RuntimeError("mooncake register_memory failed")
+    srcs, dsts, lens, off, sl = [], [], [], 0, 16 << 20
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        for o in range(0, n, sl):
+            srcs.append(t.data_ptr() + o)
+            dsts.append(dst.data_ptr() + off + o)
+            lens.append(min(sl, n - o))
+        off += n
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        if eng.batch_transfer_sync_write(target, srcs, dsts, lens) != 0:
+            raise RuntimeError("mooncake write failed")
+        return time.perf_counter() - t0
+
+    run.keep = dst  # type: ignore[attr-defined]  # the registered buffer lives with the function
+    return run
 
 
 def checksum_cost(payload: list[memoryview], total: int) -> dict:
@@ -167,25 +215,34 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes * 8 / seconds / 1e9
 
 
-def _row(backend: str, conns: int | None, total: int, ours: list[dict], plain: list) -> dict:
-    med = statistics.median(r["seconds"] for r in ours)
-    pmed = statistics.median(p[0] for p in plain)
+def _row(backend: str, conns: int | None, total: int, ours: list[dict]) -> dict:
+    """Medians over the pairs; ``ratio`` is the median of the per-pair ratios (each timed request
+    against the plain sendall run right before it)."""
     gb = total / 1e9
+    med = statistics.median
+
+    def plain(i: int) -> float:
+        return med(r["plain"][i] for r in ours)
+
     row = {
         "backend": backend,
         "connections": conns,
-        "ours_gbps": gbps(total, med),
-        "plain_sendall_gbps": gbps(total, pmed),
-        "ours_tx_cpu_s_per_gb": statistics.median(r["tx_cpu_s"] for r in ours) / gb,
-        "ours_rx_cpu_s_per_gb": statistics.median(r["rx_cpu_s"] for r in ours) / gb,
-        "ours_process_cpu_s_per_gb": statistics.median(r["process_cpu_s"] for r in ours) / gb,
-        "plain_tx_cpu_s_per_gb": statistics.median(p[1] for p in plain) / gb,
-        "plain_rx_cpu_s_per_gb": statistics.median(p[2] for p in plain) / gb,
-        "first_data_ms": 1e3 * statistics.median(r["first_data_s"] for r in ours),
-        "last_byte_to_delivered_ms": 1e3
-        * statistics.median(r["seconds"] - r["last_byte_s"] for r in ours),
+        "pairs": len(ours),
+        "ours_gbps": gbps(total, med(r["seconds"] for r in ours)),
+        "plain_sendall_gbps": gbps(total, plain(0)),
+        "ratio": med(r["plain"][0] / r["seconds"] for r in ours),
+        "ours_tx_cpu_s_per_gb": med(r["tx_cpu_s"] for r in ours) / gb,
+        "ours_rx_cpu_s_per_gb": med(r["rx_cpu_s"] for r in ours) / gb,
+        "ours_process_cpu_s_per_gb": med(r["process_cpu_s"] for r in ours) / gb,
+        "plain_tx_cpu_s_per_gb": plain(1) / gb,
+        "plain_rx_cpu_s_per_gb": plain(2) / gb,
+        "first_data_ms": 1e3 * med(r["first_data_s"] for r in ours),
+        "last_byte_to_delivered_ms": 1e3 * med(r["seconds"] - r["last_byte_s"] for r in ours),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
-    row["ratio"] = row["ours_gbps"] / row["plain_sendall_gbps"]
+    if "mooncake_plain" in ours[0]:
+        row["mooncake_plain_gbps"] = gbps(total, med(r["mooncake_plain"] for r in ours))
+        row["ratio_to_mooncake_plain"] = med(r["mooncake_plain"] / r["seconds"] for r in ours)
     return row
 
 
@@ -197,19 +254,14 @@ def bench_cpu(tokens: int, repeats: int, shaped_mb: dict[float, int]) -> dict:
     out: dict = {"payload_bytes": total, "tokens": tokens, "loopback": []}
     out["checksum"] = checksum_cost(payload, total)
     print(out["checksum"], flush=True)
-    for conns in (1, 2, 4, 8):
-        plain = [plain_sendall(payload, total) for _ in range(repeats)]
-        ours = timed_transfers("tcp", layout, export, repeats, connections=conns)
-        plain += [plain_sendall(payload, total) for _ in range(repeats)]
-        row = _row("tcp", conns, total, ours, plain)
+    plain = {"plain": lambda: plain_sendall(payload, total)}
+    for conns in (1, 2, 4, 8, None):  # None: connections sized to the link
+        kw = {} if conns is None else {"connections": conns}
+        ours = timed_transfers("tcp", layout, export, repeats, plain, **kw)
+        row = _row("tcp", ours[0]["connections"], total, ours)
+        row["sized"] = conns is None
         out["loopback"].append(row)
         print(row, flush=True)
-    sized = timed_transfers("tcp", layout, export, repeats)  # connections sized to the link
-    plain = [plain_sendall(payload, total) for _ in range(repeats)]
-    row = _row("tcp", sized[0]["connections"], total, sized, plain)
-    row["sized"] = True
-    out["loopback"].append(row)
-    print(row, flush=True)
     try:
         import mooncake.engine  # noqa: F401
     except ImportError:
@@ -219,9 +271,9 @@ def bench_cpu(tokens: int, repeats: int, shaped_mb: dict[float, int]) -> dict:
         backends = ["tcp", "mooncake"]
     out["backends"] = backends
     if "mooncake" in backends:
-        mc = timed_transfers("mooncake", layout, export, repeats)
-        plain = [plain_sendall(payload, total) for _ in range(repeats)]
-        row = _row("mooncake", None, total, mc, plain)
+        base = {**plain, "mooncake_plain": plain_mooncake(export)}
+        mc = timed_transfers("mooncake", layout, export, repeats, base)
+        row = _row("mooncake", None, total, mc)
         out["loopback"].append(row)
         print(row, flush=True)
     return bench_shaped(out, layout, shaped_mb, backends)
@@ -230,14 +282,20 @@ def bench_cpu(tokens: int, repeats: int, shaped_mb: dict[float, int]) -> dict:
 def bench_shaped(
     out: dict, layout: CacheLayout, shaped_mb: dict[float, int], backends: list[str]
 ) -> dict:
+    """Utilisation of emulated links; each row also has what an unshaped plain sendall of the
+    same bytes reaches right before it (the host's own ceiling under its current load: a link
+    faster than that cannot be filled by anything on this host)."""
     out["shaped"] = []
     for link_gbps, mb in shaped_mb.items():
         n_tok = max(0, (mb * 1_000_000 - layout.request_nbytes(0)) // 1152 // 7)
         lay = CacheLayout.kimi_linear_48b(max_tokens=max(n_tok, 1))
         ex = random_export(lay, "shaped", 0, n_tok, seed=2)
+        payload = [tensor_bytes(t) for p in ex.parts for t in p.tensors.values()]
+        total = sum(len(m) for m in payload)
+        plain = {"plain": lambda payload=payload, total=total: plain_sendall(payload, total)}
         for backend in backends:
             rs = timed_transfers(
-                backend, lay, ex, 1, connections=4, link=LinkShaperSpec(gbps=link_gbps)
+                backend, lay, ex, 1, plain, connections=4, link=LinkShaperSpec(gbps=link_gbps)
             )
             r = rs[0]
             row = {
@@ -247,6 +305,8 @@ def bench_shaped(
                 "ideal_s": r["bytes"] * 8 / (link_gbps * 1e9),
                 "last_byte_s": r["last_byte_s"],
                 "delivered_s": r["seconds"],
+                "host_plain_sendall_gbps": gbps(total, r["plain"][0]),
+                "loadavg_1m": round(os.getloadavg()[0], 2),
             }
             row["utilisation"] = row["ideal_s"] / row["last_byte_s"]
             out["shaped"].append(row)
@@ -254,43 +314,119 @@ def bench_shaped(
     return out
 
 
-def bench_gpu(tokens: int, repeats: int) -> dict:
-    if not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA device")
+def plain_device_copy(export, device: str) -> float:
+    """Seconds for the plain path of the same bytes, one step after the other: device -> one
+    pinned host buffer, one loopback socket (sendall -> recv_into a pinned buffer), -> device."""
+    tensors = [t for p in export.parts for t in p.tensors.values()]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    pin = device == "cuda"
+    src = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    dst = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    ls = socket.create_server(("127.0.0.1", 0))
+    dview = memoryview(dst.numpy())
+
+    def rx() -> None:
+        s, _ = ls.accept()
+        got = 0
+        while got < total:
+            got += s.recv_into(dview[got:], min(total - got, 1 << 22))
+        s.sendall(b"k")
+        s.close()
+
+    th = threading.Thread(target=rx, name="plain-rx")
+    th.start()
+    c = socket.create_connection(ls.getsockname())
+    _sync(device)
+    t0 = time.perf_counter()
+    off = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        src[off : off + n].copy_(t.reshape(-1).view(torch.uint8), non_blocking=pin)
+        off += n
+    _sync(device)
+    c.sendall(memoryview(src.numpy()))
+    c.recv(1)
+    back = dst.to(device, non_blocking=pin)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    th.join()
+    c.close()
+    ls.close()
+    del back
+    return dt
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_gpu(tokens: int, repeats: int, device: str = "cuda") -> dict:
+    """Device -> pinned host -> TCP -> device for ``tokens`` MLA tokens of the 48B geometry: the
+    sender stages each layer to pinned memory (``stream.send``), the receiver hands each verified
+    layer to ``on_layer``, which copies it onto the device while later layers are in flight (as
+    the decode node imports); timed from the first ``send`` to the last layer on the device.
+    Against ``plain_device_copy`` of the same bytes in the same run. ``device="cpu"`` runs the
+    same code without a GPU (a smoke test of this path)."""
     layout = CacheLayout.kimi_linear_48b(max_tokens=tokens)
-    export = random_export(layout, "gpu", 0, tokens, seed=3, device="cuda")
+    export = random_export(layout, "gpu", 0, tokens, seed=3, device=device)
     total = export.nbytes()
+    pin = device == "cuda"
     rows = []
+    n_layers = len(export.parts)
     for conns in (1, 4, 8):
-        times = []
-        rx = create_receiver("tcp", layout, SECRET, pin_memory=True).start()
+        times, plain = [], []
+        landed: dict = {}  # layer -> its tensors on the device
+        copy_stream = torch.cuda.Stream() if pin else None
+        done = threading.Event()
+
+        def on_layer(a, landed=landed, done=done, copy_stream=copy_stream) -> None:
+            if copy_stream is not None:  # the decode node's import: H2D as each layer lands
+                with torch.cuda.stream(copy_stream):
+                    on_dev = {k: t.to(device, non_blocking=True) for k, t in a.part.tensors.items()}
+            else:
+                on_dev = {k: t.clone() for k, t in a.part.tensors.items()}
+            landed[a.part.layer] = on_dev  # the receiver's I/O thread: one at a time
+            if len(landed) == n_layers:
+                done.set()
+
+        rx = create_receiver("tcp", layout, SECRET, pin_memory=pin, on_layer=on_layer).start()
         tx = create_sender("tcp", layout, SECRET, connections=conns)
-        for i in range(repeats + 1):  # the first (untimed) request fills the pinned buffer pool
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            stream = tx.send_export(rx.address, export)  # GPU -> pinned host inside send()
-            d = rx.deliveries.get(timeout=600)
-            assert isinstance(d, Delivery), d
-            on_gpu = [
-                t.to("cuda", non_blocking=True) for p in d.export.parts for t in p.tensors.values()
-            ]
-            torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t0)
-            stream.wait(60)
-            assert torch.equal(on_gpu[0], export.parts[0].tensors["state"])
-            d.release()
-        tx.close()
-        rx.close()
-        rows.append(
-            {
-                "connections": conns,
-                "seconds": statistics.median(times),
-                "gbps": gbps(total, statistics.median(times)),
-            }
-        )
-        print(rows[-1], flush=True)
-    return {"tokens": tokens, "payload_bytes": total, "gpu_to_gpu": rows}
+        try:
+            for i in range(repeats + 1):  # the first (untimed) request fills the buffer pools
+                landed.clear()
+                done.clear()
+                _sync(device)
+                t0 = time.perf_counter()
+                stream = tx.send_export(rx.address, export)  # GPU -> pinned host inside send()
+                assert done.wait(600), "not every layer landed"
+                if copy_stream is not None:
+                    copy_stream.synchronize()
+                dt = time.perf_counter() - t0
+                d = rx.deliveries.get(timeout=600)
+                assert isinstance(d, Delivery), d
+                stream.wait(60)
+                for li in (0, n_layers - 1):
+                    for k, t in export.parts[li].tensors.items():
+                        assert torch.equal(landed[li][k], t)
+                d.release()
+                if i:
+                    times.append(dt)
+                    plain.append(plain_device_copy(export, device))
+        finally:
+            tx.close()
+            rx.close()
+        row = {
+            "connections": conns,
+            "seconds": statistics.median(times),
+            "gbps": gbps(total, statistics.median(times)),
+            "plain_seconds": statistics.median(plain),
+            "plain_gbps": gbps(total, statistics.median(plain)),
+        }
+        row["ratio"] = row["gbps"] / row["plain_gbps"]
+        rows.append(row)
+        print(row, flush=True)
+    return {"tokens": tokens, "payload_bytes": total, "device": device, "gpu_to_gpu": rows}
 
 
 def write(out_dir: Path, name: str, result: dict) -> None:
@@ -320,15 +456,20 @@ def write(out_dir: Path, name: str, result: dict) -> None:
             "plain sendall checks nothing.",
             "",
             f"## Loopback, {result['payload_bytes'] / 1e6:.1f} MB per request "
-            f"(Kimi Linear 48B geometry, {result['tokens']} tokens), median of {result['repeats']}",
+            f"(Kimi Linear 48B geometry, {result['tokens']} tokens), {result['repeats']} pairs",
             "",
-            "CPU s/GB: CPU time of the side's threads (user + kernel) per GB of payload; "
-            "'sized' = connection count chosen by the sender for the link.",
+            "Each timed request is paired with a plain single-socket `sendall` -> `recv_into` of "
+            "the same bytes run right before it, in the same process (both ends of both on this "
+            "host's cores, so both compete with the same load); 'ratio' is the median of the "
+            "per-pair ratios (Gbps columns: medians). CPU s/GB: CPU time of the side's threads "
+            "(user + kernel) per GB of payload. 'sized' = connection count chosen by the sender "
+            "for the link. Mooncake: 'plain' is still sendall; its own ceiling (one "
+            "`batch_transfer_sync_write` of the same bytes, none of our code) is under the table.",
             "",
-            "| backend | connections | ours Gbps | plain sendall Gbps (same run) | ratio | "
+            "| backend | connections | ours Gbps | plain sendall Gbps | ratio (pairs) | "
             "ours tx / rx CPU s/GB | plain tx / rx CPU s/GB | first byte ms | last byte -> "
-            "delivered ms |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "delivered ms | load 1m |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["loopback"]:
             conns = f"{r['connections'] or '-'}" + (" (sized)" if r.get("sized") else "")
@@ -337,8 +478,19 @@ def write(out_dir: Path, name: str, result: dict) -> None:
                 f"{r['plain_sendall_gbps']:.2f} | {r['ratio']:.2f} | "
                 f"{r['ours_tx_cpu_s_per_gb']:.3f} / {r['ours_rx_cpu_s_per_gb']:.3f} | "
                 f"{r['plain_tx_cpu_s_per_gb']:.3f} / {r['plain_rx_cpu_s_per_gb']:.3f} | "
-                f"{r['first_data_ms']:.1f} | {r['last_byte_to_delivered_ms']:.1f} |"
+                f"{r['first_data_ms']:.1f} | {r['last_byte_to_delivered_ms']:.1f} | "
+                f"{r['loadavg_1m']} |"
             )
+        for r in result["loopback"]:
+            if "mooncake_plain_gbps" in r:
+                lines += [
+                    "",
+                    f"Mooncake's own ceiling here (same run, same bytes, 16 MiB slices, one batch): "
+                    f"{r['mooncake_plain_gbps']:.2f} Gbps; our Mooncake backend reaches "
+                    f"{r['ratio_to_mooncake_plain']:.2f}x of it (median of pairs). Its process "
+                    "CPU (Mooncake's own threads included) is "
+                    f"{r['ours_process_cpu_s_per_gb']:.3f} s/GB.",
+                ]
         r1 = result["loopback"][0]
         ours_cpu = r1["ours_tx_cpu_s_per_gb"] + r1["ours_rx_cpu_s_per_gb"]
         plain_cpu = r1["plain_tx_cpu_s_per_gb"] + r1["plain_rx_cpu_s_per_gb"]
@@ -348,65 +500,91 @@ def write(out_dir: Path, name: str, result: dict) -> None:
             "### Where the time goes (tcp, 1 connection)",
             "",
             f"Both ends run in this one process on {m['nproc']} cores that other work shares "
-            f"(load above), so the run is CPU-bound and throughput follows CPU per byte: ours "
-            f"spends {ours_cpu:.3f} s/GB (sender {r1['ours_tx_cpu_s_per_gb']:.3f}, receiver "
-            f"{r1['ours_rx_cpu_s_per_gb']:.3f}) where plain sendall spends {plain_cpu:.3f} "
-            f"(ratio of CPU {plain_cpu / ours_cpu:.2f}, of throughput {r1['ratio']:.2f}). Of the "
-            f"difference ({ours_cpu - plain_cpu:.3f} s/GB), up to {hashing:.3f} s/GB is the "
-            "XXH3-64 pass on each side (the checksum line above, from memory; the receiver's runs "
-            "on bytes still in cache); the rest is the "
-            "non-blocking event loop (select, EAGAIN retries) and the Python around each "
-            "syscall. The request's fixed costs: header (JSON of the prompt's token ids, "
-            f"SHA-256) and the first slice, {r1['first_data_ms']:.1f} ms from open to the first "
-            f"byte in; the tail from the last byte in to the delivery is "
-            f"{r1['last_byte_to_delivered_ms']:.1f} ms (slices are verified as they land).",
+            f"(load above): when the host is busy the run is CPU-bound and throughput follows CPU "
+            f"per byte. Ours spends {ours_cpu:.3f} s/GB (sender {r1['ours_tx_cpu_s_per_gb']:.3f}, "
+            f"receiver {r1['ours_rx_cpu_s_per_gb']:.3f}) where plain sendall spends "
+            f"{plain_cpu:.3f} (ratio of CPU {plain_cpu / ours_cpu:.2f}, of throughput "
+            f"{r1['ratio']:.2f}). Of the difference ({ours_cpu - plain_cpu:.3f} s/GB), up to "
+            f"{hashing:.3f} s/GB is the XXH3-64 pass on each side (the checksum line above, from "
+            "memory); the rest is the Python around each syscall and the event loop. A `perf` "
+            "profile of this path is in docs/transfer.md (Performance). The request's fixed "
+            "costs: header (JSON + base64 token ids, SHA-256) and the first slice, "
+            f"{r1['first_data_ms']:.1f} ms from open to the first byte in; the tail from the last "
+            f"byte in to the delivery is {r1['last_byte_to_delivered_ms']:.1f} ms (slices are "
+            "verified as they land).",
         ]
         lines += [
             "",
             "## Emulated link (4 connections), utilisation = (bytes / rate) / last-byte time",
             "",
-            "| backend | link Gbps | MB | ideal s | last byte s | utilisation |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "'host plain sendall': an unshaped plain sendall of the same bytes right before "
+            "(what this host moves at all under its current load; a link faster than that cannot "
+            "be filled).",
+            "",
+            "| backend | link Gbps | MB | ideal s | last byte s | utilisation | "
+            "host plain sendall Gbps | load 1m |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["shaped"]:
             lines.append(
-                f"| {r['backend']} | {r['link_gbps']} | {r['bytes'] / 1e6:.1f} | {r['ideal_s']:.3f} | "
-                f"{r['last_byte_s']:.3f} | {r['utilisation']:.3f} |"
+                f"| {r['backend']} | {r['link_gbps']} | {r['bytes'] / 1e6:.1f} | "
+                f"{r['ideal_s']:.3f} | {r['last_byte_s']:.3f} | {r['utilisation']:.3f} | "
+                f"{r['host_plain_sendall_gbps']:.2f} | {r['loadavg_1m']} |"
             )
     if "gpu_to_gpu" in result:
         lines += [
             f"## GPU -> pinned -> TCP -> GPU, {result['payload_bytes'] / 1e6:.1f} MB "
             f"({result['tokens']} tokens)",
             "",
-            "| connections | seconds | Gbps |",
-            "| --- | --- | --- |",
+            "Ours: each layer staged device -> pinned by `send`, sent, verified, and copied onto "
+            "the device as it lands (the decode node's per-layer import), timed to the last layer "
+            "on the device. Plain: device -> pinned, one socket sendall, pinned -> device, one "
+            "after the other, same bytes, same run.",
+            "",
+            "| connections | seconds | Gbps | plain seconds | plain Gbps | ratio |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for r in result["gpu_to_gpu"]:
-            lines.append(f"| {r['connections']} | {r['seconds']:.3f} | {r['gbps']:.2f} |")
+            lines.append(
+                f"| {r['connections']} | {r['seconds']:.3f} | {r['gbps']:.2f} | "
+                f"{r['plain_seconds']:.3f} | {r['plain_gbps']:.2f} | {r['ratio']:.2f} |"
+            )
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="run the GPU -> GPU part only")
+    ap.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="--gpu's device (cpu: smoke test)"
+    )
     ap.add_argument("--tokens", type=int, default=None, help="MLA tokens per request")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed pairs per row")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     cmd = "python benchmarks/transfer.py " + " ".join(
-        a for a in ["--gpu" if args.gpu else "", f"--repeats {args.repeats}"] if a
+        a
+        for a in [
+            "--gpu" if args.gpu else "",
+            "--device cpu" if args.gpu and args.device == "cpu" else "",
+            f"--repeats {args.repeats}",
+        ]
+        if a
     )
     load_start = round(os.getloadavg()[0], 2)
     if args.gpu:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print("--gpu: no CUDA device here, skipped (--device cpu runs the same path on CPU)")
+            return 0
         tokens = args.tokens or 32768
-        result = bench_gpu(tokens, args.repeats)
-        name = "transfer_gpu"
+        result = bench_gpu(tokens, args.repeats, args.device)
+        name = "transfer_gpu" if args.device == "cuda" else "transfer_gpu_path_cpu"
     else:
         tokens = args.tokens if args.tokens is not None else 16384
         result = bench_cpu(tokens, args.repeats, {1.0: 150, 10.0: 600})
-        name = "transfer_cpu"
+        name = "transfer_loopback"
     if args.tokens is not None:
         cmd += f" --tokens {args.tokens}"
     result.update(

@@ -118,3 +118,56 @@ def test_abort_all_frees_every_request(tiny_model):
     st = eng.stats()
     assert (st.running, st.waiting, st.waiting_for_kv, st.free_slots) == (0, 0, 0, 2)
     assert not eng.has_unfinished() and eng.cache.blocks.num_in_use() == 0
+
+
+def test_layers_written_as_they_land_decode_like_mixed(tiny_model):
+    """``import_layer`` writes each layer into the request's blocks as it lands (the first one
+    reserves the slot and blocks); the final ``import_kv`` writes only the others. Layers that
+    cannot be written now (no slot, a bad part) fall back to the final import; a failed transfer's
+    layers are dropped with their reservation."""
+    import torch
+
+    ps = prompts(4, seed=3)
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    mixed = make(tiny_model)
+    for i, p in enumerate(ps):
+        mixed.add_request(p, sp, f"r{i}")
+    want = {k: v.token_ids for k, v in finish_all(mixed).items()}
+    exps = exports(tiny_model, ps, sp)
+    dec = make(tiny_model, role="decode", max_num_seqs=2)
+    for i, p in enumerate(ps):
+        dec.expect_kv(f"r{i}", p, sp)
+    e0, e1, e2, e3 = exps
+    # r0: every layer, in any order (connections deliver out of order); then its buffer is
+    # reused (zeroed here): the layers already in the cache are not copied again
+    assert all(dec.import_layer(e0.header, p) for p in reversed(e0.parts))
+    assert dec.cache.blocks.num_in_use() > 0 and dec.stats().running == 0
+    zeroed = replace(
+        e0,
+        parts=[
+            replace(p, tensors={k: torch.zeros_like(t) for k, t in p.tensors.items()})
+            for p in e0.parts
+        ],
+    )
+    # r1: half its layers, then its transfer fails: the reservation goes back
+    in_use = dec.cache.blocks.num_in_use()
+    assert all(dec.import_layer(e1.header, p) for p in e1.parts[:3])
+    assert dec.cache.blocks.num_in_use() > in_use
+    dec.drop_layers("r1")
+    assert dec.cache.blocks.num_in_use() == in_use
+    # r2: a non-finite part is refused (written with the rest, where the whole import checks it)
+    bad = replace(
+        e2.parts[1],
+        tensors={k: torch.full_like(t, float("nan")) for k, t in e2.parts[1].tensors.items()},
+    )
+    assert dec.import_layer(e2.header, e2.parts[0])
+    assert not dec.import_layer(e2.header, bad)
+    # r3: both slots are reserved (r0, r2): its layers wait for the final import
+    assert not dec.import_layer(e3.header, e3.parts[0])
+    assert not dec.import_layer(replace(e3.header, request_id="nobody"), e3.parts[0])
+    log: list = []
+    for e in (zeroed, e1, e2, e3):
+        dec.import_kv(e, lambda err, rid=e.header.request_id: log.append((rid, err)))
+    got = {k: v.token_ids for k, v in finish_all(dec).items()}
+    assert got == want and sorted(log) == [(f"r{i}", None) for i in range(4)]
+    assert dec.cache.blocks.num_in_use() == 0 and dec.stats().free_slots == 2

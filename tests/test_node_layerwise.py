@@ -1,6 +1,7 @@
 """The live prefill node sends a request's KV layer by layer during its last prefill chunk (the
 stream opens before the prefill ends), the decode node imports it, and the tokens equal those of
-the same node sending the whole export after the prefill. Nodes run in process (no HTTP)."""
+the same node sending the whole export after the prefill; the decode node writes each layer into
+its engine's cache as it lands. Nodes run in process (no HTTP)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ def test_live_prefill_streams_layers_and_tokens_match(tiny_model, layerwise: boo
             n.close()
     t = res.timings
     assert len(kv) == 1 and kv[0]["payload_bytes"] == res.payload_bytes > 0
+    # the decode node wrote every layer into the engine's cache as it landed, before the
+    # delivery (both ways: the receiver hands each verified layer out)
+    kt = kv[0]["timings"]
+    n_layers = d0.engine.model_config.num_hidden_layers
+    assert kt["layers_written_early"] == n_layers
+    assert kt["layers_written_at"] <= kt["import_end"]
     assert res.link == "prfaas->pd"
     if layerwise:  # opened by the first layer of the last chunk, inside the prefill's last step
         assert t["send_opened"] <= t["prefill_end"]

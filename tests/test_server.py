@@ -484,7 +484,7 @@ def test_tokenize_detokenize_version_models(url):
     assert d == {"prompt": "héllo"}
     assert httpx.post(url + "/detokenize", json={"tokens": [99999]}).status_code == 400
     assert httpx.post(url + "/tokenize", json={"model": "x", "prompt": "a"}).status_code == 404
-    from prfaas.server.gateway.api import prfaas_version
+    from prfaas.server.gateway.model_routes import prfaas_version
 
     assert httpx.get(url + "/version").json() == {"version": prfaas_version()}
     (card,) = httpx.get(url + "/v1/models").json()["data"]

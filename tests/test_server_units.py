@@ -15,13 +15,14 @@ from prfaas.model.tokenizer import ByteTokenizer
 from prfaas.scheduling.types import INF
 from prfaas.server.config import load_deploy_config, parse_deploy_config
 from prfaas.server.gateway.node_client import NodeEndpoint
-from prfaas.server.gateway.openai_protocol import APIError, apply_chat_template, parse_request
+from prfaas.server.gateway.openai_protocol import APIError, parse_request
 from prfaas.server.gateway.router import Router
 from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.server.launcher import endpoints_from_config
 from prfaas.server.node.engine_worker import EngineWorker
 from prfaas.server.node.kv_layout import layout_for_engine
 from prfaas.server.protocol import LinkReading, NodeState, SamplingParamsMsg
+from prfaas.tokenizer.chat import load_chat_format
 from prfaas.transfer import wire
 
 BASE = {
@@ -111,16 +112,28 @@ def test_bad_nodes_are_refused():
 # ------------------------------------------------------------------------ OpenAI protocol
 
 
-def test_chat_template():
-    msgs = [
-        {"role": "system", "content": "S"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-    ]
-    assert apply_chat_template(msgs) == "<|system|>\nS\n<|user|>\nab\n<|assistant|>\n"
-    with pytest.raises(APIError, match="role"):
-        apply_chat_template([{"role": "wizard", "content": "x"}])
-    with pytest.raises(APIError, match="content.0.type"):
-        apply_chat_template([{"role": "user", "content": [{"type": "image_url"}]}])
+def test_chat_messages_validated_then_rendered_by_the_models_template():
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "S"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+        ],
+    }
+    req = parse_request(body, "chat", 384)
+    tok = ByteTokenizer()
+    fmt = load_chat_format("tiny", tok)
+    assert fmt.render(req.messages) == "<|system|>\nS\n<|user|>\nab\n<|assistant|>\n"
+    for msgs, param in [
+        ([{"role": "wizard", "content": "x"}], "messages.0.role"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "messages.0.content.0.type"),
+    ]:
+        with pytest.raises(APIError) as e:
+            parse_request({"model": "m", "messages": msgs}, "chat", 384)
+        assert e.value.status == 400 and e.value.param == param
 
 
 def test_parse_request_maps_every_field():
@@ -137,7 +150,7 @@ def test_parse_request_maps_every_field():
         "stream_options": {"include_usage": True},
     }
     r = parse_request(body, "completion", 384)
-    assert r.prompt == "hello" and r.stop == ["\n"] and r.stream and r.include_usage
+    assert r.prompts == ["hello"] and r.stop == ["\n"] and r.stream and r.include_usage
     assert r.params == SamplingParamsMsg(
         temperature=0.5, top_p=0.8, max_tokens=7, seed=3, stop_token_ids=[10, 257]
     )
@@ -146,7 +159,7 @@ def test_parse_request_maps_every_field():
         "chat",
         384,
     )
-    assert chat.prompt == "<|user|>\nq\n<|assistant|>\n" and chat.params.max_tokens == 3
+    assert chat.messages == [{"role": "user", "content": "q"}] and chat.params.max_tokens == 3
 
 
 @pytest.mark.parametrize(
@@ -162,7 +175,7 @@ def test_parse_request_maps_every_field():
         ({"model": "m", "prompt": "x", "stop": ["a"] * 9}, "stop"),
         ({"model": "m", "prompt": "x", "stop_token_ids": [500]}, "stop_token_ids"),
         ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
-        ({"model": "m", "prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ({"model": "m", "prompt": "x", "logit_bias": {"999": 1}}, "logit_bias"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
     ],
@@ -204,6 +217,25 @@ def test_utf8_is_held_back_until_complete():
     assert feed(TextAssembler(tok, ["€"]), ids) == "é"
     # invalid bytes stay replacement characters (as the offline engine decodes them)
     assert feed(TextAssembler(tok, []), [0xFF, 0x41]) == tok.decode([0xFF, 0x41]) == "\ufffdA"
+
+
+@pytest.mark.parametrize(
+    "min_tokens, out",
+    [
+        (0, "ab"),  # "X" ends at token 3
+        (2, "ab"),
+        (3, "abXcd"),  # the first "X" is within the first 3 tokens: the next one stops
+        (7, "abXcdXef"),  # every "X" is within the first 7 tokens
+        (8, "abXcdXef"),
+    ],
+)
+def test_stop_strings_count_only_after_min_tokens(min_tokens, out):
+    # as vLLM: a stop string must end after the text of the first min_tokens tokens
+    tok = ByteTokenizer()
+    assert feed(TextAssembler(tok, ["X"], min_tokens), tok.encode("abXcdXef")) == out
+    # one that starts within them and ends after them stops
+    asm = TextAssembler(tok, ["cd"], 4)
+    assert feed(asm, tok.encode("abXcdXef")) == "abX" and asm.stopped
 
 
 # ------------------------------------------------------------------------ router decisions

@@ -302,6 +302,46 @@ def test_corrupted_checksum(make, monkeypatch: pytest.MonkeyPatch) -> None:
     _assert_same(good, d.export)
 
 
+def test_layers_handed_out_as_they_land(make, backend) -> None:
+    """With ``on_layer`` each verified layer is handed out as soon as it is in (before later
+    layers are even sent), as views of the receive buffer with the sent bytes; the delivery
+    follows the last one. A layer that fails its checksum is never handed out."""
+    rx_f, tx_f = make
+    landed: list = []
+    rx = rx_f(on_layer=landed.append)
+    tx = tx_f(connections=2, slice_bytes=64 << 10)
+    ex = random_export(SMALL, "lw", 0, 1500, seed=11)
+    stream = tx.open(rx.address, ex.header)
+    for i, p in enumerate(ex.parts):
+        stream.send(p)
+        deadline = time.monotonic() + 15
+        while len(landed) <= i and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert [a.part.layer for a in landed] == list(range(i + 1))  # in before the next is sent
+        assert rx.deliveries.empty() or i == len(ex.parts) - 1  # delivered after the last one
+    stream.finish()
+    stream.wait(15)
+    d = _get(rx)
+    assert isinstance(d, Delivery)
+    for a, sent in zip(landed, ex.parts, strict=True):
+        assert a.header.request_id == "lw" and a.part.kind == sent.kind
+        for name, t in sent.tensors.items():
+            assert torch.equal(a.part.tensors[name].view(torch.uint8), t.view(torch.uint8))
+    _assert_same(ex, d.export)
+    d.release()
+    if backend != "tcp":  # mooncake's bulk bytes do not cross our socket
+        return
+    proxy = FlipProxy(rx.address, at=200_000)  # a flipped payload byte: that layer never lands
+    tx2 = tx_f(connections=1)
+    landed.clear()
+    with pytest.raises(ChecksumError):
+        tx2.send_export(proxy.address, random_export(SMALL, "flip", 0, 1500, seed=12)).wait(15)
+    f = _get(rx)
+    assert isinstance(f, TransferFailure) and f.request_id == "flip"
+    flipped = {a.part.layer for a in landed}
+    assert len(flipped) < len(SMALL.layer_kinds)
+
+
 class FlipProxy:
     """A TCP proxy that flips one byte of the client->server stream at offset ``at``."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import struct
 import threading
@@ -139,6 +140,25 @@ def test_header_corruption_and_malformed() -> None:
         wire.decode_header(body + hashlib.sha256(body).digest())
     with pytest.raises(FrameError, match="too short"):
         wire.decode_header(b"x")
+
+
+def test_prompt_token_ids_travel_as_uint32() -> None:
+    """Prompt token ids cross as base64 uint32 (format 3): exact for the whole range, refused
+    outside it at encode, and a header carrying anything else is malformed."""
+    ids = [0, 1, 2**31, 2**32 - 1, 151_000]
+    assert wire.decode_token_ids(wire.encode_token_ids(ids)) == ids
+    for bad in ([-1], [2**32]):
+        with pytest.raises(ValueError, match="token ids"):
+            wire.encode_token_ids(bad)
+    ex, wh = _wire_header()
+    obj = json.loads(wire.encode_header(wh)[:-32])
+    for v, match in (([1, 2, 3], "base64 string"), ("***", "not base64"), ("AAA=", "whole")):
+        body = json.dumps({**obj, "prompt_token_ids": v}).encode()
+        with pytest.raises(FrameError, match=match):
+            wire.decode_header(body + hashlib.sha256(body).digest())
+    ex.header.prompt_token_ids = [5, -1]
+    with pytest.raises(ValueError, match="token ids"):
+        wire.encode_header(wire.build_wire_header(ex.header, SMALL, 1))
 
 
 @pytest.mark.parametrize(

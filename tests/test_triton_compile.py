@@ -171,11 +171,16 @@ def _moe_calls() -> None:
     enabled = triton_ops.enabled
     triton_ops.enabled = lambda t: True
     try:
-        for n in (6, 40):  # the per-pair GEMV path, then the permuted one
+        moe_ops.GROUPED_IMPL = "grouped_mm"
+        for n in (6, 40):  # the per-pair path, then the permuted one (grouped GEMMs as loops)
             moe.forward(torch.randn(n, PRESETS["tiny"].hidden_size).to(torch.bfloat16))
+        moe_ops.GROUPED_IMPL = "triton"  # the permuted path's Triton grouped GEMM
+        moe.forward(torch.randn(40, PRESETS["tiny"].hidden_size).to(torch.bfloat16))
+        moe.forward(torch.randn(80, PRESETS["tiny"].hidden_size).to(torch.bfloat16))  # fp32 GEMM
     finally:
         triton_ops.enabled = enabled
+        moe_ops.GROUPED_IMPL = "auto"
 
 
 def test_moe_kernels_compile_for_sm90(monkeypatch):
-    check_compiles(monkeypatch, moe_ops, _moe_calls, min_kernels=2)
+    check_compiles(monkeypatch, moe_ops, _moe_calls, min_kernels=5)

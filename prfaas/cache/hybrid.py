@@ -355,14 +355,13 @@ class HybridCache:
 
     def write_kda_slot(self, j: int, slot: int, state: torch.Tensor, conv: torch.Tensor) -> None:
         """Write all heads' recurrent and short-conv state of KDA layer ``j`` into ``slot``."""
-        st, cv = self.tensors.kda_state[j], self.tensors.conv_state[j]
-        st[slot] = state.to(st.device, st.dtype)
-        cv[slot] = conv.to(cv.device, cv.dtype)
+        self.tensors.kda_state[j][slot].copy_(state)  # one copy, any device and dtype
+        self.tensors.conv_state[j][slot].copy_(conv)
 
     def write_mla_rows(self, j: int, rows: torch.Tensor, kv: torch.Tensor) -> None:
         """Write latent rows ``kv`` (n, latent_dim) of MLA layer ``j`` at flat rows ``rows``."""
         flat = self.tensors.mla_kv[j].view(-1, self.tensors.mla_kv[j].shape[-1])
-        flat[rows] = kv.to(flat.device, flat.dtype)
+        flat.index_copy_(0, rows.to(flat.device), kv.to(flat.device, flat.dtype))
 
     def rows(self, seq: SeqCache, start: int, end: int) -> torch.Tensor:
         """Flat cache rows (block * block_size + offset) of positions [start, end)."""

@@ -6,8 +6,8 @@ decodes, a hybrid prefix cache, and the roles ``mixed``, ``prefill`` and ``decod
   until ``export_request`` / ``release``. A ``layer_listener`` receives each layer's part as soon as
   the last prefill chunk has written it (layer-wise streaming).
 * ``decode``: starts from an imported cache and decodes: ``expect_kv`` holds a request waiting for
-  its KV, ``import_kv`` hands the KV over (written once there is room), or ``import_request``
-  imports at once.
+  its KV, ``import_layer`` writes each layer as it lands (optional), ``import_kv`` hands the whole
+  KV over (the rest written once there is room), or ``import_request`` imports at once.
 
 A step is schedule -> run -> update: the ``Scheduler`` (scheduler.py) picks the rows, the model runs
 them here, the scheduler takes the sampled tokens back. With ``async_decode``, a greedy decode-only
@@ -27,9 +27,16 @@ from functools import partial
 import torch
 
 from prfaas.cache.hashing import hash_chain
-from prfaas.cache.hybrid import HybridCache
+from prfaas.cache.hybrid import CacheFull, HybridCache
 from prfaas.engine.config import ROLES, EngineConfig
-from prfaas.engine.kv_io import export_layer, validate_export, write_import
+from prfaas.engine.kv_io import (
+    export_layer,
+    validate_export,
+    validate_header,
+    validate_layer,
+    write_import,
+    write_layer,
+)
 from prfaas.engine.memory_plan import plan_memory
 from prfaas.engine.model_runner import ModelRunner
 from prfaas.engine.request import KVArrival, Request, RequestOutput, Status
@@ -207,12 +214,44 @@ class LLMEngine:
         req = self.scheduler.waiting_for_kv.get(h.request_id)
         if req is None or req.kv_arrival is not None:
             raise KeyError(f"no request {h.request_id!r} is waiting for its KV")
-        validate_export(self.model_config, exp)
+        if req.kv_staged != (h.token_start, h.token_end):  # layers written for another range
+            self.scheduler.unreserve_import(req)
+        validate_export(self.model_config, exp, skip=req.kv_layers)
         if list(h.prompt_token_ids) != req.prompt:
             raise ValueError(f"the KV of {h.request_id!r} is for another prompt")
         if req.params.seed is None:  # the prefill node's seed: tokens as on one mixed node
             req.sampler.seed = h.meta.get("seed", req.sampler.seed)
         self.scheduler.kv_arrived(h.request_id, KVArrival(h.token_start, h.token_end, exp, on_done))
+
+    def import_layer(self, header: TransferHeader, part: LayerPart) -> bool:
+        """One verified layer of the KV of a request held by ``expect_kv``, written into its
+        cache as it lands while later layers are still on the wire (the first one reserves the
+        request's slot and blocks). Returns whether it was written; when not (nobody waits, no
+        room now, a part that does not fit), ``import_kv`` writes it with the rest, and raises
+        if it does not fit. ``part``'s buffers may be reused once this returns."""
+        req = self.scheduler.waiting_for_kv.get(header.request_id)
+        if req is None or req.kv_arrival is not None or list(header.prompt_token_ids) != req.prompt:
+            return False
+        span = (header.token_start, header.token_end)
+        try:
+            if req.kv_staged != span:
+                validate_header(self.model_config, header)
+                self.scheduler.unreserve_import(req)
+                self.scheduler.reserve_import(req, *span)
+            validate_layer(self.model_config, header, part)
+        except (CacheFull, ValueError):  # ImportMismatch is a ValueError
+            return False
+        assert req.cache is not None
+        write_layer(self.cache, req.cache, header.token_start, header.token_end, part)
+        req.kv_layers.add(part.layer)
+        return True
+
+    def drop_layers(self, request_id: str) -> None:
+        """Forget the layers ``import_layer`` wrote for a request still waiting for its KV (its
+        transfer failed) and give back its reserved slot and blocks."""
+        req = self.scheduler.waiting_for_kv.get(request_id)
+        if req is not None and req.kv_arrival is None:
+            self.scheduler.unreserve_import(req)
 
     def import_request(
         self, exp: KVExport, params: SamplingParams | None = None, request_id: str | None = None
@@ -239,7 +278,8 @@ class LLMEngine:
         reported if ``report``: nothing of it stays behind) and the exception propagates."""
         assert req.cache is not None
         try:
-            write_import(self.cache, req.cache, exp)
+            write_import(self.cache, req.cache, exp, skip=req.kv_layers)
+            req.kv_layers = set()
         except BaseException as e:
             self.scheduler.finish(req, "error", report=report, error=f"KV import failed: {e!r}")
             raise

@@ -4,14 +4,21 @@ What is exported: the MLA latent KV of tokens [token_start, token_end) and the K
 state after token_end tokens, where token_end = prompt length - 1: as in vLLM's disaggregated serving the
 decode node computes the last prompt token itself, so it samples the first output token and the prefill
 node can stream every layer's part while the prefill is still running. Imports are validated completely before the cache is touched.
+
+Layer by layer (``validate_header`` + ``validate_layer`` + ``write_layer``): the decode node writes
+each layer into the request's blocks as it lands, while later layers are still on the wire; the
+final import then checks and writes only the layers not written yet. Each layer is copied once,
+from the receive buffer into the cache (on a GPU node: the host-to-device copy).
 """
 
 from __future__ import annotations
 
+from collections.abc import Set
+
 import torch
 
 from prfaas.cache.hybrid import HybridCache, SeqCache
-from prfaas.kv.unit import KVExport, LayerPart
+from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.config import ModelConfig
 
 
@@ -44,8 +51,8 @@ def expected_shapes(model: ModelConfig, layer: int, num_tokens: int) -> dict[str
     return {"state": (H, D, D), "conv": (3, W, model.short_conv_kernel_size - 1)}
 
 
-def validate_export(model: ModelConfig, exp: KVExport) -> None:
-    h = exp.header
+def validate_header(model: ModelConfig, h: TransferHeader) -> None:
+    """The header's model, layers and token range against this node's model (ImportMismatch)."""
     if h.model_fingerprint != model.fingerprint():
         raise ImportMismatch(
             f"model fingerprint {h.model_fingerprint} != this node's {model.fingerprint()}"
@@ -57,27 +64,52 @@ def validate_export(model: ModelConfig, exp: KVExport) -> None:
             f"bad token range [{h.token_start}, {h.token_end}) for a "
             f"{len(h.prompt_token_ids)}-token prompt (expected [start, prompt length - 1))"
         )
+
+
+def validate_layer(model: ModelConfig, h: TransferHeader, p: LayerPart) -> None:
+    """One layer's part of a request with (validated) header ``h``: kind, shapes, finite floats."""
+    if not 0 <= p.layer < model.num_hidden_layers:
+        raise ImportMismatch(f"layer {p.layer} out of range")
+    want = expected_shapes(model, p.layer, h.token_end - h.token_start)
+    got = {k: tuple(t.shape) for k, t in p.tensors.items()}
+    if p.kind != model.layer_kind(p.layer) or got != want:
+        raise ImportMismatch(f"layer {p.layer}: got {p.kind} {got}, expected {want}")
+    for k, t in p.tensors.items():
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise ImportMismatch(f"layer {p.layer} tensor {k!r} is not finite floating point")
+
+
+def validate_export(model: ModelConfig, exp: KVExport, skip: Set[int] = frozenset()) -> None:
+    """The whole export; the parts of layers in ``skip`` (validated as they landed) are only
+    checked to be there."""
+    validate_header(model, exp.header)
     if [p.layer for p in exp.parts] != list(range(model.num_hidden_layers)):
         raise ImportMismatch("export must hold exactly one part per layer, in order")
-    n = h.token_end - h.token_start
     for p in exp.parts:
-        want = expected_shapes(model, p.layer, n)
-        got = {k: tuple(t.shape) for k, t in p.tensors.items()}
-        if p.kind != model.layer_kind(p.layer) or got != want:
-            raise ImportMismatch(f"layer {p.layer}: got {p.kind} {got}, expected {want}")
-        for k, t in p.tensors.items():
-            if not t.is_floating_point() or not torch.isfinite(t).all():
-                raise ImportMismatch(f"layer {p.layer} tensor {k!r} is not finite floating point")
+        if p.layer not in skip:
+            validate_layer(model, exp.header, p)
 
 
-def write_import(cache: HybridCache, seq: SeqCache, exp: KVExport) -> None:
-    """Write a validated export into a request's blocks and state slot."""
+def write_layer(
+    cache: HybridCache, seq: SeqCache, token_start: int, token_end: int, p: LayerPart
+) -> None:
+    """Write one validated layer part into a request's blocks (MLA rows of tokens
+    [token_start, token_end)) or state slot (KDA): one copy, straight into the destination."""
     model = cache.model
+    if p.kind == "mla":
+        rows = cache.rows(seq, token_start, token_end)
+        cache.write_mla_rows(model.mla_layers.index(p.layer), rows, p.tensors["kv"])
+    else:
+        j = model.kda_layers.index(p.layer)
+        cache.write_kda_slot(j, seq.slot, p.tensors["state"], p.tensors["conv"])
+
+
+def write_import(
+    cache: HybridCache, seq: SeqCache, exp: KVExport, skip: Set[int] = frozenset()
+) -> None:
+    """Write a validated export into a request's blocks and state slot; the layers in ``skip``
+    are there already (written as they landed)."""
     h = exp.header
-    rows = cache.rows(seq, h.token_start, h.token_end)
     for p in exp.parts:
-        if p.kind == "mla":
-            cache.write_mla_rows(model.mla_layers.index(p.layer), rows, p.tensors["kv"])
-        else:
-            j = model.kda_layers.index(p.layer)
-            cache.write_kda_slot(j, seq.slot, p.tensors["state"], p.tensors["conv"])
+        if p.layer not in skip:
+            write_layer(cache, seq, h.token_start, h.token_end, p)

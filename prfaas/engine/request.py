@@ -89,6 +89,10 @@ class Request:
         # it has arrived (until it is written into the cache)
         self.kv_deadline: float | None = None
         self.kv_arrival: KVArrival | None = None
+        # layer-wise import: the token range the cache was reserved for as the first layer landed,
+        # and the layers written into it since (the final import writes only the others)
+        self.kv_staged: tuple[int, int] | None = None
+        self.kv_layers: set[int] = set()
 
     @property
     def tokens(self) -> list[int]:

@@ -194,3 +194,38 @@ class Sampler:
             vals, ids = torch.topk(lp, k)
             top = list(zip(ids.tolist(), vals.tolist(), strict=True))
         return TokenLogprob(token, float(lp[token]), top)
+
+
+@torch.inference_mode()
+def prompt_logprobs(
+    model: torch.nn.Module, prompt: Sequence[int], k: int
+) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it and the ``k`` most likely
+    tokens there (None for the first token: nothing comes before it), as vLLM's
+    ``prompt_logprobs``: ``log_softmax`` of the raw logits, -inf reported as ``LOGPROB_FLOOR``.
+
+    From the model's cache-free forward over the whole prompt (``HybridForCausalLM.forward``), one
+    position's vocabulary at a time on the host side, so memory stays one (T, vocab) tensor on the
+    model's device."""
+    if not prompt:
+        return []
+    dev = next(model.parameters()).device
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=dev)
+    logits = model(ids)[0, :-1]  # position i predicts token i + 1
+    out: list[TokenLogprob | None] = [None]
+    targets = ids[0, 1:]
+    step = 256
+    for s in range(0, logits.shape[0], step):
+        lp = torch.log_softmax(logits[s : s + step].float(), -1).clamp_min(LOGPROB_FLOOR)
+        tok = lp.gather(1, targets[s : s + step, None])[:, 0].tolist()
+        if k:
+            vals, top_ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+            tops = [
+                list(zip(i, v, strict=True))
+                for i, v in zip(top_ids.tolist(), vals.tolist(), strict=True)
+            ]
+        else:
+            tops = [[] for _ in tok]
+        for t, v, top in zip(targets[s : s + step].tolist(), tok, tops, strict=True):
+            out.append(TokenLogprob(t, v, top))
+    return out

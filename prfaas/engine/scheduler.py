@@ -147,7 +147,27 @@ class Scheduler:
         rid = req.request_id
         if self.requests.get(rid, req) is not req:
             raise ValueError(f"request id {rid!r} already in use")
-        if len(self.running) >= self.config.max_num_seqs or not self.cache.num_free_slots:
+        if len(self.running) >= self.config.max_num_seqs:
+            raise CacheFull("no free request slot for an imported request")
+        if req.cache is None or req.kv_staged != (token_start, token_end):
+            self.unreserve_import(req)
+            self.reserve_import(req, token_start, token_end)
+        self.requests[rid] = req
+        self.waiting_for_kv.pop(rid, None)
+        req.num_computed = token_end  # the last prompt token is this node's first input
+        req.num_cached_tokens = token_start
+        req.kv_arrival = None
+        req.kv_deadline = None
+        req.kv_staged = None
+        req.status = Status.RUNNING
+        self.running.append(req)
+
+    def reserve_import(self, req: Request, token_start: int, token_end: int) -> None:
+        """Give ``req`` (waiting for its KV, or being admitted) a state slot and blocks for its
+        prompt + 1, reusing exactly the cached prefix [0, token_start), without making it run:
+        its layers are written as they land (layer-wise import). Raises CacheFull or ValueError
+        as ``admit_import``; nothing changes then."""
+        if not self.cache.num_free_slots:
             raise CacheFull("no free request slot for an imported request")
         prompt = req.prompt
         seq = self.cache.open(prompt, need_state=False, max_reuse=token_start)
@@ -162,14 +182,17 @@ class Scheduler:
             raise CacheFull("no cache blocks free for an imported request")
         self.cache.reserve(seq, len(prompt) + 1)
         req.cache = seq
-        req.num_computed = token_end  # the last prompt token is this node's first input
-        req.num_cached_tokens = token_start
-        self.requests[rid] = req
-        self.waiting_for_kv.pop(rid, None)
-        req.kv_arrival = None
-        req.kv_deadline = None
-        req.status = Status.RUNNING
-        self.running.append(req)
+        req.kv_staged = (token_start, token_end)
+        req.kv_layers = set()
+
+    def unreserve_import(self, req: Request) -> None:
+        """Give back what ``reserve_import`` gave a request still waiting for its KV (its
+        transfer failed: a new one may start from another token)."""
+        if req.cache is not None and req.status == Status.WAITING_FOR_KV:
+            self.cache.close(req.cache)
+            req.cache = None
+        req.kv_staged = None
+        req.kv_layers = set()
 
     def import_written(self, req: Request) -> None:
         """The imported KV is in ``req``'s cache: publish its prompt blocks (and a state

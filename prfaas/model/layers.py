@@ -228,8 +228,13 @@ class SparseMoE(nn.Module):
         if self.record is not None:
             self.record.append(idx)
         w13, w2 = self.pack_experts()
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
-        return moe_ops.experts_forward(x, w, idx, w13, w2, shared).reshape(shape)
+        sh, shared_w = self.shared_experts, None
+        if sh is not None:  # as weights: the per-pair kernels take the shared expert along
+            shared_w = (
+                stacked_weight(sh._gate_up, (sh.gate_proj.weight, sh.up_proj.weight)),
+                sh.down_proj.weight,
+            )
+        return moe_ops.experts_forward(x, w, idx, w13, w2, shared_weights=shared_w).reshape(shape)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

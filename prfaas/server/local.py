@@ -3,9 +3,10 @@
 
 ``LocalBackend`` offers what ``prfaas.server.gateway.api.build_gateway_app`` uses of a ``Router``
 (``generate``, ``metrics``, ``admission``, ``start``/``stop``, ``nodes_info``, ``policy``,
-``cfg.model``): a request is added to a mixed-role ``LLMEngine`` running in its ``EngineWorker``
-thread and its outputs come back as the same ``TokenEvent`` messages a decode node streams, so the
-API, its features and its metrics are the gateway's.  ``/metrics`` adds the engine's gauges
+``cfg.model``) and ``prompt_logprobs`` (``echo`` with ``logprobs``): a request is added to a
+mixed-role ``LLMEngine`` running in its ``EngineWorker`` thread and its outputs come back as
+the same ``TokenEvent`` messages a decode node streams, so the API, its features and its metrics
+are the gateway's.  ``/metrics`` adds the engine's gauges
 (``prfaas.server.node.metrics``, node name ``serve``, cluster ``local``).
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from prfaas.engine import LLMEngine
+from prfaas.engine.sampling import prompt_logprobs
 from prfaas.server.gateway.admission import Admission
 from prfaas.server.gateway.handover import Generation, RouteInfo
 from prfaas.server.gateway.metrics import RouterMetrics
@@ -29,7 +31,7 @@ from prfaas.server.node.decode import Expectation
 from prfaas.server.node.engine_worker import EngineWorker
 from prfaas.server.node.metrics import NodeCollector
 from prfaas.server.node.wire import engine_params
-from prfaas.server.protocol import NodeState, SamplingParamsMsg
+from prfaas.server.protocol import NodeState, SamplingParamsMsg, TokenLogprobMsg
 
 NODE, CLUSTER = "serve", "local"
 
@@ -159,6 +161,21 @@ class LocalBackend:
             self.worker.call(lambda eng: eng.abort(rid))
             raise
         return Generation(route, LocalStream(self.worker, exp), self.release, arrival, len(prompt))
+
+    async def prompt_logprobs(self, prompt: list[int], k: int) -> list[TokenLogprobMsg | None]:
+        """Each prompt token's log-probability and top ``k`` (None for the first), computed in
+        the engine thread (``prfaas.engine.sampling.prompt_logprobs``)."""
+
+        def run(eng: LLMEngine) -> list[TokenLogprobMsg | None]:
+            lps = prompt_logprobs(eng.model, prompt, k)
+            return [
+                None
+                if lp is None
+                else TokenLogprobMsg(token_id=lp.token_id, logprob=lp.logprob, top=lp.top)
+                for lp in lps
+            ]
+
+        return await self.worker.acall(run)
 
     def release(self, gen: Generation, outcome: str) -> None:
         self.admission.release(outcome)

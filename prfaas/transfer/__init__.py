@@ -12,6 +12,7 @@ from typing import Any
 
 _EXPORTS = {
     "Delivery": "backend",
+    "LayerArrival": "backend",
     "Receiver": "backend",
     "SendStats": "backend",
     "Sender": "backend",

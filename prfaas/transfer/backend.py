@@ -3,7 +3,8 @@
 A backend provides a ``Sender`` (``open(peer, header) -> SenderStream``; ``stream.send(part)`` per
 layer, ``stream.finish()``, ``stream.wait()``) and a ``Receiver`` (listens, authenticates peers,
 validates and assembles requests, then hands each complete ``KVExport`` or failure out once: to its
-callbacks if it has them, else on its ``deliveries`` queue). Backends are made by name through
+callbacks if it has them, else on its ``deliveries`` queue; with ``on_layer``, each verified layer
+is also handed out as it lands, before the delivery). Backends are made by name through
 ``prfaas.transfer.registry``. Times are ``time.time()`` seconds, sizes bytes.
 """
 
@@ -85,7 +86,19 @@ class TransferFailure:
     peer: Peer | None = None
 
 
+@dataclass
+class LayerArrival:
+    """One verified layer of a request still being received (``Receiver`` built with
+    ``on_layer``): its tensors are views of the request's receive buffer, valid until the
+    request's ``Delivery`` is released (or, if the request fails, while referenced)."""
+
+    header: TransferHeader
+    part: LayerPart
+    peer: Peer | None = None
+
+
 DeliveryCallback = Callable[[Delivery], Any]
+LayerCallback = Callable[[LayerArrival], Any]
 FailureCallback = Callable[[TransferFailure], Any]
 
 

@@ -1,7 +1,7 @@
 """The OpenAI request bodies as pydantic models (``/openapi.json`` describes them).
 
 Ranges are OpenAI's (vLLM's for its extensions): ``temperature`` [0, 2], ``top_p`` (0, 1],
-``n`` >= 1, ``max_tokens`` >= 1, ``presence_penalty`` / ``frequency_penalty`` [-2, 2],
+``n`` >= 1, ``max_tokens`` >= 1 (completions: 0 with ``echo``, as vLLM), ``presence_penalty`` / ``frequency_penalty`` [-2, 2],
 ``logit_bias`` values [-100, 100], ``top_logprobs`` [0, 20] (chat), ``logprobs`` [0, 20]
 (completions), ``stop`` at most :data:`MAX_STOP` non-empty strings.  Extensions as in vLLM:
 ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``.
@@ -74,6 +74,7 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, Bias] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     user: str | None = None  # the end user, for the caller's own records: no effect on output
+    response_format: ResponseFormat | None = None  # only {"type": "text"} (openai_protocol)
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -101,6 +102,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: with echo, the prompt alone (as vLLM)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
@@ -112,7 +114,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 

@@ -48,11 +48,26 @@ class TokenText:
 
 
 def completion_logprobs(
-    lps: Sequence[TokenLogprobMsg], tt: TokenText, offset: int = 0
+    lps: Sequence[TokenLogprobMsg],
+    tt: TokenText,
+    offset: int = 0,
+    unscored: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object of ``lps``; ``offset``: the text offset of the
-    first token (characters of the choice's text before it)."""
-    tokens, token_lps, tops, offsets = [], [], [], []
+    first token (characters of the choice's text before it); ``unscored``: tokens before ``lps``
+    that have no log-probability (``echo``: the prompt's first token), null in
+    ``token_logprobs`` and ``top_logprobs`` (as vLLM)."""
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for tid in unscored:
+        text = tt(tid)[0]
+        tokens.append(text)
+        token_lps.append(None)
+        tops.append(None)
+        offsets.append(offset)
+        offset += len(text)
     for lp in lps:
         text = tt(lp.token_id)[0]
         tokens.append(text)

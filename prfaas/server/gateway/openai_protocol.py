@@ -1,9 +1,9 @@
 """The OpenAI-compatible surface: a validated request body (``openai_models``) turned into what the
-gateway runs (``GenerationRequest``), the chat template, error bodies.
+gateway runs (``GenerationRequest``), and error bodies.
 
-Chat template: the gateway encodes ``GenerationRequest.messages`` with the model's own
-(``prfaas.tokenizer.chat``); the presets' (documented in docs/serving.md, ``prompts`` holds it):
-every message becomes ``<|ROLE|>\\nCONTENT\\n`` and the prompt ends with ``<|assistant|>\\n``.
+Chat: the gateway encodes ``GenerationRequest.messages`` with the model's own template
+(``prfaas.tokenizer.chat``; the presets': every message becomes ``<|ROLE|>\\nCONTENT\\n`` and the
+prompt ends with ``<|assistant|>\\n``).
 
 Errors: ``APIError`` carries OpenAI's body ``{"error": {"message", "type", "param", "code"}}``;
 a bad or unsupported field is a 400 whose ``param`` names it.
@@ -23,8 +23,6 @@ from prfaas.server.gateway.openai_models import (
     validation_error,
 )
 from prfaas.server.protocol import SamplingParamsMsg
-
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 class APIError(Exception):
@@ -82,8 +80,9 @@ def from_validation_error(e: ValidationError | list[dict[str, Any]]) -> APIError
 
 @dataclass
 class GenerationRequest:
-    """A parsed completion / chat request: ``prompts`` (one entry per prompt: text, or token ids),
-    each answered with ``n`` choices."""
+    """A parsed completion / chat request: ``prompts`` (completions: one entry per prompt, text
+    or token ids) or ``messages`` (chat: one prompt, encoded by the gateway with the model's chat
+    template), each prompt answered with ``n`` choices."""
 
     kind: str  # "completion" | "chat"
     prompts: list[str | list[int]]
@@ -93,15 +92,11 @@ class GenerationRequest:
     include_usage: bool = False
     model: str = ""
     n: int = 1
-    echo: bool = False
+    echo: bool = False  # completions: the prompt's text (and with logprobs its logprobs) first
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt alone, no generated token
     logprobs: int | None = None  # top alternatives per token (0: the sampled token's only)
     # chat: the validated messages (None-valued keys dropped, a missing content is "")
     messages: list[dict[str, Any]] | None = None
-
-    @property
-    def prompt(self) -> str | list[int]:
-        """The first (for chat: the only) prompt."""
-        return self.prompts[0]
 
 
 def chat_messages(msgs: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -109,29 +104,6 @@ def chat_messages(msgs: list[ChatMessage]) -> list[dict[str, Any]]:
         {**m.model_dump(exclude_none=True), "content": m.model_dump()["content"] or ""}
         for m in msgs
     ]
-
-
-def render_builtin_chat(messages: list[dict[str, Any]]) -> str:
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = "".join(p["text"] for p in content)
-        out.append(f"<|{m['role']}|>\n{content}\n")
-    out.append("<|assistant|>\n")
-    return "".join(out)
-
-
-def apply_chat_template(messages: Any) -> str:
-    """The byte-tokenizer chat template (see module docstring) of raw messages (APIError 400)."""
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages must be a non-empty list", "messages")
-    try:
-        msgs = [ChatMessage.model_validate(m) for m in messages]
-    except ValidationError as e:
-        err = from_validation_error(e)
-        raise bad(f"messages: {err.message}", "messages") from None
-    return render_builtin_chat(chat_messages(msgs))
 
 
 def _prompts(p: Any, vocab_size: int) -> list[str | list[int]]:
@@ -156,9 +128,16 @@ def to_generation(
 ) -> GenerationRequest:
     """What the gateway runs of a validated body; APIError 400 for values we do not serve."""
     messages = None
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(
+            400,
+            f"response_format {req.response_format.type!r} is not supported: this server has no "
+            'structured output (guided decoding); only {"type": "text"}',
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    prompt_only = False
     if isinstance(req, ChatCompletionRequest):
-        if req.response_format is not None and req.response_format.type != "text":
-            raise unsupported("response_format", f"response_format {req.response_format.type!r}")
         if req.tools:
             raise unsupported("tools")
         if req.tool_choice not in (None, "none"):
@@ -166,7 +145,7 @@ def to_generation(
         if req.top_logprobs is not None and not req.logprobs:
             raise bad("top_logprobs needs logprobs: true", "top_logprobs")
         messages = chat_messages(req.messages)
-        prompts: list[str | list[int]] = [render_builtin_chat(messages)]
+        prompts: list[str | list[int]] = []  # the gateway encodes the messages
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         echo = False
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -178,8 +157,10 @@ def to_generation(
             raise unsupported("best_of", "best_of other than n")
         prompts = _prompts(req.prompt, vocab_size)
         logprobs, echo, max_tokens, kind = req.logprobs, req.echo, req.max_tokens, "completion"
-    if echo and logprobs is not None:
-        raise unsupported("echo", "echo with logprobs (the prompt's logprobs)")
+        if max_tokens == 0:
+            if not echo:
+                raise bad("max_tokens: 0 only with echo (the prompt alone)", "max_tokens")
+            prompt_only, max_tokens = True, 1  # one token generated, not answered (as vLLM)
     bias: dict[int, float] = {}
     for k, v in (req.logit_bias or {}).items():
         if not k.isdigit() or int(k) >= vocab_size:
@@ -221,6 +202,7 @@ def to_generation(
         model=req.model,
         n=req.n,
         echo=echo,
+        prompt_only=prompt_only,
         logprobs=logprobs,
         messages=messages,
     )

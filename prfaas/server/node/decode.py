@@ -3,8 +3,10 @@
 A decode starts with ``open`` (the route ``POST /internal/decode``): the engine holds the request
 waiting for its KV (``LLMEngine.expect_kv``, which answers how much of the prompt this node
 already holds: ``token_start``) and the node records an :class:`Expectation` (the stream's event
-queue); the prefill node then sends the KV from there to this node's receiver. A delivery goes to
-the engine (``import_kv``), which writes it once a slot and blocks are free and hands the receive
+queue); the prefill node then sends the KV from there to this node's receiver. Each layer goes to
+the engine as soon as it is in and verified (``import_layer``: written into the request's blocks
+while later layers are still on the wire); the delivery then goes to the engine (``import_kv``),
+which writes the layers not written yet once a slot and blocks are free and hands the receive
 buffer back (``Delivery.release``) through the import's ``on_done``. Events go to the stream as
 protocol messages (``ready``, ``kv`` or ``kv_error``, ``token`` ..., the last one ``finished``;
 ``error`` when aborted or the request failed in the engine).
@@ -36,7 +38,7 @@ from prfaas.server.protocol import (
     TokenLogprobMsg,
     event_line,
 )
-from prfaas.transfer.backend import Delivery, TransferFailure
+from prfaas.transfer.backend import Delivery, LayerArrival, TransferFailure
 from prfaas.transfer.registry import create_receiver
 
 log = logging.getLogger("prfaas.server.node")
@@ -121,6 +123,8 @@ class DecodeSide:
         self.kv_port = 0
         self.max_expect = 4 * worker.engine.config.max_num_seqs
         self.aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts (refuse late opens)
+        # engine thread: per request, layers written as they landed and when the last one was
+        self.landed: dict[str, tuple[int, float]] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,6 +136,7 @@ class DecodeSide:
             port=self.node.kv_port,
             on_delivery=self._on_delivery,
             on_failure=self._on_failure,
+            on_layer=self._on_layer,
             # pinned receive buffers on a GPU node (torch's host allocator caches them)
             pin_memory=self.worker.engine.device.type == "cuda",
         ).start()
@@ -218,13 +223,33 @@ class DecodeSide:
     def _on_delivery(self, d: Delivery) -> None:  # receiver thread (its one delivery path)
         self.worker.call(lambda eng: self._import(eng, d))
 
+    def _on_layer(self, a: LayerArrival) -> None:  # receiver thread: queue, never wait
+        self.worker.call(lambda eng: self._import_layer(eng, a))
+
+    def _import_layer(self, eng: LLMEngine, a: LayerArrival) -> None:  # engine thread
+        rid = a.header.request_id
+        if eng.import_layer(a.header, a.part):
+            n, _ = self.landed.get(rid, (0, 0.0))
+            self.landed[rid] = (n + 1, time.time())
+            while len(self.landed) > ABORTED_MEMORY:  # requests whose delivery never came
+                self.landed.pop(next(iter(self.landed)))
+
     def _on_failure(self, f: TransferFailure) -> None:
         log.warning("KV transfer failed for %s: %s", f.request_id, f.error)
+        rid = f.request_id
+        if rid is not None:  # the layers it wrote are of no use: give back the reservation
+
+            def drop(eng: LLMEngine) -> None:
+                self.landed.pop(rid, None)
+                eng.drop_layers(rid)
+
+            self.worker.call(drop)
 
     def _import(self, eng: LLMEngine, d: Delivery) -> None:  # engine thread
         h = d.export.header
         exp = self.expect.get(h.request_id)
         t_import = time.time()
+        n_landed, landed_at = self.landed.pop(h.request_id, (0, None))
 
         def done(error: str | None) -> None:  # engine thread: written, or dropped
             # the KV is in the cache (or will never be): the receive buffer goes back to the
@@ -251,6 +276,9 @@ class DecodeSide:
                         "last_byte_at": t.last_byte_at,
                         "delivered_at": t.delivered_at,
                         "import_start": t_import,  # handed to the engine
+                        # layers written as they landed, the last of them at layers_written_at
+                        "layers_written_early": float(n_landed),
+                        "layers_written_at": landed_at,
                         "import_end": time.time(),  # written (after waiting for room, if any)
                     },
                 )
