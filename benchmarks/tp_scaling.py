@@ -20,6 +20,7 @@ Writes benchmarks/results/tp_scaling_<model>_<device>.json and .md (``--out`` el
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -44,6 +45,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def _on(dev: str) -> contextlib.AbstractContextManager:
+    """Make ``dev`` the current CUDA device (Triton launches on the current one)."""
+    d = torch.device(dev)
+    return torch.cuda.device(d) if d.type == "cuda" else contextlib.nullcontext()
 
 
 def _prompt(n: int, salt: int, vocab: int) -> list[int]:
@@ -133,9 +140,11 @@ def measure_handoff(args: argparse.Namespace, a: int, b: int) -> dict:
         pre_dev, dec_dev = "cuda:0", f"cuda:{a}"
     else:
         pre_dev = dec_dev = args.device
-    pre = _engine(args, a, pre_dev, role="prefill")
+    with _on(pre_dev):
+        pre = _engine(args, a, pre_dev, role="prefill")
     try:
-        dec = _engine(args, b, dec_dev, role="decode")
+        with _on(dec_dev):
+            dec = _engine(args, b, dec_dev, role="decode")
     except BaseException:
         _close(pre)
         raise
@@ -143,21 +152,23 @@ def measure_handoff(args: argparse.Namespace, a: int, b: int) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=args.handoff_tokens, ignore_eos=True)
     prompt = _prompt(args.handoff_len, 7, vocab)
     try:
-        rid = pre.add_request(prompt, sp)
-        _sync(pre.device)
-        t0 = time.perf_counter()
-        _finish(pre)
-        _sync(pre.device)
-        t1 = time.perf_counter()
-        exp = pre.export_request(rid)
-        _sync(pre.device)
-        t2 = time.perf_counter()
-        dec.import_request(exp, sp)
-        _sync(dec.device)
-        t3 = time.perf_counter()
-        outs = _finish(dec)
-        _sync(dec.device)
-        t4 = time.perf_counter()
+        with _on(pre_dev):
+            rid = pre.add_request(prompt, sp)
+            _sync(pre.device)
+            t0 = time.perf_counter()
+            _finish(pre)
+            _sync(pre.device)
+            t1 = time.perf_counter()
+            exp = pre.export_request(rid)
+            _sync(pre.device)
+            t2 = time.perf_counter()
+        with _on(dec_dev):
+            dec.import_request(exp, sp)
+            _sync(dec.device)
+            t3 = time.perf_counter()
+            outs = _finish(dec)
+            _sync(dec.device)
+            t4 = time.perf_counter()
         pre.release(rid)
     finally:
         _close(pre)
