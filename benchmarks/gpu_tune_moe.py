@@ -241,7 +241,7 @@ def decode_part(res: dict, n_layers: int, deadline: float) -> None:
     torch.cuda.empty_cache()
 
 
-def grouped_part(res: dict, tokens: list[int], deadline: float) -> None:
+def grouped_part(res: dict, tokens: list[int], deadline: float, sweep_small: bool = False) -> None:
     L = Layers(1)
     H = L.cfg.hidden_size
     g = torch.Generator(device="cuda").manual_seed(2)
@@ -270,10 +270,20 @@ def grouped_part(res: dict, tokens: list[int], deadline: float) -> None:
         row = {"grouped_mm_ms": graph_ms(ref_run, reps=10), "triton": []}
         touched = int(torch.unique(idx).numel())
         flops = 2 * T * L.k * 3 * L.cfg.moe_intermediate_size * H
-        for c in configs:
+        small = T * L.k <= 2048
+        cands = configs
+        if small and sweep_small:  # decode sizes: a wider sweep
+            cands = [
+                {"BM": bm, "BN": bn, "BK": bk, "num_warps": nw, "num_stages": ns}
+                for bm, bn, bk, (nw, ns) in itertools.product(
+                    (16, 32), (64, 128), (128, 256), ((4, 3), (4, 4), (8, 3), (8, 4))
+                )
+                if not (bm == 32 and bk == 256)
+            ]
+        for c in cands:
             if time.time() > deadline:
                 break
-            if T * L.k <= 4096 and c["BM"] > 32 or T * L.k > 4096 and c["BM"] < 64:
+            if small and c["BM"] > 32 or not small and c["BM"] < 64:
                 continue
 
             def run(c=c, x=x, w=w, idx=idx):
@@ -293,13 +303,21 @@ def grouped_part(res: dict, tokens: list[int], deadline: float) -> None:
         if row["triton"]:
             row["tflops_triton_best"] = flops / row["triton"][0]["ms"] / 1e9
         out[T] = row
+        if small and row["triton"] and max(t for t in tokens if t * L.k <= 2048) == T:
+            best = {
+                key: row["triton"][0][key] for key in ("BM", "BN", "BK", "num_warps", "num_stages")
+            }
+            moe_ops.FUSED_CONFIGS[0] = (2048, best)  # what the engine part runs with
+            out["decode_config"] = best
         print(json.dumps({"T": T, **{k: v for k, v in row.items() if k != "triton"},
                           "triton_best": row["triton"][:2]}), flush=True)  # fmt: skip
     moe_ops.GROUPED_IMPL = "auto"
     torch.cuda.empty_cache()
 
 
-def engine_part(res: dict, batches: list[int]) -> None:
+def engine_part(
+    res: dict, batches: list[int], compare_batches: list[int], kernel_batches: list[int]
+) -> None:
     """The whole 48B geometry through the engine (benchmarks/engine.py's functions) with the
     kernels as configured now: decode steps (graphs, async) and one step's kernel table."""
     from benchmarks import engine as eb
@@ -311,18 +329,22 @@ def engine_part(res: dict, batches: list[int]) -> None:
     out: dict = {"ceilings": ceil, "rows": [], "kernels": {}}
     res["engine"] = out
     cfg_kw = {"model": "kimi-linear-48b", "device": "cuda"}
-    for B in batches:
+    runs = [(B, "auto") for B in batches] + [(B, "grouped_mm") for B in compare_batches]
+    for B, impl in runs:
+        moe_ops.GROUPED_IMPL = impl
         dt, eng = eb.bench_decode(cfg_kw, B, 1024, 20, model=model, graphs=True, async_decode=True)
         floor = eb.decode_floor(eng.model_config, eng.model, B, 1024, 2, eng.experts_touched)
         gdt = eng.runner.graphs.replay_seconds(*eng.runner.graphs.buckets()[-1], 20)
         floor_s = floor["total"] / ceil["measured_bw"]
-        row = {"batch": B, "step_ms": dt * 1e3, "replay_ms": gdt * 1e3, "floor_ms": floor_s * 1e3,
+        row = {"batch": B, "grouped_impl": impl, "step_ms": dt * 1e3, "replay_ms": gdt * 1e3, "floor_ms": floor_s * 1e3,
                "frac_floor": floor_s / dt, "frac_floor_replay": floor_s / gdt}  # fmt: skip
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
         del eng
-        out["kernels"][B] = eb._decode_kernels(model, B, 1024, 40)
-        print(json.dumps(out["kernels"][B][:12]), flush=True)
+        if impl == "auto" and B in kernel_batches:
+            out["kernels"][B] = eb._decode_kernels(model, B, 1024, 40)
+            print(json.dumps(out["kernels"][B][:12]), flush=True)
+    moe_ops.GROUPED_IMPL = "auto"
 
 
 def main() -> int:
@@ -331,6 +353,9 @@ def main() -> int:
     ap.add_argument("--parts", nargs="*", default=["decode", "engine", "grouped"])
     ap.add_argument("--tokens", type=int, nargs="*", default=[128, 1024, 8192, 32768])
     ap.add_argument("--engine-batches", type=int, nargs="*", default=[1])
+    ap.add_argument("--compare-batches", type=int, nargs="*", default=[], help="also grouped_mm")
+    ap.add_argument("--kernel-batches", type=int, nargs="*", default=[1])
+    ap.add_argument("--sweep-small", action="store_true", help="grouped: wide sweep <= 2048 pairs")
     ap.add_argument("--budget-s", type=float, default=240, help="stop sweeps after this")
     args = ap.parse_args()
     t0 = time.time()
@@ -348,11 +373,11 @@ def main() -> int:
     if "decode" in args.parts:
         decode_part(res, n_layers, t0 + args.budget_s * 0.6)
         save()
-    if "engine" in args.parts:
-        engine_part(res, args.engine_batches)
-        save()
     if "grouped" in args.parts:
-        grouped_part(res, args.tokens, t0 + args.budget_s)
+        grouped_part(res, args.tokens, t0 + args.budget_s, args.sweep_small)
+        save()
+    if "engine" in args.parts:
+        engine_part(res, args.engine_batches, args.compare_batches, args.kernel_batches)
         save()
     res["seconds"] = time.time() - t0
     save()

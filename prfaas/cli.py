@@ -5,6 +5,9 @@ its parser and sets ``func`` to the function that runs it.  That module is impor
 command runs (or its own ``--help`` is asked for): ``prfaas --help`` lists the commands from the
 table below without importing any of them, so it needs no torch.  A test checks the table's help
 lines against the ones the modules register.
+
+Ctrl-C (or a SIGTERM a command turns into one) never prints a traceback: a command that does
+not handle it itself ends with ``prfaas CMD: interrupted`` on stderr and exit status 130.
 """
 
 from __future__ import annotations
@@ -88,12 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)
         parser.print_help()
         return 2
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C anywhere (imports included): one line, no traceback
+        print(f"prfaas {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ at once); argument errors are one line on stderr with exit status 2, before any 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,35 @@ def test_parser_defaults_equal_the_modules_values():
     assert bench_cli.DEFAULT_BLOCK_TOKENS == DEFAULT_BLOCK_TOKENS
     assert bench_cli.SYNTHETIC_OUTPUT_LEN == SYNTHETIC_OUTPUT_LEN
     assert sim_cli.SYSTEMS == SYSTEMS and sim_cli.DEFAULT_CONFIG == DEFAULT_CONFIG
+
+
+def test_sim_ctrl_c_writes_the_running_system_as_partial(tmp_path):
+    # a workload far too long to finish: Ctrl-C once it runs writes the report with what the
+    # system finished, marked partial; no traceback, exit status 130
+    out = tmp_path / "sim"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prfaas.cli", "sim", "--systems", "prfaas"]
+        + ["--requests", "2000000", "--no-progress", "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stderr.readline()  # printed as the system starts
+        assert line.startswith("prfaas sim: prfaas, 2000000 requests"), line
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            stdout, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted" in err and "prfaas (partial)" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["prfaas (partial)"]
+    s = summary["prfaas (partial)"]
+    assert s["partial"] is True and 0 <= s["completed"] < 2000000
+    assert "prfaas (partial)" in (out / "report.md").read_text()

@@ -102,3 +102,14 @@ def test_triton_grouped_gemm_matches_reference_loop(kernels_on):
         got = y.view(9, moe.top_k, H).sum(1)
         ref = moe.forward_reference(x) - moe.shared_experts(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bm", [4, 16])
+def test_align_kernels_equal_the_torch_ops(kernels_on, bm, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    idx = torch.stack([torch.randperm(24, generator=g)[:5] for _ in range(37)])  # 185 pairs
+    pairs, be = moe_ops.align_blocks(idx, 24, bm)  # the Triton kernels
+    monkeypatch.setattr(triton_ops, "enabled", lambda t: False)
+    ref_pairs, ref_be = moe_ops.align_blocks(idx, 24, bm)  # sort, searchsorted, scatter
+    assert torch.equal(pairs, ref_pairs)
+    assert be.tolist() == ref_be.tolist()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -104,3 +105,55 @@ def test_busy_port_is_refused_before_loading():
         proc = prfaas("serve", "tiny", "--port", str(port))
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and err.count("\n") == 1 and f"127.0.0.1:{port}" in err, err
+
+
+def wait_ready(proc: subprocess.Popen, ready, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "serve did not start"
+        time.sleep(0.1)
+    return json.loads(ready.read_text())["url"]
+
+
+def test_ctrl_c_ends_a_running_stream_at_once(tmp_path):
+    # a stream of thousands of tokens is running: Ctrl-C does not wait for it; the client gets
+    # OpenAI's error event (server_shutdown) and [DONE], the server exits cleanly
+    ready = tmp_path / "ready.json"
+    proc = prfaas("serve", "tiny", "--port", "0", "--device", "cpu", "--ready-file", str(ready))
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream(url: str) -> None:
+        body = {
+            "model": "tiny",
+            "prompt": "hi",
+            "max_tokens": 4000,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for ln in r.iter_lines():
+                if ln.startswith("data: "):
+                    lines.append(ln[6:])
+                    started.set()
+
+    try:
+        url = wait_ready(proc, ready)
+        t = threading.Thread(target=stream, args=(url,), daemon=True)
+        t.start()
+        assert started.wait(120), "no token streamed"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    t.join(60)
+    assert not t.is_alive()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert lines[-1] == "[DONE]"
+    last = json.loads(lines[-2])
+    assert last["error"]["code"] == "server_shutdown", last
+    assert len(lines) - 2 < 4000  # chunks before the error: cut short, not run to its end

@@ -358,6 +358,12 @@ class HybridCache:
         self.tensors.kda_state[j][slot].copy_(state)  # one copy, any device and dtype
         self.tensors.conv_state[j][slot].copy_(conv)
 
+    def mla_rows_written(
+        self, j: int, seq: SeqCache, token_start: int, token_end: int, kv: torch.Tensor
+    ) -> None:
+        """Called after ``kv`` was written as the latents of tokens [token_start, token_end) of
+        ``seq`` in MLA layer ``j`` (a tensor-parallel cache sends them to its other ranks)."""
+
     def write_mla_rows(self, j: int, rows: torch.Tensor, kv: torch.Tensor) -> None:
         """Write latent rows ``kv`` (n, latent_dim) of MLA layer ``j`` at flat rows ``rows``."""
         flat = self.tensors.mla_kv[j].view(-1, self.tensors.mla_kv[j].shape[-1])

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.multiprocessing as mp
 
-from prfaas.cache.hybrid import CacheConfig, HybridCache
+from prfaas.cache.hybrid import CacheConfig, HybridCache, SeqCache
 from prfaas.engine.memory_plan import MemoryPlan, plan_memory
 from prfaas.engine.model_runner import ModelRunner
 from prfaas.engine.tp_worker import RankSpec, build_rank_model, stream_gather, worker_main
@@ -264,13 +264,16 @@ class ShardedHybridCache(HybridCache):
             j, slot, kda_state_shard(st, g.rank, g.size), kda_conv_shard(cv, g.rank, g.size)
         )
 
-    def write_mla_rows(self, j: int, rows: torch.Tensor, kv: torch.Tensor) -> None:
+    def mla_rows_written(
+        self, j: int, seq: SeqCache, token_start: int, token_end: int, kv: torch.Tensor
+    ) -> None:
+        """Rank 0 wrote them: the other ranks' replicas get the same rows (a broadcast)."""
         flat = self.tensors.mla_kv[j]
         kv = kv.to(flat.device, flat.dtype).contiguous()
         dt = str(kv.dtype).removeprefix("torch.")
-        self.rt.send("write_mla", j, rows.cpu(), tuple(kv.shape), dt)
+        rows = self.rows(seq, token_start, token_end).cpu()
+        self.rt.send("write_mla", j, rows, tuple(kv.shape), dt)
         self.rt.group.broadcast(kv)
-        super().write_mla_rows(j, rows, kv)
 
 
 class TPModelRunner(ModelRunner):

@@ -227,6 +227,64 @@ if triton is not None:
         tl.store(out_ptr + t * H + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=nm)
 
     @triton.jit
+    def _align_counts_kernel(
+        ids_ptr,
+        pstart_ptr,
+        be_ptr,
+        pairs_ptr,
+        P,
+        NB,
+        E: tl.constexpr,
+        BE: tl.constexpr,
+        BM: tl.constexpr,
+        BP: tl.constexpr,
+        BF: tl.constexpr,
+    ):
+        # one program: pairs per expert, padded to whole BM blocks; each expert's padded start;
+        # the expert of each block (-1 past the last); pairs[:] = P (padding, overwritten next)
+        e = tl.arange(0, BE)
+        counts = tl.zeros((BE,), dtype=tl.int32)
+        # (while loops: Triton's interpreter, which the CPU tests use, takes no runtime range)
+        p0 = 0
+        while p0 < P:
+            p = p0 + tl.arange(0, BP)
+            ids = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int32)
+            counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+            p0 += BP
+        padded = (counts + BM - 1) // BM * BM
+        pend = tl.cumsum(padded, axis=0)
+        tl.store(pstart_ptr + e, pend - padded, mask=e < E)
+        b0 = 0
+        while b0 < NB:
+            b = b0 + tl.arange(0, BP)
+            owner = tl.sum((pend[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
+            tl.store(be_ptr + b, tl.where(owner < E, owner, -1), mask=b < NB)
+            b0 += BP
+        q0 = 0
+        while q0 < NB * BM:  # wide stores: one program writes all of pairs
+            q = q0 + tl.arange(0, BF)
+            tl.store(pairs_ptr + q, tl.zeros((BF,), dtype=tl.int64) + P, mask=q < NB * BM)
+            q0 += BF
+
+    @triton.jit
+    def _align_place_kernel(ids_ptr, pstart_ptr, pairs_ptr, P, BP: tl.constexpr):
+        # pairs[pstart[e] + rank] = p, rank = the pairs before p with p's expert e (a stable
+        # counting sort: the order torch.sort(stable=True) gives)
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        pm = p < P
+        ids = tl.load(ids_ptr + p, mask=pm, other=-1).to(tl.int32)
+        rank = tl.zeros((BP,), dtype=tl.int32)
+        q0 = 0
+        while q0 <= tl.program_id(0) * BP:
+            q = q0 + tl.arange(0, BP)
+            idq = tl.load(ids_ptr + q, mask=q < P, other=-2).to(tl.int32)
+            before = (idq[None, :] == ids[:, None]) & (q[None, :] < p[:, None])
+            rank += tl.sum(before.to(tl.int32), axis=1)
+            q0 += BP
+        start = tl.load(pstart_ptr + ids, mask=pm, other=0)
+        tl.store(pairs_ptr + start + rank, p.to(tl.int64), mask=pm)
+
+    @triton.jit
     def _fused_moe_kernel(
         a_ptr,
         w_ptr,
@@ -543,12 +601,13 @@ def pair_experts(
 # the grouped GEMMs of the permuted path: "auto" (the Triton grouped GEMM of
 # :func:`fused_experts` up to TRITON_MAX_PAIRS pairs, ``torch._grouped_mm`` above), "triton" or
 # "grouped_mm". On an H200 (benchmarks/results/moe_tune_h200.json, one MoE layer of the 48B
-# geometry): 1024 pairs 0.90 vs 1.25 ms, 8192 pairs 1.19 vs 1.34 ms, 65536 pairs 2.71 vs 2.35 ms.
+# geometry): 256 pairs 0.57 vs 0.83 ms, 1024 pairs 0.91 vs 1.26 ms, 8192 pairs 1.19 vs 1.34 ms,
+# 65536 pairs 2.71 vs 2.35 ms.
 GROUPED_IMPL = "auto"
 TRITON_MAX_PAIRS = 8192
 # fused_experts' tiles by pair count: (pairs at most, {BM, BN, BK, num_warps, num_stages})
 FUSED_CONFIGS = [
-    (2048, {"BM": 16, "BN": 128, "BK": 128, "num_warps": 4, "num_stages": 3}),
+    (2048, {"BM": 16, "BN": 64, "BK": 128, "num_warps": 4, "num_stages": 3}),
     (16384, {"BM": 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 4}),
     (1 << 62, {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}),
 ]
@@ -561,13 +620,37 @@ def use_triton_grouped(pairs: int) -> bool:
     return GROUPED_IMPL == "triton"
 
 
+# align_blocks by two Triton kernels up to this many pairs (the counting sort's last program
+# scans all pairs before it: at 8192 pairs slower than torch's sort; the Triton grouped path per
+# layer on an H200: 256 pairs 0.525 vs 0.574 ms, 1024 pairs 0.876 vs 0.908 ms with the kernels)
+ALIGN_KERNEL_MAX_PAIRS = 2048
+
+
 def align_blocks(idx: Tensor, num_experts: int, bm: int) -> tuple[Tensor, Tensor]:
     """Expert ids (T, k) -> (pairs (NB*bm,): the flat pair indices grouped by expert, each group
     padded to a multiple of ``bm`` with the value T*k; block_expert (NB,): the expert of each
     block of ``bm`` rows, -1 past the last). NB = ceil(T*k / bm) + E bounds the blocks from the
-    shapes alone (no host sync)."""
+    shapes alone (no host sync). On CUDA up to ``ALIGN_KERNEL_MAX_PAIRS`` pairs: two Triton
+    kernels (counts, padded starts and block owners in one program; a stable counting sort);
+    elsewhere torch ops (a stable sort, searchsorted, a scatter)."""
     flat = idx.reshape(-1)
     P, dev = flat.numel(), flat.device
+    nb = -(-P // bm) + num_experts
+    if triton_ops.enabled(flat) and P <= ALIGN_KERNEL_MAX_PAIRS:  # two kernels instead of ~15
+        pairs = torch.empty(nb * bm, dtype=torch.int64, device=dev)
+        be = torch.empty(nb, dtype=torch.int32, device=dev)
+        pstart = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        if P:
+            ids = flat.contiguous()
+            _align_counts_kernel[(1,)](
+                ids, pstart, be, pairs, P, nb, E=num_experts,
+                BE=triton.next_power_of_2(num_experts), BM=bm, BP=64, BF=1024,
+            )  # fmt: skip
+            _align_place_kernel[(triton.cdiv(P, 64),)](ids, pstart, pairs, P, BP=64)
+        else:
+            pairs.fill_(0)
+            be.fill_(-1)
+        return pairs, be
     sorted_ids, order = torch.sort(flat, stable=True)
     bounds = torch.arange(num_experts, device=dev, dtype=sorted_ids.dtype)
     ends = torch.searchsorted(sorted_ids, bounds, right=True)
@@ -576,7 +659,6 @@ def align_blocks(idx: Tensor, num_experts: int, bm: int) -> tuple[Tensor, Tensor
     pend = torch.cumsum(padded, 0)
     shift = (pend - padded) - (ends - counts)  # padded start - start, per expert
     pos = torch.arange(P, device=dev) + shift[sorted_ids]
-    nb = -(-P // bm) + num_experts
     pairs = torch.full((nb * bm,), P, dtype=torch.int64, device=dev)
     pairs.scatter_(0, pos, order)
     be = torch.searchsorted(pend, torch.arange(nb, device=dev, dtype=pend.dtype) * bm, right=True)

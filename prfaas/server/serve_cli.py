@@ -8,7 +8,8 @@ Every argument is checked before anything loads (a bad one: one line on stderr, 
 model is a preset or a model directory, the port can be listened on, the device exists.  Then the
 socket is bound, the model built or loaded, the engine's KV cache sized (on CUDA:
 ``--gpu-memory-utilization`` of the GPU's memory, less what is in use after the weights), and the
-API served until Ctrl-C or SIGTERM (no traceback).
+API served until Ctrl-C or SIGTERM (no traceback; requests still running end at once, as
+``prfaas.server.gateway.serve.GatewayServer`` stops them, and are aborted in the engine).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from prfaas.cli_args import (
     check_bindable,
@@ -178,11 +180,13 @@ def build_engine(args: argparse.Namespace):  # noqa: ANN201
     return engine
 
 
-def run_serve_cmd(args: argparse.Namespace) -> int:
+def run_serve_cmd(args: argparse.Namespace) -> NoReturn:
     check_args(args)
+    # --log-level is prfaas's; the libraries' INFO lines (torch's at exit) stay out
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("prfaas").setLevel(args.log_level.upper())
     from prfaas.server.sockets import bind_socket, install_sigterm_as_interrupt
 
     install_sigterm_as_interrupt()
@@ -192,36 +196,44 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
             engine = build_engine(args)
         except ValueError as e:
             fail("prfaas serve", str(e))
-        return asyncio.run(_serve(args, engine, sock))
+        server = _server(args, engine, sock)
+        # uvicorn's serve() is the main coroutine: it handles Ctrl-C from its first step, so an
+        # interrupt during start-up stops it cleanly as well
+        asyncio.run(server.serve(sockets=[sock]))
     except KeyboardInterrupt:
-        print("prfaas serve: stopped", file=sys.stderr)
-        return 0
+        pass
+    print("prfaas serve: stopped", file=sys.stderr)
+    _exit_now(0)
 
 
-async def _serve(args: argparse.Namespace, engine, sock) -> int:  # noqa: ANN001
-    import uvicorn
+def _exit_now(rc: int) -> NoReturn:
+    """Exit once everything is stopped, skipping the interpreter's teardown of torch's modules
+    (0.5-1.5 s on a busy machine): the engine thread is joined, the socket closed, the output
+    flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
+
+def _server(args: argparse.Namespace, engine, sock):  # noqa: ANN001, ANN202
+    """The API server of ``engine`` on ``sock`` (not started): it prints the URL and writes
+    the ready file once it serves."""
     from prfaas.server.auth import resolve_api_key
     from prfaas.server.gateway.api import build_gateway_app
+    from prfaas.server.gateway.serve import gateway_server
     from prfaas.server.local import LocalBackend
     from prfaas.server.sockets import write_ready_file
 
     name = args.served_model_name or args.model
     backend = LocalBackend(engine, name, args.max_inflight)
     app = build_gateway_app(backend, name, api_key=resolve_api_key(args.api_key))
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.02)
-    if task.done():
-        await task
-        return 1
     host, port_ = sock.getsockname()[:2]
     url = f"http://{host}:{port_}"
-    print(f"prfaas serve: {name} ready at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-    if args.ready_file:
-        write_ready_file(args.ready_file, json.dumps({"url": url, "pid": os.getpid()}))
-    await task
-    return 0
+
+    def announce() -> None:
+        print(f"prfaas serve: {name} ready at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+        if args.ready_file:
+            write_ready_file(args.ready_file, json.dumps({"url": url, "pid": os.getpid()}))
+
+    return gateway_server(app, on_started=announce)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 # as prfaas.sim.setups defines them (a test keeps them equal); the simulator loads only when the
@@ -99,8 +102,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+@contextlib.contextmanager
+def _ctrl_c_stops(sim) -> Iterator[None]:  # noqa: ANN001 - a Simulator
+    """While a system runs, the first Ctrl-C stops it (its partial result is kept, the systems
+    after it do not run); a second one interrupts at once."""
+
+    def on_sigint(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sim.stop()
+
+    try:
+        old = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Ctrl-C: the systems already simulated are written (report, plots, summary), no traceback."""
+    """Ctrl-C: the systems already simulated and the one running (its partial result, marked
+    ``(partial)``, the requests it finished) are written (report, plots, summary), no
+    traceback; exit status 130."""
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -161,19 +186,24 @@ def _run(args: argparse.Namespace) -> int:
         for name in systems:
             if name not in cs.setups:
                 raise ValueError(f"system {name!r} not in {args.config}")
-        try:
-            for name in systems:
-                s = cs.setups[name]
-                opt = SimOptions(progress=not args.no_progress and sys.stderr.isatty())
-                r = Simulator(s.deployment, s.make_policy(), opt).run(w)
-                r.system = name
-                results.append(r)
-                sums.append(summarize(r, slo))
-        except KeyboardInterrupt:
-            if not results:
-                raise
-            done = ", ".join(r.system for r in results)
-            print(f"prfaas sim: interrupted; writing the systems done ({done})", file=sys.stderr)
+        for name in systems:
+            s = cs.setups[name]
+            opt = SimOptions(progress=not args.no_progress and sys.stderr.isatty())
+            sim = Simulator(s.deployment, s.make_policy(), opt)
+            print(f"prfaas sim: {name}, {len(w)} requests", file=sys.stderr, flush=True)
+            with _ctrl_c_stops(sim):
+                r = sim.run(w)
+            r.system = f"{name} (partial)" if r.partial else name
+            results.append(r)
+            sums.append(summarize(r, slo) | {"partial": r.partial})
+            if r.partial:
+                done = ", ".join(x.system for x in results)
+                print(
+                    f"prfaas sim: interrupted at {r.end_s:.1f} s simulated; writing what ran "
+                    f"({done})",
+                    file=sys.stderr,
+                )
+                break
     except ValueError as e:
         print(f"prfaas sim: error: {e}", file=sys.stderr)
         return 2
@@ -198,6 +228,7 @@ def _run(args: argparse.Namespace) -> int:
         "offload_fraction",
         "egress_gbps_mean",
         "cross_cluster_bytes",
+        "partial",
     )
     js = {
         s["system"]: {k: s[k] for k in keys} | {"e2e": s["e2e"], "goodput_rps": s["goodput_rps"]}
@@ -209,4 +240,4 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(summary_table(sums))
         print(f"wrote {out}/report.md")
-    return 0
+    return 130 if results and results[-1].partial else 0

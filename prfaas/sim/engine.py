@@ -85,6 +85,7 @@ class SimResult:
     end_s: float = 0.0
     wall_s: float = 0.0
     first_token: np.ndarray | None = None  # time of the first token (None: at decode_start)
+    partial: bool = False  # the run was stopped (Simulator.stop) before its end
 
     @property
     def ttft(self) -> np.ndarray:
@@ -112,6 +113,7 @@ class Simulator:
         self.policy = policy
         self.opt = options or SimOptions()
         self.observer_hook = observer_hook
+        self._stop = [False]  # stop(): the run ends after the current event (a partial result)
 
     # ------------------------------------------------------------------------------------------
     def _build(self, max_len: int) -> None:
@@ -167,6 +169,11 @@ class Simulator:
         )
         self.state = self.observer.state
         self.cstates = self.observer.cstates
+
+    def stop(self) -> None:
+        """End the run after the event being handled (any thread or a signal handler): ``run``
+        returns what it has, ``partial`` set, requests not done NaN where not reached."""
+        self._stop[0] = True
 
     # ------------------------------------------------------------------------------------------
     def run(self, workload: Workload) -> SimResult:
@@ -339,7 +346,8 @@ class Simulator:
         i_arr = 0
         now = 0.0
         done_out: list[int] = []
-        while True:
+        stop = self._stop
+        while not stop[0]:
             if i_arr < n and (not heap or arr[i_arr] <= heap[0][0]):
                 now = arr[i_arr]
                 if now > until:
@@ -521,4 +529,5 @@ class Simulator:
             end_s=now,
             wall_s=_time.perf_counter() - wall0,
             first_token=f64(first),
+            partial=stop[0],
         )

@@ -49,6 +49,7 @@ def build_gateway_app(
         await router.stop()
 
     app = FastAPI(title="prfaas gateway", version=prfaas_version(), lifespan=lifespan)
+    app.state.begin_shutdown = ctx.stopping.set  # GatewayServer: responses in flight end now
     add_api_key(app, api_key)
     install_error_handlers(app)  # framework errors and surprises: OpenAI error bodies
 

@@ -69,16 +69,20 @@ def completion_routes(ctx: ServingContext) -> APIRouter:
                     c.gen.close("ok" if completed else "cancelled")
 
             return ClosingStreamingResponse(
-                sse(choices, req, kind, rid, ctx.served, n_prompt, cached, ctx.token_text),
+                sse(choices, req, kind, rid, ctx, n_prompt, cached),
                 on_close=on_close,
                 media_type="text/event-stream",
                 headers=headers,
             )
         outcome = "cancelled"
-        try:
+
+        async def collect_all() -> None:
             async with asyncio.TaskGroup() as tg:
                 for c in choices:
                     tg.create_task(collect(c))
+
+        try:
+            await ctx.unless_stopping(collect_all())
             outcome = "ok"
         except BaseException as e:
             err = first_error(e)

@@ -2,7 +2,8 @@
 their tokens come.  With ``include_usage`` every chunk has ``usage: null`` and a last chunk with
 no choices carries the usage (as OpenAI sends it); ``data: [DONE]`` ends the stream.  A choice's
 final chunk (the one with ``finish_reason``) carries its ``prfaas`` routing field; a decode that
-fails mid-stream sends an OpenAI error object (with ``prfaas``) and ends the stream.
+fails mid-stream sends an OpenAI error object (with ``prfaas``) and ends the stream; so does a
+server that begins to stop (``server_shutdown``); ``[DONE]`` follows either.
 
 The response's ``on_close`` releases every generation whatever happens; the stream closes each
 one first with its outcome when it ends by itself."""
@@ -18,7 +19,6 @@ from typing import Any
 from prfaas.server.gateway.choices import Choice, failed_outcome, prfaas_field
 from prfaas.server.gateway.handover import DecodeFailed
 from prfaas.server.gateway.openai_output import (
-    TokenText,
     chat_logprobs,
     choice_chunk,
     completion_logprobs,
@@ -26,6 +26,7 @@ from prfaas.server.gateway.openai_output import (
     usage,
 )
 from prfaas.server.gateway.openai_protocol import GenerationRequest
+from prfaas.server.gateway.serving_context import ServingContext, shutdown_error
 from prfaas.server.protocol import TokenLogprobMsg
 
 
@@ -44,20 +45,26 @@ async def _pump(c: Choice, queue: asyncio.Queue) -> None:
         await queue.put((c, e))
 
 
+async def _on_stop(ctx: ServingContext, queue: asyncio.Queue) -> None:
+    await ctx.stopping.wait()
+    await queue.put((None, None))
+
+
 async def sse(
     choices: list[Choice],
     req: GenerationRequest,
     kind: str,
     rid: str,
-    model: str,
+    ctx: ServingContext,
     n_prompt: int,
     cached: int,
-    tt: TokenText,
 ) -> AsyncIterator[str]:
     """The SSE lines of ``choices`` (see the module docstring)."""
     created = int(time.time())
+    model, tt = ctx.served, ctx.token_text
     queue: asyncio.Queue = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(c, queue)) for c in choices]
+    pumps.append(asyncio.create_task(_on_stop(ctx, queue)))
     outcome = "cancelled"
 
     def chunk(choice: dict[str, Any], c: Choice, final: bool) -> dict[str, Any]:
@@ -96,6 +103,9 @@ async def sse(
         left = len(choices)
         while left:
             c, ev = await queue.get()
+            if c is None:  # the server is stopping
+                yield sse_line(shutdown_error().body())
+                break
             if isinstance(ev, DecodeFailed):
                 outcome = failed_outcome(ev)
                 err = ev.api_error()

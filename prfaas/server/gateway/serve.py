@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,6 +18,47 @@ from prfaas.server.gateway.api import build_gateway_app
 from prfaas.server.gateway.node_client import NodeEndpoint
 from prfaas.server.gateway.router import Router
 from prfaas.server.sockets import bind_socket, write_ready_file
+
+GRACE_S = 1  # stopping: requests in flight get this long to finish, then they are cancelled
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server that, once it begins to stop (Ctrl-C, SIGTERM), tells the app
+    (``app.state.begin_shutdown``, set by ``build_gateway_app``) so its responses still running
+    end at once (503 or a last SSE error event) rather than holding the exit; whatever is left
+    after ``GRACE_S`` is cancelled by uvicorn."""
+
+    on_started: Callable[[], None] | None = None  # once serving (not when stopped during start-up)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit and self.on_started is not None:
+            self.on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        begin = getattr(getattr(self.config.app, "state", None), "begin_shutdown", None)
+        if begin is not None:
+            begin()
+        await super().shutdown(sockets)
+
+
+def gateway_server(
+    app: Any, log_level: str = "warning", on_started: Callable[[], None] | None = None
+) -> GatewayServer:
+    """The uvicorn server of a gateway app (no access log: the app logs one line per request);
+    ``on_started`` runs once it serves.  Await its ``serve()`` as the main coroutine: uvicorn
+    then owns Ctrl-C from the start, so an interrupt during start-up stops it cleanly too."""
+    cfg = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=GRACE_S,
+    )
+    server = GatewayServer(cfg)
+    server.on_started = on_started
+    return server
+
 
 SMOKE_PROMPTS = [
     ("short prompt (PD-P)", "Hello, prfaas! "),
@@ -90,9 +133,7 @@ async def serve_gateway(
     app = build_gateway_app(router, api_key=api_key)
     sock = bind_socket(host, port)
     url = f"http://{host}:{sock.getsockname()[1]}"
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False)
-    )
+    server = gateway_server(app, log_level)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.02)

@@ -1,0 +1,233 @@
+"""GPU -> TCP -> GPU for one request's KVCache (issue #20 point 4), against a plain socket copy of
+the same bytes in the same run (a benchmark, run on a GPU machine).
+
+The request: ``--tokens`` (default 32768) tokens of the Kimi-Linear-48B geometry
+(``CacheLayout.kimi_linear_48b``: 7 MLA layers of latents, 20 KDA layers of fp32 recurrent and
+conv states), a random export whose tensors live on the GPU. Three ways to move it, each timed
+from the first byte leaving the GPU to the last tensor resident on the destination GPU, loopback:
+
+* ``ours``: prfaas's TCP backend (``create_sender("tcp")`` / ``create_receiver("tcp",
+  pin_memory=True)``), 1, 2, 4 and 8 connections and the backend's own sizing: the sender stages
+  each layer GPU -> pinned host asynchronously and sends as layers come; the receiver delivers
+  pinned host tensors, copied to the GPU (non-blocking, then one synchronise);
+* ``plain_sendall``: one socket, ``sendall`` of the same bytes from host memory, ``recv_into`` one
+  host buffer (no GPU, no framing, no checksum): the ceiling the issue's ratio is taken against;
+* ``plain_gpu``: the same single socket with the GPU at both ends done naively (all tensors to a
+  pinned buffer, synchronise, sendall, recv_into a pinned buffer, one copy to the GPU).
+
+Medians of ``--repeats`` after one untimed warm-up each; plain copies interleaved with ours.
+
+    python benchmarks/transfer_gpu.py --out benchmarks/results   # -> transfer_gpu_h200.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's prfaas
+
+from prfaas.kv.layout import CacheLayout  # noqa: E402
+from prfaas.kv.synthetic import random_export  # noqa: E402
+from prfaas.transfer.backend import Delivery  # noqa: E402
+from prfaas.transfer.registry import create_receiver, create_sender  # noqa: E402
+from prfaas.transfer.wire import tensor_bytes  # noqa: E402
+
+SECRET = "benchmark-secret-0123456789"
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes * 8 / seconds / 1e9
+
+
+def socket_copy(send_chunks, total: int, dst: memoryview) -> float:
+    """Seconds for ``send_chunks()`` (a callable run on the sending side that yields memoryviews
+    after any preparation it times itself) to cross one loopback socket into ``dst``."""
+    ls = socket.create_server(("127.0.0.1", 0))
+
+    def rx() -> None:
+        s, _ = ls.accept()
+        got = 0
+        while got < total:
+            got += s.recv_into(dst[got:], min(total - got, 1 << 22))
+        s.sendall(b"k")
+        s.close()
+
+    t = threading.Thread(target=rx, name="plain-rx")
+    t.start()
+    c = socket.create_connection(ls.getsockname())
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t0 = time.perf_counter()
+    for mv in send_chunks():
+        c.sendall(mv)
+    c.recv(1)
+    dt = time.perf_counter() - t0
+    t.join()
+    c.close()
+    ls.close()
+    return dt
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
+    """``dev`` "cpu": a dry run of the same code without a GPU (no pinned memory)."""
+    pin = dev == "cuda"
+    layout = CacheLayout.kimi_linear_48b(max_tokens=tokens)
+    export = random_export(layout, "gpu", 0, tokens, seed=3, device=dev)
+    tensors = [t for p in export.parts for t in p.tensors.values()]
+    total = export.nbytes()
+    host = [t.cpu().contiguous() for t in tensors]
+    payload = [tensor_bytes(t) for t in host]
+    dst = memoryview(bytearray(total))
+    pinned_src = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    pinned_dst = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    gpu_dst = torch.empty(total, dtype=torch.uint8, device=dev)
+
+    def plain_host() -> float:
+        return socket_copy(lambda: payload, total, dst)
+
+    def plain_gpu() -> float:
+        def chunks():
+            off = 0
+            for t in tensors:  # GPU -> one pinned buffer, then send it
+                n = t.numel() * t.element_size()
+                pinned_src[off : off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
+                off += n
+            sync()
+            yield memoryview(pinned_src.numpy())
+
+        sync()
+        t0 = time.perf_counter()
+        socket_copy(chunks, total, memoryview(pinned_dst.numpy()))
+        gpu_dst.copy_(pinned_dst, non_blocking=True)
+        sync()
+        return time.perf_counter() - t0
+
+    def ours(rx, tx) -> float:
+        sync()
+        t0 = time.perf_counter()
+        stream = tx.send_export(rx.address, export)  # GPU -> pinned staging inside
+        d = rx.deliveries.get(timeout=600)
+        assert isinstance(d, Delivery), d
+        on_gpu = [t.to(dev, non_blocking=True) for p in d.export.parts for t in p.tensors.values()]
+        sync()
+        dt = time.perf_counter() - t0
+        stream.wait(60)
+        assert torch.equal(on_gpu[0], tensors[0]) and torch.equal(on_gpu[-1], tensors[-1])
+        d.release()
+        return dt
+
+    plain_host(), plain_gpu()  # warm-up
+    rows = []
+    for conns in (1, 2, 4, 8, None):
+        kw = {} if conns is None else {"connections": conns}
+        rx = create_receiver("tcp", layout, SECRET, pin_memory=pin).start()
+        tx = create_sender("tcp", layout, SECRET, **kw)
+        try:
+            ours(rx, tx)  # connection set-up and the pinned pools
+            ph = [plain_host() for _ in range(repeats)]
+            pg = [plain_gpu() for _ in range(repeats)]
+            ot = [ours(rx, tx) for _ in range(repeats)]
+            ph += [plain_host() for _ in range(repeats)]
+            pg += [plain_gpu() for _ in range(repeats)]
+            used = len(tx.session(rx.address).socks)
+        finally:
+            tx.close()
+            rx.close()
+        o, h, g = statistics.median(ot), statistics.median(ph), statistics.median(pg)
+        row = {
+            "connections": used,
+            "sized_by_backend": conns is None,
+            "ours_s": o,
+            "ours_gbps": gbps(total, o),
+            "plain_sendall_s": h,
+            "plain_sendall_gbps": gbps(total, h),
+            "plain_gpu_s": g,
+            "plain_gpu_gbps": gbps(total, g),
+            "ratio_vs_plain_sendall": h / o,
+            "ratio_vs_plain_gpu": g / o,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"tokens": tokens, "payload_bytes": total, "layers": len(export.parts), "rows": rows}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)",
+        "cpu_model": cpu,
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+
+
+def write(out: Path, name: str, res: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    m = res["machine"]
+    lines = [
+        f"# GPU -> TCP -> GPU ({name})",
+        "",
+        f"Machine: {m['gpu']}, {m['cpu_model']}, nproc {m['nproc']}, {m['platform']}, "
+        f"torch {m['torch']}",
+        f"Command: `{res['command']}`",
+        "",
+        f"One request of the Kimi-Linear-48B geometry, {res['tokens']} tokens: "
+        f"{res['payload_bytes'] / 1e6:.1f} MB in {res['layers']} layers, GPU to GPU over "
+        "loopback; medians of the repeats. ratio = plain sendall time / ours (target >= 0.8).",
+        "",
+        "| connections | ours s | ours Gbps | plain sendall Gbps | plain GPU copy Gbps | "
+        "ratio vs sendall | ratio vs plain GPU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in res["rows"]:
+        c = f"{r['connections']}" + (" (sized)" if r["sized_by_backend"] else "")
+        lines.append(
+            f"| {c} | {r['ours_s']:.3f} | {r['ours_gbps']:.1f} | {r['plain_sendall_gbps']:.1f} "
+            f"| {r['plain_gpu_gbps']:.1f} | {r['ratio_vs_plain_sendall']:.2f} "
+            f"| {r['ratio_vs_plain_gpu']:.2f} |"
+        )
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--name", default="transfer_gpu_h200")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    res = bench(args.tokens, args.repeats, dev)
+    res["machine"] = machine()
+    res["command"] = (
+        f"python benchmarks/transfer_gpu.py --tokens {args.tokens} --repeats {args.repeats}"
+    )
+    res["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write(args.out, args.name, res)
+    print(f"wrote {args.out}/{args.name}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
