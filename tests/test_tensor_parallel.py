@@ -166,6 +166,25 @@ def test_export_tp1_imports_into_tp2(mixed2):
     assert outs[-1].token_ids == want.token_ids
 
 
+def test_layers_land_one_by_one_into_tp2(mixed2):
+    """The decode node's path: each layer written as it lands (``import_layer``: KDA heads and MLA
+    rows broadcast to the ranks), the final ``import_kv`` writes nothing more."""
+    p = prompts(8, 1, 45, 46)[0]
+    (want,) = run_all(engine(1), [p])
+    pre = engine(1, role="prefill")
+    (out,) = run_all(pre, [p])
+    exp = pre.export_request(out.request_id)
+    rid = exp.header.request_id
+    mixed2.expect_kv(rid, p, GREEDY)
+    assert all(mixed2.import_layer(exp.header, part) for part in reversed(exp.parts))
+    errors: list = []
+    mixed2.import_kv(exp, errors.append)
+    outs = []
+    while mixed2.has_unfinished():
+        outs += [o for o in mixed2.step() if o.finished and o.request_id == rid]
+    assert errors == [None] and outs[-1].token_ids == want.token_ids
+
+
 def test_tp2_engine_refuses_a_model_object():
     with pytest.raises(ValueError, match="builds its ranks' models"):
         LLMEngine(EngineConfig(model="tiny", tensor_parallel_size=2), model=object())
