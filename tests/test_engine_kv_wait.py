@@ -171,3 +171,28 @@ def test_layers_written_as_they_land_decode_like_mixed(tiny_model):
     got = {k: v.token_ids for k, v in finish_all(dec).items()}
     assert got == want and sorted(log) == [(f"r{i}", None) for i in range(4)]
     assert dec.cache.blocks.num_in_use() == 0 and dec.stats().free_slots == 2
+
+
+def test_row_runs_and_both_write_paths(tiny_model, monkeypatch):
+    """A layer's MLA rows are written run by run of consecutive blocks (one copy each, straight
+    into the cache), or by one index_copy_ when the blocks are scattered: same tokens."""
+    from prfaas.engine import kv_io
+
+    assert kv_io.row_runs([5, 6, 7, 2, 3], 4, 0, 20) == [(20, 0, 12), (8, 12, 8)]
+    assert kv_io.row_runs([5, 6, 7, 2, 3], 4, 3, 13) == [(23, 0, 9), (8, 9, 1)]
+    assert kv_io.row_runs([5], 4, 2, 2) == []
+    ps = prompts(2, seed=4)
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    mixed = make(tiny_model)
+    for i, p in enumerate(ps):
+        mixed.add_request(p, sp, f"r{i}")
+    want = {k: v.token_ids for k, v in finish_all(mixed).items()}
+    for max_runs in (0, kv_io.MAX_RUNS):
+        monkeypatch.setattr(kv_io, "MAX_RUNS", max_runs)
+        dec = make(tiny_model, role="decode")
+        for i, p in enumerate(ps):
+            dec.expect_kv(f"r{i}", p, sp)
+        for e in exports(tiny_model, ps, sp):
+            assert all(dec.import_layer(e.header, part) for part in e.parts)
+            dec.import_kv(e)
+        assert {k: v.token_ids for k, v in finish_all(dec).items()} == want

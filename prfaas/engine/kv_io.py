@@ -8,7 +8,8 @@ node can stream every layer's part while the prefill is still running. Imports a
 Layer by layer (``validate_header`` + ``validate_layer`` + ``write_layer``): the decode node writes
 each layer into the request's blocks as it lands, while later layers are still on the wire; the
 final import then checks and writes only the layers not written yet. Each layer is copied once,
-from the receive buffer into the cache (on a GPU node: the host-to-device copy).
+from the receive buffer into the cache (on a GPU node: the host-to-device copy), run by run of
+consecutive blocks straight into them (``row_runs``; scattered blocks: one ``index_copy_``).
 """
 
 from __future__ import annotations
@@ -106,13 +107,42 @@ def write_layer(
     if p.kind == "mla":
         j = model.mla_layers.index(p.layer)
         flat = cache.tensors.mla_kv[j].view(-1, model.latent_dim)
-        rows = cache.rows(seq, token_start, token_end)
-        flat.index_copy_(0, rows.to(flat.device), p.tensors["kv"].to(flat.device, flat.dtype))
+        kv = p.tensors["kv"]
+        runs = row_runs(seq.blocks, cache.cfg.block_size, token_start, token_end)
+        if len(runs) <= MAX_RUNS:  # each run of consecutive blocks: one copy, straight in
+            for dst, src, n in runs:
+                flat[dst : dst + n].copy_(kv[src : src + n])
+        else:  # scattered blocks: one gather-scatter (on a GPU, through a device temporary)
+            rows = cache.rows(seq, token_start, token_end)
+            flat.index_copy_(0, rows.to(flat.device), kv.to(flat.device, flat.dtype))
     else:
         j = model.kda_layers.index(p.layer)
         st, cv = cache.tensors.kda_state[j], cache.tensors.conv_state[j]
         st[seq.slot].copy_(p.tensors["state"])
         cv[seq.slot].copy_(p.tensors["conv"])
+
+
+MAX_RUNS = 64  # more runs of consecutive blocks than this: one index_copy_ instead
+
+
+def row_runs(
+    blocks: list[int], block_size: int, token_start: int, token_end: int
+) -> list[tuple[int, int, int]]:
+    """Tokens [token_start, token_end) of a sequence whose cache blocks are ``blocks``, as runs
+    of consecutive flat cache rows: ``(first row, first token - token_start, length)``."""
+    runs: list[tuple[int, int, int]] = []
+    pos = token_start
+    while pos < token_end:
+        b, off = divmod(pos, block_size)
+        n = min(block_size - off, token_end - pos)
+        row = blocks[b] * block_size + off
+        if runs and runs[-1][0] + runs[-1][2] == row:
+            d, s0, m = runs[-1]
+            runs[-1] = (d, s0, m + n)
+        else:
+            runs.append((row, pos - token_start, n))
+        pos += n
+    return runs
 
 
 def write_import(

@@ -22,6 +22,7 @@ import sys
 from typing import NoReturn
 
 from prfaas.cli_args import check_bindable, check_cuda, device, fail, fraction, port, positive_int
+from prfaas.cli_progress import stages
 
 log = logging.getLogger("prfaas.serve")
 
@@ -116,36 +117,33 @@ def kv_budget_blocks(
 
 
 def build_engine(args: argparse.Namespace):  # noqa: ANN201
-    """The engine of ``args`` (model built or loaded, cache sized), with a progress bar."""
-    from tqdm import tqdm
-
-    from prfaas.engine import EngineConfig, LLMEngine
-    from prfaas.model.checkpoint import build_model
-
+    """The engine of ``args`` (model built or loaded, cache sized), under a progress bar from
+    the start (torch's import included)."""
     kw = {"max_num_seqs": args.max_num_seqs}
     if args.max_model_len is not None:
         kw["max_model_len"] = args.max_model_len
-    base = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
-    )
-    dev, dt = base.resolved_device(), base.resolved_dtype()
-    with tqdm(total=3, desc="prfaas serve", unit="step", file=sys.stderr, leave=False) as bar:
-        bar.set_postfix_str(f"building {args.model} on {dev}")
+    names = ["loading torch", f"building {args.model}", "allocating the KV cache"]
+    with stages("prfaas serve", names) as st:
+        from prfaas.engine import EngineConfig, LLMEngine
+        from prfaas.model.checkpoint import build_model
+
+        base = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
+        )
+        dev, dt = base.resolved_device(), base.resolved_dtype()
+        st.next(f"building {args.model} on {dev}")
         model = build_model(args.model, dev, dt, args.seed)
-        bar.update()
+        st.next()
         if dev.type == "cuda":
             import torch
 
             free, total = torch.cuda.mem_get_info(dev)
             kw.update(kv_budget_blocks(total, free, args.gpu_memory_utilization, model.config, kw))
-        bar.set_postfix_str("allocating the KV cache")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
         )
         engine = LLMEngine(cfg, model=model)
-        bar.update()
-        bar.set_postfix_str("ready")
-        bar.update()
+        st.next()
     return engine
 
 
