@@ -1,10 +1,13 @@
 """``prfaas profile``: measure the model on this device and write a HardwareProfile file that the
-planner and simulator load (``prfaas.scheduling.profile.load_profiles``).  On a terminal, progress
-bars show the model being built or loaded, then the measurements (one line each)."""
+planner and simulator load (``prfaas.scheduling.profile.load_profiles``): KV size and prefill time
+per length, decode step time per batch, and the nodes' hand-off costs (export out of a prefill
+engine, import into a decode engine, at the shortest and the longest length).  On a terminal,
+progress bars show the model being built or loaded, then the measurements (one line each)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -83,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
             st.next(f"building {args.model} on {dev}")
             model = build_model(args.model, dev, dt, cfg.seed)
             st.next()
-        n = len(set(args.lengths)) + len(set(args.batches))
+        n = len(set(args.lengths)) + len(set(args.batches)) + 2  # + the two hand-offs
         with counter("prfaas profile", n, "step") as bar:
 
             def log(line: str) -> None:  # one line per measurement
@@ -112,6 +115,7 @@ def main(args: argparse.Namespace) -> int:
             "torch": _torch_version(),
             "decode_ctx": res.decode_ctx,
             "skipped_lengths": {str(k): v for k, v in res.skipped.items()},
+            "handoff": [dataclasses.asdict(h) for h in res.handoff],
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     }
@@ -121,6 +125,11 @@ def main(args: argparse.Namespace) -> int:
     rows.append(f"{'batch':>8} {'step s':>10}  (decode, ctx {res.decode_ctx})")
     for b, t in zip(res.decode_batch, res.decode_step_s, strict=True):
         rows.append(f"{b:>8} {t:>10.5f}")
+    for h in res.handoff:
+        rows.append(
+            f"hand-off {h.length:>6}: {h.nbytes} B, export {h.export_s * 1e3:.2f} ms, import "
+            f"{h.import_s * 1e3:.2f} ms, first step {h.first_step_s * 1e3:.2f} ms"
+        )
     print("\n".join(rows), file=sys.stderr)
     if args.out:
         out = Path(args.out)

@@ -216,7 +216,9 @@ class LinkReading(Message):
     gbps: float = 0.0  # measured throughput of its open streams
     capacity_gbps: float = 0.0  # estimated capacity (nominal until measured)
     bytes_in_flight: float = 0.0
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # KV bytes of the hand-offs completed (counted when a send ends)
+    bytes_total: int = 0  # bytes written to the wire so far (monotone; counted as they leave)
+    busy_s: float = 0.0  # seconds with bytes queued for the link so far (monotone)
 
 
 class NodeCounters(Message):
