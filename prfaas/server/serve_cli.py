@@ -33,6 +33,7 @@ from prfaas.cli_args import (
     port,
     positive_int,
 )
+from prfaas.cli_progress import stages
 
 log = logging.getLogger("prfaas.serve")
 
@@ -132,51 +133,47 @@ def kv_budget_blocks(
 
 
 def build_engine(args: argparse.Namespace):  # noqa: ANN201
-    """The engine of ``args`` (model built or loaded, cache sized), with a progress bar."""
-    from tqdm import tqdm
-
-    from prfaas.engine import EngineConfig, LLMEngine
-    from prfaas.model.checkpoint import build_model
-
+    """The engine of ``args`` (model built or loaded, cache sized), under a progress bar from
+    the start (torch's import included)."""
     kw = {"max_num_seqs": args.max_num_seqs}
     if args.max_model_len is not None:
         kw["max_model_len"] = args.max_model_len
-    base = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
-    )
-    dev, dt = base.resolved_device(), base.resolved_dtype()
-    if args.tensor_parallel_size > 1:  # the engine starts its ranks and sizes their caches
-        cfg = EngineConfig(
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            seed=args.seed,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            tensor_parallel_size=args.tensor_parallel_size,
-            **kw,
+    names = ["loading torch", f"building {args.model}", "allocating the KV cache"]
+    with stages("prfaas serve", names) as st:
+        from prfaas.engine import EngineConfig, LLMEngine
+        from prfaas.model.checkpoint import build_model
+
+        base = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
         )
-        print(
-            f"prfaas serve: starting {args.tensor_parallel_size} ranks of {args.model} on {dev}",
-            file=sys.stderr,
-        )
-        return LLMEngine(cfg)
-    with tqdm(total=3, desc="prfaas serve", unit="step", file=sys.stderr, leave=False) as bar:
-        bar.set_postfix_str(f"building {args.model} on {dev}")
+        dev, dt = base.resolved_device(), base.resolved_dtype()
+        st.next(f"building {args.model} on {dev}")
+        if args.tensor_parallel_size > 1:  # the engine starts its ranks and sizes their caches
+            cfg = EngineConfig(
+                model=args.model,
+                device=args.device,
+                dtype=args.dtype,
+                seed=args.seed,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                tensor_parallel_size=args.tensor_parallel_size,
+                **kw,
+            )
+            engine = LLMEngine(cfg)
+            st.next()
+            st.next()
+            return engine
         model = build_model(args.model, dev, dt, args.seed)
-        bar.update()
+        st.next()
         if dev.type == "cuda":
             import torch
 
             free, total = torch.cuda.mem_get_info(dev)
             kw.update(kv_budget_blocks(total, free, args.gpu_memory_utilization, model.config, kw))
-        bar.set_postfix_str("allocating the KV cache")
         cfg = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, **kw
         )
         engine = LLMEngine(cfg, model=model)
-        bar.update()
-        bar.set_postfix_str("ready")
-        bar.update()
+        st.next()
     return engine
 
 
@@ -190,6 +187,7 @@ def run_serve_cmd(args: argparse.Namespace) -> NoReturn:
     from prfaas.server.sockets import bind_socket, install_sigterm_as_interrupt
 
     install_sigterm_as_interrupt()
+    engine = None
     try:
         sock = bind_socket(args.host, args.port)
         try:
@@ -202,6 +200,9 @@ def run_serve_cmd(args: argparse.Namespace) -> NoReturn:
         asyncio.run(server.serve(sockets=[sock]))
     except KeyboardInterrupt:
         pass
+    finally:
+        if engine is not None:
+            engine.close()  # a tensor-parallel engine's ranks
     print("prfaas serve: stopped", file=sys.stderr)
     _exit_now(0)
 
