@@ -127,16 +127,18 @@ def test_tp2_greedy_equals_tp1(mixed2):
 
 
 def test_export_tp2_imports_into_tp1(prefill2):
-    p = prompts(5, 1, 60, 61)[0]
+    p, other = prompts(5, 1, 60, 61)[0], prompts(15, 1, 150, 151)[0]
     (want,) = run_all(engine(1), [p])
     streamed = []
-    prefill2.layer_listener = lambda req, part: streamed.append(part)
-    try:
-        (out,) = run_all(prefill2, [p])
+    prefill2.layer_listener = lambda req, part: streamed.append((req.request_id, part))
+    try:  # ``other`` still prefills (chunks of 64) in the step where ``p`` hands off
+        out, out_other = run_all(prefill2, [p, other])
     finally:
         prefill2.layer_listener = None
     exp = prefill2.export_request(out.request_id)
     prefill2.release(out.request_id)
+    prefill2.release(out_other.request_id)
+    streamed = [part for rid, part in streamed if rid == out.request_id]
     assert exp.header.meta["tensor_parallel_size"] == 2
     # whole heads, the same bytes as streamed layer by layer during the last chunk
     state = exp.parts[0].tensors["state"]
@@ -183,6 +185,20 @@ def test_layers_land_one_by_one_into_tp2(mixed2):
     while mixed2.has_unfinished():
         outs += [o for o in mixed2.step() if o.finished and o.request_id == rid]
     assert errors == [None] and outs[-1].token_ids == want.token_ids
+
+
+def test_a_dead_rank_is_reported_not_waited_for():
+    e = engine(2)
+    try:
+        p = e.tp.procs[0]
+        p.kill()
+        p.join(60)
+        e.add_request([1, 2, 3, 4], GREEDY)
+        with pytest.raises(RuntimeError, match="rank 1 died"):
+            e.step()
+    finally:
+        e.close()
+    assert not p.is_alive()
 
 
 def test_tp2_engine_refuses_a_model_object():

@@ -406,6 +406,7 @@ class LLMEngine:
             for r in done:
                 listener(r, export_layer(self.cache, r.cache, layer, r.kv_start, r.handoff_at))
 
+        on_layer.slots = [r.cache.slot for r in done]  # type: ignore[attr-defined] # TP: gathered
         return on_layer
 
     # ----- pipelined greedy decode (async_decode) ---------------------------------------------

@@ -295,20 +295,24 @@ class TPModelRunner(ModelRunner):
     ) -> torch.Tensor:
         if device_tokens is not None:
             raise ValueError("a tensor-parallel engine does not pipeline decode steps")
-        stream = layer_callback is not None
+        # streaming: the state slots whose KDA layers every rank gathers after each layer (the
+        # callback's ``slots``, the requests it exports; every row's when it does not say)
+        stream = None
+        if layer_callback is not None:
+            stream = list(getattr(layer_callback, "slots", [x.slot for x in seqs]))
         plain = [SeqInput(s.token_ids.cpu(), s.start, list(s.block_table), s.slot) for s in seqs]
         self.rt.send("step", plain, stream)
         cb = None
-        if stream:
+        if stream is not None:
             sharded = self.rt.cache_ref
 
             def cb(li: int) -> None:
                 j = self.kda_index.get(li)
-                if j is not None:  # every rank gathers every row's state of this layer
-                    for s, (st, cv) in zip(
-                        seqs, stream_gather(self.rt.group, sharded, seqs, j), strict=True
+                if j is not None:
+                    for slot, (st, cv) in zip(
+                        stream, stream_gather(self.rt.group, sharded, stream, j), strict=True
                     ):
-                        sharded.stash[(j, s.slot)] = (kda_state_join(st), kda_conv_join(cv))
+                        sharded.stash[(j, slot)] = (kda_state_join(st), kda_conv_join(cv))
                 layer_callback(li)
                 sharded.stash.clear()
 

@@ -65,15 +65,12 @@ def apply_ops(cache: HybridCache, ops: list[tuple]) -> None:
 
 
 def stream_gather(
-    tp: TPGroup, cache: HybridCache, seqs: list[SeqInput], j: int
+    tp: TPGroup, cache: HybridCache, slots: list[int], j: int
 ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Every rank's shards of KDA layer ``j``'s states of every sequence of a step (a
-    collective: every rank calls it at the same layer with the same ``seqs``)."""
+    """Every rank's shards of KDA layer ``j``'s states in ``slots`` (a collective: every rank
+    calls it at the same layer with the same ``slots``)."""
     t = cache.tensors
-    return [
-        (tp.all_gather(t.kda_state[j][s.slot]), tp.all_gather(t.conv_state[j][s.slot]))
-        for s in seqs
-    ]
+    return [(tp.all_gather(t.kda_state[j][s]), tp.all_gather(t.conv_state[j][s])) for s in slots]
 
 
 class Worker:
@@ -101,13 +98,15 @@ class Worker:
         getattr(self, "_" + name)(*args[1:])
 
     @torch.inference_mode()
-    def _step(self, seqs: list[SeqInput], stream: bool) -> None:
+    def _step(self, seqs: list[SeqInput], stream: list[int] | None) -> None:
+        """One step; ``stream``: the slots whose KDA states rank 0 gathers after each KDA layer
+        (a layer-wise streaming step), None otherwise."""
         cb = None
-        if stream:
+        if stream is not None:
 
             def cb(li: int) -> None:
                 if li in self.kda_index:
-                    stream_gather(self.tp, self.cache, seqs, self.kda_index[li])
+                    stream_gather(self.tp, self.cache, stream, self.kda_index[li])
 
         self.runner.step(seqs, self.cache.tensors, cb)
 
