@@ -69,6 +69,7 @@ class NodeServer:
         self.decode.close()
         self.worker.stop()
         self.pool.close()
+        self.engine.close()  # a tensor-parallel engine's ranks
 
     # ---- role switch ------------------------------------------------------------------------
     async def switch_role(self, role: str) -> NodeState:
