@@ -111,6 +111,32 @@ def test_rank_weights_are_slices_of_the_same_model():
     assert held["model.layers.0.self_attn.q_proj.weight"] == 2  # split
 
 
+def test_expert_parallel_partials_sum_to_the_whole_moe():
+    """Each rank's routed pairs (the others' sorted past its last group, no work) plus its share
+    of the shared expert sum to the whole MoE, for 2 and 4 ranks."""
+    from prfaas.model import moe_ops
+    from prfaas.model.tp.layers import ep_experts_forward
+
+    g = torch.Generator().manual_seed(0)
+    T, H, inter, E, k = 37, 16, 8, 8, 2
+    x = torch.randn(T, H, generator=g, dtype=torch.float32)
+    w13 = torch.randn(E, 2 * inter, H, generator=g, dtype=torch.float32)
+    w2 = torch.randn(E, H, inter, generator=g, dtype=torch.float32)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    shared = torch.randn(T, H, generator=g, dtype=torch.float32)
+    whole = moe_ops.experts_forward(x, w, idx, w13, w2, shared)
+    for n in (2, 4):
+        m = E // n
+        parts = [
+            ep_experts_forward(
+                x, w, idx, r * m, w13[r * m : (r + 1) * m], w2[r * m : (r + 1) * m], shared / n
+            )
+            for r in range(n)
+        ]
+        torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-4)  # fp32 sums
+
+
 # ----- TP=2 engines ----------------------------------------------------------------------------
 def test_tp2_greedy_equals_tp1(mixed2):
     """Batched prompts (mixed prefill and decode steps, MoE layers), then prompts sharing those

@@ -63,9 +63,10 @@ def ep_experts_forward(
     local = idx - first
     mine = (local >= 0) & (local < E)
     if T * k <= moe_ops.SMALL_PAIRS and triton_ops.enabled(x):
-        # a few decode rows: the per-pair kernel over every pair, others' weighted by zero
+        # a few decode rows: the per-pair kernels over every pair, the others' weighted by zero
         ids = torch.where(mine, local, 0)
-        return moe_ops.experts_forward(x, torch.where(mine, weights, 0.0), ids, w13, w2, shared)
+        y = moe_ops.experts_forward(x, torch.where(mine, weights, 0.0), ids, w13, w2)
+        return y if shared is None else (y.float() + shared.float()).to(x.dtype)
     # the other ranks' pairs get the sentinel id E: sorted last, outside every group, so the
     # grouped GEMMs do no work for them; their (unwritten) rows are zeroed before the combine
     ids = torch.where(mine, local, E)
