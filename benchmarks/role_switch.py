@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,11 +20,11 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import cpu_model  # noqa: E402
+from prfaas.server.launcher import up_in_subprocess  # noqa: E402
 
 CONFIG = {
     "model": "tiny",
@@ -71,23 +69,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="prfaas-rs-"))
-    (d / "deploy.yaml").write_text(yaml.safe_dump(CONFIG))
-    ready = d / "gw.json"
-    log = open(d / "up.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prfaas.cli", "up", "--config", str(d / "deploy.yaml")]
-        + ["--port", "0", "--ready-file", str(ready), "--log-dir", str(d / "logs")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    t_start = time.monotonic()
-    try:
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() - t_start > 300:
-                print((d / "up.log").read_text())
-                return 1
-            time.sleep(0.2)
-        url = json.loads(ready.read_text())["url"]
+    with up_in_subprocess(CONFIG, d, start_timeout_s=300, stop_timeout_s=60) as info:
+        url = info["url"]
         timeline: list[dict] = []
         done: list[dict] = []
         stop = threading.Event()
@@ -152,12 +135,6 @@ def main() -> int:
         switches = [
             ln for ln in metrics.splitlines() if ln.startswith("prfaas_role_switches_total{")
         ]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     per = {}
     for ph in ("prefill-heavy", "decode-heavy"):
         rows = [x for x in done if x["phase"] == ph]

@@ -198,3 +198,44 @@ def test_observer_queues_slots_and_availability():
     assert st.clusters["pd"].prefill.busy_until == [pytest.approx(0.2), 2.5]  # b's end, now
     with pytest.raises(ValueError):
         obs.switch_done(3.0, "pd", 1)
+
+
+def test_link_counter_fold_keeps_totals_monotone_over_restarts():
+    """Sources' cumulative (bytes, busy s) fold into monotone totals: bytes add up, busy time is the
+    largest increment (the sources share the link), a source whose counters went down restarted."""
+    from prfaas.scheduling.link_view import LinkCounterFold
+
+    f = LinkCounterFold()
+    assert f.update({"a": (100.0, 1.0), "b": (50.0, 0.5)}) == (150.0, 1.0)
+    assert f.update({"a": (300.0, 1.5), "b": (50.0, 2.5)}) == (350.0, 3.0)
+    assert f.update({"a": (40.0, 0.25)}) == (390.0, 3.25)  # a restarted; b gone
+    assert f.update({"a": (40.0, 0.25), "b": (60.0, 2.5)}) == (400.0, 3.25)  # b back, no change
+    assert f.update({}) == (400.0, 3.25)
+
+
+def test_live_scheduler_feeds_measured_link_counters_as_they_are():
+    """With the senders' own counters (bytes on the wire, busy seconds) the estimator reads them
+    unchanged: throughput = bytes / interval, busy fraction = busy / interval, and a link busy the
+    whole interval with a queue behind it reads its delivered rate as capacity."""
+    prof = HardwareProfile(
+        "p",
+        1,
+        (128, 1024),
+        (1e5, 1e6),
+        (0.01, 0.1),
+        decode_batch=(1, 8),
+        decode_step_s=(0.01, 0.02),
+    )
+    topo = Topology(
+        (("f", "prfaas", (Role.PREFILL,)), ("pd", "pd", (Role.PREFILL, Role.DECODE))),
+        (("f", "pd", 10.0, 2.0),),
+    )
+    obs = build_observer(topo, prof, 8, 1024)
+    sched = LiveScheduler(obs, make_live_fleet_policy(topo, prof, 8, 16, "f", "pd", threshold=256))
+    sched.link_reading("f", "pd", 0, 0, busy_s=0.0, delivered_bytes=0.0, now=10.0)
+    ls = sched.link_reading("f", "pd", 0, 0, busy_s=0.5, delivered_bytes=2.5e8, now=12.0)
+    assert ls.throughput_gbps == pytest.approx(1.0) and ls.busy_fraction == pytest.approx(0.25)
+    assert ls.capacity_gbps == pytest.approx(10.0)  # mostly idle: nominal
+    ls = sched.link_reading("f", "pd", 0, 4e6, busy_s=2.5, delivered_bytes=7.5e8, now=14.0)
+    assert ls.throughput_gbps == pytest.approx(2.0) and ls.busy_fraction == pytest.approx(1.0)
+    assert ls.capacity_gbps == pytest.approx(2.0)  # saturated with a queue: the measured rate

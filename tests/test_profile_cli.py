@@ -32,12 +32,28 @@ def test_profile_file_loads_with_load_profiles(tmp_path, suffix):
         assert meta["device"] == "cpu" and meta["decode_ctx"] == 16
 
 
-def test_profile_bad_arguments(capsys):
-    assert main([*ARGS, "--lengths", "64"]) == 2
-    assert "at least 2 distinct prefill lengths" in capsys.readouterr().err
-    assert main([*ARGS, "--lengths", "32", "64", "--gpus-per-instance", "0"]) == 2
-    assert main(["profile", "--model", "nope", "--lengths", "8", "16", "--device", "cpu"]) == 2
-    assert "unknown model" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([*ARGS, "--lengths", "64"], "at least 2 distinct lengths"),
+        ([*ARGS, "--lengths", "32", "64", "--gpus-per-instance", "0"], "--gpus-per-instance"),
+        (
+            ["profile", "--model", "nope", "--lengths", "8", "16", "--device", "cpu"],
+            "unknown model",
+        ),
+        ([*ARGS, "--lengths", "32", "64", "--device", "gpu"], "device must be"),
+    ],
+)
+def test_profile_bad_arguments_one_line_exit_2(capsys, args, words):
+    # refused before anything loads: one line on stderr, exit status 2
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and err.count("\n") == 1, err
+    assert err.startswith("prfaas profile: error:")
+
+
+def test_profile_help():
     with pytest.raises(SystemExit) as e:
         main(["profile", "--help"])
     assert e.value.code == 0

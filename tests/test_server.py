@@ -176,6 +176,51 @@ def test_prefix_hit_reduces_bytes_that_cross(url):
     assert b["cached_tokens"] == 384
 
 
+def test_gateway_observer_reads_link_use_from_real_transfers(deployment, url):
+    """The gateway's polling feeds the observer's link estimator from the PrfaaS node's sender
+    meters (bytes on the wire, busy seconds, summed over its peers into monotone totals): a poll
+    after an offloaded request reads that request's bytes and the time its link was busy.  A second
+    gateway's view (``Router``, the same polling code) on a clock the test steps by 1 s."""
+    from prfaas.server.config import load_deploy_config
+    from prfaas.server.gateway.node_client import NodeEndpoint
+    from prfaas.server.gateway.router import Router
+
+    cfg = load_deploy_config(Path(deployment["dir"], "deploy.yaml"))
+    nodes = httpx.get(url + "/admin/nodes").json()["nodes"]
+    router = Router(
+        cfg, [NodeEndpoint(n["name"], n["cluster"], n["role"], n["url"]) for n in nodes]
+    )
+    clock = [1000.0]
+    router.sched.clock = lambda: clock[0]
+
+    async def polled_around_one_request():
+        await router.poll_once()
+        before = router.live.node_state["prfaas-0"].links["pd"]
+        t0 = time.monotonic()
+        r = await asyncio.to_thread(complete, url, rand_prompt(21, 600))
+        wall = time.monotonic() - t0
+        clock[0] += 1.0
+        await router.poll_once()
+        await router.nodes.http.aclose()
+        return r, before, router.live.node_state["prfaas-0"].links["pd"], wall
+
+    r, before, after, wall = asyncio.run(polled_around_one_request())
+    assert r.status_code == 200, r.text
+    p = r.json()["prfaas"]
+    assert p["offloaded"] and p["transfer_bytes"] == KDA_BYTES + 599 * MLA_BYTES_PER_TOKEN
+    # the node: every KV byte of the request went on the wire (plus its frames' headers), and the
+    # link was busy for part of the request's time
+    wire = after.bytes_total - before.bytes_total
+    assert p["transfer_bytes"] <= wire <= p["transfer_bytes"] + 65536
+    assert 0 < after.busy_s - before.busy_s <= wall
+    # the gateway's observer: that many bytes in the stepped 1 s interval, busy for that long
+    ls = router.sched.observer.snapshot(clock[0]).links[("prfaas", "pd")]
+    assert ls.throughput_gbps == pytest.approx(wire * 8 / 1e9)
+    assert ls.busy_fraction == pytest.approx(min(after.busy_s - before.busy_s, 1.0))
+    assert 0 < ls.capacity_gbps <= 2.0  # the estimate stays under the link's nominal rate
+    assert 0 < ls.throughput_gbps / ls.capacity_gbps < 1
+
+
 def test_openai_client_streaming_and_not(url, offline):
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     prompt = "The prefill cluster and the decode cluster "
@@ -454,6 +499,23 @@ def test_a_list_of_prompts_with_n_and_echo(url, offline):
     assert texts == {0: b["choices"][0]["text"], 1: b["choices"][2]["text"]}
 
 
+def test_echo_with_logprobs_scores_the_prompt_on_a_prefill_node(url, offline):
+    # the output's tokens, scored as prompt tokens by a prefill node, have the logprobs the
+    # deployment generated them with; the first prompt token's is null (as vLLM)
+    prompt = rand_prompt(29, 12)
+    gen = complete(url, prompt, max_tokens=4, logprobs=2).json()
+    out = gen["prfaas"]["token_ids"]
+    want = gen["choices"][0]["logprobs"]["token_logprobs"]
+    r = complete(url, prompt + out, max_tokens=0, echo=True, logprobs=2)
+    assert r.status_code == 200, r.text
+    ch = r.json()["choices"][0]
+    lp = ch["logprobs"]
+    assert len(lp["tokens"]) == len(prompt) + 4 and r.json()["usage"]["completion_tokens"] == 0
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][-4:] == pytest.approx(want, abs=1e-3)
+    assert ch["text"] == offline.engine.tokenizer.decode(prompt + out)
+
+
 def test_penalties_bias_and_min_tokens_equal_the_offline_engines(url, offline):
     prompt = rand_prompt(23, 30)
     kw = {
@@ -513,11 +575,16 @@ def test_link_cut_falls_back_to_pd_p(url):
 
 
 def test_decode_node_dies_only_its_requests_fail(url):
-    async def stream(c: httpx.AsyncClient, seed: int, started: asyncio.Event, out: dict):
+    # ``a`` must still be decoding when ``b`` is placed (least-loaded: the other node) and when
+    # its node is killed: it asks for as many tokens as the context holds, so that on a loaded
+    # machine it is still running however long ``b``'s prefill and hand-off take; the kill ends it
+    async def stream(
+        c: httpx.AsyncClient, seed: int, started: asyncio.Event, out: dict, max_tokens: int
+    ):
         body = {
             "model": "tiny",
             "prompt": rand_prompt(seed, 20),
-            "max_tokens": 150,
+            "max_tokens": max_tokens,
             "temperature": 0,
             "ignore_eos": True,
             "stream": True,
@@ -537,10 +604,12 @@ def test_decode_node_dies_only_its_requests_fail(url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             a, b = {}, {}
             ea, eb = asyncio.Event(), asyncio.Event()
-            ta = asyncio.create_task(stream(c, 11, ea, a))
+            long = CONFIG["engine"]["max_model_len"] - 24
+            ta = asyncio.create_task(stream(c, 11, ea, a, long))
             await ea.wait()
-            tb = asyncio.create_task(stream(c, 12, eb, b))
+            tb = asyncio.create_task(stream(c, 12, eb, b, 150))
             await eb.wait()
+            assert not ta.done(), "a finished before b started: nothing left to kill"
             assert a["node"] != b["node"]  # least-loaded decode placement
             victim = node_info(url, a["node"])
             a["victim_pid"] = victim["pid"]

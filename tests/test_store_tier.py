@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from prfaas.cache import store_tier
 from prfaas.cache.hashing import hash_chain
 from prfaas.cache.pool_mooncake import MooncakeKVStore, MooncakeMaster, PoolAddress
 from prfaas.cache.store_tier import (
@@ -178,9 +180,13 @@ def test_wrong_object_in_the_pool_is_refused(tiny_model, pool):
     assert tier.stats.refused == 1 and tier.stats.blocks_fetched == 0
 
 
-def test_master_death_degrades_to_recomputation(tiny_model, caplog):
+def test_master_death_degrades_to_recomputation(tiny_model, caplog, monkeypatch):
     a, *others = prompts(4)
     want = run(make_engine(tiny_model), a).token_ids
+    # the tier's back-off runs on a clock the test holds still: "backed off" must not depend on
+    # how long a loaded machine takes for the rest of the test (one reconnect stall is ~4 s)
+    clock = [1000.0]
+    monkeypatch.setattr(store_tier, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     m = MooncakeMaster().start()
     try:
         store = MooncakeKVStore(m.address, segment_mb=16, buffer_mb=4)
@@ -201,6 +207,9 @@ def test_master_death_degrades_to_recomputation(tiny_model, caplog):
         assert tier.stats.failures >= 1 and tier.stats.blocks_fetched == 0
         assert any("recomputing instead" in r.message for r in caplog.records)
         assert tier.stats.failures == 1  # backed off: no further ~4 s reconnect stalls
+        assert not tier.available
+        clock[0] += 60.0  # the back-off is over: the tier tries the store again
+        assert tier.available
         eng.cache.check()
         store.close(wait=False)
     finally:

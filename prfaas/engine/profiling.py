@@ -11,9 +11,10 @@ import torch
 
 from prfaas.engine.engine import EngineConfig, LLMEngine
 from prfaas.engine.sampling import SamplingParams
+from prfaas.kv.unit import KVExport, LayerPart
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
-from prfaas.scheduling.profile import HardwareProfile
+from prfaas.scheduling.profile import HandoffTiming, HardwareProfile, handoff_costs
 
 
 @dataclass
@@ -30,8 +31,10 @@ class ProfileResult:
     decode_ctx: int = 0
     decode_batch: list[int] = field(default_factory=list)
     decode_step_s: list[float] = field(default_factory=list)
+    handoff: list[HandoffTiming] = field(default_factory=list)
 
     def profile(self, gpus_per_instance: int = 1) -> HardwareProfile:
+        costs = handoff_costs(self.handoff) if len(self.handoff) >= 2 else {}
         return HardwareProfile(
             name=self.name,
             gpus_per_instance=gpus_per_instance,
@@ -40,6 +43,7 @@ class ProfileResult:
             prefill_s=tuple(self.prefill_s),
             decode_batch=tuple(self.decode_batch),
             decode_step_s=tuple(self.decode_step_s),
+            **costs,
         )
 
 
@@ -134,6 +138,59 @@ def time_decode(
     return (time.perf_counter() - t0) / steps
 
 
+def _host_copy(exp: KVExport) -> KVExport:
+    parts = [
+        LayerPart(p.layer, p.kind, {k: t.to("cpu") for k, t in p.tensors.items()})
+        for p in exp.parts
+    ]
+    return KVExport(exp.header, parts)
+
+
+def time_handoff(model: HybridForCausalLM, length: int, reps: int = 2) -> HandoffTiming:
+    """Export a ``length``-token prefill from a prefill-role engine (to host memory, as the node's
+    sender takes it) and import it into a decode-role engine, as the nodes do; best of ``reps``
+    after one warm-up."""
+    dev = model.lm_head.weight.device
+    common = dict(
+        model=model.config.name,
+        max_num_batched_tokens=length,
+        max_model_len=length + 8,
+        max_num_seqs=2,
+        enable_prefix_cache=False,
+        num_blocks=2 * (-(-(length + 8) // 16)) + 4,
+        device=str(dev),
+        dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
+    )
+    pre = LLMEngine(EngineConfig(role="prefill", **common), model=model)
+    dec = LLMEngine(EngineConfig(role="decode", **common), model=model)
+    best = [float("inf")] * 3
+    nbytes = 0
+    for r in range(reps + 1):
+        prompt = [(5 * i + r) % 250 for i in range(length)]
+        rid = pre.add_request(prompt, SamplingParams(temperature=0, max_tokens=1), kv_start=0)
+        while pre.has_unfinished() and rid not in pre.scheduler.prefilled:
+            pre.step()
+        _sync(dev)
+        t0 = time.perf_counter()
+        exp = _host_copy(pre.export_request(rid))
+        _sync(dev)
+        t1 = time.perf_counter()
+        pre.release(rid)
+        nbytes = exp.nbytes()
+        dec.import_request(exp, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        _sync(dev)
+        t2 = time.perf_counter()
+        while not any(o.token_ids for o in dec.step()):
+            pass
+        _sync(dev)
+        t3 = time.perf_counter()
+        while dec.has_unfinished():
+            dec.step()
+        if r:
+            best = [min(b, x) for b, x in zip(best, (t1 - t0, t2 - t1, t3 - t2), strict=True)]
+    return HandoffTiming(length, nbytes, *best)
+
+
 def run_profile(
     model: str | HybridForCausalLM,
     lengths: Sequence[int],
@@ -144,9 +201,11 @@ def run_profile(
     name: str | None = None,
     chunk: int | None = None,
     log: Callable[[str], None] | None = None,
+    handoff: bool = True,
 ) -> ProfileResult:
-    """Measure prefill at each length (lengths that run out of memory are skipped) and decode at
-    each batch size. Raises ValueError on bad arguments."""
+    """Measure prefill at each length (lengths that run out of memory are skipped), decode at
+    each batch size and (``handoff``) the hand-off's export / import at the shortest and the
+    longest length that fit. Raises ValueError on bad arguments."""
     lengths, batches = sorted(set(lengths)), sorted(set(batches))
     if len(lengths) < 2 or lengths[0] < 2:
         raise ValueError(f"need at least 2 distinct prefill lengths >= 2, got {list(lengths)}")
@@ -194,6 +253,14 @@ def run_profile(
             res.decode_batch.append(b)
             res.decode_step_s.append(t)
             say(f"decode batch {b} ctx {ctx}: {t * 1e3:.2f} ms/step")
+        if handoff and len(res.lengths) >= 2:
+            for n in (res.lengths[0], res.lengths[-1]):
+                h = time_handoff(model, n)
+                res.handoff.append(h)
+                say(
+                    f"hand-off {n}: {h.nbytes} B, export {h.export_s * 1e3:.2f} ms, import "
+                    f"{h.import_s * 1e3:.2f} ms, first step {h.first_step_s * 1e3:.2f} ms"
+                )
     if len(res.lengths) < 2:
         raise ValueError(f"fewer than 2 prefill lengths fit on {dev_name}: {res.skipped}")
     return res

@@ -49,3 +49,36 @@ class LinkCapacityEstimator:
             )
         self._last_bytes, self._last_busy, self._last_t = delivered_bytes, busy_s, now
         return s
+
+
+class LinkCounterFold:
+    """One monotone pair of link counters (bytes, busy seconds) from several sources whose own
+    counters may restart (a sender's peer session reopened, a node restarted: its counters go back
+    to zero) or disappear.
+
+    Each :meth:`update` reads every source's cumulative ``(bytes, busy_s)`` once: the totals grow by
+    the sum of the sources' byte increments and by the largest of their busy increments (sources
+    sharing one link overlap in time: the largest is a lower bound of the link's busy time, exact
+    with one source).  A source whose counters went down restarted: its new values count whole.
+    """
+
+    __slots__ = ("bytes_total", "busy_s", "_last")
+
+    def __init__(self) -> None:
+        self.bytes_total = 0.0
+        self.busy_s = 0.0
+        self._last: dict[object, tuple[float, float]] = {}
+
+    def update(self, readings: dict[object, tuple[float, float]]) -> tuple[float, float]:
+        """``readings``: source key -> its cumulative (bytes, busy seconds); returns the totals."""
+        add_b, add_busy = 0.0, 0.0
+        for key, (b, busy) in readings.items():
+            lb, lbusy = self._last.get(key, (0.0, 0.0))
+            if b < lb or busy < lbusy:  # the source restarted
+                lb, lbusy = 0.0, 0.0
+            add_b += b - lb
+            add_busy = max(add_busy, busy - lbusy)
+            self._last[key] = (b, busy)
+        self.bytes_total += add_b
+        self.busy_s += add_busy
+        return self.bytes_total, self.busy_s

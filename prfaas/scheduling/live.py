@@ -178,10 +178,14 @@ class LiveScheduler:
         up: bool = True,
         busy_s: float | None = None,
         now: float | None = None,
+        delivered_bytes: float | None = None,
     ) -> LinkState | None:
-        """Cumulative bytes a cluster's nodes sent on ``src->dst`` and their bytes in flight.  Without
-        ``busy_s`` the busy time is sampled: an interval counts as busy when bytes were in flight at
-        its end or the link delivered more than nothing in it."""
+        """Cumulative bytes a cluster's nodes sent on ``src->dst`` and their bytes in flight.  With
+        the senders' own counters (``delivered_bytes``: written to the wire so far, ``busy_s``:
+        seconds with bytes queued so far, both monotone) they feed the estimator as they are.
+        Without ``busy_s`` the busy time is sampled: an interval counts as busy when bytes were in
+        flight at its end or the link delivered more than nothing in it; without
+        ``delivered_bytes`` the delivered bytes are ``sent_bytes − in_flight``."""
         now = self.clock() if now is None else now
         b = self._link_busy.setdefault((src, dst), [now, 0.0, sent_bytes])
         last_t, busy, last_bytes = b
@@ -190,7 +194,7 @@ class LiveScheduler:
                 busy += max(now - last_t, 0.0)
             busy_s = busy
         self._link_busy[(src, dst)] = [now, busy_s, sent_bytes]
-        delivered = max(sent_bytes - in_flight, 0.0)
+        delivered = max(sent_bytes - in_flight, 0.0) if delivered_bytes is None else delivered_bytes
         return self.observer.link_counters(now, src, dst, delivered, busy_s, in_flight, up)
 
     # ---- adaptation and role switches ---------------------------------------------------------

@@ -9,10 +9,14 @@ A :class:`HardwareProfile` holds profiled points of one model on one hardware ki
   through the points in log-log space (power law between points, smooth) extrapolated as the end
   segments' power laws; ``"linear"`` is piecewise linear in ``l`` with linear extrapolation;
   ``"quadratic"`` is the least-squares fit ``a + b·l + c·l²`` (not exact at the points).
+* the hand-off's node costs, when profiled (``prfaas profile`` measures them): ``export_time(bytes)``
+  on the prefill node (KV out of the cache, ``export_gbps``) and ``import_time(bytes)`` on the decode
+  node (``import_fixed_s + bytes / import_gbps``: the import's checks and its write into the cache).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,13 @@ _FIELDS = (
     "decode_step_s",
     "gpu_price_per_hour",
     "interp",
+    "export_gbps",
+    "import_gbps",
+    "import_fixed_s",
 )
+
+
+_HANDOFF = ("export_gbps", "import_gbps", "import_fixed_s")
 
 
 def _as_out(x: Any, y: np.ndarray) -> float | np.ndarray:
@@ -67,6 +77,12 @@ class HardwareProfile:
     decode_step_s: tuple[float, ...] = ()
     gpu_price_per_hour: float | None = None
     interp: str = "loglog_pchip"
+    # the hand-off's costs on the nodes (None: not measured, counted as free): the prefill node
+    # stages a request's KV out of its cache at ``export_gbps`` (its engine waits meanwhile); the
+    # decode node checks and writes an imported KV in ``import_fixed_s + bytes / import_gbps``
+    export_gbps: float | None = None
+    import_gbps: float | None = None
+    import_fixed_s: float | None = None
     _pchip: Any = field(default=None, init=False, repr=False, compare=False)
     _quad: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -112,6 +128,12 @@ class HardwareProfile:
             )
         if self.gpu_price_per_hour is not None and self.gpu_price_per_hour < 0:
             raise ValueError(f"{self.name}: gpu_price_per_hour must be >= 0")
+        for k in ("export_gbps", "import_gbps"):
+            v = getattr(self, k)
+            if v is not None and not v > 0:
+                raise ValueError(f"{self.name}: {k} must be > 0 (or left out)")
+        if self.import_fixed_s is not None and self.import_fixed_s < 0:
+            raise ValueError(f"{self.name}: import_fixed_s must be >= 0")
         ts = np.asarray(self.prefill_s, dtype=float)
         object.__setattr__(self, "_pchip", PchipInterpolator(np.log(ls), np.log(ts)))
         if n >= 3:
@@ -202,6 +224,16 @@ class HardwareProfile:
         d.update(bs_max=int(b), t_decode_s=float(t))
         return HardwareProfile.from_dict(d)
 
+    # ---- hand-off -----------------------------------------------------------------------------
+    def export_time(self, nbytes: float) -> float:
+        """Seconds the prefill node stages ``nbytes`` of KV out of its cache (0 if not profiled)."""
+        return nbytes * 8 / (self.export_gbps * 1e9) if self.export_gbps else 0.0
+
+    def import_time(self, nbytes: float) -> float:
+        """Seconds the decode node checks and writes ``nbytes`` of imported KV (0 if not profiled)."""
+        per_byte = nbytes * 8 / (self.import_gbps * 1e9) if self.import_gbps else 0.0
+        return (self.import_fixed_s or 0.0) + per_byte
+
     @property
     def has_decode(self) -> bool:
         return self.bs_max is not None and self.t_decode_s is not None
@@ -211,6 +243,9 @@ class HardwareProfile:
         d = {k: getattr(self, k) for k in _FIELDS}
         for k in ("lengths", "kv_bytes", "prefill_s", "decode_batch", "decode_step_s"):
             d[k] = list(d[k])
+        for k in _HANDOFF:  # not measured: left out (older files have none)
+            if d[k] is None:
+                del d[k]
         return d
 
     @classmethod
@@ -239,13 +274,39 @@ class HardwareProfile:
         d["gpus_per_instance"] = int(d["gpus_per_instance"])
         if d.get("bs_max") is not None:
             d["bs_max"] = int(d["bs_max"])
-        for k in ("t_decode_s", "gpu_price_per_hour"):
+        for k in ("t_decode_s", "gpu_price_per_hour", *_HANDOFF):
             if d.get(k) is not None:
                 d[k] = float(d[k])
         prof = cls(**d)
         if slo is not None:
             prof = prof.with_decode_slo(float(slo))
         return prof
+
+
+@dataclass(frozen=True)
+class HandoffTiming:
+    """One request's hand-off costs on the nodes (best of the repetitions, seconds)."""
+
+    length: int
+    nbytes: int  # KV exported (MLA latents of length - 1 tokens + the KDA/conv states)
+    export_s: float  # out of the prefill engine's cache into host memory (the sender's input)
+    import_s: float  # the decode engine's checks and write into its cache
+    first_step_s: float  # the decode engine's first step after it (last prompt token, a sample)
+
+
+def handoff_costs(timings: Sequence[HandoffTiming]) -> dict[str, float]:
+    """The profile's hand-off fields from timings at two or more lengths: ``export_gbps`` the rate at
+    the largest; ``import_fixed_s`` / ``import_gbps`` the line through the smallest and the largest
+    (no fixed part, the largest's rate, when the line does not rise from a positive intercept)."""
+    lo, hi = min(timings, key=lambda h: h.nbytes), max(timings, key=lambda h: h.nbytes)
+    out = {"export_gbps": hi.nbytes * 8 / 1e9 / hi.export_s}
+    slope = (hi.import_s - lo.import_s) / (hi.nbytes - lo.nbytes) if hi.nbytes > lo.nbytes else 0
+    fixed = lo.import_s - slope * lo.nbytes
+    if slope > 0 and fixed >= 0:
+        out.update(import_gbps=8 / 1e9 / slope, import_fixed_s=fixed)
+    else:
+        out.update(import_gbps=hi.nbytes * 8 / 1e9 / hi.import_s, import_fixed_s=0.0)
+    return out
 
 
 def profiles_from_mapping(data: dict) -> dict[str, HardwareProfile]:

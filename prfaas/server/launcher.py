@@ -319,3 +319,53 @@ def start_pool_masters(cfg: DeployConfig, run_dir: Path) -> list[MooncakeMaster]
 def stop_pool_masters(masters: list[MooncakeMaster]) -> None:
     for m in masters:
         m.stop()
+
+
+@contextlib.contextmanager
+def up_in_subprocess(
+    config: dict,
+    run_dir: Path,
+    env: dict[str, str] | None = None,
+    start_timeout_s: float = 120.0,
+    stop_timeout_s: float = 30.0,
+    cwd: Path | None = None,
+):
+    """Run ``prfaas up`` on ``config`` (a deployment mapping, written to ``run_dir/deploy.yaml``) as
+    a subprocess (this interpreter, loopback ports picked at start-up), for tests and benchmarks.
+    Yields the gateway's ready file (``url``, ``nodes``) plus ``proc`` and ``dir``; stops everything
+    with Ctrl-C on exit (killed after ``stop_timeout_s``).  RuntimeError, with the log, if the
+    deployment does not come up within ``start_timeout_s``."""
+    import json
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    cfg = run_dir / "deploy.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    ready = run_dir / "gateway.json"
+    with open(run_dir / "up.log", "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prfaas.cli", "up", "--config", str(cfg), "--port", "0"]
+            + ["--ready-file", str(ready), "--log-dir", str(run_dir / "logs")],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+        )
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prfaas up did not start: {_tail(run_dir / 'up.log')}")
+            time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        info["proc"], info["dir"] = proc, run_dir
+        yield info
+    finally:
+        if proc.poll() is None:  # Ctrl-C stops everything cleanly
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -11,7 +11,13 @@ layers but the last goes on the wire while the last prefill chunk computes (from
 layer's KV (``(S_kv(l) − S_kv(0)) / kv_layers`` bytes) leaves after the prefill, once staged at
 ``export_gbps``; the KV is in place ``latency_s`` after the last byte, then imported
 (``import_fixed_s + bytes / import_gbps``).  Without ``pipelined`` the whole export is staged and
-sent after the prefill.
+sent after the prefill.  Inside a cluster the whole KV is staged, then moved at the RDMA rate.
+
+The engines' own queues, as the nodes run them (only where the profile gives the hand-off costs):
+a prefill instance stages the KV out of its cache before it takes its next prefill (its engine
+thread does it), and a decode instance imports one request at a time, between its decode steps (a
+KV that finds the engine in a step waits half a step, on average; the decode steps of its running
+requests are not delayed by the import, a simplification).
 
 The policy reads, and the simulator feeds, a :class:`~prfaas.scheduling.observer.ClusterObserver`
 (the same object the live router feeds).  TTFT is arrival → the first token: admission plus one
@@ -35,7 +41,7 @@ from prfaas.sim.link import Link
 from prfaas.sim.workloads import Workload
 
 # event kinds (heap entries are (time, kind, x); ties resolve by kind then x: deterministic)
-_PF_DONE, _LINK, _KV, _DEC_DONE, _SWITCH, _SCHED, _TICK, _STREAM, _LAST = range(9)
+_PF_DONE, _LINK, _KV, _DEC_DONE, _SWITCH, _SCHED, _TICK, _STREAM, _LAST, _ARRIVE, _FREE = range(11)
 _table = length_table
 
 
@@ -197,6 +203,7 @@ class Simulator:
         unc, cac = [0] * n, [0] * n
         pc, pinst, dc_, dinst = [-1] * n, [-1] * n, [-1] * n, [-1] * n
         svc, xbytes, kvb, kvlast, extra = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+        impc = [0.0] * n  # the decode engine's import of the request's KV (seconds)
         pend = [0] * n
         offl = [False] * n
         self.events: list[str] = obs.stats.events
@@ -213,6 +220,8 @@ class Simulator:
         kv_layers = [c.kv_layers for c in self.dep.clusters]
         imp_fixed = [c.import_fixed_s for c in self.dep.clusters]
         switching, bsm = self.switching, self.bsm
+        # the decode engines: busy with imports until (per cluster, per instance)
+        dfree = [[0.0] * len(q) for q in dq]
         cidx = self.cidx
         policy = self.policy
         decide = policy.decide
@@ -243,9 +252,34 @@ class Simulator:
             if pend[r] == 0:
                 x = extra[r]
                 if x > 0:
-                    push(heap, (now + x, _KV, r))
+                    push(heap, (now + x, _ARRIVE, r))
                 else:
-                    kv_ready(r, now)
+                    arrive(r, now)
+
+        def arrive(r: int, now: float) -> None:
+            """The KV is at the decode node: its engine imports it, one import at a time, between
+            its decode steps (a step under way ends first: half a step on average)."""
+            cost = impc[r]
+            if cost <= 0:
+                kv_ready(r, now)
+                return
+            c, d = dc_[r], dinst[r]
+            start = dfree[c][d]
+            if start <= now:
+                u = dused[c][d]
+                st = steps[c]
+                start = now + (0.5 * (st[u] if u < len(st) else st[-1]) if u else 0.0)
+            dfree[c][d] = start + cost
+            push(heap, (start + cost, _KV, r))
+
+        def free_prefill(c: int, i: int, now: float) -> None:
+            q = pq[c][i]
+            if q:
+                start_prefill(c, i, q.popleft(), now)
+            else:
+                prun[c][i] = False
+                if switching[c][i] is not None:
+                    maybe_finish_switch(c, i, now)
 
         def start_prefill(c: int, i: int, r: int, now: float) -> None:
             pf_start[r] = now
@@ -379,7 +413,8 @@ class Simulator:
                 pc[r], pinst[r], dc_[r], dinst[r] = c, i, dc, di
                 svc[r] = obs.routed(now, req, d)
                 b = skv[c](u)
-                x = imp_fixed[dc] + (b / imp_Bps[dc] if imp_Bps[dc] else 0.0)
+                impc[r] = imp_fixed[dc] + (b / imp_Bps[dc] if imp_Bps[dc] else 0.0)
+                x = 0.0
                 if c != dc:
                     offl[r] = True
                     kvb[r] = b
@@ -414,25 +449,26 @@ class Simulator:
                 c, i = pc[r], pinst[r]
                 pf_end[r] = now
                 obs.prefill_done(now, r)
+                e = exp_Bps[c]
+                ex = 0.0  # the prefill engine stages the KV out of its cache, then takes the next
                 if offl[r]:
                     b = kvlast[r] if pipelined else kvb[r]
                     if b > 0:
                         pend[r] += 1
-                        e = exp_Bps[c]
                         if e:
-                            push(heap, (now + b / e, _LAST, r))
+                            ex = b / e
+                            push(heap, (now + ex, _LAST, r))
                         else:
                             add_flow(r, b, now)
                     part_done(r, now)
                 else:
-                    push(heap, (now + skv[c](unc[r]) / rdma[c] + extra[r], _KV, r))
-                q = pq[c][i]
-                if q:
-                    start_prefill(c, i, q.popleft(), now)
+                    b = skv[c](unc[r])
+                    ex = b / e if e else 0.0
+                    push(heap, (now + ex + b / rdma[c], _ARRIVE, r))
+                if ex > 0:
+                    push(heap, (now + ex, _FREE, c * BIG + i))
                 else:
-                    prun[c][i] = False
-                    if switching[c][i] is not None:
-                        maybe_finish_switch(c, i, now)
+                    free_prefill(c, i, now)
             elif kind == _DEC_DONE:
                 r = x
                 done_t[r] = now
@@ -447,6 +483,10 @@ class Simulator:
                     maybe_finish_switch(c, d, now)
             elif kind == _KV:
                 kv_ready(x, now)
+            elif kind == _ARRIVE:
+                arrive(x, now)
+            elif kind == _FREE:
+                free_prefill(*divmod(x, BIG), now)
             elif kind == _STREAM:
                 add_flow(x, kvb[x] - kvlast[x], now)
             elif kind == _LAST:

@@ -5,7 +5,8 @@
 reads a deployment config (``prfaas/configs/deploy_*.yaml``, duck-typed) and fills in the node's
 hand-off from its engine settings: the model's MLA layers (``kv_layers``), the prefill chunk
 (``max_num_batched_tokens``), the links' one-way latency (RTT/2) and the decode slots
-(``max_num_seqs``)."""
+(``max_num_seqs``).  The nodes' own hand-off costs (the prefill node's export, the decode node's
+import) come from the hardware profile where ``prfaas profile`` measured them."""
 
 from __future__ import annotations
 
@@ -15,20 +16,28 @@ from prfaas.scheduling.types import Role
 from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec
 
 
+def _or(given: float | None, profiled: float | None) -> float:
+    return float(given if given is not None else profiled or 0.0)
+
+
 def deployment_from_topology(
     topo: Topology,
     profile: HardwareProfile,
     bs_max: int,
     kv_layers: int = 0,
     chunk_tokens: int = 0,
-    export_gbps: float = 0.0,
-    import_gbps: float = 0.0,
-    import_fixed_s: float = 0.0,
+    export_gbps: float | None = None,
+    import_gbps: float | None = None,
+    import_fixed_s: float | None = None,
     cache_blocks: int = 0,
     rdma_gbps: float = 800.0,
 ) -> Deployment:
     """Every node runs ``profile``; a PD cluster's nodes must list its prefill nodes first (the
-    simulator's instance order)."""
+    simulator's instance order).  The hand-off's node costs are the profile's (``export_gbps``,
+    ``import_gbps``, ``import_fixed_s``; free where it has none) unless given."""
+    export_gbps = _or(export_gbps, profile.export_gbps)
+    import_gbps = _or(import_gbps, profile.import_gbps)
+    import_fixed_s = _or(import_fixed_s, profile.import_fixed_s)
     dec = decode_profile(profile, bs_max)
     clusters = []
     for name, kind, roles in topo.clusters:

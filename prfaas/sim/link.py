@@ -9,6 +9,7 @@ a piecewise-constant schedule (``(start_s, gbps)`` steps) driven by the simulato
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 
 INF = float("inf")
@@ -113,7 +114,10 @@ class Link:
         """Append the tokens of flows finished by ``now`` to ``out``."""
         self.advance(now)
         heap = self.heap
-        lim = self.v * (1 + 1e-12) + 1e-6
+        # done: within rounding of the bytes, or of the time (a remainder served in less than the
+        # clock's resolution at ``now`` would be rescheduled at ``now`` again and again)
+        slack = 4 * math.ulp(now) * self.cap / max(len(heap), 1)
+        lim = self.v * (1 + 1e-12) + 1e-6 + slack
         while heap and heap[0][0] <= lim:
             vf, _, tok = heapq.heappop(heap)
             self.sum_vf -= vf

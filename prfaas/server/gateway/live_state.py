@@ -2,7 +2,8 @@
 scheduler's :class:`~prfaas.scheduling.observer.ClusterObserver` (through ``sched``, a
 :class:`~prfaas.scheduling.live.LiveScheduler`) fed with what the nodes report: availability (a node
 down, or a PrfaaS node's link to the PD cluster cut, takes no work) and the links' counters (bytes
-sent, bytes in flight, up) for the link capacity estimator.  ``build_state`` is the observer's
+sent, bytes in flight, up; the senders' meters: bytes on the wire and busy seconds, folded over the
+source cluster's nodes) for the link capacity estimator.  ``build_state`` is the observer's
 ``SystemState``: the same object the simulator's policy reads.
 
 Polled every ``router.poll_interval_s`` (``poll``); a node that does not answer is down until it
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from prfaas.scheduling.link_view import LinkCounterFold
 from prfaas.scheduling.live import LiveScheduler
 from prfaas.scheduling.types import SystemState
 from prfaas.server.config import DeployConfig
@@ -42,6 +44,8 @@ class LiveState:
         self.node_up = {n: True for n in self.endpoints}
         self.node_state: dict[str, NodeState] = {}
         self.links = sched.observer.state.links  # (src, dst) -> LinkState, kept by the observer
+        # per link: its source nodes' meters folded into monotone totals (a node may restart)
+        self._link_totals: dict[tuple[str, str], LinkCounterFold] = {}
 
     def mark_down(self, name: str) -> None:
         self.node_up[name] = False
@@ -79,6 +83,7 @@ class LiveState:
         m = self.metrics
         for (src, dst), ls in self.links.items():
             sent, in_flight, up, seen = 0.0, 0.0, True, False
+            meters: dict[object, tuple[float, float]] = {}
             for ep in self.by_cluster.get(src, []):
                 st = self.node_state.get(ep.name)
                 lk = st.links.get(dst) if st is not None and self.node_up[ep.name] else None
@@ -88,8 +93,13 @@ class LiveState:
                 sent += lk.bytes_sent
                 in_flight += lk.bytes_in_flight
                 up = up and lk.up
-            if seen:
-                self.sched.link_reading(src, dst, sent, in_flight, up)
+                meters[ep.name] = (float(lk.bytes_total), lk.busy_s)
+            if seen:  # the senders' meters: bytes on the wire and busy time as measured
+                fold = self._link_totals.setdefault((src, dst), LinkCounterFold())
+                wire, busy = fold.update(meters)
+                self.sched.link_reading(
+                    src, dst, sent, in_flight, up, busy_s=busy, delivered_bytes=wire
+                )
             m.link_gbps.labels(src, dst).set(ls.throughput_gbps)
             m.link_capacity.labels(src, dst).set(ls.capacity_gbps)
 

@@ -15,6 +15,7 @@ capacity, prefix hit rate, the routing threshold.  The nodes serve their own ``/
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -34,113 +35,77 @@ class RouterMetrics:
         r = self.registry = CollectorRegistry()
         self.model_name = model_name
         self.log = RequestLog()  # one line per request, periodic throughput
-        m = ["model_name"]
-        self.v_ttft = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token", m, buckets=_TTFT, registry=r
+
+        def hist(
+            name: str, help_: str, labels: Sequence[str], buckets: Sequence[float]
+        ) -> Histogram:
+            return Histogram(name, help_, list(labels), buckets=buckets, registry=r)
+
+        def count(name: str, help_: str, labels: Sequence[str] = ()) -> Counter:
+            return Counter(name, help_, list(labels), registry=r)
+
+        def gauge(name: str, help_: str, labels: Sequence[str] = ()) -> Gauge:
+            return Gauge(name, help_, list(labels), registry=r)
+
+        m = ("model_name",)  # vLLM's, with vLLM's buckets
+        self.v_ttft = hist("vllm:time_to_first_token_seconds", "Time to first token", m, _TTFT)
+        self.v_tpot = hist(
+            "vllm:time_per_output_token_seconds", "Time per output token after the first", m, _TPOT
         )
-        self.v_tpot = Histogram(
-            "vllm:time_per_output_token_seconds",
-            "Time per output token after the first",
-            m,
-            buckets=_TPOT,
-            registry=r,
+        self.v_e2e = hist("vllm:e2e_request_latency_seconds", "Request latency", m, _E2E)
+        self.v_prompt_hist = hist(
+            "vllm:request_prompt_tokens", "Prompt tokens per request", m, _TOKENS
         )
-        self.v_e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "Request latency", m, buckets=_E2E, registry=r
+        self.v_gen_hist = hist(
+            "vllm:request_generation_tokens", "Generated tokens per request", m, _TOKENS
         )
-        self.v_prompt_hist = Histogram(
-            "vllm:request_prompt_tokens",
-            "Prompt tokens per request",
-            m,
-            buckets=_TOKENS,
-            registry=r,
+        self.v_prompt = count("vllm:prompt_tokens", "Prompt tokens", m)
+        self.v_gen = count("vllm:generation_tokens", "Generated tokens", m)
+        self.v_success = count(
+            "vllm:request_success", "Requests finished, by finish reason", (*m, "finished_reason")
         )
-        self.v_gen_hist = Histogram(
-            "vllm:request_generation_tokens",
-            "Generated tokens per request",
-            m,
-            buckets=_TOKENS,
-            registry=r,
-        )
-        self.v_prompt = Counter("vllm:prompt_tokens", "Prompt tokens", m, registry=r)
-        self.v_gen = Counter("vllm:generation_tokens", "Generated tokens", m, registry=r)
-        self.v_success = Counter(
-            "vllm:request_success",
-            "Requests finished, by finish reason",
-            [*m, "finished_reason"],
-            registry=r,
-        )
-        self.v_running = Gauge(
-            "vllm:num_requests_running", "Requests admitted and not finished", m, registry=r
-        )
-        self.transfer_seconds = Histogram(
+        self.v_running = gauge("vllm:num_requests_running", "Requests admitted and not finished", m)
+        # ours
+        link, node = ("src_cluster", "dst_cluster"), ("cluster", "node")
+        self.transfer_seconds = hist(
             "prfaas_kv_transfer_seconds",
             "KV transfer time prefill -> decode (sender open to receiver ack)",
-            ["src_cluster", "dst_cluster"],
-            buckets=_LAT,
-            registry=r,
+            link,
+            _LAT,
         )
-        self.ttft = Histogram(
-            "prfaas_ttft_seconds",
-            "Time to first token",
-            ["prefill_cluster"],
-            buckets=_LAT,
-            registry=r,
-        )
-        self.tpot = Histogram(
-            "prfaas_tpot_seconds", "Time per output token after the first", buckets=_LAT, registry=r
-        )
-        self.requests = Counter("prfaas_requests", "Requests by outcome", ["outcome"], registry=r)
-        self.decisions = Counter(
+        self.ttft = hist("prfaas_ttft_seconds", "Time to first token", ["prefill_cluster"], _LAT)
+        self.tpot = hist("prfaas_tpot_seconds", "Time per output token after the first", (), _LAT)
+        self.requests = count("prfaas_requests", "Requests by outcome", ["outcome"])
+        self.decisions = count(
             "prfaas_route_decisions",
             "Routing decisions by prefill cluster",
-            ["prefill_cluster", "offloaded"],
-            registry=r,
+            ("prefill_cluster", "offloaded"),
         )
-        self.fallbacks = Counter(
-            "prfaas_fallbacks", "Prefills retried on another cluster", ["from_cluster"], registry=r
+        self.fallbacks = count(
+            "prfaas_fallbacks", "Prefills retried on another cluster", ["from_cluster"]
         )
-        self.transfer_bytes = Counter(
-            "prfaas_kv_transfer_bytes",
-            "KV bytes sent prefill -> decode",
-            ["src_cluster", "dst_cluster"],
-            registry=r,
+        self.transfer_bytes = count(
+            "prfaas_kv_transfer_bytes", "KV bytes sent prefill -> decode", link
         )
-        self.inflight = Gauge(
-            "prfaas_inflight_requests", "Requests admitted and not finished", registry=r
+        self.inflight = gauge("prfaas_inflight_requests", "Requests admitted and not finished")
+        self.queue_depth = gauge(
+            "prfaas_node_queue_depth", "Waiting + running requests per node", node
         )
-        self.queue_depth = Gauge(
-            "prfaas_node_queue_depth",
-            "Waiting + running requests per node",
-            ["cluster", "node"],
-            registry=r,
+        self.node_up = gauge("prfaas_node_up", "1 when the node answers its health poll", node)
+        self.link_gbps = gauge("prfaas_link_gbps", "Measured link throughput", ("src", "dst"))
+        self.link_capacity = gauge(
+            "prfaas_link_capacity_gbps", "Link capacity estimate", ("src", "dst")
         )
-        self.node_up = Gauge(
-            "prfaas_node_up",
-            "1 when the node answers its health poll",
-            ["cluster", "node"],
-            registry=r,
-        )
-        self.link_gbps = Gauge(
-            "prfaas_link_gbps", "Measured link throughput", ["src", "dst"], registry=r
-        )
-        self.link_capacity = Gauge(
-            "prfaas_link_capacity_gbps", "Link capacity estimate", ["src", "dst"], registry=r
-        )
-        self.cache_hit_rate = Gauge(
+        self.cache_hit_rate = gauge(
             "prfaas_prefix_cache_hit_rate",
             "Share of prompt tokens served from the prefix cache",
-            ["cluster", "node"],
-            registry=r,
+            node,
         )
-        self.threshold = Gauge(
-            "prfaas_routing_threshold_tokens", "Current routing threshold t", registry=r
-        )
-        self.role_switches = Counter(
+        self.threshold = gauge("prfaas_routing_threshold_tokens", "Current routing threshold t")
+        self.role_switches = count(
             "prfaas_role_switches_total",
             "PD nodes switched to another role (long-term rebalancing)",
-            ["cluster", "role"],
-            registry=r,
+            ("cluster", "role"),
         )
 
     def observe_request(self, gen: Any, outcome: str = "ok") -> None:

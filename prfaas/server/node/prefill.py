@@ -25,6 +25,7 @@ from prfaas.engine import LLMEngine, RequestOutput
 from prfaas.kv.layout import CacheLayout
 from prfaas.kv.streaming import LayerStreamer, StreamedRequest
 from prfaas.kv.unit import KVExport, TransferHeader
+from prfaas.scheduling.link_view import LinkCounterFold
 from prfaas.server.config import ClusterConfig, DeployConfig, NodeConfig
 from prfaas.server.node.engine_worker import EngineWorker
 from prfaas.server.node.wire import engine_marks, engine_params
@@ -80,6 +81,9 @@ class PrefillSide:
         self.link_down: set[str] = set()
         self.senders: dict[str, Any] = {}  # destination cluster -> sender
         self.peers: dict[str, set[tuple[str, int]]] = {}
+        # per destination: the peers' meters folded into monotone totals (sessions may reopen)
+        self._link_totals: dict[str, LinkCounterFold] = {}
+        self._totals_lock = threading.Lock()
         self.inflight: dict[str, set[Any]] = {}  # destination cluster -> open send streams
         self.active: dict[str, _Prefill] = {}  # request id -> its prefill under way
         self.aborted: OrderedDict[str, None] = OrderedDict()  # recent aborts (refuse late ones)
@@ -122,13 +126,19 @@ class PrefillSide:
         return len(streams)
 
     def link_readings(self) -> dict[str, LinkReading]:
-        """This node's links as the gateway reads them (measured by the senders' monitors)."""
+        """This node's links as the gateway reads them (measured by the senders' meters):
+        ``bytes_total`` / ``busy_s`` are monotone totals over the destination's peers
+        (:class:`~prfaas.scheduling.link_view.LinkCounterFold`).  Any thread."""
         links: dict[str, LinkReading] = {}
         for dst, peers in self.peers.items():
             snaps = []
             for p in list(peers):
                 with contextlib.suppress(Exception):
-                    snaps.append(self.senders[dst].snapshot(p))
+                    snaps.append((p, self.senders[dst].snapshot(p)))
+            with self._totals_lock:
+                fold = self._link_totals.setdefault(dst, LinkCounterFold())
+                total, busy = fold.update({p: (s.bytes_total, s.busy_s) for p, s in snaps})
+            snaps = [s for _, s in snaps]
             lk = self.cfg.link(self.cluster.name, dst)
             links[dst] = LinkReading(
                 up=dst not in self.link_down,
@@ -137,6 +147,8 @@ class PrefillSide:
                 or (lk.nominal_gbps if lk else 0.0),
                 bytes_in_flight=float(sum(s.bytes_in_flight for s in snaps)),
                 bytes_sent=self.counters.bytes_sent.get(dst, 0),
+                bytes_total=int(total),
+                busy_s=busy,
             )
         for dst in self.link_down:
             links.setdefault(dst, LinkReading(up=False))
