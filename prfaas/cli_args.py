@@ -75,6 +75,39 @@ def check_cuda(dev: str) -> str | None:
     return None
 
 
+def check_tp_devices(dev: str, tensor_parallel_size: int) -> str | None:
+    """Why ``tensor_parallel_size`` ranks cannot start from device ``dev`` (one GPU a rank:
+    ``cuda:N`` .. ``cuda:N+size-1``; imports torch for CUDA devices), or None."""
+    if tensor_parallel_size <= 1 or dev == "cpu":
+        return None
+    import torch
+
+    if dev == "auto" and not torch.cuda.is_available():
+        return None
+    first = int(dev.split(":")[1]) if ":" in dev else 0
+    n = torch.cuda.device_count()
+    if first + tensor_parallel_size > n:
+        return (
+            f"--tensor-parallel-size {tensor_parallel_size} on {dev} needs GPUs "
+            f"cuda:{first}..cuda:{first + tensor_parallel_size - 1}; {n} visible"
+        )
+    return None
+
+
+def check_tp_model(model: str, tensor_parallel_size: int) -> str | None:
+    """Why ``model`` (a preset or directory) cannot be split over ``tensor_parallel_size`` ranks
+    (imports the model package), or None."""
+    if tensor_parallel_size <= 1:
+        return None
+    from prfaas.model.config import resolve_config
+    from prfaas.model.tp.shard import check_tp
+
+    try:
+        return check_tp(resolve_config(model), tensor_parallel_size)
+    except ValueError as e:
+        return str(e)
+
+
 def fail(prog: str, message: str) -> NoReturn:
     """The one line every command's argument error prints, exit status 2."""
     print(f"{prog}: error: {message}", file=sys.stderr)

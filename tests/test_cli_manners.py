@@ -20,15 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "numpy", "scipy", "matplotlib", "prfaas.engine.engine")
 
 
-def test_every_help_loads_nothing_heavy():
+@pytest.mark.parametrize("cmd", [None, *sorted(COMMANDS)])
+def test_help_loads_nothing_heavy(cmd):
+    # each command's --help in a fresh interpreter: which modules it loaded (sys.modules)
+    argv = [cmd, "--help"] if cmd else ["--help"]
     probe = f"""
 import json, sys
 from prfaas.cli import main
-for cmd in {sorted(COMMANDS)!r}:
-    try:
-        main([cmd, "--help"])
-    except SystemExit as e:
-        assert e.code == 0, (cmd, e.code)
+try:
+    main({argv!r})
+except SystemExit as e:
+    assert e.code == 0, e.code
 print("PROBE" + json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
 """
     r = subprocess.run(
@@ -36,7 +38,7 @@ print("PROBE" + json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
     )
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("PROBE")]
     assert r.returncode == 0 and line, r.stderr
-    assert json.loads(line[-1][5:]) == []
+    assert json.loads(line[-1][5:]) == [], cmd
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

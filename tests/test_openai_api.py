@@ -76,8 +76,6 @@ def test_out_of_range_and_unknown_fields_name_the_field(client, path, base, extr
         ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, None),
         ("/v1/completions", {**CMPL, "response_format": {"type": "json_schema"}}, None),
-        # a two-cluster deployment does not compute the prompt's logprobs (prfaas serve does)
-        ("/v1/completions", {**CMPL, "echo": True, "logprobs": 1}, "echo"),
         ("/v1/completions", {**CMPL, "max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
         ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice"),

@@ -85,7 +85,7 @@ def test_serve_one_request_through_the_openai_client_then_ctrl_c(tmp_path):
         (["tiny", "--port", "70000"], "port must be in"),
         (["tiny", "--device", "tpu"], "device must be"),
         (["tiny", "--gpu-memory-utilization", "1.5"], "(0, 1]"),
-        (["tiny", "--tensor-parallel-size", "2"], "only 1"),
+        (["tiny", "--tensor-parallel-size", "4"], "does not divide kda_num_heads 2"),
         (["tiny", "--max-model-len", "0"], "positive integer"),
     ],
 )

@@ -499,6 +499,23 @@ def test_a_list_of_prompts_with_n_and_echo(url, offline):
     assert texts == {0: b["choices"][0]["text"], 1: b["choices"][2]["text"]}
 
 
+def test_echo_with_logprobs_scores_the_prompt_on_a_prefill_node(url, offline):
+    # the output's tokens, scored as prompt tokens by a prefill node, have the logprobs the
+    # deployment generated them with; the first prompt token's is null (as vLLM)
+    prompt = rand_prompt(29, 12)
+    gen = complete(url, prompt, max_tokens=4, logprobs=2).json()
+    out = gen["prfaas"]["token_ids"]
+    want = gen["choices"][0]["logprobs"]["token_logprobs"]
+    r = complete(url, prompt + out, max_tokens=0, echo=True, logprobs=2)
+    assert r.status_code == 200, r.text
+    ch = r.json()["choices"][0]
+    lp = ch["logprobs"]
+    assert len(lp["tokens"]) == len(prompt) + 4 and r.json()["usage"]["completion_tokens"] == 0
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][-4:] == pytest.approx(want, abs=1e-3)
+    assert ch["text"] == offline.engine.tokenizer.decode(prompt + out)
+
+
 def test_penalties_bias_and_min_tokens_equal_the_offline_engines(url, offline):
     prompt = rand_prompt(23, 30)
     kw = {

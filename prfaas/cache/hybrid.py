@@ -267,13 +267,7 @@ class HybridCache:
         for b in m.blocks:
             self.blocks.incref(b)
             self.blocks.touch(b)
-        for j in range(len(self.tensors.kda_state)):
-            if m.checkpoint is None:
-                self.tensors.kda_state[j][slot].zero_()
-                self.tensors.conv_state[j][slot].zero_()
-            else:
-                self.tensors.kda_state[j][slot].copy_(self.ckpt_state[j][m.checkpoint])
-                self.tensors.conv_state[j][slot].copy_(self.ckpt_conv[j][m.checkpoint])
+        self._load_slot(slot, m.checkpoint)
         if m.checkpoint is not None:
             self.checkpoints.touch(m.checkpoint)
         self.queries += len(prompt)
@@ -320,9 +314,7 @@ class HybridCache:
             h = seq.hashes[num_computed // bs - 1]
             if self.checkpoints.lookup(h) is None:
                 c = self.checkpoints.allocate()
-                for j in range(len(self.ckpt_state)):
-                    self.ckpt_state[j][c].copy_(self.tensors.kda_state[j][seq.slot])
-                    self.ckpt_conv[j][c].copy_(self.tensors.conv_state[j][seq.slot])
+                self._save_checkpoint(seq.slot, c)
                 self.checkpoints.set_hash(c, h)
                 self.checkpoints.decref(c)  # cached, evictable
 
@@ -338,6 +330,44 @@ class HybridCache:
         self.blocks.check()
         self.checkpoints.check()
         assert len(set(self._free_slots)) == len(self._free_slots)
+
+    # ----- state and KV tensors (a tensor-parallel rank-0 cache mirrors these to its ranks) ------
+    def _load_slot(self, slot: int, checkpoint: int | None) -> None:
+        """A request's state slot from checkpoint ``checkpoint`` (None: zeros)."""
+        for j in range(len(self.tensors.kda_state)):
+            if checkpoint is None:
+                self.tensors.kda_state[j][slot].zero_()
+                self.tensors.conv_state[j][slot].zero_()
+            else:
+                self.tensors.kda_state[j][slot].copy_(self.ckpt_state[j][checkpoint])
+                self.tensors.conv_state[j][slot].copy_(self.ckpt_conv[j][checkpoint])
+
+    def _save_checkpoint(self, slot: int, checkpoint: int) -> None:
+        """Copy state slot ``slot`` into checkpoint ``checkpoint``."""
+        for j in range(len(self.ckpt_state)):
+            self.ckpt_state[j][checkpoint].copy_(self.tensors.kda_state[j][slot])
+            self.ckpt_conv[j][checkpoint].copy_(self.tensors.conv_state[j][slot])
+
+    def read_kda_slot(self, j: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of KDA layer ``j``'s (j-th KDA layer) recurrent and short-conv state in slot
+        ``slot``, all heads, on the cache's device."""
+        return self.tensors.kda_state[j][slot].clone(), self.tensors.conv_state[j][slot].clone()
+
+    def write_kda_slot(self, j: int, slot: int, state: torch.Tensor, conv: torch.Tensor) -> None:
+        """Write all heads' recurrent and short-conv state of KDA layer ``j`` into ``slot``."""
+        self.tensors.kda_state[j][slot].copy_(state)  # one copy, any device and dtype
+        self.tensors.conv_state[j][slot].copy_(conv)
+
+    def mla_rows_written(
+        self, j: int, seq: SeqCache, token_start: int, token_end: int, kv: torch.Tensor
+    ) -> None:
+        """Called after ``kv`` was written as the latents of tokens [token_start, token_end) of
+        ``seq`` in MLA layer ``j`` (a tensor-parallel cache sends them to its other ranks)."""
+
+    def write_mla_rows(self, j: int, rows: torch.Tensor, kv: torch.Tensor) -> None:
+        """Write latent rows ``kv`` (n, latent_dim) of MLA layer ``j`` at flat rows ``rows``."""
+        flat = self.tensors.mla_kv[j].view(-1, self.tensors.mla_kv[j].shape[-1])
+        flat.index_copy_(0, rows.to(flat.device), kv.to(flat.device, flat.dtype))
 
     def rows(self, seq: SeqCache, start: int, end: int) -> torch.Tensor:
         """Flat cache rows (block * block_size + offset) of positions [start, end)."""

@@ -8,7 +8,14 @@ import json
 import sys
 import time
 
-from prfaas.cli_args import check_cuda, device, fail, positive_int
+from prfaas.cli_args import (
+    check_cuda,
+    check_tp_devices,
+    check_tp_model,
+    device,
+    fail,
+    positive_int,
+)
 from prfaas.cli_progress import counter, stages
 
 
@@ -26,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=positive_int,
+        default=1,
+        help="ranks of the engine, one process (and GPU) each",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=run)
 
@@ -45,7 +59,12 @@ def check_args(args: argparse.Namespace) -> None:
         resolve_config(args.model)
     except ValueError as e:
         fail(prog, str(e))
-    why = check_cuda(args.device)
+    tp = args.tensor_parallel_size
+    why = (
+        check_cuda(args.device)
+        or check_tp_model(args.model, tp)
+        or check_tp_devices(args.device, tp)
+    )
     if why:
         fail(prog, why)
 
@@ -53,7 +72,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     try:
-        engine = load_engine(args.model, args.device)
+        engine = load_engine(args.model, args.device, args.tensor_parallel_size)
         from prfaas.engine import SamplingParams
 
         params = SamplingParams(
@@ -64,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         t0 = time.perf_counter()
-        outs = generate(engine, args.prompts, params)
+        try:
+            outs = generate(engine, args.prompts, params)
+        finally:
+            engine.close()  # a tensor-parallel engine's ranks
     except ValueError as e:
         fail("prfaas generate", str(e))
     except KeyboardInterrupt:
@@ -93,20 +115,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_engine(model: str, device: str):  # noqa: ANN201 - an LLMEngine
-    """The engine of ``model`` on ``device``, under a progress bar from the start (torch's
-    import included: the first thing the command shows comes at once)."""
+def load_engine(model: str, device: str, tensor_parallel_size: int = 1):  # noqa: ANN201
+    """The engine (an LLMEngine) of ``model`` on ``device``, under a progress bar from the start
+    (torch's import included: the first thing the command shows comes at once); with
+    ``tensor_parallel_size`` > 1 the engine starts its ranks and builds their models itself."""
     names = ["loading torch", f"building {model}", "allocating the KV cache"]
     with stages("prfaas generate", names) as st:
         from prfaas.engine import EngineConfig, LLMEngine
         from prfaas.model.checkpoint import build_model
 
-        cfg = EngineConfig(model=model, device=device)
+        cfg = EngineConfig(model=model, device=device, tensor_parallel_size=tensor_parallel_size)
         dev, dt = cfg.resolved_device(), cfg.resolved_dtype()
         st.next(f"building {model} on {dev}")
-        m = build_model(model, dev, dt, cfg.seed)
-        st.next()
-        engine = LLMEngine(cfg, model=m)
+        if tensor_parallel_size > 1:
+            engine = LLMEngine(cfg)
+            st.next()
+        else:
+            m = build_model(model, dev, dt, cfg.seed)
+            st.next()
+            engine = LLMEngine(cfg, model=m)
         st.next()
     return engine
 

@@ -35,8 +35,13 @@ class EngineConfig:
     # before step k's tokens are read back, so the host's work overlaps the GPU's; outputs come
     # one step() call later
     async_decode: bool = True
+    # ranks of one instance (vLLM's name): heads, MLP widths and experts split over that many
+    # processes (prfaas.model.tp; docs/tensor_parallel.md). > 1: no CUDA graphs, no async_decode
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_model_len < 2:

@@ -17,10 +17,12 @@ The engine is not thread-safe: one thread drives it (``server.engine_worker``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -77,17 +79,40 @@ class LLMEngine:
     ) -> None:
         self.config = cfg = config or EngineConfig()
         self.device, self.dtype = cfg.resolved_device(), cfg.resolved_dtype()
-        self.model = model or build_model(cfg.model, self.device, self.dtype, cfg.seed)
-        self.model_config = self.model.config
-        self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
-        cache_cfg, self.memory_plan = cfg.cache_config(), None
-        if self.device.type == "cuda" and cfg.num_blocks is None:
-            self.memory_plan = plan_memory(
-                self.model, cache_cfg, cfg.gpu_memory_utilization, cfg.max_num_batched_tokens
+        self.tp = None  # tensor_parallel_size > 1: the ranks (prfaas.engine.tp_runtime)
+        if cfg.tensor_parallel_size > 1:
+            if model is not None:
+                raise ValueError("a tensor-parallel engine builds its ranks' models itself")
+            from prfaas.engine.tp_runtime import TPRuntime
+
+            self.config = cfg = dataclasses.replace(cfg, cuda_graphs=False, async_decode=False)
+            self.tp = TPRuntime(
+                cfg.model, cfg.tensor_parallel_size, self.device, self.dtype, cfg.seed
             )
-            cache_cfg = self.memory_plan.cache_config
-        self.cache = HybridCache(self.model_config, cache_cfg, self.device, self.dtype)
-        self.runner = ModelRunner(self.model, cuda_graphs=cfg.cuda_graphs)
+            self.model = self.tp.model
+        else:
+            self.model = model or build_model(cfg.model, self.device, self.dtype, cfg.seed)
+        self.model_config = self.model.config
+        try:
+            self.tokenizer = tokenizer or load_tokenizer(cfg.model, self.model_config.eos_token_id)
+            cache_cfg, self.memory_plan = cfg.cache_config(), None
+            if self.device.type == "cuda" and cfg.num_blocks is None:
+                plan = (
+                    self.tp.plan_memory if self.tp is not None else partial(plan_memory, self.model)
+                )
+                self.memory_plan = plan(
+                    cache_cfg, cfg.gpu_memory_utilization, cfg.max_num_batched_tokens
+                )
+                cache_cfg = self.memory_plan.cache_config
+            if self.tp is not None:
+                self.cache = self.tp.make_cache(cache_cfg, self.dtype)
+                self.runner = self.tp.runner()
+            else:
+                self.cache = HybridCache(self.model_config, cache_cfg, self.device, self.dtype)
+                self.runner = ModelRunner(self.model, cuda_graphs=cfg.cuda_graphs)
+        except BaseException:
+            self.close()
+            raise
         # a request ends on these unless it sets ignore_eos
         self.stop_ids = stop_ids_of(self.tokenizer)
         self.scheduler = Scheduler(cfg.scheduler_config(self.stop_ids), self.cache)
@@ -96,6 +121,11 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_pipelined_steps = 0  # async_decode: steps launched before the last was read back
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do for one rank); idempotent."""
+        if self.tp is not None:
+            self.tp.close()
 
     # ----- requests in ------------------------------------------------------------------------
     def _new_id(self) -> str:
@@ -376,6 +406,7 @@ class LLMEngine:
             for r in done:
                 listener(r, export_layer(self.cache, r.cache, layer, r.kv_start, r.handoff_at))
 
+        on_layer.slots = [r.cache.slot for r in done]  # type: ignore[attr-defined] # TP: gathered
         return on_layer
 
     # ----- pipelined greedy decode (async_decode) ---------------------------------------------
@@ -503,7 +534,10 @@ class LLMEngine:
             token_end=len(req.prompt) - 1,
             prompt_token_ids=list(req.prompt),
             prefix_hashes=hash_chain(req.prompt, bs),
-            meta={"seed": req.sampler.seed},
+            meta={
+                "seed": req.sampler.seed,
+                "tensor_parallel_size": self.config.tensor_parallel_size,
+            },
         )
 
     def export_request(self, request_id: str, token_start: int = 0) -> KVExport:

@@ -41,15 +41,8 @@ def export_layer(
         flat = cache.tensors.mla_kv[j].view(-1, model.latent_dim)
         kv = flat[cache.rows(seq, token_start, token_end)]  # a gather: a copy
         return LayerPart(layer, "mla", {"kv": kv})
-    j = model.kda_layers.index(layer)
-    return LayerPart(
-        layer,
-        "kda",
-        {
-            "state": cache.tensors.kda_state[j][seq.slot].clone(),
-            "conv": cache.tensors.conv_state[j][seq.slot].clone(),
-        },
-    )
+    state, conv = cache.read_kda_slot(model.kda_layers.index(layer), seq.slot)
+    return LayerPart(layer, "kda", {"state": state, "conv": conv})
 
 
 def expected_shapes(model: ModelConfig, layer: int, num_tokens: int) -> dict[str, tuple[int, ...]]:
@@ -115,11 +108,10 @@ def write_layer(
         else:  # scattered blocks: one gather-scatter (on a GPU, through a device temporary)
             rows = cache.rows(seq, token_start, token_end)
             flat.index_copy_(0, rows.to(flat.device), kv.to(flat.device, flat.dtype))
+        cache.mla_rows_written(j, seq, token_start, token_end, kv)  # tensor parallel: to the ranks
     else:
         j = model.kda_layers.index(p.layer)
-        st, cv = cache.tensors.kda_state[j], cache.tensors.conv_state[j]
-        st[seq.slot].copy_(p.tensors["state"])
-        cv[seq.slot].copy_(p.tensors["conv"])
+        cache.write_kda_slot(j, seq.slot, p.tensors["state"], p.tensors["conv"])
 
 
 MAX_RUNS = 64  # more runs of consecutive blocks than this: one index_copy_ instead

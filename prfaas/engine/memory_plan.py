@@ -93,7 +93,7 @@ def profile_peak_forward(model: HybridForCausalLM, tokens: int, block_size: int 
     """Bytes a prefill of ``tokens`` tokens allocates above what was allocated before it (the
     throw-away cache it writes excluded)."""
     dev = model.lm_head.weight.device
-    cfg = model.config
+    cfg = model.kv_geometry  # a tensor-parallel rank's cache holds its heads only
     cache = HybridCache(
         cfg,
         CacheConfig(block_size, -(-tokens // block_size) + 1, 1, num_checkpoints=1),
@@ -137,9 +137,10 @@ def plan_memory(
     non_torch = max(0, total - free - torch.cuda.memory_reserved(dev))
     budget = int(utilization * total) - allocated - peak - non_torch - graph_reserve_bytes
     dtype_bytes = model.lm_head.weight.element_size()
-    cc = size_cache(model.config, base, budget, dtype_bytes, checkpoint_fraction)
-    state = model.config.kda_state_bytes(dtype_bytes)
-    block = base.block_size * model.config.mla_bytes_per_token(dtype_bytes)
+    geometry = model.kv_geometry  # per rank under tensor parallelism
+    cc = size_cache(geometry, base, budget, dtype_bytes, checkpoint_fraction)
+    state = geometry.kda_state_bytes(dtype_bytes)
+    block = base.block_size * geometry.mla_bytes_per_token(dtype_bytes)
     return MemoryPlan(
         total_bytes=int(total),
         utilization=utilization,

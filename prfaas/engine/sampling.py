@@ -209,6 +209,9 @@ def prompt_logprobs(
     model's device."""
     if not prompt:
         return []
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for t in prompt):
+        raise ValueError(f"prompt token ids must be in [0, {vocab})")
     dev = next(model.parameters()).device
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=dev)
     logits = model(ids)[0, :-1]  # position i predicts token i + 1

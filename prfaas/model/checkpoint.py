@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from prfaas.model.config import ModelConfig, resolve_config
 from prfaas.model.materialize import empty_model, random_model
 from prfaas.model.model import HybridForCausalLM
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.shard import shard_tensor
 from prfaas.tokenizer.loader import BYTE_TOKENIZER_CLASS
 
 # parameters kept in float32 whatever the load dtype (name suffixes): the router's gate weight and
@@ -60,10 +62,14 @@ def _checkpoint_files(d: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tp: TPGroup | None = None,
 ) -> HybridForCausalLM:
     """Build the model from ``config.json`` and load every tensor; missing or unexpected names and
-    shape mismatches are errors.
+    shape mismatches are errors. With ``tp`` (tensor parallel): the rank's model, each tensor read
+    whole and sliced (:mod:`prfaas.model.tp.shard`).
 
     Streams: the parameters are allocated empty on ``device`` first (experts stacked, see
     :mod:`prfaas.model.materialize`), then each shard is opened in turn and each tensor read,
@@ -104,12 +110,15 @@ def load_checkpoint(
             return src
         return torch.float32 if keeps_fp32(name) else dtype
 
-    model = empty_model(cfg, device, dtype_of)
+    model = empty_model(cfg, device, dtype_of, tp)
     params = dict(model.named_parameters(remove_duplicate=False))
+    rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
     with torch.no_grad():
         for f in files:
             for k, t in _read_tensors(f):
-                params[k].copy_(t.to(params[k].device))
+                got = shard_tensor(cfg, k, t, rank, size)
+                if got is not None:
+                    params[got[0]].copy_(got[1].to(params[got[0]].device))
     return model.eval()
 
 
@@ -165,16 +174,18 @@ def build_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    tp: TPGroup | None = None,
 ) -> HybridForCausalLM:
     """A checkpoint directory (config.json + safetensors) or a preset with random weights. On a
     GPU the random weights are drawn there (no host copy: see :mod:`prfaas.model.materialize`);
-    on the CPU they are the CPU generator's draws from ``seed``, as ever."""
+    on the CPU they are the CPU generator's draws from ``seed``, as ever. With ``tp``: the model
+    of that tensor-parallel rank (random presets: its slices of the same whole model)."""
     if isinstance(model, str) and Path(model).is_dir() and list(Path(model).glob("*.safetensors")):
-        return load_checkpoint(model, device=device, dtype=dtype)
+        return load_checkpoint(model, device=device, dtype=dtype, tp=tp)
     cfg = resolve_config(model)
     if torch.device(device).type != "cpu":
         return random_model(
-            cfg, device, lambda n, p: torch.float32 if keeps_fp32(n) else dtype, seed
+            cfg, device, lambda n, p: torch.float32 if keeps_fp32(n) else dtype, seed, tp
         )
-    m = HybridForCausalLM(cfg).init_weights(seed)
+    m = HybridForCausalLM(cfg, tp).init_weights(seed)
     return cast_model(m.to(device=device), dtype).eval()

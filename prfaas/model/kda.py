@@ -16,12 +16,17 @@ from torch import nn
 from prfaas.model import kda_ops, triton_ops
 from prfaas.model.config import ModelConfig
 from prfaas.model.layers import RMSNorm, stacked_weight
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.layers import row_linear, tp_size
 
 
 class KDAAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """``tp`` (tensor parallel): the rank's ``kda_num_heads / size`` heads; ``o_proj`` sums the
+    ranks' partial outputs. H and W below are the rank's heads and width."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        h, H, D = cfg.hidden_size, cfg.kda_num_heads, cfg.kda_head_dim
+        h, H, D = cfg.hidden_size, cfg.kda_num_heads // tp_size(tp), cfg.kda_head_dim
         W = H * D
         self.H, self.D, self.W, self.kernel = H, D, W, cfg.short_conv_kernel_size
         self.q_proj = nn.Linear(h, W, bias=False)
@@ -38,7 +43,7 @@ class KDAAttention(nn.Module):
         self.g_a_proj = nn.Linear(h, D, bias=False)
         self.g_b_proj = nn.Linear(D, W, bias=False)
         self.o_norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.o_proj = nn.Linear(W, h, bias=False)
+        self.o_proj = row_linear(cfg.kda_num_heads * D, h, tp)
         self.scale = 1.0 / math.sqrt(D)
         self._fused: dict = {}
         self._fused_conv: dict = {}

@@ -8,6 +8,8 @@ from torch import nn
 
 from prfaas.model import moe_ops, triton_ops
 from prfaas.model.config import ModelConfig
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.layers import ep_experts_forward, row_linear, tp_size
 
 
 def _version(t: torch.Tensor) -> int:
@@ -56,13 +58,23 @@ class RMSNorm(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU MLP with HF names gate_proj / up_proj / down_proj."""
+    """SwiGLU MLP with HF names gate_proj / up_proj / down_proj.
 
-    def __init__(self, hidden: int, inter: int) -> None:
+    With ``tp`` (tensor parallel): the rank's ``inter / size`` columns of the width; ``down_proj``
+    sums the ranks' partial outputs unless ``reduce`` is False (the MoE's shared experts: the MoE
+    sums once for routed and shared experts together)."""
+
+    def __init__(
+        self, hidden: int, inter: int, tp: TPGroup | None = None, reduce: bool = True
+    ) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        n = tp_size(tp)
+        self.gate_proj = nn.Linear(hidden, inter // n, bias=False)
+        self.up_proj = nn.Linear(hidden, inter // n, bias=False)
+        if reduce:
+            self.down_proj = row_linear(inter, hidden, tp)
+        else:
+            self.down_proj = nn.Linear(inter // n, hidden, bias=False)
         self._gate_up: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,22 +114,29 @@ class SparseMoE(nn.Module):
     weights; a later ``.to()`` or ``load_state_dict(assign=True)`` unpacks them, and the next fused
     forward packs again). Elsewhere ``forward`` is the reference: a loop over the chosen experts.
     ``record`` (a list, default None): the whole-batch path appends each call's expert ids (the
-    benchmarks count the experts a step touches)."""
+    benchmarks count the experts a step touches).
+
+    With ``tp`` (expert parallel): the router is whole, the rank holds experts
+    ``first .. first + E / size - 1`` (``experts[0]`` is global expert ``first``) and the shared
+    experts' slice of the width; :meth:`forward` sums the ranks' partial outputs."""
 
     CHUNK = 16384  # tokens per pass of the whole-batch path
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         h = cfg.hidden_size
+        n = tp_size(tp)
+        self.tp = tp if n > 1 else None
+        self.first = (cfg.num_experts // n) * (tp.rank if n > 1 else 0)
         self.top_k = cfg.num_experts_per_token
         self.renormalize = cfg.moe_renormalize
         self.scaling = cfg.routed_scaling_factor
         self.gate = MoEGate(h, cfg.num_experts)
         self.experts = nn.ModuleList(
-            [Expert(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)]
+            [Expert(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts // n)]
         )
         self.shared_experts = (
-            DenseMLP(h, cfg.moe_intermediate_size * cfg.num_shared_experts)
+            DenseMLP(h, cfg.moe_intermediate_size * cfg.num_shared_experts, tp, reduce=False)
             if cfg.num_shared_experts
             else None
         )
@@ -176,9 +195,26 @@ class SparseMoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:
+            return self.forward_expert_parallel(x)
         if triton_ops.enabled(x):
             return self.forward_grouped(x)
         return self.forward_reference(x)
+
+    def forward_expert_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        """The rank's experts' share plus its shared-expert share, summed over the ranks."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if x.shape[0] > self.CHUNK:
+            parts = [self.forward_expert_parallel(c) for c in x.split(self.CHUNK)]
+            return torch.cat(parts).reshape(shape)
+        w, idx = self.route(x)
+        if self.record is not None:
+            self.record.append(idx)
+        w13, w2 = self.pack_experts()
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        out = ep_experts_forward(x, w, idx, self.first, w13, w2, shared)
+        return self.tp.all_reduce(out).reshape(shape)
 
     def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
         """The whole-batch path (:mod:`moe_ops`): no host sync on CUDA; on the CPU the grouped

@@ -19,20 +19,24 @@ from torch import nn
 from prfaas.model.config import ModelConfig
 from prfaas.model.layers import SparseMoE
 from prfaas.model.model import HybridForCausalLM
+from prfaas.model.tp.group import TPGroup
 
 DtypeOf = Callable[[str, torch.Tensor], torch.dtype]
 
 
 def empty_model(
-    cfg: ModelConfig, device: str | torch.device, dtype_of: DtypeOf | torch.dtype
+    cfg: ModelConfig,
+    device: str | torch.device,
+    dtype_of: DtypeOf | torch.dtype,
+    tp: TPGroup | None = None,
 ) -> HybridForCausalLM:
-    """The model with uninitialised parameters on ``device``. ``dtype_of(name, meta_param)`` (or
-    one dtype for all floating parameters) gives each parameter's dtype; the experts of a layer
-    take the dtype of its expert 0's ``w1``."""
+    """The model (of tensor-parallel rank ``tp``, if given) with uninitialised parameters on
+    ``device``. ``dtype_of(name, meta_param)`` (or one dtype for all floating parameters) gives
+    each parameter's dtype; the experts of a layer take the dtype of its expert 0's ``w1``."""
     dev = torch.device(device)
     pick: DtypeOf = (lambda n, p: dtype_of) if isinstance(dtype_of, torch.dtype) else dtype_of
     with torch.device("meta"):
-        model = HybridForCausalLM(cfg)
+        model = HybridForCausalLM(cfg, tp)
     for name, mod in model.named_modules():
         if isinstance(mod, SparseMoE):
             w1 = mod.experts[0].w1.weight
@@ -53,8 +57,12 @@ def empty_model(
 
 
 def random_model(
-    cfg: ModelConfig, device: str | torch.device, dtype: DtypeOf | torch.dtype, seed: int = 0
+    cfg: ModelConfig,
+    device: str | torch.device,
+    dtype: DtypeOf | torch.dtype,
+    seed: int = 0,
+    tp: TPGroup | None = None,
 ) -> HybridForCausalLM:
     """Random weights drawn on ``device`` (see ``init_weights``), each parameter in the dtype
-    ``dtype`` gives it (see :func:`empty_model`)."""
-    return empty_model(cfg, device, dtype).init_weights(seed).eval()
+    ``dtype`` gives it (see :func:`empty_model`); with ``tp``, the rank's slices of them."""
+    return empty_model(cfg, device, dtype, tp).init_weights(seed).eval()

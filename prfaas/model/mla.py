@@ -15,6 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from prfaas.model.config import ModelConfig
 from prfaas.model.layers import RMSNorm
 from prfaas.model.mla_paged import paged_mla_decode
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.layers import row_linear, tp_size
 
 
 def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
@@ -31,13 +33,17 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 class MLAAttention(nn.Module):
+    """``tp`` (tensor parallel): the rank's ``num_attention_heads / size`` heads (``nh``); the
+    latent projection is whole (every rank computes and caches the same latent KV); ``o_proj``
+    sums the ranks' partial outputs."""
+
     # does SDPA run a fused kernel with v narrower than q/k? (per kind: causal, explicit mask)
     _narrow_v_ok: dict[bool, bool] = {}
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        h, nh = cfg.hidden_size, cfg.num_attention_heads
+        h, nh = cfg.hidden_size, cfg.num_attention_heads // tp_size(tp)
         self.nh = nh
         self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -45,7 +51,7 @@ class MLAAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(h, self.rank + self.rope, bias=False)
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.kv_a_layernorm_eps)
         self.kv_b_proj = nn.Linear(self.rank, nh * (self.nope + self.vdim), bias=False)
-        self.o_proj = nn.Linear(nh * self.vdim, h, bias=False)
+        self.o_proj = row_linear(cfg.num_attention_heads * self.vdim, h, tp)
         self.scale = (self.nope + self.rope) ** -0.5
 
     # ----- projections ------------------------------------------------------------------------

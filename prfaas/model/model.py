@@ -8,7 +8,6 @@ Two entry points that compute the same function:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,9 +18,12 @@ from torch import nn
 from prfaas.model import kda_ops
 from prfaas.model.batch import CacheTensors, SeqInput
 from prfaas.model.config import ModelConfig
+from prfaas.model.init_values import init_value
 from prfaas.model.kda import KDAAttention
 from prfaas.model.layers import DenseMLP, RMSNorm, SparseMoE
 from prfaas.model.mla import MLAAttention
+from prfaas.model.tp.group import TPGroup
+from prfaas.model.tp.shard import kv_geometry
 
 
 @dataclass
@@ -39,16 +41,16 @@ class DecodeBatch:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int) -> None:
+    def __init__(self, cfg: ModelConfig, i: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.kind = cfg.layer_kind(i)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAAttention(cfg) if self.kind == "mla" else KDAAttention(cfg)
+        self.self_attn = MLAAttention(cfg, tp) if self.kind == "mla" else KDAAttention(cfg, tp)
         if cfg.is_moe_layer(i):
-            self.block_sparse_moe = SparseMoE(cfg)
+            self.block_sparse_moe = SparseMoE(cfg, tp)
         else:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, tp)
 
     def mlp_out(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP (or MoE) of the already normalised h, without the residual."""
@@ -68,18 +70,26 @@ class DecoderLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class HybridForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """``tp`` (a ``TPGroup`` of size > 1): the model of one tensor-parallel rank (its heads,
+    MLP width and experts: :mod:`prfaas.model.tp.shard`); ``config`` stays the whole model's and
+    ``kv_geometry`` is the geometry of the rank's cache tensors (``config`` without tp)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = _Backbone(cfg)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.kv_geometry = kv_geometry(cfg, tp.size) if self.tp is not None else cfg
+        self.model = _Backbone(cfg, self.tp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -94,27 +104,17 @@ class HybridForCausalLM(nn.Module):
         on each parameter's device (one generator per device, seeded with ``seed``): a model on the
         CPU gets the same weights as ever; one built on a GPU gets its own draw without any host
         copy of the weights."""
+        if self.tp is not None:  # the whole model's draws, each rank keeping its slices
+            from prfaas.model.tp.weights import init_rank_weights
+
+            init_rank_weights(self, seed)
+            return self
         gens: dict[torch.device, torch.Generator] = {}
         for name, p in self.named_parameters():
             gen = gens.get(p.device)
             if gen is None:
                 gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            kw = {"generator": gen, "device": p.device}
-            if name.endswith("A_log"):
-                vals = torch.empty(p.shape, device=p.device).uniform_(1, 16, generator=gen).log()
-            elif name.endswith("dt_bias"):
-                dt = torch.exp(
-                    torch.rand(p.shape, **kw) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
-                )
-                vals = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-            elif name.endswith("e_score_correction_bias"):
-                vals = torch.randn(p.shape, **kw) * 0.01
-            elif "norm" in name:
-                vals = torch.ones(p.shape, device=p.device)
-            elif name.endswith("embed_tokens.weight"):
-                vals = torch.randn(p.shape, **kw)
-            else:  # linear and conv weights
-                vals = torch.randn(p.shape, **kw) * (1 / math.sqrt(p.shape[-1]))
+            vals = init_value(name, p.shape, gen, p.device)
             p.copy_(vals.to(p.dtype))
             del vals
         return self

@@ -1,24 +1,30 @@
 """The routed-expert MoE as a few whole-batch kernels, with no host synchronisation (so a decode
 step that runs it can be captured in a CUDA graph).
 
-Contract of :func:`grouped_moe` (the same function as ``SparseMoE``'s reference loop, which stays
-the readable version):
+Contract of :func:`experts_forward` with :func:`route` (the same function as ``SparseMoE``'s
+reference loop, which stays the readable version):
 
-1. routing: ``scores = sigmoid(x W_gate^T)`` in fp32; the experts are the top-k of
-   ``scores + e_score_correction_bias`` (the bias chooses, it does not weight); the weights are the
-   chosen *scores*, renormalised to sum 1 (optional) and times ``routed_scaling_factor``;
-2. permutation: the T*k (token, expert) pairs sorted by expert (a stable sort on the device); the
-   group ends (``offs``, int32, cumulative) come from a ``searchsorted`` over the sorted ids, not
-   from a host-side count;
-3. one grouped GEMM over the stacked gate|up weights ``w13`` (E, 2I, H), SiLU(gate) * up times the
-   pair's routing weight (one kernel on the GPU), one grouped GEMM over the stacked down weights
-   ``w2`` (E, H, I);
-4. un-permutation and the sum over each token's k rows in one gather (the inverse permutation
-   says where pair t*k + j lies; no atomics, deterministic), with the shared experts' output added
-   in the same pass.
+1. routing (:func:`route`): ``scores = sigmoid(x W_gate^T)`` in fp32; the experts are the top-k of
+   ``scores + e_score_correction_bias`` (the bias chooses, it does not weight), largest first; the
+   weights are the chosen *scores*, renormalised to sum 1 (optional) and times
+   ``routed_scaling_factor``. On CUDA two Triton kernels (logits, then a per-token top-k);
+2. the experts: ``sum_j weight_j * w2_e (silu(w1_e x) * w3_e x)`` over each token's k experts
+   ``e``, with ``w13`` (E, 2I, H) the stacked [w1 | w3] and ``w2`` (E, H, I), plus the shared
+   experts, summed in fp32, returned in x's dtype. On CUDA, by size (pairs = tokens * k):
 
-On CUDA the grouped GEMMs are ``torch._grouped_mm`` (CUTLASS, bf16 on Hopper); elsewhere
-:func:`grouped_mm_reference`, a loop over the groups (it reads the group ends on the host).
+   * at most ``SMALL_PAIRS``: :func:`pair_experts`, two Triton kernels and no permutation (one
+     streams each pair's gate and up rows with SiLU and the weight in its epilogue, the shared
+     expert as one more pair; one streams each token's down rows and sums);
+   * up to ``TRITON_MAX_PAIRS``: :func:`align_blocks` (each expert's pairs padded to whole row
+     blocks on the device) and :func:`fused_experts`, a Triton grouped GEMM that gathers its
+     rows inside the kernel, twice, then :func:`combine`;
+   * above: a stable sort of the pairs by expert, group ends by ``searchsorted``,
+     ``torch._grouped_mm`` (CUTLASS, bf16 on Hopper) for gate|up and for down, the inverse
+     permutation and :func:`combine` (one deterministic gather, no atomics).
+
+   Elsewhere (CPU) the sort path with :func:`grouped_mm_reference`, a loop over the groups that
+   reads the group ends on the host. The block sizes were tuned on an H200
+   (benchmarks/gpu_tune_moe.py, benchmarks/results/moe_tune_h200.md).
 """
 
 from __future__ import annotations

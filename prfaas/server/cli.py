@@ -8,7 +8,15 @@ import asyncio
 import logging
 import sys
 
-from prfaas.cli_args import check_bindable, check_cuda, device, fail, port
+from prfaas.cli_args import (
+    check_bindable,
+    check_cuda,
+    check_tp_devices,
+    device,
+    fail,
+    port,
+    positive_int,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument(
         "--link-gbps", type=float, default=None, help="bandwidth of every emulated link"
     )
+    up.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=positive_int,
+        default=None,
+        help="ranks (GPUs) of every node without its own tensor_parallel_size (default: config)",
+    )
     up.add_argument("--smoke", action="store_true", help="send a few requests, print them, exit")
     up.add_argument(
         "--prefix-pool",
@@ -48,6 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--node", required=True, help="node name in the deployment config")
     node.add_argument("--ready-file", default=None, help="write the bound ports here (JSON)")
     node.add_argument("--parent-pid", type=int, default=None, help="exit when this parent is gone")
+    node.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=positive_int,
+        default=None,
+        help="this node's ranks, one process and GPU each (default: config)",
+    )
     node.set_defaults(func=run_node_cmd)
 
     router = sub.add_parser("router", help="run the gateway/router against already running nodes")
@@ -130,6 +152,8 @@ def run_up_cmd(args: argparse.Namespace) -> int:
         if args.link_gbps is not None:
             for lk in cfg.links:
                 lk.gbps, lk.schedule = args.link_gbps, []
+        if args.tensor_parallel_size is not None:
+            cfg.engine["tensor_parallel_size"] = args.tensor_parallel_size
         cfg.validate()  # everything, the engine settings too (torch: the nodes start here anyway)
         from prfaas.model.config import resolve_config
 
@@ -143,6 +167,7 @@ def run_up_cmd(args: argparse.Namespace) -> int:
     for c in cfg.clusters:
         for n in c.nodes:
             why = why or (check_cuda(n.device) if n.device else None)
+            why = why or _tp_devices(n.name, n.device or cfg.device, cfg.node_tp(n))
     if why:
         fail("prfaas up", why)
     from prfaas.server.auth import resolve_api_key
@@ -172,9 +197,20 @@ def run_node_cmd(args: argparse.Namespace) -> int:
 
         _, node = cfg.node(args.node)
         check_node_secret(node.host, cfg.secret)
+        if args.tensor_parallel_size is not None:
+            node.tensor_parallel_size = args.tensor_parallel_size
+            cfg.validate()
     except ValueError as e:
         fail(f"prfaas {args.command}", str(e))
+    why = _tp_devices(node.name, node.device or cfg.device, cfg.node_tp(node))
+    if why:
+        fail(f"prfaas {args.command}", why)
     return run_node(cfg, args.node, args.ready_file, args.parent_pid, args.log_level)
+
+
+def _tp_devices(name: str, dev: str, tp: int) -> str | None:
+    why = check_tp_devices(dev, tp)
+    return f"node {name!r}: {why}" if why else None
 
 
 def run_router_cmd(args: argparse.Namespace) -> int:

@@ -36,6 +36,9 @@ class NodeConfig:
     http_port: int = 0
     kv_port: int = 0
     device: str = ""  # this node's engine device ("cuda:1", "cpu", ...); "" = the deployment's
+    # ranks of this node's engine (its GPUs: device, device+1, ...); 0 = the deployment's
+    # engine.tensor_parallel_size (default 1)
+    tensor_parallel_size: int = 0
 
     @property
     def url(self) -> str:
@@ -161,19 +164,26 @@ class DeployConfig:
         names = {f.name for f in dataclasses.fields(EngineLimits)}
         return EngineLimits(**{k: v for k, v in self.engine.items() if k in names})
 
-    def engine_config(self, role: str, device: str | None = None) -> EngineConfig:
-        """The engine settings of a node of ``role``; ``device`` (a node's own) overrides the
-        deployment's."""
+    def engine_config(
+        self, role: str, device: str | None = None, tensor_parallel_size: int = 0
+    ) -> EngineConfig:
+        """The engine settings of a node of ``role``; ``device`` and ``tensor_parallel_size``
+        (a node's own, when set) override the deployment's."""
         from prfaas.engine import EngineConfig
 
-        return EngineConfig(
-            model=self.model, role=role, device=device or self.device, **self.engine
-        )
+        kw = dict(self.engine)
+        if tensor_parallel_size:
+            kw["tensor_parallel_size"] = tensor_parallel_size
+        return EngineConfig(model=self.model, role=role, device=device or self.device, **kw)
+
+    def node_tp(self, n: NodeConfig) -> int:
+        """The tensor-parallel size node ``n`` runs with."""
+        return n.tensor_parallel_size or int(self.engine.get("tensor_parallel_size", 1))
 
     def node_engine_config(self, name: str) -> EngineConfig:
         """The engine settings of node ``name`` (its role, and its device if it names one)."""
         _, n = self.node(name)
-        return self.engine_config(n.role, n.device or None)
+        return self.engine_config(n.role, n.device or None, n.tensor_parallel_size)
 
     @property
     def prfaas_cluster(self) -> str | None:
@@ -212,6 +222,20 @@ class DeployConfig:
                 if n.name in names:
                     raise ValueError(f"node name {n.name!r} used twice")
                 names.add(n.name)
+                if n.tensor_parallel_size < 0:
+                    raise ValueError(f"node {n.name!r}: tensor_parallel_size must be >= 1")
+                if self.node_tp(n) > 1 and self.prefix_pool:
+                    raise ValueError(
+                        f"node {n.name!r}: tensor_parallel_size > 1 does not support "
+                        "prefix_pool (the second cache tier) yet"
+                    )
+                if self.node_tp(n) > 1 and full:
+                    from prfaas.model.config import resolve_config
+                    from prfaas.model.tp.shard import check_tp
+
+                    why = check_tp(resolve_config(self.model), self.node_tp(n))
+                    if why:
+                        raise ValueError(f"node {n.name!r}: {why}")
                 if n.device and full:
                     try:
                         self.engine_config(n.role, n.device).resolved_device()

@@ -162,18 +162,12 @@ class LocalBackend:
             raise
         return Generation(route, LocalStream(self.worker, exp), self.release, arrival, len(prompt))
 
-    async def prompt_logprobs(self, prompt: list[int], k: int) -> list[TokenLogprobMsg | None]:
-        """Each prompt token's log-probability and top ``k`` (None for the first), computed in
+    async def prompt_logprobs(self, prompt: list[int], k: int) -> list[TokenLogprobMsg]:
+        """The log-probability and top ``k`` of each prompt token after the first, computed in
         the engine thread (``prfaas.engine.sampling.prompt_logprobs``)."""
 
-        def run(eng: LLMEngine) -> list[TokenLogprobMsg | None]:
-            lps = prompt_logprobs(eng.model, prompt, k)
-            return [
-                None
-                if lp is None
-                else TokenLogprobMsg(token_id=lp.token_id, logprob=lp.logprob, top=lp.top)
-                for lp in lps
-            ]
+        def run(eng: LLMEngine) -> list[TokenLogprobMsg]:
+            return [TokenLogprobMsg.of(lp) for lp in prompt_logprobs(eng.model, prompt, k)[1:]]
 
         return await self.worker.acall(run)
 

@@ -19,6 +19,7 @@ route                              body                   answer
 ``GET  /internal/cache_events``    ``?since=N``            :class:`CacheEventsReply`
 ``POST /internal/prefix_publish``  :class:`PrefixRequest`  :class:`PrefixPublishResult`
 ``POST /internal/prefix_copy``     :class:`PrefixCopy`     :class:`PrefixCopyResult`
+``POST /internal/prompt_logprobs`` :class:`PromptScore`    :class:`PromptScoreResult`
 =================================  =====================  ======================================
 
 Errors: HTTP 4xx/5xx with :class:`ErrorBody` (``{"error": {"code", "message"}}``); codes
@@ -146,6 +147,23 @@ class TokenLogprobMsg(Message):
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, lp: Any) -> TokenLogprobMsg:
+        """The message of an engine's ``TokenLogprob`` (``token_id``, ``logprob``, ``top``)."""
+        return cls(token_id=lp.token_id, logprob=lp.logprob, top=list(lp.top))
+
+
+class PromptScore(Message):
+    """The log-probability of each prompt token after the first given the ones before it, and
+    the top ``k`` there (``echo`` with ``logprobs``)."""
+
+    prompt_token_ids: list[int] = Field(min_length=1)
+    k: int = Field(0, ge=0, le=20)
+
+
+class PromptScoreResult(Message):
+    logprobs: list[TokenLogprobMsg]  # one per prompt token after the first
 
 
 class TokenEvent(Message):

@@ -1,6 +1,7 @@
 """``prfaas serve MODEL``: one model on one machine behind the OpenAI API, shaped like
 ``vllm serve`` (positional model, ``--host``, ``--port``, ``--api-key``, ``--max-model-len``,
-``--served-model-name``, ``--gpu-memory-utilization``; ``--tensor-parallel-size`` 1 for now).
+``--served-model-name``, ``--gpu-memory-utilization``, ``--tensor-parallel-size``: that many
+ranks, one process and GPU each, docs/tensor_parallel.md).
 ``prfaas up`` stays the two-cluster deployment.
 
 Every argument is checked before anything loads (a bad one: one line on stderr, exit 2): the
@@ -21,7 +22,17 @@ import os
 import sys
 from typing import NoReturn
 
-from prfaas.cli_args import check_bindable, check_cuda, device, fail, fraction, port, positive_int
+from prfaas.cli_args import (
+    check_bindable,
+    check_cuda,
+    check_tp_devices,
+    check_tp_model,
+    device,
+    fail,
+    fraction,
+    port,
+    positive_int,
+)
 from prfaas.cli_progress import stages
 
 log = logging.getLogger("prfaas.serve")
@@ -52,7 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="share of the GPU's memory for weights and KV cache (CUDA only; default 0.9)",
     )
     p.add_argument(
-        "--tensor-parallel-size", "-tp", type=positive_int, default=1, help="only 1 for now"
+        "--tensor-parallel-size",
+        "-tp",
+        type=positive_int,
+        default=1,
+        help="ranks (one process and GPU each: cuda:N..cuda:N+size-1) of the engine",
     )
     p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
@@ -71,12 +86,13 @@ def check_args(args: argparse.Namespace) -> None:
     from prfaas.model.config import resolve_config
 
     prog = "prfaas serve"
-    if args.tensor_parallel_size != 1:
-        fail(prog, "--tensor-parallel-size: only 1 is supported for now")
     try:
         mcfg = resolve_config(args.model)
     except ValueError as e:
         fail(prog, str(e))
+    why = check_tp_model(args.model, args.tensor_parallel_size)
+    if why:
+        fail(prog, why)
     if args.max_model_len is not None and args.max_model_len < 2:
         fail(prog, "--max-model-len must be at least 2")
     if args.max_model_len is not None and args.max_model_len > mcfg.max_position_embeddings:
@@ -88,7 +104,7 @@ def check_args(args: argparse.Namespace) -> None:
     why = check_bindable(args.host, args.port)
     if why:
         fail(prog, why)
-    why = check_cuda(args.device)
+    why = check_cuda(args.device) or check_tp_devices(args.device, args.tensor_parallel_size)
     if why:
         fail(prog, why)
 
@@ -132,6 +148,20 @@ def build_engine(args: argparse.Namespace):  # noqa: ANN201
         )
         dev, dt = base.resolved_device(), base.resolved_dtype()
         st.next(f"building {args.model} on {dev}")
+        if args.tensor_parallel_size > 1:  # the engine starts its ranks and sizes their caches
+            cfg = EngineConfig(
+                model=args.model,
+                device=args.device,
+                dtype=args.dtype,
+                seed=args.seed,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                tensor_parallel_size=args.tensor_parallel_size,
+                **kw,
+            )
+            engine = LLMEngine(cfg)
+            st.next()
+            st.next()
+            return engine
         model = build_model(args.model, dev, dt, args.seed)
         st.next()
         if dev.type == "cuda":
@@ -157,6 +187,7 @@ def run_serve_cmd(args: argparse.Namespace) -> NoReturn:
     from prfaas.server.sockets import bind_socket, install_sigterm_as_interrupt
 
     install_sigterm_as_interrupt()
+    engine = None
     try:
         sock = bind_socket(args.host, args.port)
         try:
@@ -169,6 +200,9 @@ def run_serve_cmd(args: argparse.Namespace) -> NoReturn:
         asyncio.run(server.serve(sockets=[sock]))
     except KeyboardInterrupt:
         pass
+    finally:
+        if engine is not None:
+            engine.close()  # a tensor-parallel engine's ranks
     print("prfaas serve: stopped", file=sys.stderr)
     _exit_now(0)
 

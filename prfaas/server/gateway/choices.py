@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prfaas.server.gateway.handover import DecodeFailed, Generation
-from prfaas.server.gateway.openai_protocol import APIError, GenerationRequest
+from prfaas.server.gateway.openai_protocol import GenerationRequest
+from prfaas.server.gateway.prompt_scoring import prompt_logprobs
 from prfaas.server.gateway.serving_context import ServingContext
 from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.server.protocol import TokenLogprobMsg
@@ -46,9 +47,6 @@ async def start_choices(
     else:
         prompts = [ctx.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
     n = req.n
-    prompt_lps: list[list[TokenLogprobMsg] | None] = [None] * len(prompts)
-    if req.echo and req.logprobs is not None:
-        prompt_lps = [await prompt_logprobs(ctx, ids, req.logprobs) for ids in prompts]
     started: list[Generation] = []
 
     async def one(ids: list[int], j: int) -> Generation:
@@ -68,6 +66,11 @@ async def start_choices(
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(one_prompt(p)) for p in prompts]
+        # admitted: the prompts fit; echo with logprobs scores them meanwhile
+        prompt_lps: list[list[TokenLogprobMsg] | None] = [None] * len(prompts)
+        if req.echo and req.logprobs is not None:
+            k = req.logprobs
+            prompt_lps = [await prompt_logprobs(ctx.router, ids, k) for ids in prompts]
     except BaseException as e:
         for g in started:
             g.close("cancelled")
@@ -83,22 +86,6 @@ async def start_choices(
             c = Choice(i * n + j, g, asm, prefix, prompts[i], prompt_lps[i], req.prompt_only)
             choices.append(c)
     return choices, prompts
-
-
-async def prompt_logprobs(ctx: ServingContext, ids: list[int], k: int) -> list[TokenLogprobMsg]:
-    """The log-probabilities of ``ids[1:]`` (and the top ``k`` at each position), from the
-    backend; 400 naming ``echo`` when it cannot compute them."""
-    compute = getattr(ctx.router, "prompt_logprobs", None)
-    if compute is None:
-        raise APIError(
-            400,
-            "echo with logprobs (the prompt's logprobs) is not supported by this deployment "
-            "(prfaas serve supports it)",
-            param="echo",
-            code="unsupported_parameter",
-        )
-    lps = await compute(ids, k)
-    return [lp for lp in lps[1:] if lp is not None]
 
 
 async def collect(c: Choice) -> None:

@@ -27,6 +27,8 @@ from prfaas.server.protocol import (
     PrefixCopyResult,
     PrefixPublishResult,
     PrefixRequest,
+    PromptScore,
+    PromptScoreResult,
     RoleAdmin,
     error_message,
 )
@@ -127,6 +129,19 @@ class NodeClient:
         if r.status_code != 200:
             raise node_error(r.status_code, r.content, ep)
         return PrefillResult.model_validate_json(r.content)
+
+    async def prompt_logprobs(
+        self, ep: NodeEndpoint, req: PromptScore, timeout_s: float
+    ) -> PromptScoreResult:
+        r = await self.http.post(
+            ep.url + "/internal/prompt_logprobs",
+            content=req.to_json(),
+            headers={"content-type": "application/json"},
+            timeout=timeout_s,
+        )
+        if r.status_code != 200:
+            raise node_error(r.status_code, r.content, ep)
+        return PromptScoreResult.model_validate_json(r.content)
 
     async def open_decode(
         self, ep: NodeEndpoint, req: DecodeRequest

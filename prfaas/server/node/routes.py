@@ -28,6 +28,7 @@ from prfaas.server.protocol import (
     PrefillRequest,
     PrefixCopy,
     PrefixRequest,
+    PromptScore,
     RoleAdmin,
 )
 from prfaas.server.streaming import ClosingStreamingResponse
@@ -149,6 +150,14 @@ def build_node_app(node: NodeServer) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - a failed copy means: recompute
             log.warning("prefix copy failed: %s", e)
             return _err(503, "copy_failed", f"{type(e).__name__}: {e}")
+
+    @app.post("/internal/prompt_logprobs")
+    async def prompt_logprobs(request: Request) -> Response:
+        try:
+            req = PromptScore.model_validate_json(await request.body())
+            return _ok(await node.score_prompt(req))
+        except ValueError as e:
+            return _err(400, "bad_request", str(e))
 
     @app.post("/internal/abort/{rid}")
     async def abort(rid: str) -> Response:

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from prfaas.engine import LLMEngine
+from prfaas.engine.sampling import prompt_logprobs
 from prfaas.server.auth import check_node_secret
 from prfaas.server.config import DeployConfig
 from prfaas.server.node.decode import DecodeSide
@@ -23,7 +24,13 @@ from prfaas.server.node.kv_layout import layout_for_engine
 from prfaas.server.node.prefill import PrefillSide
 from prfaas.server.node.prefix_pool import PrefixPool
 from prfaas.server.node.routes import build_node_app
-from prfaas.server.protocol import NodeCounters, NodeState
+from prfaas.server.protocol import (
+    NodeCounters,
+    NodeState,
+    PromptScore,
+    PromptScoreResult,
+    TokenLogprobMsg,
+)
 
 
 class NodeServer:
@@ -62,6 +69,7 @@ class NodeServer:
         self.decode.close()
         self.worker.stop()
         self.pool.close()
+        self.engine.close()  # a tensor-parallel engine's ranks
 
     # ---- role switch ------------------------------------------------------------------------
     async def switch_role(self, role: str) -> NodeState:
@@ -90,6 +98,17 @@ class NodeServer:
             self.decode.start()
         self.role = role
         return self.state()
+
+    # ---- prompt scoring ---------------------------------------------------------------------
+    async def score_prompt(self, req: PromptScore) -> PromptScoreResult:
+        """The prompt's log-probabilities (``echo`` with ``logprobs``), in the engine thread;
+        ValueError for token ids outside the vocabulary."""
+        ids = req.prompt_token_ids
+
+        def run(eng: LLMEngine) -> list[TokenLogprobMsg]:
+            return [TokenLogprobMsg.of(lp) for lp in prompt_logprobs(eng.model, ids, req.k)[1:]]
+
+        return PromptScoreResult(logprobs=await self.worker.acall(run))
 
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> NodeState:
