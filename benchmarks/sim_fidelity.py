@@ -1,8 +1,9 @@
 """Simulator fidelity against the live system: one short trace replayed through ``prfaas up`` (tiny
 model on CPU, the packaged local deployment, the gateway's default scheduler) with ``prfaas bench``,
 and through the simulator with the same deployment (``sim.from_deploy``: nodes, links, chunk, MLA
-layers, slots) and a profile measured on this machine right before (``prfaas profile``: prefill,
-decode steps and the nodes' hand-off costs, export and import); TTFT percentiles side by side.
+layers, slots) and a profile measured on this machine right before and right after the replay
+(``prfaas profile``: prefill, decode steps and the nodes' hand-off costs, export and import; per point
+the better of the two); TTFT percentiles side by side.
 
 The simulator replays the live run's routing (each request prefilled where the gateway sent it), so
 the comparison is of the timing model, not of two threshold searches; the simulator's own policy
@@ -136,22 +137,73 @@ def pcts(x: list[float]) -> dict[str, float]:
     }
 
 
+def profile_now(out: Path) -> None:
+    """``prfaas profile`` of the tiny model on this CPU (prefill, decode steps, hand-off)."""
+    subprocess.run(
+        [sys.executable, "-m", "prfaas.cli", "profile", "--model", "tiny", "--device", "cpu"]
+        + ["--lengths", "64", "512", "1800", "--batches", "1", "4", "16"]
+        + ["--ctx", "256", "--steps", "4", "--chunk", "512", "--name", "tiny-cpu-now"]
+        + ["--out", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+
+
+def best_of(a: Path, b: Path, out: Path) -> None:
+    """One profile from two measurements, right before and right after the replay: per point the
+    faster time and the higher rate (the profiler's own rule, best of its repetitions, carried over
+    both: other jobs on the shared cores only ever slow a measurement down)."""
+    pa, pb = (next(iter(yaml.safe_load(p.read_text())["profiles"].values())) for p in (a, b))
+    best = dict(pa)
+    for k in ("prefill_s", "decode_step_s"):
+        best[k] = [min(x, y) for x, y in zip(pa[k], pb[k], strict=True)]
+    for k in ("export_gbps", "import_gbps"):
+        if k in pa and k in pb:
+            best[k] = max(pa[k], pb[k])
+    if "import_fixed_s" in pa and "import_fixed_s" in pb:
+        best["import_fixed_s"] = min(pa["import_fixed_s"], pb["import_fixed_s"])
+    out.write_text(yaml.safe_dump({"profiles": {best["name"]: best}}, sort_keys=False))
+
+
+def live_prefill_profile(run: dict, base: Path, out: Path) -> None:
+    """``base`` with its prefill table replaced by the live nodes' own prefill times (their stamps,
+    by prompt length, averaged where lengths repeat; linear between): the simulator then gets the
+    prefills as the loaded machine ran them, and what is left to compare is the rest of its model
+    (queues, hand-off, first step)."""
+    by: dict[int, list[float]] = {}
+    for n, b in zip(run["input_len"], run["breakdown_ms"], strict=True):
+        if b:
+            by.setdefault(int(n), []).append(b["prefill"] / 1000)
+    prof = dict(next(iter(yaml.safe_load(base.read_text())["profiles"].values())))
+    lens = sorted(by)
+    if len(lens) < 2:
+        raise SystemExit("fewer than 2 live prefill stamps")
+    kv = [float(prof["kv_bytes"][0]) + (n - prof["lengths"][0]) * _kv_slope(prof) for n in lens]
+    prof.update(
+        name="tiny-cpu-live-prefill",
+        lengths=lens,
+        prefill_s=[float(np.mean(by[n])) for n in lens],
+        kv_bytes=kv,
+        interp="linear",
+    )
+    out.write_text(yaml.safe_dump({"profiles": {prof["name"]: prof}}, sort_keys=False))
+
+
+def _kv_slope(prof: dict) -> float:
+    ls, kv = prof["lengths"], prof["kv_bytes"]
+    return (kv[-1] - kv[0]) / (ls[-1] - ls[0])
+
+
 def measure(args: argparse.Namespace, d: Path) -> dict:
     """Profile this machine, then replay the trace through ``prfaas up``; the raw figures."""
     py = sys.executable
     load0 = os.getloadavg()
     t0 = time.monotonic()
-    subprocess.run(
-        [py, "-m", "prfaas.cli", "profile", "--model", "tiny", "--device", "cpu"]
-        + ["--lengths", "64", "512", "1800", "--batches", "1", "4", "16"]
-        + ["--ctx", "256", "--steps", "4", "--chunk", "512", "--name", "tiny-cpu-now"]
-        + ["--out", str(d / "profile.yaml")],
-        check=True,
-        cwd=ROOT,
-    )
+    profile_now(d / "profile_before.yaml")
     profile_s = time.monotonic() - t0
     cfg = yaml.safe_load((ROOT / "prfaas" / "configs" / "deploy_local.yaml").read_text())
-    cfg["router"]["profile"] = str(d / "profile.yaml")
+    cfg["router"]["profile"] = str(d / "profile_before.yaml")  # what the gateway plans with
     cfg["router"]["rebalance"] = False  # 2 PD nodes: nothing to switch
     load1 = os.getloadavg()
     with up_in_subprocess(cfg, d, start_timeout_s=300, stop_timeout_s=60, cwd=ROOT) as info:
@@ -164,11 +216,20 @@ def measure(args: argparse.Namespace, d: Path) -> dict:
             cwd=ROOT,
         )
     load2 = os.getloadavg()
+    profile_now(d / "profile_after.yaml")
+    best_of(d / "profile_before.yaml", d / "profile_after.yaml", d / "profile.yaml")
     live = json.loads((d / "live.json").read_text())
     recs = sorted(live["per_request"], key=lambda r: r["index"])
     return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "profile": yaml.safe_load((d / "profile.yaml").read_text()),
         "profile_measure_s": profile_s,
+        "profiles_measured": {
+            k: next(
+                iter(yaml.safe_load((d / f"profile_{k}.yaml").read_text())["profiles"].values())
+            )
+            for k in ("before", "after")
+        },
         "load_avg_1_5_15": {"before_profile": load0, "before_replay": load1, "after": load2},
         "completed": sum(1 for r in recs if r["ok"]),
         "ttft_ms": [1000 * r["ttft_s"] if r["ok"] else None for r in recs],
@@ -206,31 +267,45 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument(
+        "--resim", default=None, help="a run directory of an earlier run: simulate again only"
+    )
     args = ap.parse_args()
-    d = Path(tempfile.mkdtemp(prefix="prfaas-fid-"))
-    make_trace(d / "trace.jsonl", args.requests, args.rate, args.seed)
-    run = measure(args, d)
+    if args.resim:
+        d = Path(args.resim)
+        run = json.loads((d / "run.json").read_text())
+    else:
+        d = Path(tempfile.mkdtemp(prefix="prfaas-fid-"))
+        make_trace(d / "trace.jsonl", args.requests, args.rate, args.seed)
+        run = measure(args, d)
+        (d / "run.json").write_text(json.dumps(run) + "\n")
     if run["completed"] != args.requests:
         print(f"only {run['completed']} of {args.requests} completed live", file=sys.stderr)
         return 1
     offl = run["offloaded"]
     cfgp, trace = d / "deploy.yaml", d / "trace.jsonl"
+    live_prefill_profile(run, d / "profile.yaml", d / "profile_live_prefill.yaml")
     sims = {}
     for key, prof, pol, ho in (
         ("replay_profile_only", d / "profile.yaml", "replay", False),
         ("replay_handoff", d / "profile.yaml", "replay", True),
         ("replay_handoff_packaged", PACKAGED, "replay", True),
+        ("replay_live_prefill", d / "profile_live_prefill.yaml", "replay", True),
         ("own_policy_handoff", d / "profile.yaml", "own", True),
     ):
         ttft, off = simulate(cfgp, trace, prof, pol, offl, ho)
         sims[key] = {"ttft_ms": ttft, "offloaded": off, "pct": pcts(ttft)}
     live_p = pcts(run["ttft_ms"])
-    cmd = "python benchmarks/sim_fidelity.py " + " ".join(sys.argv[1:])
+    argv = sys.argv[1:]
+    if args.resim:  # the command that measured the run
+        i = argv.index("--resim")
+        argv = argv[:i] + argv[i + 2 :]
+    cmd = "python benchmarks/sim_fidelity.py " + " ".join(argv)
     data = {
         "machine": cpu_model(),
         "cores": os.cpu_count(),
         "command": cmd.strip(),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "when": run.get("when", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())),
         "requests": args.requests,
         "rate": args.rate,
         "live": {**run, "pct": live_p},
@@ -243,6 +318,11 @@ def main() -> int:
     return 0
 
 
+def _err(s: dict, live: dict, key: str, k: str) -> str:
+    a = live["pct"][k]
+    return f"{100 * (s[key]['pct'][k] - a) / a:+.0f}%"
+
+
 def report(data: dict) -> str:
     live = data["live"]
     s = data["sim"]
@@ -252,6 +332,7 @@ def report(data: dict) -> str:
         ("replay_profile_only", "sim: prefill + decode only (before)"),
         ("replay_handoff", "sim: + hand-off costs, engine queues (now)"),
         ("replay_handoff_packaged", "same, packaged profile"),
+        ("replay_live_prefill", "same, the live run's own prefill times"),
     ]
     hdr = "| TTFT (ms) | live (`prfaas bench`) | " + " | ".join(c for _, c in cols) + " |"
     rows = [hdr, "|---" * (2 + len(cols)) + "|"]
@@ -259,12 +340,16 @@ def report(data: dict) -> str:
         a = live["pct"][k]
         cells = [f"{s[c]['pct'][k]:.0f} ({100 * (s[c]['pct'][k] - a) / a:+.0f}%)" for c, _ in cols]
         rows.append(f"| {k if k == 'mean' else name} | {a:.0f} | " + " | ".join(cells) + " |")
-    per = ["| # | prompt | live route | live | before | now |", "|---|---|---|---|---|---|"]
+    per = [
+        "| # | prompt | live route | live | before | now | now, live prefill times |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i, t in enumerate(live["ttft_ms"]):
         per.append(
             f"| {i} | {live['input_len'][i]} | {'prfaas' if live['offloaded'][i] else 'pd'} | "
             f"{t:.0f} | {s['replay_profile_only']['ttft_ms'][i]:.0f} | "
-            f"{s['replay_handoff']['ttft_ms'][i]:.0f} |"
+            f"{s['replay_handoff']['ttft_ms'][i]:.0f} | "
+            f"{s['replay_live_prefill']['ttft_ms'][i]:.0f} |"
         )
     bd = [b for b in live["breakdown_ms"] if b]
     parts = []
@@ -296,8 +381,9 @@ def report(data: dict) -> str:
             f"Trace: {data['requests']} requests, Poisson {data['rate']} req/s, prompts log-normal "
             "in [32, 1800] tokens, 8-24 output tokens, no shared prefixes. Deployment: "
             "`deploy_local.yaml` (1 PrfaaS node, 1 PD-P, 1 PD-D, 1 Gbps / 10 ms link), the default "
-            "scheduler, rebalancing off (2 PD nodes). Profile measured on this machine right before "
-            f"(`prfaas profile`, {live['profile_measure_s']:.0f} s): prefill 512 tokens "
+            "scheduler, rebalancing off (2 PD nodes). Profile measured on this machine right before and "
+            f"right after the replay, per point the better (`prfaas profile`, "
+            f"{live['profile_measure_s']:.0f} s each): prefill 512 tokens "
             f"{1e3 * prof['prefill_s'][prof['lengths'].index(512)]:.1f} ms, decode step (batch 1) "
             f"{1e3 * prof['decode_step_s'][0]:.2f} ms, hand-off {ho}.",
             "",
@@ -306,6 +392,17 @@ def report(data: dict) -> str:
             "the client (`prfaas bench`), simulated = arrival to the first token.",
             "",
             *rows,
+            "",
+            "Reading: the prefill is most of the live TTFT on this CPU, and a profile measured on "
+            "2 cores shared with other jobs puts the simulator off by "
+            f"{_err(s, live, 'replay_handoff', 'mean')} at the mean (the packaged idle-VM profile: "
+            f"{_err(s, live, 'replay_handoff_packaged', 'mean')}). Given the prefill times the live "
+            "nodes actually took, the rest of the simulator's model (queues, hand-off costs, first "
+            f"step) gives mean {_err(s, live, 'replay_live_prefill', 'mean')}, P50 "
+            f"{_err(s, live, 'replay_live_prefill', 'p50')}, P90 "
+            f"{_err(s, live, 'replay_live_prefill', 'p90')} against the live TTFT; what it leaves "
+            "out is the gateway's own hops (dispatch, relay) and the first step's wait on a busy "
+            "core (the live split below). The hand-off costs themselves are sub-millisecond here.",
             "",
             f"With its own policy (the gateway's scheduler, hand-off costs on) the simulator "
             f"offloads {sum(own['offloaded'])} of {len(own['offloaded'])} and predicts mean / P90 "

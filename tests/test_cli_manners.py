@@ -91,6 +91,31 @@ def test_up_on_a_busy_port_starts_nothing():
     assert "starting" not in r.stdout
 
 
+def test_up_checks_its_port_and_the_secret_without_torch():
+    # the gateway's port is checked before anything heavy loads, and the handshake module (the
+    # secret's check) is torch-free: the frames live in prfaas.transfer.frames
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        probe = f"""
+import json, sys
+import prfaas.transfer.auth
+from prfaas.cli import main
+try:
+    main(["up", "--port", "{s.getsockname()[1]}"])
+except SystemExit as e:
+    assert e.code == 2, e.code
+print("PROBE" + json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
+"""
+        r = subprocess.run(
+            [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("PROBE")]
+    assert r.returncode == 0 and line, r.stderr
+    assert json.loads(line[-1][5:]) == []
+    assert "cannot listen" in r.stderr
+
+
 def test_parser_defaults_equal_the_modules_values():
     from prfaas.bench import cli as bench_cli
     from prfaas.bench.client import ENDPOINTS, IGNORE_EOS_MODES

@@ -305,3 +305,58 @@ def test_handoff_chunk_window_and_export_import_costs():
     res = Simulator(dep2, PrfaaSPolicy(1500)).run(wl([0.0], [2000], [10]))
     assert res.kv_ready[0] == pytest.approx(3.5)
     assert res.ttft[0] == pytest.approx(3.5 + 0.01)  # + the first decode step
+
+
+def test_engine_queues_export_on_the_prefill_engine_and_imports_on_the_decode_engine():
+    """With the profile's hand-off costs: a prefill instance stages r0's KV (2 GB at 16 Gbps = 1 s)
+    before it takes r1, and the decode instance imports one request at a time (0.5 s each: 0.25 s
+    fixed + 2 GB at 64 Gbps), r1's import after r0's."""
+    p = HardwareProfile.from_dict(
+        {**lin_profile(bs_max=4).to_dict(), "export_gbps": 16.0, "import_gbps": 64.0}
+        | {"import_fixed_s": 0.25}
+    )
+    assert p.export_time(2e9) == pytest.approx(1.0) and p.import_time(2e9) == pytest.approx(0.5)
+    assert HardwareProfile.from_dict(p.to_dict()) == p
+    dep = Deployment(
+        (
+            ClusterSpec("prfaas", "prfaas", 1, 0, p, export_gbps=16.0),
+            ClusterSpec("pd", "pd", 1, 1, p, p, import_gbps=64.0, import_fixed_s=0.25),
+        ),
+        (LinkSpec("prfaas", "pd", 800.0),),
+    )
+    res = Simulator(dep, PrfaaSPolicy(1500), SimOptions(pipelined=False)).run(
+        wl([0.0, 0.0], [2000, 2000], [1000, 10])
+    )
+    # r0: prefill 0-2, export 2-3, wire 2 GB at 100 GB/s = 0.02 -> 3.02, import -> 3.52
+    # r1: prefill 3-5 (after r0's export), export 5-6, wire -> 6.02; r0 is decoding there (1000
+    # steps of 0.01 s): the import waits half a step, then takes 0.5 s -> 6.525
+    assert res.prefill_start.tolist() == pytest.approx([0.0, 3.0])
+    assert res.kv_ready.tolist() == pytest.approx([3.52, 6.52 + 0.005])
+    # two KVs that arrive together import one after the other
+    res = Simulator(
+        Deployment(
+            (
+                ClusterSpec("prfaas", "prfaas", 2, 0, p),
+                ClusterSpec("pd", "pd", 1, 1, p, p, import_gbps=64.0, import_fixed_s=0.25),
+            ),
+            (LinkSpec("prfaas", "pd", 800.0),),
+        ),
+        PrfaaSPolicy(1500),
+        SimOptions(pipelined=False),
+    ).run(wl([0.0, 0.0], [2000, 2000], [10, 10]))
+    assert sorted(res.kv_ready.tolist()) == pytest.approx([2.04 + 0.5, 2.04 + 1.0])
+
+
+def test_link_flow_below_the_clocks_resolution_completes():
+    """A remainder served in less than the clock's resolution at ``now`` completes at ``now``
+    (it used to be rescheduled at the same time forever)."""
+    lk = Link("a", "b", 1.0)
+    now = 300.0
+    lk.add(now, 1e6, 7)
+    lk.advance(now + 1e6 * 8 / 1e9)
+    lk.v -= 5e-6  # a few microbytes short, as float rounding leaves it
+    t = lk.next_done()
+    assert t == pytest.approx(now + 0.008)
+    got: list[int] = []
+    lk.pop_done(t, got)
+    assert got == [7] and lk.n_flows == 0

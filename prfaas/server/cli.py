@@ -134,10 +134,8 @@ def _load(args: argparse.Namespace, full: bool = True):  # noqa: ANN202
 
 
 def run_up_cmd(args: argparse.Namespace) -> int:
-    from prfaas.server.launcher import run_up
-
     try:
-        cfg = _load(args)
+        cfg = _load(args, full=False)  # torch-free checks first: a bad port fails in ~0.2 s
         _apply_scheduler(cfg, args)
         if args.policy is not None:
             cfg.router.policy = args.policy
@@ -154,16 +152,23 @@ def run_up_cmd(args: argparse.Namespace) -> int:
                 lk.gbps, lk.schedule = args.link_gbps, []
         if args.tensor_parallel_size is not None:
             cfg.engine["tensor_parallel_size"] = args.tensor_parallel_size
+        cfg.validate(full=False)
+    except ValueError as e:
+        fail("prfaas up", str(e))
+    host = args.host or cfg.router.host
+    port_ = cfg.router.port if args.port is None else args.port
+    why = check_bindable(host, port_)
+    if why:
+        fail("prfaas up", why)
+    try:
         cfg.validate()  # everything, the engine settings too (torch: the nodes start here anyway)
         from prfaas.model.config import resolve_config
 
         resolve_config(cfg.model)  # a preset or a model directory
     except ValueError as e:
         fail("prfaas up", str(e))
-    host = args.host or cfg.router.host
-    port_ = cfg.router.port if args.port is None else args.port
-    # before any node starts: the gateway's port and the devices
-    why = check_bindable(host, port_) or check_cuda(cfg.device)
+    # before any node starts: the devices
+    why = check_cuda(cfg.device)
     for c in cfg.clusters:
         for n in c.nodes:
             why = why or (check_cuda(n.device) if n.device else None)
@@ -171,6 +176,7 @@ def run_up_cmd(args: argparse.Namespace) -> int:
     if why:
         fail("prfaas up", why)
     from prfaas.server.auth import resolve_api_key
+    from prfaas.server.launcher import run_up
 
     try:
         return run_up(

@@ -184,7 +184,7 @@ def run_serve_cmd(args: argparse.Namespace) -> NoReturn:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("prfaas").setLevel(args.log_level.upper())
-    from prfaas.server.sockets import bind_socket, install_sigterm_as_interrupt
+    from prfaas.server.sockets import bind_socket, exit_now, install_sigterm_as_interrupt
 
     install_sigterm_as_interrupt()
     engine = None
@@ -204,17 +204,7 @@ def run_serve_cmd(args: argparse.Namespace) -> NoReturn:
         if engine is not None:
             engine.close()  # a tensor-parallel engine's ranks
     print("prfaas serve: stopped", file=sys.stderr)
-    _exit_now(0)
-
-
-def _exit_now(rc: int) -> NoReturn:
-    """Exit once everything is stopped, skipping the interpreter's teardown of torch's modules
-    (0.5-1.5 s on a busy machine): the engine thread is joined, the socket closed, the output
-    flushed here."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    exit_now(0)
 
 
 def _server(args: argparse.Namespace, engine, sock):  # noqa: ANN001, ANN202

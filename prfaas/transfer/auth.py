@@ -15,7 +15,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from prfaas.transfer import wire
+from prfaas.transfer import frames as wire
 from prfaas.transfer.errors import AuthError, FrameError, error_from_code
 
 HELLO = struct.Struct(
