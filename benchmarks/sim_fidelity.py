@@ -143,6 +143,7 @@ def profile_now(out: Path) -> None:
         [sys.executable, "-m", "prfaas.cli", "profile", "--model", "tiny", "--device", "cpu"]
         + ["--lengths", "64", "512", "1800", "--batches", "1", "4", "16"]
         + ["--ctx", "256", "--steps", "4", "--chunk", "512", "--name", "tiny-cpu-now"]
+        + ["--checkpoint-interval", "64"]  # deploy_local.yaml's engine: prefix cache on
         + ["--out", str(out)],
         check=True,
         capture_output=True,
@@ -395,7 +396,8 @@ def report(data: dict) -> str:
             "in [32, 1800] tokens, 8-24 output tokens, no shared prefixes. Deployment: "
             "`deploy_local.yaml` (1 PrfaaS node, 1 PD-P, 1 PD-D, 1 Gbps / 10 ms link), the default "
             "scheduler, rebalancing off (2 PD nodes). Profile measured on this machine right before and "
-            f"right after the replay, per point the better (`prfaas profile`, "
+            "right after the replay, per point the better (`prfaas profile --checkpoint-interval "
+            f"64`: prefill with the nodes' prefix cache and KDA checkpoints, "
             f"{live['profile_measure_s']:.0f} s each): prefill 512 tokens "
             f"{1e3 * prof['prefill_s'][prof['lengths'].index(512)]:.1f} ms, decode step (batch 1) "
             f"{1e3 * prof['decode_step_s'][0]:.2f} ms, hand-off {ho}.",

@@ -42,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, default=1024, help="decode context length")
     p.add_argument("--steps", type=int, default=10, help="decode steps timed per batch size")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: whole)")
+    p.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=0,
+        help="prefill as a node with prefix caching does: KDA state checkpoints every N tokens "
+        "(the deployment's engine.checkpoint_interval); 0 (default): no prefix cache",
+    )
     p.add_argument("--name", default=None, help="profile name (default: model-device)")
     p.add_argument("--gpus-per-instance", type=int, default=1)
     p.add_argument("--out", default=None, help="profile file (.yaml or .json); default: print")
@@ -60,6 +67,8 @@ def check_args(args: argparse.Namespace) -> None:
         fail(prog, f"--ctx must be >= 2 and --steps >= 1 (got {args.ctx}, {args.steps})")
     if args.gpus_per_instance < 1:
         fail(prog, "--gpus-per-instance must be >= 1")
+    if args.checkpoint_interval < 0:
+        fail(prog, "--checkpoint-interval must be >= 0")
     from prfaas.model.config import resolve_config
 
     try:
@@ -103,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
                 args.name,
                 args.chunk,
                 log=log,
+                checkpoint_interval=args.checkpoint_interval,
             )
     except ValueError as e:
         fail("prfaas profile", str(e))

@@ -64,17 +64,30 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def time_prefill(
-    model: HybridForCausalLM, length: int, reps: int = 2, chunk: int | None = None
+    model: HybridForCausalLM,
+    length: int,
+    reps: int = 2,
+    chunk: int | None = None,
+    checkpoint_interval: int = 0,
 ) -> float:
-    """Best of ``reps`` (after one warm-up) seconds to prefill ``length`` tokens on a fresh cache."""
+    """Best of ``reps`` (after one warm-up) seconds to prefill ``length`` tokens on a fresh cache;
+    ``checkpoint_interval`` > 0: with the prefix cache on, KDA states checkpointed every that many
+    tokens, as a node with prefix caching prefills (slower: the prefill stops at each one)."""
     budget = chunk or length
+    ck = {}
+    if checkpoint_interval > 0:
+        ck = dict(
+            checkpoint_interval=checkpoint_interval,
+            num_checkpoints=length // checkpoint_interval + 4,
+        )
     eng = LLMEngine(
         EngineConfig(
             model=model.config.name,
             max_num_batched_tokens=budget,
             max_model_len=length + 8,
             max_num_seqs=2,
-            enable_prefix_cache=False,
+            enable_prefix_cache=checkpoint_interval > 0,
+            **ck,
             num_blocks=-(-(length + 8) // 16) + 4,
             device=str(model.lm_head.weight.device),
             dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
@@ -202,6 +215,7 @@ def run_profile(
     chunk: int | None = None,
     log: Callable[[str], None] | None = None,
     handoff: bool = True,
+    checkpoint_interval: int = 0,
 ) -> ProfileResult:
     """Measure prefill at each length (lengths that run out of memory are skipped), decode at
     each batch size and (``handoff``) the hand-off's export / import at the shortest and the
@@ -235,7 +249,7 @@ def run_profile(
     with torch.inference_mode():
         for n in lengths:
             try:
-                t = time_prefill(model, n, chunk=chunk)
+                t = time_prefill(model, n, chunk=chunk, checkpoint_interval=checkpoint_interval)
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 if not _is_oom(e):
                     raise
