@@ -318,6 +318,19 @@ def main() -> int:
     return 0
 
 
+def _slowdown(live: dict) -> float:
+    """Live prefill time over the profile's at the same prompt lengths (sums over the requests)."""
+    from prfaas.scheduling.profile import HardwareProfile
+
+    prof = HardwareProfile.from_dict(next(iter(live["profile"]["profiles"].values())))
+    pairs = [
+        (b["prefill"] / 1000, float(prof.t_prefill(n)))
+        for n, b in zip(live["input_len"], live["breakdown_ms"], strict=True)
+        if b
+    ]
+    return sum(a for a, _ in pairs) / sum(b for _, b in pairs) if pairs else float("nan")
+
+
 def _err(s: dict, live: dict, key: str, k: str) -> str:
     a = live["pct"][k]
     return f"{100 * (s[key]['pct'][k] - a) / a:+.0f}%"
@@ -393,10 +406,13 @@ def report(data: dict) -> str:
             "",
             *rows,
             "",
-            "Reading: the prefill is most of the live TTFT on this CPU, and a profile measured on "
-            "2 cores shared with other jobs puts the simulator off by "
-            f"{_err(s, live, 'replay_handoff', 'mean')} at the mean (the packaged idle-VM profile: "
-            f"{_err(s, live, 'replay_handoff_packaged', 'mean')}). Given the prefill times the live "
+            "Reading: the prefill is most of the live TTFT on this CPU, and the live nodes' "
+            f"prefills took {_slowdown(live):.1f}x the profile's time at the same lengths (the "
+            "profile measures one engine alone; a node's prefill shares the 2 cores with the other "
+            "nodes, the gateway, its own sender threads and other jobs): with the profile the "
+            f"simulator is off by {_err(s, live, 'replay_handoff', 'mean')} at the mean (the "
+            f"packaged idle-VM profile: {_err(s, live, 'replay_handoff_packaged', 'mean')}). Given "
+            "the prefill times the live "
             "nodes actually took, the rest of the simulator's model (queues, hand-off costs, first "
             f"step) gives mean {_err(s, live, 'replay_live_prefill', 'mean')}, P50 "
             f"{_err(s, live, 'replay_live_prefill', 'p50')}, P90 "

@@ -60,8 +60,11 @@ class TPGroup:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             pg = dist.ProcessGroupNCCL(store, rank, size, opts)
-        else:
-            pg = dist.ProcessGroupGloo(store, rank, size, timeout)
+        else:  # on the loopback whatever this host's name resolves to
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+            pg = dist.ProcessGroupGloo(store, rank, size, opts)
         return cls(rank, size, pg, device)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
