@@ -1,4 +1,7 @@
-"""CUDA graphs of the decode step against the eager step on a GPU (skipped without CUDA)."""
+"""CUDA graphs of the decode step against the eager step on a GPU (skipped without CUDA).
+
+The engines here get an explicit cache (``num_blocks``): with memory planning each would take 90%
+of the device, and these tests hold two at once."""
 
 import copy
 import dataclasses
@@ -76,7 +79,8 @@ def test_engine_greedy_tokens_with_and_without_graphs():
 
     def run(graphs):
         eng = LLMEngine(
-            EngineConfig(model="small", max_num_seqs=8, cuda_graphs=graphs), model=model
+            EngineConfig(model="small", max_num_seqs=8, cuda_graphs=graphs, num_blocks=512),
+            model=model,
         )
         for i in range(6):
             eng.add_request(
@@ -159,7 +163,9 @@ def test_gpu_export_over_tcp_through_pinned_memory():
     prompt = [(5 * i + 1) % 250 for i in range(300)]
 
     def engine(role):
-        return LLMEngine(EngineConfig(model="small", role=role, max_num_seqs=4), model=model)
+        return LLMEngine(
+            EngineConfig(model="small", role=role, max_num_seqs=4, num_blocks=512), model=model
+        )
 
     def decode(exp):
         dec = engine("decode")
@@ -202,7 +208,8 @@ def test_async_decode_gives_the_synchronous_tokens():
 
     def run(pipelined):
         eng = LLMEngine(
-            EngineConfig(model="small", max_num_seqs=8, async_decode=pipelined), model=model
+            EngineConfig(model="small", max_num_seqs=8, async_decode=pipelined, num_blocks=512),
+            model=model,
         )
         ids = [
             eng.add_request(

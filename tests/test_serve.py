@@ -157,3 +157,23 @@ def test_ctrl_c_ends_a_running_stream_at_once(tmp_path):
     last = json.loads(lines[-2])
     assert last["error"]["code"] == "server_shutdown", last
     assert len(lines) - 2 < 4000  # chunks before the error: cut short, not run to its end
+
+
+def test_ctrl_c_twice_stops_without_a_traceback(tmp_path):
+    # an impatient user presses Ctrl-C twice: uvicorn stops at once and asyncio cancels the app's
+    # lifespan task; that must not surface as a traceback
+    ready = tmp_path / "ready.json"
+    proc = prfaas("serve", "tiny", "--port", "0", "--device", "cpu", "--ready-file", str(ready))
+    try:
+        wait_ready(proc, ready)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert "Traceback" not in err and "stopped" in err, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -34,6 +35,13 @@ class GatewayServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and not self.should_exit and self.on_started is not None:
             self.on_started()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit:
+            # a second Ctrl-C: uvicorn stops at once and asyncio cancels the app's lifespan
+            # task, which uvicorn would log as a traceback; the user asked to stop, say nothing
+            logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         begin = getattr(getattr(self.config.app, "state", None), "begin_shutdown", None)
