@@ -54,6 +54,7 @@ def _refreshed(bar: tqdm) -> Iterator[tqdm]:
         stop.set()
         if t is not None:
             t.join()
+            bar.refresh()  # the last state (n/n) is drawn whatever the redraw timer did
         bar.close()
 
 
