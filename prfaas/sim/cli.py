@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from prfaas.cli_progress import stages
     from prfaas.sim import experiments as E
     from prfaas.sim.engine import SimOptions, Simulator
     from prfaas.sim.metrics import SLO, summarize
@@ -158,18 +159,20 @@ def _run(args: argparse.Namespace) -> int:
             a, b, f = args.link_drop
             base = args.link_gbps or 100.0
             sched = ((a, base * f), (b, base))
-        cs = load_case_study(
-            args.config,
-            link_gbps=args.link_gbps,
-            link_schedule=sched,
-            cache_blocks=args.cache_blocks,
-            cache_mode=args.cache_mode,
-            adaptive=args.fixed_threshold is None,
-            rebalance=not args.no_rebalance,
-            fixed_threshold=args.fixed_threshold
-            if isinstance(args.fixed_threshold, float)
-            else None,
-        )
+        # the planner's sweeps over every system take 1-2 s: a bar on a terminal meanwhile
+        with stages("prfaas sim", ["planning the deployments"]):
+            cs = load_case_study(
+                args.config,
+                link_gbps=args.link_gbps,
+                link_schedule=sched,
+                cache_blocks=args.cache_blocks,
+                cache_mode=args.cache_mode,
+                adaptive=args.fixed_threshold is None,
+                rebalance=not args.no_rebalance,
+                fixed_threshold=args.fixed_threshold
+                if isinstance(args.fixed_threshold, float)
+                else None,
+            )
         rate = args.rate or 0.8 * cs.setups["prfaas"].capacity.lambda_max
         if args.workload == "lognormal":
             w = poisson_lognormal(rate, args.requests, seed=args.seed)
