@@ -160,11 +160,15 @@ def run_up_cmd(args: argparse.Namespace) -> int:
     why = check_bindable(host, port_)
     if why:
         fail("prfaas up", why)
-    try:
-        cfg.validate()  # everything, the engine settings too (torch: the nodes start here anyway)
-        from prfaas.model.config import resolve_config
+    from prfaas.cli_progress import stages
 
-        resolve_config(cfg.model)  # a preset or a model directory
+    try:
+        # everything, the engine settings too (they load torch: ~1 s, a bar meanwhile)
+        with stages("prfaas up", ["checking the deployment"]):
+            cfg.validate()
+            from prfaas.model.config import resolve_config
+
+            resolve_config(cfg.model)  # a preset or a model directory
     except ValueError as e:
         fail("prfaas up", str(e))
     # before any node starts: the devices
