@@ -107,3 +107,33 @@ def test_decode_node_waits_in_the_engine_and_releases_every_buffer(tiny_model):
     st = node.engine.stats()
     assert (st.waiting_for_kv, st.running, st.kv_arrived) == (0, 0, 0)
     assert node.engine.cache.blocks.num_in_use() == 0
+
+
+def test_a_kv_that_never_comes_ends_the_request_with_an_error(tiny_model):
+    # the router bounds the wait (kv_timeout_s): a KV lost with a dead prefill node ends the
+    # request with an error event and frees the engine, instead of holding the stream forever
+    from prfaas.server.node.server import NodeServer
+
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    cfg = parse_deploy_config(CFG)
+    node = NodeServer(cfg, "d0", engine=LLMEngine(cfg.node_engine_config("d0"), model=tiny_model))
+    node.worker.start()
+
+    async def main() -> list:
+        req = DecodeRequest(
+            request_id="lost", prompt_token_ids=prompt(1, 40), params=sp.__dict__, kv_timeout_s=0.5
+        )
+        exp, _ = await node.decode.open(req)
+        ev = await asyncio.wait_for(exp.queue.get(), 120)
+        node.decode.drop(exp)
+        return [ev]
+
+    try:
+        (ev,) = asyncio.run(main())
+    finally:
+        node.worker.stop()
+    assert isinstance(ev, ErrorEvent) and ev.code == "request_failed", ev
+    assert "KV" in ev.message, ev.message
+    st = node.engine.stats()
+    assert (st.waiting_for_kv, st.running) == (0, 0)
+    assert node.engine.cache.blocks.num_in_use() == 0

@@ -112,6 +112,9 @@ class DecodeRequest(Message):
     request_id: str = Field(min_length=1)
     prompt_token_ids: list[int] = Field(min_length=1)
     params: SamplingParamsMsg = Field(default_factory=SamplingParamsMsg)
+    # seconds the node waits for the KV (None: as long as the router keeps the stream open);
+    # then the request ends with an error event, so a KV that never comes cannot hold it forever
+    kv_timeout_s: float | None = Field(default=None, gt=0)
 
 
 class ReadyEvent(Message):

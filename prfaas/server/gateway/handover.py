@@ -125,8 +125,12 @@ class DecodeStream:
         self.task: asyncio.Task | None = None
         self.dead: str | None = None
 
-    async def open(self, prompt: list[int], params: SamplingParamsMsg) -> ReadyEvent:
-        req = DecodeRequest(request_id=self.rid, prompt_token_ids=prompt, params=params)
+    async def open(
+        self, prompt: list[int], params: SamplingParamsMsg, kv_timeout_s: float | None = None
+    ) -> ReadyEvent:
+        req = DecodeRequest(
+            request_id=self.rid, prompt_token_ids=prompt, params=params, kv_timeout_s=kv_timeout_s
+        )
         self.resp, lines = await self.nodes.open_decode(self.ep, req)
         first = parse_decode_event(await anext(lines))
         if not isinstance(first, ReadyEvent):

@@ -243,11 +243,16 @@ class Router:
     ) -> tuple[DecodeStream, ReadyEvent, RouteDecision]:
         """The decode stream on the decided PD-D node; one that does not answer is marked down
         and the policy decides again (as many tries as PD nodes)."""
+        # the decode node gives up on the KV once every prefill node could have been tried
+        # (each try is bounded by prefill_timeout_s + 10 s on the gateway): a KV lost with a
+        # dead prefill node then ends the request with an error instead of holding it
+        n_prefill = sum(1 for eps in self.by_cluster.values() for e in eps if e.role == "prefill")
+        kv_timeout = (self.cfg.router.prefill_timeout_s + 10.0) * max(1, n_prefill) + 10.0
         for _ in range(len(self.by_cluster[self.pd])):
             ep = self.by_cluster[self.pd][decision.decode_instance]
             stream = DecodeStream(self.nodes, ep, info.request_id, self.mark_down, self.spawn)
             try:
-                return stream, await stream.open(prompt, params), decision
+                return stream, await stream.open(prompt, params, kv_timeout), decision
             except asyncio.CancelledError:
                 stream.close_soon(abort=True)
                 raise

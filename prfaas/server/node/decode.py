@@ -162,7 +162,7 @@ class DecodeSide:
         exp = Expectation(rid, params, asyncio.get_running_loop(), asyncio.Queue())
 
         def expect(eng: LLMEngine) -> int:
-            token_start = eng.expect_kv(rid, prompt, params)
+            token_start = eng.expect_kv(rid, prompt, params, timeout_s=req.kv_timeout_s)
             self.worker.subscribe(rid, exp.on_output)  # before the request can produce any
             return token_start
 
