@@ -69,12 +69,7 @@ def test_serve_one_request_through_the_openai_client_then_ctrl_c(tmp_path):
         assert httpx.get(url + "/health").status_code == 200  # open, as in vLLM
         assert "vllm:kv_cache_usage_perc" in httpx.get(url + "/metrics").text
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        err = interrupt(proc)
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
@@ -105,6 +100,21 @@ def test_busy_port_is_refused_before_loading():
         proc = prfaas("serve", "tiny", "--port", str(port))
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and err.count("\n") == 1 and f"127.0.0.1:{port}" in err, err
+
+
+def interrupt(proc: subprocess.Popen, times: int = 1) -> str:
+    """Ctrl-C ``proc`` (``times`` presses, 20 ms apart, while it runs); its stderr once it ended
+    (killed, and the test fails, if it has not within 60 s)."""
+    for i in range(times):
+        if i:
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
 
 
 def wait_ready(proc: subprocess.Popen, ready, timeout: float = 120) -> str:
@@ -144,12 +154,7 @@ def test_ctrl_c_ends_a_running_stream_at_once(tmp_path):
         t.start()
         assert started.wait(120), "no token streamed"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        err = interrupt(proc)
     t.join(60)
     assert not t.is_alive()
     assert proc.returncode == 0 and "Traceback" not in err, err
@@ -167,13 +172,5 @@ def test_ctrl_c_twice_stops_without_a_traceback(tmp_path):
     try:
         wait_ready(proc, ready)
     finally:
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.02)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        err = interrupt(proc, times=2)
     assert "Traceback" not in err and "stopped" in err, err
