@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +38,12 @@ class _Out:
     kind: str  # header | data | commit | abort
     payload: int
     due: float | None  # monotonic time its last byte may have crossed the shaped link
-    started: bool = False
     keep: Any = field(default=None, repr=False)  # keeps the source memory alive
+    # run by the I/O thread right before the frame's first byte is written (e.g. hash the slice
+    # and fill in its sub-header); False: not ready yet (``blocked`` says whether it would be)
+    prepare: Callable[[_Out], bool] | None = field(default=None, repr=False)
+    blocked: Callable[[], bool] | None = field(default=None, repr=False)
+    started: bool = False
 
 
 class PeerStream(SenderStream):

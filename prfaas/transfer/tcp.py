@@ -8,6 +8,7 @@ when it is complete; the COMMIT closing a layer carries the checksum over the sl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -15,6 +16,7 @@ from prfaas.transfer import wire
 from prfaas.transfer.auth import BACKEND_CODES
 from prfaas.transfer.receiver import Assembly, ReceiverBase
 from prfaas.transfer.sender import PeerSession, PeerStream, SenderBase
+from prfaas.transfer.sender_stream import _Out
 
 
 class TcpSender(SenderBase):
@@ -26,28 +28,73 @@ class TcpSender(SenderBase):
     def _dispatch_layer(
         self, session: PeerSession, stream: PeerStream, layer: int, tensors: list[torch.Tensor]
     ) -> None:
-        records: list[wire.SliceRecord] = []
+        sid, size = stream.stream_id, self.slice_bytes
+        digests = _LayerDigests(stream.wire_header.layers[layer].checksum)
         nbytes = 0
         for ti, t in enumerate(tensors):
             view = wire.tensor_bytes(t)
             nbytes += len(view)
-            for off in range(0, len(view), self.slice_bytes):
-                chunk = view[off : off + self.slice_bytes]
-                # hashed just before it is queued: the I/O thread sends slice k while this thread
-                # hashes slice k + 1, and the kernel's copy finds slice k still in cache
-                digest = wire.slice_digest(chunk)
-                records.append((ti, off, len(chunk), digest))
-                head = wire.frame_head(wire.DATA, wire.DATA_HEAD.size + len(chunk))
-                sub = wire.DATA_HEAD.pack(stream.stream_id, layer, ti, off, digest)
+            for off in range(0, len(view), size):
+                chunk = view[off : off + size]
+                digests.expected += 1
                 # ``keep`` holds the tensor until the slice is on the wire
                 session.enqueue(
-                    session.next_conn(), [head + sub, chunk], stream, "data", len(chunk), keep=t
+                    session.next_conn(),
+                    [_DATA_PREFIX, chunk],
+                    stream,
+                    "data",
+                    len(chunk),
+                    keep=t,
+                    prepare=digests.slice_preparer(sid, layer, ti, off, chunk),
                 )
-        checksum = stream.wire_header.layers[layer].checksum  # in the header already
-        if checksum is None:
-            checksum = wire.layer_checksum(records)
-        commit = wire.COMMIT.pack(stream.stream_id, layer, nbytes, checksum, self.slice_bytes)
-        session.enqueue(0, [wire.frame(wire.COMMIT_T, commit)], stream, "commit", 0)
+
+        def commit(item: _Out) -> bool:
+            checksum = digests.checksum()
+            if checksum is None:  # a slice on another connection is not hashed yet
+                return False
+            payload = wire.COMMIT.pack(sid, layer, nbytes, checksum, size)
+            item.buffers = [memoryview(wire.frame(wire.COMMIT_T, payload))]
+            return True
+
+        session.enqueue(
+            0, [_COMMIT_PLACEHOLDER], stream, "commit", 0, prepare=commit, blocked=digests.pending
+        )
+
+
+_DATA_PREFIX = bytes(wire.DATA_OVERHEAD)  # replaced by the real prefix once the slice is hashed
+_COMMIT_PLACEHOLDER = bytes(wire.COMMIT_FRAME_BYTES)
+
+
+class _LayerDigests:
+    """One layer's slice records, filled by the session's I/O thread as it hashes each slice
+    right before writing it (the kernel's copy then finds the bytes in cache); the COMMIT,
+    queued behind the slices, is built once every record is in."""
+
+    def __init__(self, checksum: int | None) -> None:
+        self.expected = 0
+        self.records: list[wire.SliceRecord] = []
+        self._checksum = checksum  # from the header, when it carries the layer checksums
+
+    def pending(self) -> bool:
+        return self._checksum is None and len(self.records) < self.expected
+
+    def checksum(self) -> int | None:
+        if self._checksum is None and len(self.records) == self.expected:
+            self._checksum = wire.layer_checksum(self.records)
+        return self._checksum
+
+    def slice_preparer(
+        self, sid: int, layer: int, ti: int, off: int, chunk: memoryview
+    ) -> Callable[[_Out], bool]:
+        head = wire.frame_head(wire.DATA, wire.DATA_HEAD.size + len(chunk))
+
+        def prepare(item: _Out) -> bool:
+            digest = wire.slice_digest(chunk)
+            self.records.append((ti, off, len(chunk), digest))
+            item.buffers[0] = memoryview(head + wire.DATA_HEAD.pack(sid, layer, ti, off, digest))
+            return True
+
+        return prepare
 
 
 class TcpReceiver(ReceiverBase):
