@@ -357,7 +357,7 @@ class PeerSession:
         sock = self.socks[0]
         while True:
             try:
-                chunk = sock.recv(65536)
+                chunk = sock.recv(65536, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
