@@ -30,7 +30,7 @@ from prfaas.transfer.backend import Peer
 from prfaas.transfer.errors import PeerClosed, TransferError, error_from_code
 from prfaas.transfer.link import LinkShaper
 from prfaas.transfer.meter import LinkMeter, LinkSnapshot
-from prfaas.transfer.sender_stream import FINISH, PeerStream, _Out
+from prfaas.transfer.sender_stream import FINISH, PeerStream, QueuedFrame
 
 if TYPE_CHECKING:
     from prfaas.transfer.sender import SenderBase
@@ -76,7 +76,7 @@ class PeerSession:
             for s in self.socks:
                 s.close()
             raise
-        self.out: list[collections.deque[_Out]] = [collections.deque() for _ in self.socks]
+        self.out: list[collections.deque[QueuedFrame]] = [collections.deque() for _ in self.socks]
         self.dispatch_q: queue.SimpleQueue = queue.SimpleQueue()
         self._rr = itertools.cycle(range(len(self.socks)))
         self._wake_r, self._wake_w = socket.socketpair()
@@ -127,7 +127,7 @@ class PeerSession:
         payload: int,
         shaped: bool = True,
         keep: Any = None,
-        prepare: Callable[[_Out], bool] | None = None,
+        prepare: Callable[[QueuedFrame], bool] | None = None,
         blocked: Callable[[], bool] | None = None,
     ) -> None:
         """Queue a frame on connection ``conn``; ``shaped=False``: delay only, no bandwidth.
@@ -146,7 +146,7 @@ class PeerSession:
         if self.link is not None:
             due = self.link.reserve(nbytes) if shaped else time.monotonic() + self.link.one_way_s
         q = self.out[conn]
-        q.append(_Out(views, nbytes, stream, kind, payload, due, keep, prepare, blocked))
+        q.append(QueuedFrame(views, nbytes, stream, kind, payload, due, keep, prepare, blocked))
         # a frame behind others is written when they are (or when the socket has room again):
         # the I/O thread needs a wake-up (a syscall, and a cross-CPU interrupt here) only when
         # this frame is the queue's head and the thread may be waiting in select
@@ -319,18 +319,18 @@ class PeerSession:
         return True
 
     @staticmethod
-    def _blocked(item: _Out) -> bool:
+    def _blocked(item: QueuedFrame) -> bool:
         return not item.started and item.blocked is not None and item.blocked()
 
     @staticmethod
-    def _start(item: _Out) -> bool:
+    def _start(item: QueuedFrame) -> bool:
         """Prepare a frame about to be written; False if it must wait."""
         if item.prepare is not None and not item.prepare(item):
             return False
         item.started = True
         return True
 
-    def _dropped(self, item: _Out) -> bool:
+    def _dropped(self, item: QueuedFrame) -> bool:
         """Whether a frame not yet begun is to be dropped (its stream ended, or the session)."""
         st = item.stream
         if self.error is not None:
@@ -339,7 +339,7 @@ class PeerSession:
             return st is not None and st.stats.header_bytes == 0
         return st is not None and st.done
 
-    def _sent(self, item: _Out, at: float) -> None:
+    def _sent(self, item: QueuedFrame, at: float) -> None:
         self.meter.add_sent(item.nbytes, item.nbytes)
         if item.stream is not None:
             item.stream._on_sent(item.kind, item.nbytes, item.payload, at)

@@ -18,7 +18,7 @@ from prfaas.transfer import wire
 from prfaas.transfer.auth import BACKEND_CODES
 from prfaas.transfer.receiver import Assembly, ReceiverBase
 from prfaas.transfer.sender import PeerSession, PeerStream, SenderBase
-from prfaas.transfer.sender_stream import _Out
+from prfaas.transfer.sender_stream import QueuedFrame
 
 
 class TcpSender(SenderBase):
@@ -66,7 +66,7 @@ class TcpSender(SenderBase):
                     prepare=prepare,
                 )
 
-        def commit(item: _Out) -> bool:
+        def commit(item: QueuedFrame) -> bool:
             checksum = digests.checksum()
             if checksum is None:  # a slice on another connection is not hashed yet
                 return False
@@ -110,10 +110,10 @@ class _LayerDigests:
 
     def slice_preparer(
         self, sid: int, layer: int, ti: int, off: int, chunk: memoryview
-    ) -> Callable[[_Out], bool]:
-        """``slice_prefix`` deferred to the I/O thread (an ``_Out.prepare``)."""
+    ) -> Callable[[QueuedFrame], bool]:
+        """``slice_prefix`` deferred to the I/O thread (a ``QueuedFrame.prepare``)."""
 
-        def prepare(item: _Out) -> bool:
+        def prepare(item: QueuedFrame) -> bool:
             item.buffers[0] = memoryview(self.slice_prefix(sid, layer, ti, off, chunk))
             return True
 
