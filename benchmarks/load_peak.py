@@ -75,6 +75,14 @@ class PlanError(RuntimeError):
     """The run cannot go ahead (space, memory, time): the message says why."""
 
 
+class MountFailed(PlanError):
+    """A ``tmpfs:PATH`` entry could not be mounted (the plan goes on without it)."""
+
+    def __init__(self, target: Target, why: str) -> None:
+        super().__init__(why)
+        self.target = target
+
+
 # ----- host facts -----------------------------------------------------------------------------
 def meminfo() -> dict[str, int]:
     """/proc/meminfo in bytes (MemTotal, MemAvailable, Shmem, ...)."""
@@ -307,6 +315,7 @@ class Target:
     fs: dict = dataclasses.field(default_factory=dict)
     budget: int = 0  # bytes this run may place here
     placed: int = 0
+    prepared: bool = False
     mounted: bool = False
     created: list[Path] = dataclasses.field(default_factory=list)  # directories we made
 
@@ -397,7 +406,7 @@ def prepare_targets(targets: list[Target]) -> None:
     """Create the used directories (recording which) and mount the tmpfs entries that got
     shards; an existing non-empty directory is refused (its files are not ours to delete)."""
     for t in targets:
-        if not t.placed:
+        if not t.placed or t.prepared:
             continue
         if t.path.exists() and any(t.path.iterdir()):
             raise PlanError(f"{t.path} exists and is not empty: remove it or choose another path")
@@ -406,11 +415,12 @@ def prepare_targets(targets: list[Target]) -> None:
         while not p.exists():
             missing.append(p)
             p = p.parent
+        if t.mount and os.geteuid() != 0:
+            raise MountFailed(t, f"tmpfs:{t.path} needs root to mount a tmpfs")
         t.path.mkdir(parents=True, exist_ok=True)
-        t.created = list(reversed(missing))
+        t.created += list(reversed(missing))
+        t.prepared = True
         if t.mount:
-            if os.geteuid() != 0:
-                raise PlanError(f"tmpfs:{t.path} needs root to mount a tmpfs")
             size = t.placed + GIB
             r = subprocess.run(
                 ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(t.path)],
@@ -419,7 +429,7 @@ def prepare_targets(targets: list[Target]) -> None:
                 timeout=60,
             )
             if r.returncode != 0:
-                raise PlanError(f"mount tmpfs at {t.path} failed: {r.stderr.strip()}")
+                raise MountFailed(t, f"mount tmpfs at {t.path} failed: {r.stderr.strip()}")
             t.mounted = True
             log("plan", f"mounted a tmpfs of {size / GB:.1f} GB at {t.path}")
 
@@ -992,13 +1002,26 @@ def main(argv: list[str] | None = None) -> int:
             "host_mem_assumed_gib": round(host_mem / GIB, 1),
             "cold": not args.warm,
         }
-        place(
-            shards,
-            targets,
-            host_mem,
-            int(args.mem_reserve_gib * GIB),
-            int(args.disk_reserve_gib * GIB),
-        )
+        usable = list(targets)
+        while True:
+            for t in usable:
+                t.placed = 0
+            for sh in shards:
+                sh.pop("target", None)
+            place(
+                shards,
+                usable,
+                host_mem,
+                int(args.mem_reserve_gib * GIB),
+                int(args.disk_reserve_gib * GIB),
+            )
+            try:
+                prepare_targets(usable)
+                break
+            except MountFailed as e:
+                log("plan", f"{e}: planning without it")
+                usable.remove(e.target)
+                e.target.placed = 0
         res["plan"]["targets"] = [
             {
                 "path": str(t.path),
@@ -1010,11 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
             for t in targets
         ]
         for t in targets:
-            log(
-                "plan",
-                f"{t.path}: {t.placed / GB:.1f} GB ({sum(1 for s in shards if s['target'] == str(t.path))} shards)",
-            )
-        prepare_targets(targets)
+            n = sum(1 for s in shards if s["target"] == str(t.path))
+            log("plan", f"{t.path}: {t.placed / GB:.1f} GB ({n} shards)")
         by_path = {str(t.path): t for t in targets}
         for sh in shards:
             sh["memory_backed"] = by_path[sh["target"]].memory_backed

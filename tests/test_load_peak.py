@@ -20,9 +20,9 @@ from benchmarks import load_peak as lp
 from prfaas.model.config import PRESETS, ModelConfig
 
 
-def _dry(tmp_path, *extra: str) -> tuple[int, dict, str]:
+def _dry(tmp_path, *extra: str, dirs: tuple[str, ...] = ()) -> tuple[int, dict, str]:
     argv = ["--model", "tiny", "--device", "cpu", "--shard-gb", "0.001", "--tag", "cpu"]
-    argv += ["--dirs", str(tmp_path / "a") + "=0.002", str(tmp_path / "b")]
+    argv += ["--dirs", *dirs, str(tmp_path / "a") + "=0.002", str(tmp_path / "b")]
     argv += ["--out", str(tmp_path / "res"), "--budget-s", "300", *extra]
     rc = lp.main(argv)
     res = json.loads((tmp_path / "res" / "load_peak_cpu.json").read_text())
@@ -47,12 +47,17 @@ def test_sampler_sees_an_allocation_and_its_release():
     assert peak["VmRSS"] >= peak["RssAnon"] and s.samples >= 2
 
 
-def test_dry_run_loads_what_was_written_and_cleans_up(tmp_path):
-    rc, res, md = _dry(tmp_path)
+def test_dry_run_loads_what_was_written_and_cleans_up(tmp_path, monkeypatch, capsys):
+    # a tmpfs entry first that cannot be mounted (not root): planned without it
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    m = f"tmpfs:{tmp_path / 'm'}"
+    rc, res, md = _dry(tmp_path, "--host-mem-gib", "1000", dirs=(m,))
+    assert "needs root to mount a tmpfs: planning without it" in capsys.readouterr().out
     assert rc == 0 and res["status"] == "ok", res.get("error")
     pl, ld = res["plan"], res["load"]
     assert pl["tensors"] == 325 and pl["shards"] >= 4
     placed = {t["path"]: t["placed"] for t in pl["targets"]}
+    assert placed.pop(str(tmp_path / "m")) == 0 and not (tmp_path / "m").exists()
     assert 0 < placed[str(tmp_path / "a")] <= 0.002e9 and placed[str(tmp_path / "b")] > 0
     assert sum(placed.values()) == pl["bytes"]
     # the check: every tensor's bytes, the prompt's logits bit for bit, the greedy tokens
