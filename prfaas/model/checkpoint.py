@@ -323,8 +323,9 @@ def read_shard_into(
             src = buf[off : off + pc.nbytes]
             if pc.src_dtype is None:
                 pc.dest.copy_(src, non_blocking=True)
-            elif on_host:
-                pc.dest.copy_(src.view(pc.src_dtype))
+            elif on_host:  # (a misaligned run is copied out first: view() needs alignment)
+                al = src if off % pc.src_dtype.itemsize == 0 else src.clone()
+                pc.dest.copy_(al.view(pc.src_dtype))
             else:
                 conv = st.converter(pc.nbytes)
                 conv.copy_(src, non_blocking=True)
