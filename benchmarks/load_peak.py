@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -60,150 +59,40 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's prfaas
 
-GB = 1e9
-GIB = 1 << 30
-MEMORY_FS = ("tmpfs", "ramfs")
-STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
+from benchmarks.host_memory import (  # noqa: E402
+    GB,
+    GIB,
+    STATUS_KEYS,
+    StatusSampler,
+    cgroup_memory_limit,
+    meminfo,
+    reset_hwm,
+)
+from benchmarks.shard_placement import (  # noqa: E402
+    MountFailed,
+    PlanError,
+    parse_target,
+    place,
+    prepare_targets,
+    print_space,
+)
+from benchmarks.shard_placement import cleanup as remove_written  # noqa: E402
+from benchmarks.synth_checkpoint import (  # noqa: E402
+    corrupt,
+    digests,
+    model_config,
+    plan_shards,
+    release_config,
+    safetensors_header,
+    tensor_specs,
+    write_all,
+)
+
 _T0 = [time.time()]  # the run's start (subprocesses take the orchestrator's)
 
 
 def log(phase: str, msg: str) -> None:
     print(f"[{time.time() - _T0[0]:7.1f}s {phase}] {msg}", flush=True)
-
-
-class PlanError(RuntimeError):
-    """The run cannot go ahead (space, memory, time): the message says why."""
-
-
-class MountFailed(PlanError):
-    """A ``tmpfs:PATH`` entry could not be mounted (the plan goes on without it)."""
-
-    def __init__(self, target: Target, why: str) -> None:
-        super().__init__(why)
-        self.target = target
-
-
-# ----- host facts -----------------------------------------------------------------------------
-def meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (MemTotal, MemAvailable, Shmem, ...)."""
-    out = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            k, v = line.split(":", 1)
-            parts = v.split()
-            out[k] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
-    return out
-
-
-def cgroup_memory_limit() -> int | None:
-    for p in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError):
-            v = Path(p).read_text().strip()
-            if v != "max" and int(v) < 1 << 60:
-                return int(v)
-    return None
-
-
-def mount_of(path: Path) -> tuple[str, str]:
-    """(mount point, filesystem type) holding ``path`` (its nearest existing ancestor)."""
-    p = path.absolute()
-    while not p.exists():
-        p = p.parent
-    best, fstype = "/", "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/mounts").read_text().splitlines():
-            f = line.split()
-            if len(f) < 3:
-                continue
-            mnt = f[1].replace("\\040", " ")
-            if (str(p) == mnt or str(p).startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
-                best
-            ):
-                best, fstype = mnt, f[2]
-    return best, fstype
-
-
-def fs_space(path: Path) -> dict:
-    """``df`` of ``path`` (its nearest existing ancestor): bytes total / free, mount, type."""
-    p = path.absolute()
-    while not p.exists():
-        p = p.parent
-    st = os.statvfs(p)
-    mnt, fstype = mount_of(p)
-    return {
-        "path": str(path),
-        "mount": mnt,
-        "fstype": fstype,
-        "total": st.f_blocks * st.f_frsize,
-        "free": st.f_bavail * st.f_frsize,
-        "dev": os.stat(p).st_dev,
-    }
-
-
-def read_status() -> dict[str, int]:
-    """The ``STATUS_KEYS`` of /proc/self/status, in bytes (0 where absent)."""
-    out = dict.fromkeys(STATUS_KEYS, 0)
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            k = line.split(":", 1)[0]
-            if k in out:
-                out[k] = int(line.split()[1]) * 1024
-    return out
-
-
-class StatusSampler:
-    """A thread that reads /proc/self/status every ``interval_s`` and keeps each key's peak.
-    ``peaks()`` includes a fresh reading, so an allocation still held is never missed; VmHWM is
-    the kernel's own peak of VmRSS (nothing between samples escapes it)."""
-
-    def __init__(self, interval_s: float = 0.05) -> None:
-        self.interval_s = interval_s
-        self.samples = 0
-        self._peak = read_status()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="status-sampler", daemon=True)
-
-    def _take(self) -> dict[str, int]:
-        s = read_status()
-        with self._lock:
-            self.samples += 1
-            for k, v in s.items():
-                self._peak[k] = max(self._peak[k], v)
-        return s
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._take()
-
-    def start(self) -> StatusSampler:
-        self._thread.start()
-        return self
-
-    def reset(self) -> dict[str, int]:
-        """Start the peaks afresh from now; returns the current reading (the baseline)."""
-        s = read_status()
-        with self._lock:
-            self._peak = dict(s)
-        return s
-
-    def peaks(self) -> dict[str, int]:
-        self._take()
-        with self._lock:
-            return dict(self._peak)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-def reset_hwm() -> bool:
-    """VmHWM := VmRSS (``/proc/self/clear_refs`` 5); False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def machine() -> dict:
@@ -221,301 +110,6 @@ def machine() -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
-
-
-# ----- the checkpoint's tensors, shards and placement -------------------------------------------
-def model_config(name: str, layers: int | None):
-    """The preset's ModelConfig, cut to its first ``layers`` layers if given (a fallback where the
-    whole geometry does not fit; the report says so)."""
-    from prfaas.model.config import resolve_config
-
-    cfg = resolve_config(name)
-    if layers and layers < cfg.num_hidden_layers:
-        full = tuple(i for i in cfg.full_attn_layers if i < layers)
-        cfg = dataclasses.replace(
-            cfg, num_hidden_layers=layers, full_attn_layers=full, name=f"{cfg.name}-{layers}l"
-        )
-    return cfg
-
-
-def release_config(cfg) -> dict:
-    """config.json with the fields of the released Kimi-Linear-48B-A3B config (their spelling:
-    ``model_max_length``, ``first_k_dense_replace`` + ``moe_layer_freq``, the auto_map, ...),
-    for ``cfg``'s geometry; prfaas reads it back to ``cfg``."""
-    from prfaas.model.config import ModelConfig
-
-    d = cfg.to_hf_dict()
-    for k in ("mlp_layer_types", "max_position_embeddings", "rope_theta"):
-        d.pop(k, None)
-    d.update(
-        {
-            "auto_map": {
-                "AutoConfig": "configuration_kimi.KimiLinearConfig",
-                "AutoModel": "modeling_kimi.KimiLinearModel",
-                "AutoModelForCausalLM": "modeling_kimi.KimiLinearForCausalLM",
-            },
-            "head_dim": 72,
-            "initializer_range": 0.02,
-            "model_max_length": cfg.max_position_embeddings,
-            "moe_layer_freq": 1,
-            "num_key_value_heads": cfg.num_attention_heads,
-            "num_nextn_predict_layers": 0,
-            "pad_token_id": cfg.vocab_size - 1,
-            "torch_dtype": "bfloat16",
-            "use_cache": True,
-        }
-    )
-    back = ModelConfig.from_hf_dict(d)
-    if back.fingerprint() != cfg.fingerprint():
-        raise AssertionError("release config.json does not read back to the model's geometry")
-    return dict(sorted(d.items()))
-
-
-def tensor_specs(cfg) -> list[dict]:
-    """The checkpoint's tensors in release order: name, shape, safetensors dtype, bytes."""
-    import torch
-
-    from prfaas.model.checkpoint import keeps_fp32
-    from prfaas.model.model import HybridForCausalLM
-
-    with torch.device("meta"):
-        sd = HybridForCausalLM(cfg).state_dict()
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    out = []
-    for k, v in sd.items():
-        dt, size = ("F32", 4) if keeps_fp32(k) else ("BF16", 2)
-        out.append({"name": k, "shape": list(v.shape), "dtype": dt, "nbytes": v.numel() * size})
-    return out
-
-
-def plan_shards(specs: list[dict], shard_bytes: int) -> list[dict]:
-    """Consecutive tensors in shards of at most ``shard_bytes`` (a larger tensor alone)."""
-    shards: list[dict] = []
-    for s in specs:
-        if not shards or (
-            shards[-1]["nbytes"] + s["nbytes"] > shard_bytes and shards[-1]["tensors"]
-        ):
-            shards.append({"tensors": [], "nbytes": 0})
-        shards[-1]["tensors"].append(s["name"])
-        shards[-1]["nbytes"] += s["nbytes"]
-    n = len(shards)
-    for i, sh in enumerate(shards):
-        sh["file"] = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    return shards
-
-
-@dataclasses.dataclass
-class Target:
-    """One ``--dirs`` entry: where shards may go."""
-
-    path: Path
-    cap: int | None = None  # the entry's own limit in bytes (PATH=GB)
-    mount: bool = False  # tmpfs:PATH: mount a tmpfs there
-    fs: dict = dataclasses.field(default_factory=dict)
-    budget: int = 0  # bytes this run may place here
-    placed: int = 0
-    prepared: bool = False
-    mounted: bool = False
-    created: list[Path] = dataclasses.field(default_factory=list)  # directories we made
-
-    @property
-    def memory_backed(self) -> bool:
-        return self.mount or self.fs.get("fstype") in MEMORY_FS
-
-
-def parse_target(s: str) -> Target:
-    mount = s.startswith("tmpfs:")
-    if mount:
-        s = s[len("tmpfs:") :]
-    cap = None
-    if "=" in s:
-        s, gb = s.rsplit("=", 1)
-        cap = int(float(gb) * GB)
-    return Target(Path(s).absolute(), cap, mount)
-
-
-def place(
-    shards: list[dict],
-    targets: list[Target],
-    host_mem: int,
-    mem_reserve: int,
-    disk_reserve: int,
-) -> None:
-    """Give each shard a ``target`` (first fit in ``--dirs`` order) within each target's free
-    space less ``disk_reserve`` (entries on one filesystem share it), its cap, and, for
-    memory-backed ones together, ``host_mem - mem_reserve`` less the tmpfs memory already in
-    use. Raises PlanError, saying what is missing, if the shards do not fit."""
-    shmem_now = meminfo().get("Shmem", 0)
-    mem_left = host_mem - mem_reserve - shmem_now
-    fs_left: dict[int, int] = {}
-    for t in targets:
-        t.fs = fs_space(t.path)
-        if t.mount:
-            free = mem_left
-        else:
-            free = fs_left.setdefault(t.fs["dev"], t.fs["free"] - disk_reserve)
-        t.budget = max(0, min(free, t.cap if t.cap is not None else free))
-    for sh in shards:
-        for t in targets:
-            room = t.budget - t.placed
-            if t.memory_backed:
-                room = min(room, mem_left)
-            if not t.mount:
-                room = min(room, fs_left[t.fs["dev"]])
-            if sh["nbytes"] <= room:
-                sh["target"] = str(t.path)
-                t.placed += sh["nbytes"]
-                if t.memory_backed:
-                    mem_left -= sh["nbytes"]
-                if not t.mount:
-                    fs_left[t.fs["dev"]] -= sh["nbytes"]
-                break
-        else:
-            need = sum(s["nbytes"] for s in shards)
-            have = sum(t.placed for t in targets)
-            raise PlanError(
-                f"the checkpoint ({need / GB:.1f} GB) does not fit: {sh['file']} "
-                f"({sh['nbytes'] / GB:.2f} GB) finds no room after {have / GB:.1f} GB placed "
-                f"(memory-backed room left {max(mem_left, 0) / GB:.1f} GB of host memory "
-                f"{host_mem / GIB:.0f} GiB less a {mem_reserve / GIB:.0f} GiB reserve). Add "
-                "--dirs entries (tmpfs:PATH mounts one, as root), raise --host-mem-gib if the "
-                "machine has more memory than MemTotal says, or cut the model with --layers N"
-            )
-
-
-def print_space(targets: list[Target], host_mem: int) -> None:
-    mi = meminfo()
-    log(
-        "plan",
-        f"memory: MemTotal {mi.get('MemTotal', 0) / GIB:.1f} GiB, MemAvailable "
-        f"{mi.get('MemAvailable', 0) / GIB:.1f} GiB, Shmem {mi.get('Shmem', 0) / GIB:.1f} GiB, "
-        f"cgroup limit {cgroup_memory_limit()}, assumed host memory {host_mem / GIB:.0f} GiB",
-    )
-    for t in targets:
-        f = fs_space(t.path)
-        log(
-            "plan",
-            f"df {t.path}{' (tmpfs to mount)' if t.mount else ''}: {f['fstype']} on "
-            f"{f['mount']}, size {f['total'] / GB:.1f} GB, free {f['free'] / GB:.1f} GB"
-            + (f", cap {t.cap / GB:.1f} GB" if t.cap is not None else ""),
-        )
-
-
-def prepare_targets(targets: list[Target]) -> None:
-    """Create the used directories (recording which) and mount the tmpfs entries that got
-    shards; an existing non-empty directory is refused (its files are not ours to delete)."""
-    for t in targets:
-        if not t.placed or t.prepared:
-            continue
-        if t.path.exists() and any(t.path.iterdir()):
-            raise PlanError(f"{t.path} exists and is not empty: remove it or choose another path")
-        missing = []
-        p = t.path
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        if t.mount and os.geteuid() != 0:
-            raise MountFailed(t, f"tmpfs:{t.path} needs root to mount a tmpfs")
-        t.path.mkdir(parents=True, exist_ok=True)
-        t.created += list(reversed(missing))
-        t.prepared = True
-        if t.mount:
-            size = t.placed + GIB
-            r = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(t.path)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if r.returncode != 0:
-                raise MountFailed(t, f"mount tmpfs at {t.path} failed: {r.stderr.strip()}")
-            t.mounted = True
-            log("plan", f"mounted a tmpfs of {size / GB:.1f} GB at {t.path}")
-
-
-def cleanup(targets: list[Target], ck_dir: Path | None, shards: list[dict]) -> dict:
-    """Delete what this run wrote: shards, the checkpoint directory's files, directories it
-    made, tmpfs it mounted. Returns what was removed."""
-    files, nbytes = 0, 0
-    for sh in shards:
-        if "target" not in sh:
-            continue
-        p = Path(sh["target"]) / sh["file"]
-        with contextlib.suppress(FileNotFoundError):
-            nbytes += p.stat().st_size
-            p.unlink()
-            files += 1
-    if ck_dir is not None and ck_dir.exists():
-        for p in ck_dir.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                files += 1
-        with contextlib.suppress(OSError):
-            ck_dir.rmdir()
-    for t in targets:
-        if t.mounted:
-            r = subprocess.run(["umount", str(t.path)], capture_output=True, text=True, timeout=60)
-            if r.returncode != 0:
-                log("cleanup", f"umount {t.path} failed: {r.stderr.strip()}")
-            else:
-                t.mounted = False
-    for d in reversed([d for t in targets for d in t.created]):  # deepest (latest made) first
-        with contextlib.suppress(OSError):
-            d.rmdir()
-    return {"files_deleted": files, "shard_bytes_deleted": nbytes}
-
-
-# ----- safetensors writing and digests (subprocesses) ----------------------------------------
-def safetensors_header(entries: list[dict]) -> tuple[bytes, list[int]]:
-    """The 8-byte length + JSON header (padded to 8 bytes) of a file holding ``entries`` in
-    order, and each entry's data offset."""
-    meta: dict = {"__metadata__": {"format": "pt"}}
-    offsets, pos = [], 0
-    for e in entries:
-        meta[e["name"]] = {
-            "dtype": e["dtype"],
-            "shape": e["shape"],
-            "data_offsets": [pos, pos + e["nbytes"]],
-        }
-        offsets.append(pos)
-        pos += e["nbytes"]
-    raw = json.dumps(meta, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, offsets
-
-
-def write_all(fd: int, buf) -> None:
-    mv = memoryview(buf).cast("B")
-    while mv.nbytes:
-        n = os.write(fd, mv)
-        mv = mv[n:]
-
-
-def digests(tensors: dict, names: list[str]) -> dict[str, list[int]]:
-    """Per tensor, two int64 sums over its bytes read as int32 (or uint8): plain, and each
-    value times (its index mod 8191) + 1. Integer sums wrap identically in any order, so the
-    CPU and a GPU agree; any changed byte changes the pair (a swap changes the second)."""
-    import torch
-
-    out, CH = {}, 1 << 24
-    ws: dict = {}
-    for k in names:
-        t = tensors[k].detach().contiguous().reshape(-1).view(torch.uint8)
-        x = t
-        if t.numel() % 4 == 0:
-            with contextlib.suppress(RuntimeError):  # a misaligned view stays bytes
-                x = t.view(torch.int32)
-        acc = torch.zeros(2, dtype=torch.int64, device=t.device)
-        w = ws.get(t.device)
-        if w is None:
-            w = ws[t.device] = torch.arange(CH, device=t.device, dtype=torch.int64)
-        for i in range(0, x.numel(), CH):
-            c = x[i : i + CH].to(torch.int64)
-            acc[0] += c.sum()
-            acc[1] += (c * ((w[: c.numel()] + i) % 8191 + 1)).sum()
-        out[k] = acc
-    return {k: [int(a) for a in v.tolist()] for k, v in out.items()}
 
 
 def prompt_ids(cfg, n: int) -> list[int]:
@@ -749,20 +343,6 @@ def phase_write(state: dict) -> int:
     )
     Path(state["result"]).write_text(json.dumps(info))
     return 0
-
-
-def corrupt(ck_dir: Path, name: str) -> None:
-    """Flip the first byte of tensor ``name`` in its shard (tests: the check must catch it)."""
-    index = json.loads((ck_dir / "model.safetensors.index.json").read_text())
-    f = (ck_dir / index["weight_map"][name]).resolve()
-    with open(f, "r+b") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        meta = json.loads(fh.read(n))
-        pos = 8 + n + meta[name]["data_offsets"][0]
-        fh.seek(pos)
-        b = fh.read(1)
-        fh.seek(pos)
-        fh.write(bytes([b[0] ^ 0x40]))
 
 
 def phase_load(state: dict) -> int:
@@ -1004,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg.name}: {len(specs)} tensors, {total / GB:.2f} GB in {len(shards)} shards; "
             f"largest tensor {big['name']} {big['nbytes'] / GB:.3f} GB",
         )
-        print_space(targets, host_mem)
+        print_space(targets, host_mem, log)
         res["plan"] = {
             "model": cfg.name,
             "layers": cfg.num_hidden_layers,
@@ -1032,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                 int(args.disk_reserve_gib * GIB),
             )
             try:
-                prepare_targets(usable)
+                prepare_targets(usable, log)
                 break
             except MountFailed as e:
                 log("plan", f"{e}: planning without it")
@@ -1111,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             try:
-                res["cleanup"] = cleanup(targets, ck_dir, shards)
+                res["cleanup"] = remove_written(targets, ck_dir, shards, log)
                 log(
                     "cleanup",
                     f"deleted {res['cleanup']['files_deleted']} files "
