@@ -21,8 +21,13 @@ def model_config(name: str, layers: int | None):
     cfg = resolve_config(name)
     if layers and layers < cfg.num_hidden_layers:
         full = tuple(i for i in cfg.full_attn_layers if i < layers)
+        moe = any(cfg.is_moe_layer(i) for i in range(layers))
         cfg = dataclasses.replace(
-            cfg, num_hidden_layers=layers, full_attn_layers=full, name=f"{cfg.name}-{layers}l"
+            cfg,
+            num_hidden_layers=layers,
+            full_attn_layers=full,
+            num_experts=cfg.num_experts if moe else 0,  # as config.json reads back
+            name=f"{cfg.name}-{layers}l",
         )
     return cfg
 
