@@ -146,12 +146,15 @@ def prepare_targets(targets: list[Target], log: Log) -> None:
         t.prepared = True
         if t.mount:
             size = t.placed + GIB
-            r = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(t.path)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            try:
+                r = subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(t.path)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise MountFailed(t, f"mount tmpfs at {t.path} failed: {e}") from None
             if r.returncode != 0:
                 raise MountFailed(t, f"mount tmpfs at {t.path} failed: {r.stderr.strip()}")
             t.mounted = True
