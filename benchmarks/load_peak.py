@@ -92,6 +92,7 @@ from benchmarks.synth_checkpoint import (  # noqa: E402
     safetensors_header,
     tensor_specs,
     write_all,
+    write_staged,
 )
 
 _T0 = [time.time()]  # the run's start (subprocesses take the orchestrator's)
@@ -231,6 +232,7 @@ def phase_write(state: dict) -> int:
     started = time.time()
     per_target: dict[str, dict] = {}
     stop = threading.Event()
+    staged = dev.type == "cuda" or state["staged_write"]
 
     def write_shard(i: int, sh: dict) -> None:
         if stop.is_set():
@@ -243,51 +245,27 @@ def phase_write(state: dict) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             write_all(fd, head)
-            if dev.type == "cuda":
+            srcs = [sd[e["name"]].detach().reshape(-1).view(torch.uint8) for e in entries]
+            if staged:
                 if not hasattr(tls, "slots"):
-                    tls.stream = torch.cuda.Stream(dev)
+                    cuda = dev.type == "cuda"
+                    tls.stream = torch.cuda.Stream(dev) if cuda else None
                     tls.slots = [
-                        torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)
+                        torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)
                     ]
-                slots, pending = tls.slots, None
-                cur, off = 0, 0
 
-                def flush(cur: int, n: int, pending):
-                    ev = torch.cuda.Event()
-                    ev.record(tls.stream)
-                    if pending is not None:
-                        pending[2].synchronize()
-                        write_all(fd, slots[pending[0]][: pending[1]].numpy())
-                    return (cur, n, ev)
+                def on_chunk(n: int) -> None:
+                    with lock:
+                        done[0] += n
+                    deadline.check(done[0], total, started)
+                    if stop.is_set():
+                        raise TimeoutError("stopped")
 
-                with torch.cuda.stream(tls.stream):
-                    for e in entries:
-                        src = sd[e["name"]].reshape(-1).view(torch.uint8)
-                        pos, n = 0, src.numel()
-                        while pos < n:
-                            take = min(n - pos, chunk - off)
-                            slots[cur][off : off + take].copy_(
-                                src[pos : pos + take], non_blocking=True
-                            )
-                            off, pos = off + take, pos + take
-                            if off == chunk:
-                                pending = flush(cur, off, pending)
-                                cur, off = cur ^ 1, 0
-                                with lock:
-                                    done[0] += chunk
-                                deadline.check(done[0], total, started)
-                                if stop.is_set():
-                                    raise TimeoutError("stopped")
-                    if off:
-                        pending = flush(cur, off, pending)
-                    if pending is not None:
-                        pending[2].synchronize()
-                        write_all(fd, slots[pending[0]][: pending[1]].numpy())
+                n = write_staged(fd, srcs, tls.slots, tls.stream, on_chunk)
                 with lock:
-                    done[0] += off
+                    done[0] += n % chunk
             else:
-                for e in entries:
-                    t = sd[e["name"]].detach().reshape(-1).view(torch.uint8)
+                for t in srcs:
                     write_all(fd, t.numpy())
                 with lock:
                     done[0] += sh["nbytes"]
@@ -557,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk-reserve-gib", type=float, default=2.0)
     ap.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time limit")
     ap.add_argument("--write-jobs", type=int, default=4)
-    ap.add_argument("--chunk-mb", type=int, default=64, help="writer's pinned buffers")
+    ap.add_argument("--chunk-mb", type=float, default=64, help="writer's pinned buffers")
+    ap.add_argument("--staged-write", action="store_true", help=argparse.SUPPRESS)  # tests (CPU)
     ap.add_argument("--sample-ms", type=float, default=50.0)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--gen-tokens", type=int, default=4)
@@ -682,9 +661,10 @@ def main(argv: list[str] | None = None) -> int:
             "specs": specs,
             "shards": shards,
             "ck_dir": str(ck_dir),
-            "chunk_bytes": args.chunk_mb << 20,
+            "chunk_bytes": int(args.chunk_mb * (1 << 20)),
             "write_jobs": args.write_jobs,
             "cold": not args.warm,
+            "staged_write": args.staged_write,
             "fused_forward": args.fused_forward,
             "prompt_len": args.prompt_len,
             "gen_tokens": args.gen_tokens,

@@ -124,6 +124,59 @@ def write_all(fd: int, buf) -> None:
         mv = mv[n:]
 
 
+class _Done:
+    """A CPU copy's stand-in for a CUDA event: already complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+def write_staged(fd: int, srcs: list, slots: list, stream=None, on_chunk=None) -> int:
+    """Write the bytes of ``srcs`` (flat uint8 tensors, on any device) to ``fd`` in order through
+    two host buffers ``slots`` of equal size: the copies into one run while the other is
+    written; small tensors share a buffer, large ones span several. With a CUDA ``stream`` the
+    copies run there without blocking (an event per buffer); else they are plain copies.
+    ``on_chunk(n)`` is called after each full buffer is queued. Returns the bytes written."""
+    import torch
+
+    chunk = slots[0].numel()
+    ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    cur, off, written = 0, 0, 0
+    pending = None  # (buffer, bytes, event): queued, not yet written
+
+    def flush(cur: int, n: int, pending):
+        if stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        else:
+            ev = _Done()
+        if pending is not None:  # the other buffer: written while this one's copies run
+            pending[2].synchronize()
+            write_all(fd, slots[pending[0]][: pending[1]].numpy())
+        return (cur, n, ev)
+
+    with ctx:
+        for src in srcs:
+            pos, n = 0, src.numel()
+            while pos < n:
+                take = min(n - pos, chunk - off)
+                slots[cur][off : off + take].copy_(src[pos : pos + take], non_blocking=True)
+                off, pos = off + take, pos + take
+                if off == chunk:
+                    pending = flush(cur, off, pending)
+                    written += chunk
+                    cur, off = cur ^ 1, 0
+                    if on_chunk is not None:
+                        on_chunk(chunk)
+        if off:
+            pending = flush(cur, off, pending)
+            written += off
+        if pending is not None:
+            pending[2].synchronize()
+            write_all(fd, slots[pending[0]][: pending[1]].numpy())
+    return written
+
+
 def digests(tensors: dict, names: list[str]) -> dict[str, list[int]]:
     """Per tensor, two int64 sums over its bytes read as int32 (or uint8): plain, and each
     value times (its index mod 8191) + 1. Integer sums wrap identically in any order, so the

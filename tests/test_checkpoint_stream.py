@@ -135,3 +135,16 @@ def test_misaligned_tensors_convert(tmp_path, device):
     tb = torch.empty(5, dtype=torch.bfloat16, device=device)  # narrowed
     read_shard_into(f, {"a": ta, "b": tb}, device)
     assert _same_bytes(ta, a.float()) and _same_bytes(tb, b.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_staged_reads_reuse_buffers_in_order(tmp_path, tiny_model, monkeypatch, depth):
+    # the GPU load's path on the CPU: every read through the rotating staging buffers (reads of
+    # 4 KiB, many in flight), then copied out; a buffer reused too early would mix tensors
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(checkpoint, "READ_DEPTH", depth)
+    sd = _write(tiny_model, tmp_path / "ck", torch.bfloat16, shards=1)
+    f = tmp_path / "ck" / "model-00001-of-00001.safetensors"
+    targets = {k: torch.empty_like(v) for k, v in sd.items()}
+    read_shard_into(f, targets, "cpu", host_in_place=False)
+    assert all(_same_bytes(targets[k], v) for k, v in sd.items())

@@ -55,7 +55,11 @@ def test_dry_run_loads_what_was_written_and_cleans_up(tmp_path, monkeypatch, cap
     # a tmpfs entry first that cannot be mounted (not root): planned without it
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     m = f"tmpfs:{tmp_path / 'm'}"
-    rc, res, md = _dry(tmp_path, "--host-mem-gib", "1000", dirs=(m,))
+    # the writer through its two rotating buffers (as on a GPU) of 10,485 bytes: tensors packed
+    # and split at odd byte offsets
+    rc, res, md = _dry(
+        tmp_path, "--host-mem-gib", "1000", "--staged-write", "--chunk-mb", "0.01", dirs=(m,)
+    )
     assert "needs root to mount a tmpfs: planning without it" in capsys.readouterr().out
     assert rc == 0 and res["status"] == "ok", res.get("error")
     pl, ld = res["plan"], res["load"]
@@ -172,3 +176,20 @@ def test_release_config_and_tensors_of_the_48b_geometry():
     shards = sc.plan_shards(specs, int(5e9))
     assert len(shards) == 20 and max(s["nbytes"] for s in shards) <= 5e9
     assert sum(s["nbytes"] for s in shards) == sum(s["nbytes"] for s in specs) > 98e9
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 4096])
+def test_staged_writer_keeps_the_byte_order(tmp_path, chunk):
+    g = torch.Generator().manual_seed(0)
+    srcs = [
+        torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+        for n in (1, 999, 1000, 2500, 3, 0, 4096)
+    ]
+    slots = [torch.empty(chunk, dtype=torch.uint8) for _ in range(2)]
+    seen = []
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    n = sc.write_staged(fd, srcs, slots, None, seen.append)
+    os.close(fd)
+    want = b"".join(t.numpy().tobytes() for t in srcs)
+    assert (tmp_path / "f").read_bytes() == want and n == len(want)
+    assert seen == [chunk] * (len(want) // chunk)

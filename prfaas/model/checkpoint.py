@@ -301,6 +301,7 @@ def read_shard_into(
     targets: dict[str, torch.Tensor],
     device: str | torch.device,
     staging: _Staging | None = None,
+    host_in_place: bool = True,
 ) -> None:
     """Copy the tensors of safetensors file ``path`` named in ``targets`` into those tensors
     (allocated, of the checkpoint's shapes, all on ``device``), converting the dtype where the
@@ -311,7 +312,8 @@ def read_shard_into(
     (staging only for a dtype conversion: ``READ_DEPTH * HOST_CHUNK_BYTES``, 16 MiB). On a GPU
     each read fills a reused pinned buffer and is copied to the device without blocking, while
     the next reads proceed; one synchronise at the end. Host memory: ``READ_DEPTH *
-    CHUNK_BYTES`` (256 MiB) whatever the tensors' sizes."""
+    CHUNK_BYTES`` (256 MiB) whatever the tensors' sizes. ``host_in_place=False`` sends CPU
+    reads through the staging buffers too, as a GPU load's are (tests of that path)."""
     path = Path(path)
     dev = torch.device(device)
     st = staging or _Staging(dev)
@@ -347,7 +349,7 @@ def read_shard_into(
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         for j, r in enumerate(reads):
             i = j % READ_DEPTH
-            in_place = on_host and all(pc.src_dtype is None for _, pc in r.pieces)
+            in_place = on_host and host_in_place and all(pc.src_dtype is None for _, pc in r.pieces)
             if in_place:
                 bufs = [memoryview(pc.dest.numpy()) for _, pc in r.pieces]
             else:
