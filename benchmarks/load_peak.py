@@ -356,14 +356,21 @@ def phase_load(state: dict) -> int:
     total = sum(sh["nbytes"] for sh in state["shards"])
     done = threading.Event()
 
-    def heartbeat(read0: int) -> None:  # progress: bytes read so far (/proc/self/io rchar)
+    progress = Path(state["result"] + ".progress")
+
+    def heartbeat(read0: int) -> None:
+        """Every 5 s: bytes read so far (/proc/self/io rchar) and the peaks, printed and kept
+        in a file (the orchestrator reports them if this process dies)."""
         while not done.wait(5.0):
-            got = read_bytes() - read0
+            got, pk = read_bytes() - read0, sampler.peaks()
+            el = time.perf_counter() - t0
             log(
                 "load",
-                f"{got / GB:.1f}/{total / GB:.1f} GB read, {time.perf_counter() - t0:.0f} s; "
-                f"peak RssAnon so far {sampler.peaks()['RssAnon'] / GIB:.2f} GiB",
+                f"{got / GB:.1f}/{total / GB:.1f} GB read, {el:.0f} s; "
+                f"peak RssAnon so far {pk['RssAnon'] / GIB:.2f} GiB",
             )
+            with contextlib.suppress(OSError):
+                progress.write_text(json.dumps({"read": got, "seconds": el, "peak": pk}))
 
     t0 = time.perf_counter()
     threading.Thread(target=heartbeat, args=(read_bytes(),), daemon=True).start()
@@ -691,12 +698,22 @@ def main(argv: list[str] | None = None) -> int:
         state["result"] = str(work / "result-load.json")
         sp.write_text(json.dumps(state))
         log("plan", "loading in a fresh process")
-        code = run_phase("load", sp, deadline - time.time() - 15)
+        prog = Path(state["result"] + ".progress")  # the loader's, every 5 s
+        try:
+            code = run_phase("load", sp, deadline - time.time() - 15)
+        except PlanError as e:  # ran out of time: say how far it got
+            last = json.loads(prog.read_text()) if prog.exists() else None
+            res["load_progress"] = last
+            raise PlanError(f"{e}; its last progress: {last}") from None
         lres = (
             json.loads(Path(state["result"]).read_text()) if Path(state["result"]).exists() else {}
         )
         if "error" in lres or code not in (0, 1):
-            raise PlanError(f"the loader failed (exit {code}): {lres.get('error')}")
+            last = json.loads(prog.read_text()) if prog.exists() else None
+            res["load_progress"] = last
+            raise PlanError(
+                f"the loader failed (exit {code}): {lres.get('error')}; its last progress: {last}"
+            )
         res["load"] = lres
         res["status"] = "ok" if code == 0 else "mismatch"
         rc = code

@@ -204,13 +204,19 @@ def digests(tensors: dict, names: list[str]) -> dict[str, list[int]]:
 
 
 def corrupt(ck_dir: Path, name: str) -> None:
-    """Flip the first byte of tensor ``name`` in its shard (tests: the check must catch it)."""
+    """Flip the first byte of tensor ``name`` in its shard, or (``truncate:NAME``) cut its shard
+    off inside that tensor (tests: the check must catch the one, the loader refuse the other)."""
+    cut = name.startswith("truncate:")
+    name = name.removeprefix("truncate:")
     index = json.loads((ck_dir / "model.safetensors.index.json").read_text())
     f = (ck_dir / index["weight_map"][name]).resolve()
     with open(f, "r+b") as fh:
         n = int.from_bytes(fh.read(8), "little")
         meta = json.loads(fh.read(n))
         pos = 8 + n + meta[name]["data_offsets"][0]
+        if cut:
+            fh.truncate(pos + 1)
+            return
         fh.seek(pos)
         b = fh.read(1)
         fh.seek(pos)

@@ -97,6 +97,15 @@ def test_dry_run_catches_a_flipped_byte(tmp_path):
     assert "Status: **mismatch**" in md
 
 
+def test_a_loader_failure_is_reported_and_cleaned_up(tmp_path):
+    rc, res, md = _dry(tmp_path, "--corrupt", "truncate:model.norm.weight")
+    assert rc == 2 and res["status"] == "failed" and "load" not in res
+    assert "the loader failed" in res["error"] and "truncated" in res["error"]
+    assert res["write"]["write_s"] >= 0 and res["cleanup"]["files_deleted"] >= 5
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert "Status: **failed**" in md
+
+
 def test_a_checkpoint_that_does_not_fit_fails_before_writing(tmp_path):
     argv = ["--model", "tiny", "--device", "cpu", "--shard-gb", "0.001", "--tag", "cpu"]
     argv += ["--dirs", str(tmp_path / "a") + "=0.001", str(tmp_path / "b") + "=0.001"]
