@@ -1,7 +1,9 @@
-"""Where the tcp sender hashes its slices: by default on the session's I/O thread right before
-each slice is written (the COMMIT of a layer then waits until every slice of that layer, on any
-connection, was hashed), optionally on the dispatcher thread. Both must deliver identical bytes
-and both must be caught by the receiver when a digest is wrong."""
+"""The tcp backend's fast paths. Where the sender hashes its slices: by default on the session's
+I/O thread right before each slice is written (the COMMIT of a layer then waits until every slice
+of that layer, on any connection, was hashed), optionally on the dispatcher thread; both must
+deliver identical bytes and both must be caught by the receiver when a digest is wrong. The
+receiver raises a connection's SO_RCVLOWAT inside big slices (readable from 1 MiB on) and lowers
+it for a slice's last bytes and the next frame: slices of every size around it must arrive."""
 
 from __future__ import annotations
 
@@ -91,3 +93,18 @@ def test_wrong_digest_is_refused(pair, monkeypatch, on_dispatcher) -> None:
     d = rx.deliveries.get(timeout=30)
     assert isinstance(d, Delivery)
     _same(good, d.export)
+
+
+@pytest.mark.parametrize("slice_kib", [256, 1024, 3072])
+def test_big_slices_and_their_tails_arrive(pair, slice_kib) -> None:
+    """MLA tensors of 2500 tokens (2.9 MB) in slices of 256 KiB-3 MiB: whole slices above and
+    below the 1 MiB low-water mark and tails of every size, over 1 and 3 connections."""
+    for conns in (1, 3):
+        rx, tx = pair(connections=conns, slice_bytes=slice_kib << 10)
+        for i, (start, end) in enumerate([(0, 2500), (100, 1999), (0, 1)]):
+            ex = random_export(LAYOUT, f"big-{conns}-{i}", start, end, seed=i)
+            tx.send_export(rx.address, ex).wait(60)
+            d = rx.deliveries.get(timeout=60)
+            assert isinstance(d, Delivery), d
+            _same(ex, d.export)
+            d.release()
