@@ -115,3 +115,36 @@ def test_reference_reader_agrees(tmp_path, tiny_model):
     ref = load_file(str(tmp_path / "ck" / "model-00001-of-00001.safetensors"))
     m = load_checkpoint(tmp_path / "ck").state_dict()
     assert all(_same_bytes(m[k], ref[k]) and _same_bytes(ref[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_misaligned_tensors_convert(tmp_path, device):
+    # a bf16 tensor of 3 values puts the next (fp32) tensor 2 bytes off 4-byte alignment; both
+    # read in one coalesced read and converted
+    a = torch.randn(3).to(torch.bfloat16)
+    b = torch.randn(5)
+    head = {
+        "a": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+        "b": {"dtype": "F32", "shape": [5], "data_offsets": [6, 26]},
+    }
+    raw = json.dumps(head).encode()
+    data = a.view(torch.uint8).numpy().tobytes() + b.view(torch.uint8).numpy().tobytes()
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    ta = torch.empty(3, device=device)  # widened
+    tb = torch.empty(5, dtype=torch.bfloat16, device=device)  # narrowed
+    read_shard_into(f, {"a": ta, "b": tb}, device)
+    assert _same_bytes(ta, a.float()) and _same_bytes(tb, b.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_staged_reads_reuse_buffers_in_order(tmp_path, tiny_model, monkeypatch, depth):
+    # the GPU load's path on the CPU: every read through the rotating staging buffers (reads of
+    # 4 KiB, many in flight), then copied out; a buffer reused too early would mix tensors
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(checkpoint, "READ_DEPTH", depth)
+    sd = _write(tiny_model, tmp_path / "ck", torch.bfloat16, shards=1)
+    f = tmp_path / "ck" / "model-00001-of-00001.safetensors"
+    targets = {k: torch.empty_like(v) for k, v in sd.items()}
+    read_shard_into(f, targets, "cpu", host_in_place=False)
+    assert all(_same_bytes(targets[k], v) for k, v in sd.items())

@@ -1,9 +1,10 @@
-"""``benchmarks/load_peak.py`` (peak host memory during a full-size load, issue 14 point 2) in its
-CPU dry run (tiny model, two directories): the shards spread over both, the loader's weights equal
-the writer's (digests, bit-equal logits, greedy tokens), a flipped byte is caught, a checkpoint
-that cannot fit fails before writing, everything written is deleted; and its parts: the status
-sampler sees an allocation, the safetensors writer's files read back, the release config and
-tensor list of the 48B geometry."""
+"""``benchmarks/load_peak.py`` (peak host memory during a full-size load, issue 14 point 2) and
+its modules (host_memory, shard_placement, synth_checkpoint), in its CPU dry run (tiny model, two
+directories): the shards spread over both, the loader's weights equal the writer's (digests,
+bit-equal logits, greedy tokens), a flipped byte is caught, a checkpoint that cannot fit fails
+before writing, everything written is deleted; and its parts: the status sampler sees an
+allocation, the safetensors writer's files read back, the release config and tensor list of the
+48B geometry."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks import host_memory as hm
 from benchmarks import load_peak as lp
+from benchmarks import shard_placement as sp
+from benchmarks import synth_checkpoint as sc
 from prfaas.model.config import PRESETS, ModelConfig
 
 
@@ -31,14 +35,14 @@ def _dry(tmp_path, *extra: str, dirs: tuple[str, ...] = ()) -> tuple[int, dict, 
 
 
 def test_sampler_sees_an_allocation_and_its_release():
-    s = lp.StatusSampler(0.01).start()
+    s = hm.StatusSampler(0.01).start()
     try:
-        lp.reset_hwm()
+        hm.reset_hwm()
         base = s.reset()
         a = np.ones(256 << 20, dtype=np.uint8)  # touched: resident
         mid = s.peaks()
         del a
-        after = lp.read_status()
+        after = hm.read_status()
         peak = s.peaks()
     finally:
         s.stop()
@@ -51,7 +55,11 @@ def test_dry_run_loads_what_was_written_and_cleans_up(tmp_path, monkeypatch, cap
     # a tmpfs entry first that cannot be mounted (not root): planned without it
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     m = f"tmpfs:{tmp_path / 'm'}"
-    rc, res, md = _dry(tmp_path, "--host-mem-gib", "1000", dirs=(m,))
+    # the writer through its two rotating buffers (as on a GPU) of 10,485 bytes: tensors packed
+    # and split at odd byte offsets
+    rc, res, md = _dry(
+        tmp_path, "--host-mem-gib", "1000", "--staged-write", "--chunk-mb", "0.01", dirs=(m,)
+    )
     assert "needs root to mount a tmpfs: planning without it" in capsys.readouterr().out
     assert rc == 0 and res["status"] == "ok", res.get("error")
     pl, ld = res["plan"], res["load"]
@@ -66,7 +74,7 @@ def test_dry_run_loads_what_was_written_and_cleans_up(tmp_path, monkeypatch, cap
     assert ld["tokens_equal"] and len(ld["greedy_tokens"]) == 4
     # the peaks: the CPU model stays resident, so the load's growth holds at least its bytes
     assert ld["samples"] >= 2 and ld["load_s"] > 0
-    for k in lp.STATUS_KEYS:
+    for k in hm.STATUS_KEYS:
         assert ld["peak"][k] >= ld["baseline"][k] and ld["peak_over_baseline"][k] >= 0
     assert ld["peak_over_baseline"]["RssAnon"] >= pl["bytes"]
     assert ld["peak"]["VmRSS"] >= ld["peak"]["RssAnon"]
@@ -89,6 +97,15 @@ def test_dry_run_catches_a_flipped_byte(tmp_path):
     assert "Status: **mismatch**" in md
 
 
+def test_a_loader_failure_is_reported_and_cleaned_up(tmp_path):
+    rc, res, md = _dry(tmp_path, "--corrupt", "truncate:model.norm.weight")
+    assert rc == 2 and res["status"] == "failed" and "load" not in res
+    assert "the loader failed" in res["error"] and "truncated" in res["error"]
+    assert res["write"]["write_s"] >= 0 and res["cleanup"]["files_deleted"] >= 5
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert "Status: **failed**" in md
+
+
 def test_a_checkpoint_that_does_not_fit_fails_before_writing(tmp_path):
     argv = ["--model", "tiny", "--device", "cpu", "--shard-gb", "0.001", "--tag", "cpu"]
     argv += ["--dirs", str(tmp_path / "a") + "=0.001", str(tmp_path / "b") + "=0.001"]
@@ -100,17 +117,17 @@ def test_a_checkpoint_that_does_not_fit_fails_before_writing(tmp_path):
 
 def test_placement_first_fit_shares_a_filesystem_and_caps(tmp_path):
     shards = [{"file": f"s{i}", "nbytes": 10} for i in range(5)]
-    t = [lp.Target(tmp_path / "x", cap=25), lp.parse_target(str(tmp_path / "y"))]
-    assert lp.parse_target(f"{tmp_path / 'x'}=2.5").cap == int(2.5e9)
-    lp.place(shards, t, host_mem=1 << 40, mem_reserve=0, disk_reserve=0)
+    t = [sp.Target(tmp_path / "x", cap=25), sp.parse_target(str(tmp_path / "y"))]
+    assert sp.parse_target(f"{tmp_path / 'x'}=2.5").cap == int(2.5e9)
+    sp.place(shards, t, host_mem=1 << 40, mem_reserve=0, disk_reserve=0)
     assert [s["target"] for s in shards] == [str(tmp_path / "x")] * 2 + [str(tmp_path / "y")] * 3
     # one filesystem's free space is shared by its entries
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     big = [{"file": f"s{i}", "nbytes": int(free * 0.4)} for i in range(3)]
-    t = [lp.parse_target(str(tmp_path / "x")), lp.parse_target(str(tmp_path / "y"))]
-    with pytest.raises(lp.PlanError, match="does not fit"):
-        lp.place(big, t, host_mem=1 << 40, mem_reserve=0, disk_reserve=0)
-    mt = lp.parse_target("tmpfs:/mnt/nowhere")
+    t = [sp.parse_target(str(tmp_path / "x")), sp.parse_target(str(tmp_path / "y"))]
+    with pytest.raises(sp.PlanError, match="does not fit"):
+        sp.place(big, t, host_mem=1 << 40, mem_reserve=0, disk_reserve=0)
+    mt = sp.parse_target("tmpfs:/mnt/nowhere")
     assert mt.mount and mt.memory_backed and mt.path.as_posix() == "/mnt/nowhere"
 
 
@@ -129,28 +146,28 @@ def test_safetensors_writer_reads_back(tmp_path):
         }
         for k, v in ts.items()
     ]
-    head, offs = lp.safetensors_header(entries)
+    head, offs = sc.safetensors_header(entries)
     assert len(head) % 8 == 0 and offs == [0, 30, 58]
     fd = os.open(tmp_path / "f.safetensors", os.O_WRONLY | os.O_CREAT)
-    lp.write_all(fd, head)
+    sc.write_all(fd, head)
     for v in ts.values():
-        lp.write_all(fd, v.reshape(-1).view(torch.uint8).numpy())
+        sc.write_all(fd, v.reshape(-1).view(torch.uint8).numpy())
     os.close(fd)
     back = load_file(str(tmp_path / "f.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in ts.items())
-    d = lp.digests(ts, list(ts))
-    d2 = lp.digests({**ts, "b": ts["b"].flip(0)}, ["b"])
+    d = sc.digests(ts, list(ts))
+    d2 = sc.digests({**ts, "b": ts["b"].flip(0)}, ["b"])
     assert d["b"][0] == d2["b"][0] and d["b"][1] != d2["b"][1]  # same bytes, moved: caught
 
 
 def test_release_config_and_tensors_of_the_48b_geometry():
     cfg = PRESETS["kimi-linear-48b"]
-    d = lp.release_config(cfg)
+    d = sc.release_config(cfg)
     assert ModelConfig.from_hf_dict(d).fingerprint() == cfg.fingerprint()
     assert d["model_max_length"] == 1048576 and "mlp_layer_types" not in d
     assert d["linear_attn_config"]["full_attn_layers"] == [4, 8, 12, 16, 20, 24, 27]
     assert d["num_key_value_heads"] == 32 and d["torch_dtype"] == "bfloat16"
-    specs = lp.tensor_specs(cfg)
+    specs = sc.tensor_specs(cfg)
     assert len(specs) == 20493
     assert sum(math.prod(s["shape"]) for s in specs) == 49_122_681_728
     fp32 = {
@@ -165,6 +182,23 @@ def test_release_config_and_tensors_of_the_48b_geometry():
         "self_attn.dt_bias",
     }
     assert "model.layers.26.block_sparse_moe.experts.255.w2.weight" in {s["name"] for s in specs}
-    shards = lp.plan_shards(specs, int(5e9))
+    shards = sc.plan_shards(specs, int(5e9))
     assert len(shards) == 20 and max(s["nbytes"] for s in shards) <= 5e9
     assert sum(s["nbytes"] for s in shards) == sum(s["nbytes"] for s in specs) > 98e9
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 4096])
+def test_staged_writer_keeps_the_byte_order(tmp_path, chunk):
+    g = torch.Generator().manual_seed(0)
+    srcs = [
+        torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+        for n in (1, 999, 1000, 2500, 3, 0, 4096)
+    ]
+    slots = [torch.empty(chunk, dtype=torch.uint8) for _ in range(2)]
+    seen = []
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    n = sc.write_staged(fd, srcs, slots, None, seen.append)
+    os.close(fd)
+    want = b"".join(t.numpy().tobytes() for t in srcs)
+    assert (tmp_path / "f").read_bytes() == want and n == len(want)
+    assert seen == [chunk] * (len(want) // chunk)

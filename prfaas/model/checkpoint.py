@@ -170,7 +170,8 @@ def _read_tensors(path: Path):
 
 
 # ----- streaming a shard into allocated parameters --------------------------------------------
-CHUNK_BYTES = 64 << 20  # bytes per read: one staging buffer's size
+CHUNK_BYTES = 64 << 20  # bytes per read: one staging buffer's size (GPU loads)
+HOST_CHUNK_BYTES = 4 << 20  # the same for CPU loads (staging only for dtype conversions)
 READ_DEPTH = 4  # reads in flight (threads) and staging buffers
 _MAX_IOV = 512  # tensors per read (preadv takes at most IOV_MAX = 1024 buffers)
 
@@ -197,9 +198,12 @@ class _Read:
     pieces: list[tuple[int, _Piece]] = field(default_factory=list)
 
 
-def _plan_reads(path: Path, targets: dict[str, torch.Tensor]) -> tuple[list[_Read], list[str]]:
-    """The reads that fill ``targets`` (name -> contiguous parameter) from ``path``, in file
-    order, and the names of non-contiguous targets (read whole, see :func:`read_shard_into`)."""
+def _plan_reads(
+    path: Path, targets: dict[str, torch.Tensor], chunk: int
+) -> tuple[list[_Read], list[str]]:
+    """The reads (each at most ``chunk`` bytes) that fill ``targets`` (name -> contiguous
+    parameter) from ``path``, in file order, and the names of non-contiguous targets (read
+    whole, see :func:`read_shard_into`)."""
     header = _header(path)
     with open(path, "rb") as fh:
         base = 8 + int.from_bytes(fh.read(8), "little")
@@ -223,7 +227,7 @@ def _plan_reads(path: Path, targets: dict[str, torch.Tensor]) -> tuple[list[_Rea
         flat = p.detach().view(-1)
         raw = dt == p.dtype
         dest = flat.view(torch.uint8) if raw else flat
-        step = CHUNK_BYTES - CHUNK_BYTES % dt.itemsize
+        step = chunk - chunk % dt.itemsize
         for off in range(0, n, step):
             m = min(step, n - off)
             d = dest[off : off + m] if raw else dest[off // dt.itemsize : (off + m) // dt.itemsize]
@@ -234,7 +238,7 @@ def _plan_reads(path: Path, targets: dict[str, torch.Tensor]) -> tuple[list[_Rea
         if (
             cur is not None
             and pc.start == cur.start + cur.nbytes
-            and cur.nbytes + pc.nbytes <= CHUNK_BYTES
+            and cur.nbytes + pc.nbytes <= chunk
             and len(cur.pieces) < _MAX_IOV
         ):
             cur.pieces.append((cur.nbytes, pc))
@@ -260,12 +264,14 @@ def _pread_full(fd: int, bufs: list[memoryview], offset: int, path: Path) -> Non
 
 
 class _Staging:
-    """``READ_DEPTH`` host buffers of ``CHUNK_BYTES`` (pinned when the parameters are on a CUDA
-    device), allocated on first use and reused by every shard of one load."""
+    """``READ_DEPTH`` host buffers of ``chunk`` bytes (``CHUNK_BYTES``, pinned, when the
+    parameters are on a CUDA device; else ``HOST_CHUNK_BYTES`` at most), allocated on first use
+    and reused by every shard of one load."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.device = device
+        self.chunk = CHUNK_BYTES if device.type != "cpu" else min(CHUNK_BYTES, HOST_CHUNK_BYTES)
         self.slots: list[torch.Tensor] = []
         self.views: list[memoryview] = []
         self.events: list[torch.cuda.Event | None] = [None] * READ_DEPTH
@@ -275,7 +281,7 @@ class _Staging:
         """Buffer ``i``, once the device copies out of its last contents are done."""
         if not self.slots:
             for _ in range(READ_DEPTH):
-                t = torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=self.cuda)
+                t = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.cuda)
                 self.slots.append(t)
                 self.views.append(memoryview(t.numpy()))
         ev = self.events[i]
@@ -286,7 +292,7 @@ class _Staging:
 
     def converter(self, nbytes: int) -> torch.Tensor:
         if self.convert is None:
-            self.convert = torch.empty(CHUNK_BYTES, dtype=torch.uint8, device=self.device)
+            self.convert = torch.empty(self.chunk, dtype=torch.uint8, device=self.device)
         return self.convert[:nbytes]
 
 
@@ -295,21 +301,24 @@ def read_shard_into(
     targets: dict[str, torch.Tensor],
     device: str | torch.device,
     staging: _Staging | None = None,
+    host_in_place: bool = True,
 ) -> None:
     """Copy the tensors of safetensors file ``path`` named in ``targets`` into those tensors
     (allocated, of the checkpoint's shapes, all on ``device``), converting the dtype where the
     target's differs. Plain reads (``preadv``, no memory map), ``READ_DEPTH`` in flight on
     threads, each of up to ``CHUNK_BYTES`` (consecutive tensors coalesced, larger ones split).
 
-    On the CPU a read lands straight in the parameters' memory (a staging buffer only for a
-    dtype conversion). On a GPU each read fills a reused pinned buffer and is copied to the
-    device without blocking, while the next reads proceed; one synchronise at the end. Host
-    memory: ``READ_DEPTH * CHUNK_BYTES`` (256 MiB) whatever the tensors' sizes."""
+    On the CPU a read (of up to ``HOST_CHUNK_BYTES``) lands straight in the parameters' memory
+    (staging only for a dtype conversion: ``READ_DEPTH * HOST_CHUNK_BYTES``, 16 MiB). On a GPU
+    each read fills a reused pinned buffer and is copied to the device without blocking, while
+    the next reads proceed; one synchronise at the end. Host memory: ``READ_DEPTH *
+    CHUNK_BYTES`` (256 MiB) whatever the tensors' sizes. ``host_in_place=False`` sends CPU
+    reads through the staging buffers too, as a GPU load's are (tests of that path)."""
     path = Path(path)
     dev = torch.device(device)
     st = staging or _Staging(dev)
     on_host = dev.type == "cpu"
-    reads, whole = _plan_reads(path, targets)
+    reads, whole = _plan_reads(path, targets, st.chunk)
     fd = os.open(path, os.O_RDONLY)
     pending: deque[tuple[_Read, int, bool, Future]] = deque()
     pool = ThreadPoolExecutor(READ_DEPTH, thread_name_prefix="ckpt-read")
@@ -323,8 +332,9 @@ def read_shard_into(
             src = buf[off : off + pc.nbytes]
             if pc.src_dtype is None:
                 pc.dest.copy_(src, non_blocking=True)
-            elif on_host:
-                pc.dest.copy_(src.view(pc.src_dtype))
+            elif on_host:  # (a misaligned run is copied out first: view() needs alignment)
+                al = src if off % pc.src_dtype.itemsize == 0 else src.clone()
+                pc.dest.copy_(al.view(pc.src_dtype))
             else:
                 conv = st.converter(pc.nbytes)
                 conv.copy_(src, non_blocking=True)
@@ -339,7 +349,7 @@ def read_shard_into(
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         for j, r in enumerate(reads):
             i = j % READ_DEPTH
-            in_place = on_host and all(pc.src_dtype is None for _, pc in r.pieces)
+            in_place = on_host and host_in_place and all(pc.src_dtype is None for _, pc in r.pieces)
             if in_place:
                 bufs = [memoryview(pc.dest.numpy()) for _, pc in r.pieces]
             else:
