@@ -40,6 +40,23 @@ from prfaas.model.layers import SparseMoE  # noqa: E402
 from prfaas.model.materialize import empty_model, random_model  # noqa: E402
 
 
+def agreement_ci(agree: int, n: int, z: float = 1.96) -> dict:
+    """``agree`` of ``n`` steps with the same argmax: the fraction and its Wilson score interval
+    (95% for z = 1.96; steps treated as independent trials)."""
+    if n == 0:
+        return {"argmax_agree": None, "agree": 0, "of": 0, "ci95": None}
+    p = agree / n
+    d = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return {
+        "argmax_agree": p,
+        "agree": agree,
+        "of": n,
+        "ci95": [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)],
+    }
+
+
 def time_ms(fn, reps: int = 20) -> float:
     for _ in range(3):
         fn()

@@ -44,6 +44,28 @@ def test_rms_norm_matches_module(dtype, with_residual):
     torch.testing.assert_close(y, want, rtol=tol, atol=tol)
 
 
+def test_rms_norm_fp32_residual_stream():
+    """The decoder's residual stream in fp32 with bf16 layer outputs: the sum is exact in fp32
+    (no rounding to bf16), the normalised output is bf16, as the module computes them."""
+    g = torch.Generator().manual_seed(3)
+    D = 96
+    norm = RMSNorm(D, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    w = norm.weight.to(torch.bfloat16)
+    x = torch.randn(7, D, generator=g)  # fp32, not representable in bf16
+    delta = torch.randn(7, D, generator=g).to(torch.bfloat16)
+    y, s = triton_ops.rms_norm(x, w, 1e-6, delta, out_dtype=torch.bfloat16)
+    assert s.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert torch.equal(s, x + delta.float())
+    want_s, want = norm.to(torch.bfloat16).add_forward(x, delta, torch.bfloat16)
+    assert torch.equal(want_s, s)
+    torch.testing.assert_close(y, want, rtol=1e-2, atol=1e-2)
+    y0, s0 = triton_ops.rms_norm(x, w, 1e-6, out_dtype=torch.bfloat16)
+    assert s0 is x and y0.dtype == torch.bfloat16
+    torch.testing.assert_close(y0, norm.to(torch.bfloat16)(x, torch.bfloat16), rtol=1e-2, atol=1e-2)
+
+
 def test_rms_norm_strided_rows():
     g = torch.Generator().manual_seed(1)
     big = torch.randn(5, 80, generator=g)
