@@ -32,8 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_check_moe import RouterProbe, agreement_ci  # noqa: E402
 from benchmarks.gpu_check_model import forced_logits  # noqa: E402
+from benchmarks.gpu_check_moe import RouterProbe, agreement_ci  # noqa: E402
 from prfaas.model.checkpoint import keeps_fp32  # noqa: E402
 from prfaas.model.config import PRESETS  # noqa: E402
 from prfaas.model.materialize import empty_model, random_model  # noqa: E402
@@ -94,9 +94,10 @@ def swap_fp32(model, model32, parts: set[str]) -> list:
     ``restore`` needs."""
     saved = []
     for layer, l32 in zip(model.model.layers, model32.model.layers, strict=True):
-        if "moe" in parts and hasattr(layer, "block_sparse_moe"):
-            saved.append((layer, "block_sparse_moe", layer.block_sparse_moe))
-            layer.block_sparse_moe = _MoE32(l32.block_sparse_moe)
+        if "moe" in parts:  # the MoE layers' experts and the dense MLP of layer 0
+            name = "block_sparse_moe" if hasattr(layer, "block_sparse_moe") else "mlp"
+            saved.append((layer, name, getattr(layer, name)))
+            setattr(layer, name, _MoE32(getattr(l32, name)))
         if layer.kind in parts:
             saved.append((layer, "self_attn", layer.self_attn))
             wrap = _KDA32 if layer.kind == "kda" else _MLA32
@@ -143,10 +144,10 @@ VARIANTS = {
     "bf16 stream, fp32 logits": (None, True, ()),
     "fp32 stream, bf16 logits": (torch.float32, False, ()),
     "fp32 stream, fp32 logits (now)": (torch.float32, True, ()),
-    "now + MoE in fp32": (torch.float32, True, ("moe",)),
+    "now + MLPs in fp32": (torch.float32, True, ("moe",)),
     "now + KDA in fp32": (torch.float32, True, ("kda",)),
     "now + MLA in fp32": (torch.float32, True, ("mla",)),
-    "now + MoE, KDA, MLA in fp32": (torch.float32, True, ("moe", "kda", "mla")),
+    "now + MLPs, KDA, MLA in fp32": (torch.float32, True, ("moe", "kda", "mla")),
     # the layers' inputs (the norms' outputs) in fp32 too: only the bf16 cache (MLA latents,
     # KDA conv inputs) and the bf16-rounded layer outputs are left
     "now + all layers and their inputs in fp32": (torch.float32, True, ("moe", "kda", "mla", "in")),
@@ -212,9 +213,7 @@ def main() -> int:
         finally:
             probe.remove()
         forced.append(probe.ids)
-    top2 = [
-        float(v[0] - v[1]) for ref in refs for r in ref[1:] for v in [r.topk(2).values]
-    ]
+    top2 = [float(v[0] - v[1]) for ref in refs for r in ref[1:] for v in [r.topk(2).values]]
     res["reference_top2_margin_median"] = sorted(top2)[len(top2) // 2]
     res["reference_logit_abs_median"] = float(torch.stack(refs[0][1:]).abs().median())
     print(json.dumps(res), flush=True)

@@ -31,6 +31,12 @@ def stacked_weight(cache: dict, weights: tuple[torch.Tensor, ...]) -> torch.Tens
     return cache["w"]
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` in fp32, rounded once to gate's dtype (what
+    ``triton_ops.silu_mul`` and the fused MoE kernels compute)."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm in fp32 arithmetic. The decoder's norms take the residual stream (fp32, see
     ``HybridForCausalLM.residual_dtype``) and hand the layers their input in the weights' dtype
@@ -117,7 +123,7 @@ class DenseMLP(nn.Module):
         if triton_ops.enabled(x):  # one GEMM for gate|up, one kernel for silu(gate) * up
             w = stacked_weight(self._gate_up, (self.gate_proj.weight, self.up_proj.weight))
             return self.down_proj(triton_ops.silu_mul(F.linear(x, w)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Expert(nn.Module):
@@ -130,7 +136,7 @@ class Expert(nn.Module):
         self.w3 = nn.Linear(hidden, inter, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
 
 
 class MoEGate(nn.Module):
