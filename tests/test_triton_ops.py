@@ -155,3 +155,20 @@ def test_causal_conv_matches_kda_conv(n, with_state):
     got = y.permute(1, 2, 0, 3).reshape(B, n, 3 * W)
     torch.testing.assert_close(got, want_y, rtol=1e-5, atol=1e-5)
     assert torch.equal(fin, want_st)
+
+
+def test_bf16_kda_conv_rounds_once_as_the_kernel():
+    """In bf16 the PyTorch path's conv sums in fp32 and rounds its SiLU output once, as the
+    kernel does: within one bf16 step of the kernel (the interpreter narrows by truncation)."""
+    model = build_model("tiny", seed=0).to(torch.bfloat16)
+    attn = next(m.self_attn for m in model.model.layers if m.kind == "kda")
+    W, k = attn.W, attn.kernel
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 33, 3 * W, generator=g).bfloat16()
+    state = torch.randn(2, 3 * W, k - 1, generator=g).bfloat16()
+    want_y, want_st = attn._conv(x, state)
+    y, fin = triton_ops.causal_conv(x, attn._conv_weight(), state, parts=3)
+    got = y.permute(1, 2, 0, 3).reshape(2, 33, 3 * W)
+    assert want_y.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want_y.float(), rtol=2**-7, atol=1e-6)
+    assert torch.equal(fin, want_st)
