@@ -1,4 +1,4 @@
-"""Tuning and measuring the MoE kernels of prfaas.model.moe_ops on a GPU (48B geometry, bf16,
+"""Tuning and measuring the MoE kernels of prfaas.model.moe_kernels on a GPU (48B geometry, bf16,
 random weights; run on a GPU machine, a benchmark, not a test).
 
 1. ``decode``: one decode step's 26 MoE layers captured in a CUDA graph (4 sets of layer weights
@@ -32,7 +32,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prfaas.model import moe_ops  # noqa: E402
+from prfaas.model import moe_grouped, moe_kernels, moe_ops, moe_pairs  # noqa: E402
 from prfaas.model.config import PRESETS  # noqa: E402
 
 
@@ -104,15 +104,15 @@ class Layers:
         w, idx = self.route_torch(x, i)
         shared = moe_ops.shared_mlp(x, self.s13[i], self.s2[i])
         ids = idx.reshape(-1)
-        h = moe_ops.pair_gemv(x, ids, self.w13[i], div=self.k)
+        h = moe_pairs.pair_gemv(x, ids, self.w13[i], div=self.k)
         a = moe_ops.silu_mul_scaled(h, w.reshape(-1).float())
         return moe_ops.combine(
-            moe_ops.pair_gemv(a, ids, self.w2[i], div=1), None, self.k, shared, x.dtype
+            moe_pairs.pair_gemv(a, ids, self.w2[i], div=1), None, self.k, shared, x.dtype
         )
 
     def new_layer(self, x, i):
         w, idx = self.route_fused(x, i)
-        return moe_ops.pair_experts(x, w, idx, self.w13[i], self.w2[i], (self.s13[i], self.s2[i]))
+        return moe_pairs.pair_experts(x, w, idx, self.w13[i], self.w2[i], (self.s13[i], self.s2[i]))
 
 
 def decode_part(res: dict, n_layers: int, deadline: float) -> None:
@@ -136,7 +136,7 @@ def decode_part(res: dict, n_layers: int, deadline: float) -> None:
         w, idx = L.route_torch(x, 0)
         w2, idx2 = L.route_fused(x, 0)
         same = bool(torch.equal(idx, idx2))
-        got = moe_ops.pair_experts(x, w, idx, L.w13[0], L.w2[0], (L.s13[0], L.s2[0]))
+        got = moe_pairs.pair_experts(x, w, idx, L.w13[0], L.w2[0], (L.s13[0], L.s2[0]))
         ref = L.old_layer(x, 0)
         out[f"check_T{T}"] = {
             "router_same_experts": same,
@@ -186,7 +186,7 @@ def decode_part(res: dict, n_layers: int, deadline: float) -> None:
         def run():
             for i in range(n_layers):
                 j = i % 4
-                moe_ops._pair_gate_up_kernel[(P + T, triton.cdiv(I, c["BN"]))](
+                moe_kernels.pair_gate_up_kernel[(P + T, triton.cdiv(I, c["BN"]))](
                     x, idv[j], scale, L.w13[j], L.s13[j], a, P, INTER=I, H=H, DIV=k, **c
                 )
 
@@ -201,7 +201,7 @@ def decode_part(res: dict, n_layers: int, deadline: float) -> None:
         def run():
             for i in range(n_layers):
                 j = i % 4
-                moe_ops._pair_down_kernel[(T, triton.cdiv(H, c["BN"]))](
+                moe_kernels.pair_down_kernel[(T, triton.cdiv(H, c["BN"]))](
                     a, idv, L.w2[j], L.s2[j], o, P, H, INTER=I, KTOP=k, HAS_SHARED=True, **c
                 )
 
@@ -227,16 +227,16 @@ def decode_part(res: dict, n_layers: int, deadline: float) -> None:
             continue
         best = {key: sweep[0][key] for key in ("BN", "BK", "num_warps", "num_stages")}
         out[f"{name}_sweep_T1"] = sweep[:8]
-        out[f"{name}_default"] = dict(moe_ops.PAIR_CONFIG[name])
+        out[f"{name}_default"] = dict(moe_pairs.PAIR_CONFIG[name])
         out[f"{name}_best"] = best
         out[f"{name}_best_by_T"] = {T: graph_ms(run_of(T, best)) for T in (1, 2, 4, 8)}
-        moe_ops.PAIR_CONFIG[name] = best
+        moe_pairs.PAIR_CONFIG[name] = best
         print(json.dumps({name: sweep[:5], "by_T": out[f"{name}_best_by_T"]}), flush=True)
     for T, x in xs.items():  # the whole step again with the tuned configs
         t_new = graph_ms(step(L.new_layer, x))
         out[f"step_T{T}"]["fused_tuned_ms"] = t_new
         out[f"step_T{T}"]["fused_tuned_tb_per_s"] = out[f"step_T{T}"]["expert_bytes"] / t_new / 1e9
-    out["tuned"] = {"router": moe_ops.ROUTER_CONFIG, "pair": moe_ops.PAIR_CONFIG}
+    out["tuned"] = {"router": moe_ops.ROUTER_CONFIG, "pair": moe_pairs.PAIR_CONFIG}
     print(json.dumps({"tuned": out["tuned"]}), flush=True)
     torch.cuda.empty_cache()
 
@@ -287,7 +287,7 @@ def grouped_part(res: dict, tokens: list[int], deadline: float, sweep_small: boo
                 continue
 
             def run(c=c, x=x, w=w, idx=idx):
-                y = moe_ops.fused_experts(x, w, idx, L.w13[0], L.w2[0], config=c)
+                y = moe_grouped.fused_experts(x, w, idx, L.w13[0], L.w2[0], config=c)
                 return moe_ops.combine(y, None, L.k, None, x.dtype)
 
             try:
@@ -307,7 +307,7 @@ def grouped_part(res: dict, tokens: list[int], deadline: float, sweep_small: boo
             best = {
                 key: row["triton"][0][key] for key in ("BM", "BN", "BK", "num_warps", "num_stages")
             }
-            moe_ops.FUSED_CONFIGS[0] = (2048, best)  # what the engine part runs with
+            moe_grouped.FUSED_CONFIGS[0] = (2048, best)  # what the engine part runs with
             out["decode_config"] = best
         print(json.dumps({"T": T, **{k: v for k, v in row.items() if k != "triton"},
                           "triton_best": row["triton"][:2]}), flush=True)  # fmt: skip

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec
-from prfaas.sim.engine import SimOptions, Simulator
-from prfaas.sim.experiments import machine
+from prfaas.sim.engine import Simulator
+from prfaas.sim.experiments.common import machine
 from prfaas.sim.metrics import summarize
+from prfaas.sim.options import SimOptions
 from prfaas.sim.setups import load_case_study
 from prfaas.sim.workloads import poisson_lognormal
 

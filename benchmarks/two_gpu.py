@@ -451,7 +451,8 @@ def simulate(
     from prfaas.scheduling.policies import PrfaaSPolicy
     from prfaas.scheduling.profile import HardwareProfile
     from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec
-    from prfaas.sim.engine import SimOptions, Simulator
+    from prfaas.sim.engine import Simulator
+    from prfaas.sim.options import SimOptions
     from prfaas.sim.workloads import Workload
 
     bs = args.max_num_seqs

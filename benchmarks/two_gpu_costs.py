@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prfaas.scheduling.policies import make_policy  # noqa: E402
 from prfaas.scheduling.profile import HandoffTiming, HardwareProfile, handoff_costs  # noqa: E402
 from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec  # noqa: E402
-from prfaas.sim.engine import SimOptions, Simulator  # noqa: E402
+from prfaas.sim.engine import Simulator  # noqa: E402
+from prfaas.sim.options import SimOptions  # noqa: E402
 from prfaas.sim.workloads import Workload  # noqa: E402
 
 RES = Path(__file__).resolve().parent / "results"

@@ -9,12 +9,13 @@ import dataclasses
 import pytest
 import torch
 
-from prfaas.model import moe_ops
+from prfaas.model import moe_grouped
 from prfaas.model.config import PRESETS
 from prfaas.model.layers import SparseMoE
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not moe_ops.capturable(torch.bfloat16, torch.device("cuda")),
+    not torch.cuda.is_available()
+    or not moe_grouped.capturable(torch.bfloat16, torch.device("cuda")),
     reason="needs a Hopper GPU (bf16 grouped GEMMs)",
 )
 

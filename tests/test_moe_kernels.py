@@ -1,4 +1,4 @@
-"""The MoE's Triton kernels (prfaas.model.moe_ops) against the readable reference, on the CPU
+"""The MoE's Triton kernels (prfaas.model.moe_kernels) against the readable reference, on the CPU
 under Triton's interpreter (set in conftest.py): the fused router (logits, sigmoid, biased top-k,
 renormalisation), the per-pair path of a few decode rows (gate|up with SiLU and the routing weight
 in one kernel, down with the k choices and the shared expert summed in one kernel), and the
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from prfaas.model import moe_ops, triton_ops
+from prfaas.model import moe_grouped, moe_ops, moe_pairs, triton_ops
 from prfaas.model.config import PRESETS
 from prfaas.model.model import HybridForCausalLM
 
@@ -67,14 +67,14 @@ def test_pair_path_without_shared_expert(kernels_on):
     w13, w2 = moe.pack_experts()
     with torch.no_grad():
         w, idx = moe.route(x)
-        got = moe_ops.pair_experts(x, w, idx, w13, w2)
+        got = moe_pairs.pair_experts(x, w, idx, w13, w2)
         ref = moe.forward_reference(x) - moe.shared_experts(x)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_align_blocks_pads_each_expert_to_whole_blocks():
     idx = torch.tensor([[3, 0], [3, 1], [0, 2], [5, 3]])
-    pairs, be = moe_ops.align_blocks(idx, 6, bm=2)
+    pairs, be = moe_grouped.align_blocks(idx, 6, bm=2)
     P = idx.numel()
     assert be.shape[0] == -(-P // 2) + 6 and pairs.shape[0] == 2 * be.shape[0]
     blocks = pairs.view(-1, 2)
@@ -98,7 +98,7 @@ def test_triton_grouped_gemm_matches_reference_loop(kernels_on):
     cfg = {"BM": 16, "BN": 32, "BK": 32, "num_warps": 4, "num_stages": 2}
     with torch.no_grad():
         w, idx = moe.route(x)
-        y = moe_ops.fused_experts(x, w, idx, w13, w2, config=cfg)  # pair order, weighted
+        y = moe_grouped.fused_experts(x, w, idx, w13, w2, config=cfg)  # pair order, weighted
         got = y.view(9, moe.top_k, H).sum(1)
         ref = moe.forward_reference(x) - moe.shared_experts(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -108,8 +108,8 @@ def test_triton_grouped_gemm_matches_reference_loop(kernels_on):
 def test_align_kernels_equal_the_torch_ops(kernels_on, bm, monkeypatch):
     g = torch.Generator().manual_seed(6)
     idx = torch.stack([torch.randperm(24, generator=g)[:5] for _ in range(37)])  # 185 pairs
-    pairs, be = moe_ops.align_blocks(idx, 24, bm)  # the Triton kernels
+    pairs, be = moe_grouped.align_blocks(idx, 24, bm)  # the Triton kernels
     monkeypatch.setattr(triton_ops, "enabled", lambda t: False)
-    ref_pairs, ref_be = moe_ops.align_blocks(idx, 24, bm)  # sort, searchsorted, scatter
+    ref_pairs, ref_be = moe_grouped.align_blocks(idx, 24, bm)  # sort, searchsorted, scatter
     assert torch.equal(pairs, ref_pairs)
     assert be.tolist() == ref_be.tolist()

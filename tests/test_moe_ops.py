@@ -1,5 +1,5 @@
-"""The whole-batch MoE (prfaas.model.moe_ops: sort permutation, grouped GEMMs, weighted
-un-permutation) against SparseMoE's reference loop, on the CPU (grouped GEMMs as loops), and the
+"""The whole-batch MoE (prfaas.model.moe_ops, moe_grouped: sort permutation, grouped GEMMs,
+weighted un-permutation) against SparseMoE's reference loop, on the CPU (grouped GEMMs as loops), and the
 streaming checkpoint loader's host memory."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import textwrap
 import torch
 from safetensors.torch import save_file
 
-from prfaas.model import moe_ops
+from prfaas.model import moe_grouped
 from prfaas.model.checkpoint import keeps_fp32, load_checkpoint
 from prfaas.model.config import PRESETS
 from prfaas.model.layers import SparseMoE
@@ -30,7 +30,7 @@ def _moe(seed: int = 0, **kw) -> SparseMoE:
 
 def test_permute_groups_pairs_by_expert():
     idx = torch.tensor([[3, 0], [3, 1], [0, 2], [5, 3]])
-    order, offs = moe_ops.permute(idx, 6)
+    order, offs = moe_grouped.permute(idx, 6)
     assert offs.dtype == torch.int32
     assert offs.tolist() == [2, 3, 4, 7, 7, 8]  # cumulative ends, empty groups repeat
     assert idx.reshape(-1)[order].tolist() == [0, 0, 1, 2, 3, 3, 3, 5]
@@ -42,7 +42,7 @@ def test_grouped_mm_reference_is_per_group_matmul():
     a = torch.randn(10, 16, generator=g, dtype=torch.float64)
     w = torch.randn(4, 8, 16, generator=g, dtype=torch.float64)
     offs = torch.tensor([3, 3, 7, 10], dtype=torch.int32)
-    out = moe_ops.grouped_mm_reference(a, w, offs)
+    out = moe_grouped.grouped_mm_reference(a, w, offs)
     ref = torch.cat([a[:3] @ w[0].T, a[3:7] @ w[2].T, a[7:] @ w[3].T])
     assert torch.allclose(out, ref)
 

@@ -13,8 +13,9 @@ from prfaas.scheduling.observer import ClusterObserver, ObservedCluster, state_d
 from prfaas.scheduling.prefix_index import PrefixIndex
 from prfaas.scheduling.profile import HardwareProfile
 from prfaas.scheduling.types import INF, RequestInfo, Role, RouteDecision
-from prfaas.sim.engine import SimOptions, Simulator
+from prfaas.sim.engine import Simulator
 from prfaas.sim.from_deploy import deployment_from_topology
+from prfaas.sim.options import SimOptions
 from prfaas.sim.workloads import Workload
 
 P, D = Role.PREFILL, Role.DECODE

@@ -14,8 +14,9 @@ from prfaas.scheduling.prefix_index import PrefixIndex
 from prfaas.scheduling.profile import HardwareProfile
 from prfaas.scheduling.types import LinkState, Role, RoleSwitch, RouteDecision
 from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec
-from prfaas.sim.engine import SimOptions, Simulator
+from prfaas.sim.engine import Simulator
 from prfaas.sim.link import Link
+from prfaas.sim.options import SimOptions
 from prfaas.sim.workloads import Workload
 
 GB = 1e9

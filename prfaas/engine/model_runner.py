@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from prfaas.engine.cuda_graphs import DecodeGraphs, pack_views
-from prfaas.model import moe_ops
+from prfaas.model import moe_grouped
 from prfaas.model.batch import CacheTensors, SeqInput
 from prfaas.model.model import HybridForCausalLM
 
@@ -86,7 +86,7 @@ def pack_decode(
 
 class ModelRunner:
     """Dispatches engine steps. ``cuda_graphs``: replay captured graphs for decode-only steps
-    (CUDA; MoE models where ``moe_ops.capturable``: bf16 on Hopper). ``pad`` (default: with graphs) pads decode steps to buckets."""
+    (CUDA; MoE models where ``moe_grouped.capturable``: bf16 on Hopper). ``pad`` (default: with graphs) pads decode steps to buckets."""
 
     def __init__(
         self, model: HybridForCausalLM, cuda_graphs: bool = True, pad: bool | None = None
@@ -94,7 +94,7 @@ class ModelRunner:
         self.model = model
         dev = model.lm_head.weight.device
         w = model.lm_head.weight
-        moe_ok = not model.config.num_experts or moe_ops.capturable(w.dtype, dev)
+        moe_ok = not model.config.num_experts or moe_grouped.capturable(w.dtype, dev)
         self.graphs = DecodeGraphs(model) if cuda_graphs and dev.type == "cuda" and moe_ok else None
         self.pad = self.graphs is not None if pad is None else pad
         self.num_graph_steps = 0

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,10 +77,12 @@ def load_checkpoint(
     whole and sliced (:mod:`prfaas.model.tp.shard`).
 
     Streams: the parameters are allocated empty on ``device`` first (experts stacked, see
-    :mod:`prfaas.model.materialize`), then each shard is opened in turn and each tensor read,
-    moved to ``device`` and copied into its parameter (converted to ``dtype`` there) before the
-    next is read (plain reads, no memory map). Host memory holds one tensor, never the model
-    (unless ``device`` is the CPU, where the model itself lives)."""
+    :mod:`prfaas.model.materialize`), then each shard is read in turn straight into them
+    (:func:`read_shard_into`: plain reads, no memory map; on a GPU through a few reused pinned
+    buffers, a dtype conversion done on the device). Host memory holds ``READ_DEPTH *
+    CHUNK_BYTES`` (256 MiB) of staging, never the model nor one whole tensor (unless ``device``
+    is the CPU, where the model itself lives). Tensor-parallel loads read each tensor whole
+    (to slice it) and hold one at a time."""
     d = Path(directory)
     cfg = ModelConfig.from_json(d)
     files = _checkpoint_files(d)
@@ -114,11 +121,17 @@ def load_checkpoint(
     params = dict(model.named_parameters(remove_duplicate=False))
     rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
     with torch.no_grad():
-        for f in files:
-            for k, t in _read_tensors(f):
-                got = shard_tensor(cfg, k, t, rank, size)
-                if got is not None:
-                    params[got[0]].copy_(got[1].to(params[got[0]].device))
+        if size == 1:
+            staging = _Staging(torch.device(device))
+            for f in files:
+                targets = {k: params[k] for k in _header(f) if k in params}
+                read_shard_into(f, targets, device, staging)
+        else:
+            for f in files:
+                for k, t in _read_tensors(f):
+                    got = shard_tensor(cfg, k, t, rank, size)
+                    if got is not None:
+                        params[got[0]].copy_(got[1].to(params[got[0]].device))
     return model.eval()
 
 
@@ -141,18 +154,227 @@ def _header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, in
 
 def _read_tensors(path: Path):
     """Yield (name, host tensor) one at a time, in file order, with plain reads (no memory map:
-    the host holds one tensor's bytes at a time)."""
+    the host holds one tensor's bytes at a time). For tensor-parallel loads, which slice each
+    tensor; whole-model loads use :func:`read_shard_into`."""
     entries = sorted(_header(path).items(), key=lambda kv: kv[1][2])
     with open(path, "rb") as fh:
         base = 8 + int.from_bytes(fh.read(8), "little")
         for k, (dt, shape, start, end) in entries:
             fh.seek(base + start)
-            buf = bytearray(fh.read(end - start))
-            if len(buf) != end - start:
+            buf = bytearray(end - start)
+            if fh.readinto(buf) != end - start:
                 raise ValueError(f"{path}: {k} is truncated")
             t = torch.frombuffer(buf, dtype=dt) if buf else torch.empty(0, dtype=dt)
             yield k, t.view(shape)
             del t, buf
+
+
+# ----- streaming a shard into allocated parameters --------------------------------------------
+CHUNK_BYTES = 64 << 20  # bytes per read: one staging buffer's size (GPU loads)
+HOST_CHUNK_BYTES = 4 << 20  # the same for CPU loads (staging only for dtype conversions)
+READ_DEPTH = 4  # reads in flight (threads) and staging buffers
+_MAX_IOV = 512  # tensors per read (preadv takes at most IOV_MAX = 1024 buffers)
+
+
+@dataclass
+class _Piece:
+    """A run of one tensor's bytes: ``nbytes`` at file offset ``start``, for ``dest`` (the flat
+    parameter's bytes when ``src_dtype`` is None, else its elements, converted from
+    ``src_dtype``)."""
+
+    start: int
+    nbytes: int
+    dest: torch.Tensor
+    src_dtype: torch.dtype | None
+
+
+@dataclass
+class _Read:
+    """One read: ``nbytes`` contiguous bytes from file offset ``start``, the pieces at their
+    offsets within it."""
+
+    start: int
+    nbytes: int
+    pieces: list[tuple[int, _Piece]] = field(default_factory=list)
+
+
+def _plan_reads(
+    path: Path, targets: dict[str, torch.Tensor], chunk: int
+) -> tuple[list[_Read], list[str]]:
+    """The reads (each at most ``chunk`` bytes) that fill ``targets`` (name -> contiguous
+    parameter) from ``path``, in file order, and the names of non-contiguous targets (read
+    whole, see :func:`read_shard_into`)."""
+    header = _header(path)
+    with open(path, "rb") as fh:
+        base = 8 + int.from_bytes(fh.read(8), "little")
+    size = os.path.getsize(path)
+    pieces: list[_Piece] = []
+    whole: list[str] = []
+    for name, (dt, _, start, end) in sorted(header.items(), key=lambda kv: kv[1][2]):
+        p = targets.get(name)
+        if p is None:
+            continue
+        n = end - start
+        if n != p.numel() * dt.itemsize:
+            raise ValueError(f"{path}: {name} holds {n} bytes, not {p.numel()} x {dt}")
+        if base + end > size:
+            raise ValueError(f"{path}: {name} is truncated (the file has {size} bytes)")
+        if n == 0:
+            continue
+        if not p.is_contiguous():
+            whole.append(name)
+            continue
+        flat = p.detach().view(-1)
+        raw = dt == p.dtype
+        dest = flat.view(torch.uint8) if raw else flat
+        step = chunk - chunk % dt.itemsize
+        for off in range(0, n, step):
+            m = min(step, n - off)
+            d = dest[off : off + m] if raw else dest[off // dt.itemsize : (off + m) // dt.itemsize]
+            pieces.append(_Piece(base + start + off, m, d, None if raw else dt))
+    reads: list[_Read] = []
+    for pc in pieces:
+        cur = reads[-1] if reads else None
+        if (
+            cur is not None
+            and pc.start == cur.start + cur.nbytes
+            and cur.nbytes + pc.nbytes <= chunk
+            and len(cur.pieces) < _MAX_IOV
+        ):
+            cur.pieces.append((cur.nbytes, pc))
+            cur.nbytes += pc.nbytes
+        else:
+            reads.append(_Read(pc.start, pc.nbytes, [(0, pc)]))
+    return reads, whole
+
+
+def _pread_full(fd: int, bufs: list[memoryview], offset: int, path: Path) -> None:
+    """Fill ``bufs`` (in order) from ``fd`` at ``offset``; a short file is an error."""
+    bufs = list(bufs)
+    while bufs:
+        n = os.preadv(fd, bufs, offset)
+        if n <= 0:
+            raise ValueError(f"{path}: truncated at byte {offset}")
+        offset += n
+        while bufs and n >= bufs[0].nbytes:
+            n -= bufs[0].nbytes
+            bufs.pop(0)
+        if n:
+            bufs[0] = bufs[0][n:]
+
+
+class _Staging:
+    """``READ_DEPTH`` host buffers of ``chunk`` bytes (``CHUNK_BYTES``, pinned, when the
+    parameters are on a CUDA device; else ``HOST_CHUNK_BYTES`` at most), allocated on first use
+    and reused by every shard of one load."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.chunk = CHUNK_BYTES if device.type != "cpu" else min(CHUNK_BYTES, HOST_CHUNK_BYTES)
+        self.slots: list[torch.Tensor] = []
+        self.views: list[memoryview] = []
+        self.events: list[torch.cuda.Event | None] = [None] * READ_DEPTH
+        self.convert: torch.Tensor | None = None  # device buffer for converting reads
+
+    def slot(self, i: int) -> tuple[torch.Tensor, memoryview]:
+        """Buffer ``i``, once the device copies out of its last contents are done."""
+        if not self.slots:
+            for _ in range(READ_DEPTH):
+                t = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.cuda)
+                self.slots.append(t)
+                self.views.append(memoryview(t.numpy()))
+        ev = self.events[i]
+        if ev is not None:
+            ev.synchronize()
+            self.events[i] = None
+        return self.slots[i], self.views[i]
+
+    def converter(self, nbytes: int) -> torch.Tensor:
+        if self.convert is None:
+            self.convert = torch.empty(self.chunk, dtype=torch.uint8, device=self.device)
+        return self.convert[:nbytes]
+
+
+def read_shard_into(
+    path: str | Path,
+    targets: dict[str, torch.Tensor],
+    device: str | torch.device,
+    staging: _Staging | None = None,
+    host_in_place: bool = True,
+) -> None:
+    """Copy the tensors of safetensors file ``path`` named in ``targets`` into those tensors
+    (allocated, of the checkpoint's shapes, all on ``device``), converting the dtype where the
+    target's differs. Plain reads (``preadv``, no memory map), ``READ_DEPTH`` in flight on
+    threads, each of up to ``CHUNK_BYTES`` (consecutive tensors coalesced, larger ones split).
+
+    On the CPU a read (of up to ``HOST_CHUNK_BYTES``) lands straight in the parameters' memory
+    (staging only for a dtype conversion: ``READ_DEPTH * HOST_CHUNK_BYTES``, 16 MiB). On a GPU
+    each read fills a reused pinned buffer and is copied to the device without blocking, while
+    the next reads proceed; one synchronise at the end. Host memory: ``READ_DEPTH *
+    CHUNK_BYTES`` (256 MiB) whatever the tensors' sizes. ``host_in_place=False`` sends CPU
+    reads through the staging buffers too, as a GPU load's are (tests of that path)."""
+    path = Path(path)
+    dev = torch.device(device)
+    st = staging or _Staging(dev)
+    on_host = dev.type == "cpu"
+    reads, whole = _plan_reads(path, targets, st.chunk)
+    fd = os.open(path, os.O_RDONLY)
+    pending: deque[tuple[_Read, int, bool, Future]] = deque()
+    pool = ThreadPoolExecutor(READ_DEPTH, thread_name_prefix="ckpt-read")
+
+    def finish(r: _Read, i: int, in_place: bool, fut: Future) -> None:
+        fut.result()
+        if in_place:
+            return
+        buf = st.slots[i]
+        for off, pc in r.pieces:
+            src = buf[off : off + pc.nbytes]
+            if pc.src_dtype is None:
+                pc.dest.copy_(src, non_blocking=True)
+            elif on_host:  # (a misaligned run is copied out first: view() needs alignment)
+                al = src if off % pc.src_dtype.itemsize == 0 else src.clone()
+                pc.dest.copy_(al.view(pc.src_dtype))
+            else:
+                conv = st.converter(pc.nbytes)
+                conv.copy_(src, non_blocking=True)
+                pc.dest.copy_(conv.view(pc.src_dtype))
+        if st.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            st.events[i] = ev
+
+    try:
+        with contextlib.suppress(AttributeError, OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for j, r in enumerate(reads):
+            i = j % READ_DEPTH
+            in_place = on_host and host_in_place and all(pc.src_dtype is None for _, pc in r.pieces)
+            if in_place:
+                bufs = [memoryview(pc.dest.numpy()) for _, pc in r.pieces]
+            else:
+                _, view = st.slot(i)
+                bufs = [view[: r.nbytes]]
+            fut = pool.submit(_pread_full, fd, bufs, r.start, path)
+            pending.append((r, i, in_place, fut))
+            if len(pending) == READ_DEPTH:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
+        if st.cuda:
+            torch.cuda.current_stream(dev).synchronize()
+    finally:
+        for *_, fut in pending:  # an error: no thread may still write into a buffer
+            fut.cancel()
+            with contextlib.suppress(Exception):
+                fut.result()
+        pool.shutdown(wait=True)
+        os.close(fd)
+    if whole:
+        wanted = set(whole)
+        for k, t in _read_tensors(path):
+            if k in wanted:
+                targets[k].copy_(t)
 
 
 _DTYPES = {

@@ -9,7 +9,8 @@ import numpy as np
 
 from prfaas.scheduling.policies import Policy
 from prfaas.sim.deployment import Deployment
-from prfaas.sim.engine import SimOptions, Simulator
+from prfaas.sim.engine import Simulator
+from prfaas.sim.options import SimOptions
 from prfaas.sim.workloads import Workload, poisson_lognormal
 
 

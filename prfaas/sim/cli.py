@@ -136,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from prfaas.cli_progress import stages
     from prfaas.sim import experiments as E
-    from prfaas.sim.engine import SimOptions, Simulator
+    from prfaas.sim.engine import Simulator
     from prfaas.sim.metrics import SLO, summarize
+    from prfaas.sim.options import SimOptions
     from prfaas.sim.report import plot_series, plot_ttft_cdf, summary_table
     from prfaas.sim.setups import load_case_study
     from prfaas.sim.workloads import bursty_poisson, load_workload, poisson_lognormal

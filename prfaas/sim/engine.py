@@ -29,78 +29,21 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from prfaas.scheduling.observer import ClusterObserver, ObservedCluster, ObservedLink, length_table
-from prfaas.scheduling.prefix_index import PrefixIndex
-from prfaas.scheduling.types import INF, RequestInfo, Role, RoleSwitch
+from prfaas.scheduling.observer import ClusterObserver, ObservedLink
+from prfaas.scheduling.types import INF, RequestInfo, Role
+from prfaas.sim.cluster_tables import cluster_tables
 from prfaas.sim.deployment import Deployment
 from prfaas.sim.link import Link
+from prfaas.sim.options import SimOptions
+from prfaas.sim.policy_checks import check_role_switch, check_route
+from prfaas.sim.result import SimResult, TickSeries
 from prfaas.sim.workloads import Workload
 
 # event kinds (heap entries are (time, kind, x); ties resolve by kind then x: deterministic)
 _PF_DONE, _LINK, _KV, _DEC_DONE, _SWITCH, _SCHED, _TICK, _STREAM, _LAST, _ARRIVE, _FREE = range(11)
-_table = length_table
-
-
-@dataclass(frozen=True)
-class SimOptions:
-    tick_s: float = 1.0  # monitor interval: link readings, time series, policy.on_tick
-    pipelined: bool = True  # layer-wise streaming of the KV during the prefill
-    first_step: bool = True  # the first token needs one decode step after admission
-    switch_cost_s: float = 30.0  # role switch: idle time after draining
-    recent_window: int = 2000  # post-match lengths kept for adaptation
-    until_s: float | None = None  # stop at this simulated time (unfinished requests stay open)
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.tick_s > 0:
-            raise ValueError(f"tick_s must be > 0, got {self.tick_s}")
-        if self.switch_cost_s < 0 or self.recent_window < 1:
-            raise ValueError("switch_cost_s must be >= 0 and recent_window >= 1")
-        if self.until_s is not None and not self.until_s > 0:
-            raise ValueError("until_s must be > 0")
-
-
-@dataclass
-class SimResult:
-    """Per-request times (NaN where not reached) and per-tick time series."""
-
-    system: str
-    workload: str
-    n: int
-    arrival: np.ndarray
-    input_len: np.ndarray
-    output_len: np.ndarray
-    uncached: np.ndarray
-    cached: np.ndarray
-    prefill_start: np.ndarray
-    prefill_end: np.ndarray
-    kv_ready: np.ndarray
-    decode_start: np.ndarray
-    done: np.ndarray
-    tpot: np.ndarray
-    prefill_cluster: np.ndarray  # index into clusters
-    offloaded: np.ndarray  # bool: prefilled outside the decode cluster
-    cross_bytes: np.ndarray  # bytes this request moved across clusters (KV + cache copies)
-    clusters: list[str]
-    series: dict[str, list[float]] = field(default_factory=dict)
-    events: list[str] = field(default_factory=list)
-    end_s: float = 0.0
-    wall_s: float = 0.0
-    first_token: np.ndarray | None = None  # time of the first token (None: at decode_start)
-    partial: bool = False  # the run was stopped (Simulator.stop) before its end
-
-    @property
-    def ttft(self) -> np.ndarray:
-        t = self.decode_start if self.first_token is None else self.first_token
-        return t - self.arrival
-
-    @property
-    def e2e(self) -> np.ndarray:
-        return self.done - self.arrival
 
 
 class Simulator:
@@ -123,45 +66,17 @@ class Simulator:
 
     # ------------------------------------------------------------------------------------------
     def _build(self, max_len: int) -> None:
+        """The run's tables (:mod:`prfaas.sim.cluster_tables`), per-instance queues, links and
+        observer."""
         dep = self.dep
-        self.cnames = [c.name for c in dep.clusters]
-        self.cidx = {n: i for i, n in enumerate(self.cnames)}
-        self.pf_time, self.skv, self.kv0, self.step, self.bsm = [], [], [], [], []
-        self.pq, self.prun, self.dq, self.dused, self.switching = [], [], [], [], []
-        self.rdma_Bps, self.win, self.exp_Bps, self.imp_Bps = [], [], [], []
-        observed = []
-        for spec in dep.clusters:
-            n = spec.n_nodes
-            pp = spec.prefill_profile
-            dp = spec.decode_profile
-            self.pf_time.append(_table(pp.t_prefill, max_len) if pp else None)
-            prof_kv = pp or dp
-            self.skv.append(_table(prof_kv.s_kv, max_len))
-            self.kv0.append(float(prof_kv.s_kv(0.0)))
-            roles = [Role.PREFILL] * spec.n_prefill + [Role.DECODE] * spec.n_decode
-            bsm = int(dp.bs_max) if dp is not None and dp.has_decode else 0
-            if spec.kind == "pd" and bsm:
-                self.step.append([0.0] + [dp.decode_step_time(b) for b in range(1, bsm + 1)])
-            else:
-                self.step.append(None)
-                if spec.kind != "pd":
-                    bsm = 0
-            self.bsm.append(bsm)
-            prefix = PrefixIndex(spec.cache_blocks) if spec.cache_blocks > 0 else None
-            observed.append(ObservedCluster(spec.name, spec.kind, roles, pp, bsm, prefix, max_len))
-            self.pq.append([deque() for _ in range(n)])
-            self.prun.append([False] * n)
-            self.dq.append([deque() for _ in range(n)])
-            self.dused.append([0] * n)
-            self.switching.append([None] * n)
-            self.rdma_Bps.append(spec.rdma_gbps * 1e9 / 8)
-            ck = spec.chunk_tokens
-            f = self.pf_time[-1]
-            self.win.append(
-                (lambda u, f=f, ck=ck: f(u) - f(u - ck) if u > ck else f(u)) if ck and f else None
-            )
-            self.exp_Bps.append(spec.export_gbps * 1e9 / 8)
-            self.imp_Bps.append(spec.import_gbps * 1e9 / 8)
+        self.tables = t = cluster_tables(dep, max_len)
+        self.cnames, self.cidx = t.names, t.index
+        sizes = [spec.n_nodes for spec in dep.clusters]
+        self.pq = [[deque() for _ in range(n)] for n in sizes]  # prefill queues (request ids)
+        self.prun = [[False] * n for n in sizes]  # prefill instance busy
+        self.dq = [[deque() for _ in range(n)] for n in sizes]  # KV in place, waiting for a slot
+        self.dused = [[0] * n for n in sizes]  # decode slots in use
+        self.switching = [[None] * n for n in sizes]  # role switch under way: the target role
         self.links: list[Link] = []
         self.link_of: dict[tuple[int, int], int] = {}
         for spec in dep.links:
@@ -169,7 +84,7 @@ class Simulator:
             self.link_of[(self.cidx[spec.src], self.cidx[spec.dst])] = len(self.links)
             self.links.append(lk)
         self.observer = ClusterObserver(
-            observed,
+            t.observed,
             [ObservedLink(s.src, s.dst, s.gbps) for s in dep.links],
             self.opt.recent_window,
         )
@@ -212,14 +127,12 @@ class Simulator:
         push, pop = heapq.heappush, heapq.heappop
         links, link_of, nl = self.links, self.link_of, max(len(self.links), 1)
         lat = [s.latency_s for s in self.dep.links]
-        pools = [c.prefill for c in self.cstates]
-        dpools = [c.decode for c in self.cstates]
         pq, prun, dq, dused = self.pq, self.prun, self.dq, self.dused
-        skv, steps, rdma = self.skv, self.step, self.rdma_Bps
-        kv0, win, exp_Bps, imp_Bps = self.kv0, self.win, self.exp_Bps, self.imp_Bps
-        kv_layers = [c.kv_layers for c in self.dep.clusters]
-        imp_fixed = [c.import_fixed_s for c in self.dep.clusters]
-        switching, bsm = self.switching, self.bsm
+        t = self.tables
+        skv, steps, rdma = t.kv_bytes, t.step, t.rdma_Bps
+        kv0, win, exp_Bps, imp_Bps = t.kv0, t.last_chunk_s, t.export_Bps, t.import_Bps
+        kv_layers, imp_fixed = t.kv_layers, t.import_fixed_s
+        switching, bsm = self.switching, t.bs_max
         # the decode engines: busy with imports until (per cluster, per instance)
         dfree = [[0.0] * len(q) for q in dq]
         cidx = self.cidx
@@ -338,20 +251,8 @@ class Simulator:
 
         def apply_actions(actions, now: float) -> None:
             for a in actions or ():
-                if not isinstance(a, RoleSwitch):
-                    raise ValueError(f"on_tick must return RoleSwitch actions, got {a!r}")
-                c = cidx.get(a.cluster)
-                if (
-                    c is None
-                    or self.cstates[c].kind != "pd"
-                    or pools[c] is None
-                    or dpools[c] is None
-                ):
-                    raise ValueError(f"role switch needs a PD cluster with both roles: {a!r}")
-                roles = self.cstates[c].roles
+                c = check_role_switch(a, cidx, self.cstates, switching)
                 i = a.instance
-                if not 0 <= i < len(roles) or roles[i] is a.to_role or switching[c][i] is not None:
-                    raise ValueError(f"invalid role switch {a!r}")
                 switching[c][i] = a.to_role
                 obs.switch_started(now, a.cluster, i, a.to_role)
                 self.events.append(
@@ -359,15 +260,7 @@ class Simulator:
                 )
                 maybe_finish_switch(c, i, now)
 
-        # time series
-        ser: dict[str, list[float]] = {"t": [], "in_system": [], "threshold": []}
-        for nm in self.cnames:
-            ser[f"{nm}.prefill_queue"] = []
-            ser[f"{nm}.decode_waiting"] = []
-            ser[f"{nm}.decode_used"] = []
-        for lk in links:
-            ser[f"{lk.src}->{lk.dst}.gbps"] = []
-            ser[f"{lk.src}->{lk.dst}.capacity_est"] = []
+        series = TickSeries(self.cnames, [(lk.src, lk.dst) for lk in links])
         push(heap, (opt.tick_s, _TICK, 0))
 
         bar = None
@@ -392,22 +285,9 @@ class Simulator:
                 L = inp[r]
                 req = RequestInfo(r, L, hashes[r] if hashes is not None else None, out[r], now)
                 d = decide(req, snapshot(now))
-                c = cidx.get(d.prefill_cluster)
-                dc = cidx.get(d.decode_cluster)
-                if c is None or dc is None or pools[c] is None or dpools[dc] is None:
-                    raise ValueError(f"policy routed request {r} to unknown clusters/pools: {d}")
+                c, dc = check_route(d, r, L, cidx, self.cstates, link_of)
                 i, di = d.prefill_instance, d.decode_instance
-                pool = pools[c]
-                if not (0 <= i < len(pool.busy_until)) or pool.busy_until[i] == INF:
-                    raise ValueError(f"policy picked a prefill instance that takes no work: {d}")
-                dpool = dpools[dc]
-                if not (0 <= di < len(dpool.load)) or dpool.load[di] == INF:
-                    raise ValueError(f"policy picked a decode instance that takes no work: {d}")
                 u = d.uncached_len
-                if not 1 <= u <= L:
-                    raise ValueError(f"uncached_len {u} outside [1, {L}] for request {r}")
-                if c != dc and (c, dc) not in link_of:
-                    raise ValueError(f"no link {self.cnames[c]}->{self.cnames[dc]} for request {r}")
                 unc[r] = u
                 cac[r] = L - u
                 pc[r], pinst[r], dc_[r], dinst[r] = c, i, dc, di
@@ -511,17 +391,9 @@ class Simulator:
                     s = obs.link_counters(
                         now, lk.src, lk.dst, lk.delivered_bytes(), lk.busy_s, lk.bytes_in_flight()
                     )
-                    ser[f"{lk.src}->{lk.dst}.gbps"].append(s.throughput_gbps)
-                    ser[f"{lk.src}->{lk.dst}.capacity_est"].append(s.capacity_gbps)
-                ser["t"].append(now)
-                ser["in_system"].append(i_arr - completed)
+                    series.link(lk.src, lk.dst, s.throughput_gbps, s.capacity_gbps)
                 th = getattr(policy, "threshold", None)
-                ser["threshold"].append(nan if th is None else float(th))
-                for ci, nm in enumerate(self.cnames):
-                    p, dp = pools[ci], dpools[ci]
-                    ser[f"{nm}.prefill_queue"].append(sum(p.queue_reqs) if p else 0)
-                    ser[f"{nm}.decode_waiting"].append(sum(dp.waiting) if dp else 0)
-                    ser[f"{nm}.decode_used"].append(sum(dp.slots_used) if dp else 0)
+                series.tick(now, i_arr - completed, th, self.cstates)
                 apply_actions(policy.on_tick(now, snapshot(now)), now)
                 if bar is not None and completed - last_bar >= 1000:
                     bar.update(completed - last_bar)
@@ -564,7 +436,7 @@ class Simulator:
             offloaded=np.asarray(offl, bool),
             cross_bytes=f64(xbytes),
             clusters=list(self.cnames),
-            series=ser,
+            series=series.data,
             events=self.events,
             end_s=now,
             wall_s=_time.perf_counter() - wall0,

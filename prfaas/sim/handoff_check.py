@@ -16,7 +16,8 @@ import numpy as np
 from prfaas.scheduling.policies import make_policy
 from prfaas.scheduling.profile import HardwareProfile
 from prfaas.sim.deployment import ClusterSpec, Deployment, LinkSpec
-from prfaas.sim.engine import SimOptions, Simulator
+from prfaas.sim.engine import Simulator
+from prfaas.sim.options import SimOptions
 from prfaas.sim.workloads import Workload
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "handoff_tail.json"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prfaas.sim.engine import SimResult
+from prfaas.sim.result import SimResult
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prfaas.sim.engine import SimResult
+from prfaas.sim.result import SimResult
 
 
 def _f(x, nd: int = 2) -> str:

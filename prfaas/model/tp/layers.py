@@ -5,7 +5,7 @@ is given; with ``tp`` None or of size 1 they are the plain layers (no collective
   outputs are summed over the ranks (vLLM's ``RowParallelLinear``); column-parallel projections
   need no class of their own: they are ``nn.Linear`` over the rank's output rows.
 * :func:`ep_experts_forward`: the routed experts of one rank (expert parallel), from the
-  whole-batch primitives of :mod:`prfaas.model.moe_ops`.
+  whole-batch primitives of :mod:`prfaas.model.moe_ops` and :mod:`prfaas.model.moe_grouped`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prfaas.model import moe_ops, triton_ops
+from prfaas.model import moe_grouped, moe_ops, triton_ops
 from prfaas.model.tp.group import TPGroup
 
 
@@ -70,13 +70,11 @@ def ep_experts_forward(
     # the other ranks' pairs get the sentinel id E: sorted last, outside every group, so the
     # grouped GEMMs do no work for them; their (unwritten) rows are zeroed before the combine
     ids = torch.where(mine, local, E)
-    order, offs = moe_ops.permute(ids, E)
+    order, offs = moe_grouped.permute(ids, E)
     xs = x[order // k]
-    h = moe_ops.grouped_mm(xs, w13, offs)
+    h = moe_grouped.grouped_mm(xs, w13, offs)
     keep = (ids.reshape(-1)[order] < E)[:, None]
     h = h.masked_fill(~keep, 0)
     a = moe_ops.silu_mul_scaled(h, (weights.reshape(-1)[order] * keep[:, 0]).float())
-    y = moe_ops.grouped_mm(a, w2, offs).masked_fill(~keep, 0)
-    inv = torch.empty_like(order)
-    inv.scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return moe_ops.combine(y, inv, k, shared, x.dtype)
+    y = moe_grouped.grouped_mm(a, w2, offs).masked_fill(~keep, 0)
+    return moe_ops.combine(y, moe_grouped.unpermute(order), k, shared, x.dtype)
