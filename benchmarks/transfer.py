@@ -1,14 +1,13 @@
 """Transfer benchmark: loopback throughput of our TCP backend (1/2/4/8 connections) against a plain
-single-socket ``sendall`` of the same bytes in the same run, the Mooncake backend, utilisation of
-emulated 1 and 10 Gbps links, and (``--gpu``) GPU -> pinned host -> TCP -> GPU for a 32K-token
-prompt of the Kimi Linear 48B geometry. CPU seconds per GB are per side, from the CPU clocks of the
+single-socket ``sendall`` of the same bytes in the same run, the Mooncake backend, and utilisation
+of emulated 1 and 10 Gbps links. CPU seconds per GB are per side, from the CPU clocks of the
 sender's and the receiver's threads (kernel time of their syscalls included), and the checksum's
-cost per GB (XXH3-64 against zlib CRC-32) is measured on the same bytes.
+cost per GB (XXH3-64 against zlib CRC-32) is measured on the same bytes. GPU -> TCP -> GPU is
+``benchmarks/transfer_gpu.py``.
 
-    python benchmarks/transfer.py            # CPU parts -> benchmarks/results/transfer_loopback.{json,md}
-    python benchmarks/transfer.py --gpu      # GPU part  -> benchmarks/results/transfer_gpu.{json,md}
-                                             # (no CUDA device: says so and exits 0)
-    python benchmarks/transfer.py --gpu --device cpu --tokens 4096   # the same path on CPU
+    python benchmarks/transfer.py                  # -> benchmarks/results/transfer_loopback.{json,md}
+    python benchmarks/transfer.py --only tcp --connections 1 2 --repeats 3
+                                                   # a part only -> transfer_loopback_only.{json,md}
 """
 
 from __future__ import annotations
@@ -249,7 +248,15 @@ def _row(backend: str, conns: int | None, total: int, ours: list[dict]) -> dict:
     return row
 
 
-def bench_cpu(tokens: int, repeats: int, shaped_mb: dict[float, int]) -> dict:
+def bench_cpu(
+    tokens: int,
+    repeats: int,
+    shaped_mb: dict[float, int],
+    parts: set[str] = frozenset({"tcp", "mooncake", "shaped"}),
+    connections: list[int | None] | None = None,
+) -> dict:
+    """The loopback rows (``parts``: tcp, mooncake, shaped); tcp at ``connections`` (None in the
+    list: sized by the sender; default 1, 2, 4, 8 and sized)."""
     layout = CacheLayout.kimi_linear_48b(max_tokens=max(tokens, 1))
     export = random_export(layout, "bench", 0, tokens, seed=1)
     payload = [tensor_bytes(t) for p in export.parts for t in p.tensors.values()]
@@ -258,27 +265,30 @@ def bench_cpu(tokens: int, repeats: int, shaped_mb: dict[float, int]) -> dict:
     out["checksum"] = checksum_cost(payload, total)
     print(out["checksum"], flush=True)
     plain = {"plain": lambda: plain_sendall(payload, total)}
-    for conns in (1, 2, 4, 8, None):  # None: connections sized to the link
-        kw = {} if conns is None else {"connections": conns}
+    for conns in (connections or [1, 2, 4, 8, None]) if "tcp" in parts else []:
+        kw = {} if conns is None else {"connections": conns}  # None: sized to the link
         ours = timed_transfers("tcp", layout, export, repeats, plain, **kw)
         row = _row("tcp", ours[0]["connections"], total, ours)
         row["sized"] = conns is None
         out["loopback"].append(row)
         print(row, flush=True)
+    backends = ["tcp"]
     try:
         import mooncake.engine  # noqa: F401
     except ImportError:
-        backends = ["tcp"]
         print("mooncake not installed: its rows are skipped", flush=True)
     else:
-        backends = ["tcp", "mooncake"]
+        backends.append("mooncake")
     out["backends"] = backends
-    if "mooncake" in backends:
+    if "mooncake" in backends and "mooncake" in parts:
         base = {**plain, "mooncake_plain": plain_mooncake(export)}
         mc = timed_transfers("mooncake", layout, export, repeats, base)
         row = _row("mooncake", None, total, mc)
         out["loopback"].append(row)
         print(row, flush=True)
+    if "shaped" not in parts:
+        out["shaped"] = []
+        return out
     return bench_shaped(out, layout, shaped_mb, backends)
 
 
@@ -317,121 +327,6 @@ def bench_shaped(
     return out
 
 
-def plain_device_copy(export, device: str) -> float:
-    """Seconds for the plain path of the same bytes, one step after the other: device -> one
-    pinned host buffer, one loopback socket (sendall -> recv_into a pinned buffer), -> device."""
-    tensors = [t for p in export.parts for t in p.tensors.values()]
-    total = sum(t.numel() * t.element_size() for t in tensors)
-    pin = device == "cuda"
-    src = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-    dst = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-    ls = socket.create_server(("127.0.0.1", 0))
-    dview = memoryview(dst.numpy())
-
-    def rx() -> None:
-        s, _ = ls.accept()
-        got = 0
-        while got < total:
-            got += s.recv_into(dview[got:], min(total - got, 1 << 22))
-        s.sendall(b"k")
-        s.close()
-
-    th = threading.Thread(target=rx, name="plain-rx")
-    th.start()
-    c = socket.create_connection(ls.getsockname())
-    _sync(device)
-    t0 = time.perf_counter()
-    off = 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        src[off : off + n].copy_(t.reshape(-1).view(torch.uint8), non_blocking=pin)
-        off += n
-    _sync(device)
-    c.sendall(memoryview(src.numpy()))
-    c.recv(1)
-    back = dst.to(device, non_blocking=pin)
-    _sync(device)
-    dt = time.perf_counter() - t0
-    th.join()
-    c.close()
-    ls.close()
-    del back
-    return dt
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def bench_gpu(tokens: int, repeats: int, device: str = "cuda") -> dict:
-    """Device -> pinned host -> TCP -> device for ``tokens`` MLA tokens of the 48B geometry: the
-    sender stages each layer to pinned memory (``stream.send``), the receiver hands each verified
-    layer to ``on_layer``, which copies it onto the device while later layers are in flight (as
-    the decode node imports); timed from the first ``send`` to the last layer on the device.
-    Against ``plain_device_copy`` of the same bytes in the same run. ``device="cpu"`` runs the
-    same code without a GPU (a smoke test of this path)."""
-    layout = CacheLayout.kimi_linear_48b(max_tokens=tokens)
-    export = random_export(layout, "gpu", 0, tokens, seed=3, device=device)
-    total = export.nbytes()
-    pin = device == "cuda"
-    rows = []
-    n_layers = len(export.parts)
-    for conns in (1, 4, 8):
-        times, plain = [], []
-        landed: dict = {}  # layer -> its tensors on the device
-        copy_stream = torch.cuda.Stream() if pin else None
-        done = threading.Event()
-
-        def on_layer(a, landed=landed, done=done, copy_stream=copy_stream) -> None:
-            if copy_stream is not None:  # the decode node's import: H2D as each layer lands
-                with torch.cuda.stream(copy_stream):
-                    on_dev = {k: t.to(device, non_blocking=True) for k, t in a.part.tensors.items()}
-            else:
-                on_dev = {k: t.clone() for k, t in a.part.tensors.items()}
-            landed[a.part.layer] = on_dev  # the receiver's I/O thread: one at a time
-            if len(landed) == n_layers:
-                done.set()
-
-        rx = create_receiver("tcp", layout, SECRET, pin_memory=pin, on_layer=on_layer).start()
-        tx = create_sender("tcp", layout, SECRET, connections=conns)
-        try:
-            for i in range(repeats + 1):  # the first (untimed) request fills the buffer pools
-                landed.clear()
-                done.clear()
-                _sync(device)
-                t0 = time.perf_counter()
-                stream = tx.send_export(rx.address, export)  # GPU -> pinned host inside send()
-                assert done.wait(600), "not every layer landed"
-                if copy_stream is not None:
-                    copy_stream.synchronize()
-                dt = time.perf_counter() - t0
-                d = rx.deliveries.get(timeout=600)
-                assert isinstance(d, Delivery), d
-                stream.wait(60)
-                for li in (0, n_layers - 1):
-                    for k, t in export.parts[li].tensors.items():
-                        assert torch.equal(landed[li][k], t)
-                d.release()
-                if i:
-                    times.append(dt)
-                    plain.append(plain_device_copy(export, device))
-        finally:
-            tx.close()
-            rx.close()
-        row = {
-            "connections": conns,
-            "seconds": statistics.median(times),
-            "gbps": gbps(total, statistics.median(times)),
-            "plain_seconds": statistics.median(plain),
-            "plain_gbps": gbps(total, statistics.median(plain)),
-        }
-        row["ratio"] = row["gbps"] / row["plain_gbps"]
-        rows.append(row)
-        print(row, flush=True)
-    return {"tokens": tokens, "payload_bytes": total, "device": device, "gpu_to_gpu": rows}
-
-
 def write(out_dir: Path, name: str, result: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -447,15 +342,15 @@ def write(out_dir: Path, name: str, result: dict) -> None:
         "(the dev VM is shared with other engineers' test runs).",
         "",
     ]
-    if "loopback" in result:
-        c = result["checksum"]
+    c = result["checksum"]
+    if result["loopback"]:
         lines += [
             f"Checksum cost on this machine (CPU seconds of one core over the request's bytes, "
             f"in memory, not in cache): XXH3-64 {c['xxh3_64_s_per_gb']:.3f} s/GB "
             f"({c['xxh3_64_gbps']:.0f} Gbps), zlib CRC-32 {c['crc32_s_per_gb']:.3f} s/GB "
-            f"({c['crc32_gbps']:.0f} Gbps). Ours computes XXH3-64 once per side: the sender hashes "
-            "each slice just before queueing it (the I/O thread sends the previous one "
-            "meanwhile), the receiver hashes bytes as they land (in cache) and checks each slice; "
+            f"({c['crc32_gbps']:.0f} Gbps). Ours computes XXH3-64 once per side: the sender's I/O "
+            "thread hashes each slice right before writing it (the kernel's copy then reads it "
+            "from cache), the receiver hashes bytes as they land (in cache) and checks each slice; "
             "plain sendall checks nothing.",
             "",
             f"## Loopback, {result['payload_bytes'] / 1e6:.1f} MB per request "
@@ -494,7 +389,9 @@ def write(out_dir: Path, name: str, result: dict) -> None:
                     "CPU (Mooncake's own threads included) is "
                     f"{r['ours_process_cpu_s_per_gb']:.3f} s/GB.",
                 ]
-        r1 = result["loopback"][0]
+    tcp1 = [r for r in result["loopback"] if r["backend"] == "tcp" and r["connections"] == 1]
+    if tcp1:
+        r1 = tcp1[0]
         ours_cpu = r1["ours_tx_cpu_s_per_gb"] + r1["ours_rx_cpu_s_per_gb"]
         plain_cpu = r1["plain_tx_cpu_s_per_gb"] + r1["plain_rx_cpu_s_per_gb"]
         hashing = 2 * c["xxh3_64_s_per_gb"]
@@ -516,6 +413,7 @@ def write(out_dir: Path, name: str, result: dict) -> None:
             f"byte in to the delivery is {r1['last_byte_to_delivered_ms']:.1f} ms (slices are "
             "verified as they land).",
         ]
+    if result["shaped"]:
         lines += [
             "",
             "## Emulated link (4 connections), utilisation = (bytes / rate) / last-byte time",
@@ -534,62 +432,43 @@ def write(out_dir: Path, name: str, result: dict) -> None:
                 f"{r['ideal_s']:.3f} | {r['last_byte_s']:.3f} | {r['utilisation']:.3f} | "
                 f"{r['host_plain_sendall_gbps']:.2f} | {r['loadavg_1m']} |"
             )
-    if "gpu_to_gpu" in result:
-        lines += [
-            f"## GPU -> pinned -> TCP -> GPU, {result['payload_bytes'] / 1e6:.1f} MB "
-            f"({result['tokens']} tokens)",
-            "",
-            "Ours: each layer staged device -> pinned by `send`, sent, verified, and copied onto "
-            "the device as it lands (the decode node's per-layer import), timed to the last layer "
-            "on the device. Plain: device -> pinned, one socket sendall, pinned -> device, one "
-            "after the other, same bytes, same run.",
-            "",
-            "| connections | seconds | Gbps | plain seconds | plain Gbps | ratio |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in result["gpu_to_gpu"]:
-            lines.append(
-                f"| {r['connections']} | {r['seconds']:.3f} | {r['gbps']:.2f} | "
-                f"{r['plain_seconds']:.3f} | {r['plain_gbps']:.2f} | {r['ratio']:.2f} |"
-            )
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gpu", action="store_true", help="run the GPU -> GPU part only")
-    ap.add_argument(
-        "--device", default="cuda", choices=["cuda", "cpu"], help="--gpu's device (cpu: smoke test)"
-    )
-    ap.add_argument("--tokens", type=int, default=None, help="MLA tokens per request")
+    ap.add_argument("--tokens", type=int, default=16384, help="MLA tokens per request")
     ap.add_argument("--repeats", type=int, default=5, help="timed pairs per row")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=["tcp", "mooncake", "shaped"],
+        help="run these parts only (results go to transfer_loopback_only unless --name)",
+    )
+    ap.add_argument(
+        "--connections",
+        nargs="+",
+        type=int,
+        help="tcp rows at these connection counts only (0: sized by the sender)",
+    )
+    ap.add_argument("--name", help="results file name (default transfer_loopback)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-    cmd = "python benchmarks/transfer.py " + " ".join(
-        a
-        for a in [
-            "--gpu" if args.gpu else "",
-            "--device cpu" if args.gpu and args.device == "cpu" else "",
-            f"--repeats {args.repeats}",
-        ]
-        if a
-    )
-    load_start = round(os.getloadavg()[0], 2)
-    if args.gpu:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            print("--gpu: no CUDA device here, skipped (--device cpu runs the same path on CPU)")
-            return 0
-        tokens = args.tokens or 32768
-        result = bench_gpu(tokens, args.repeats, args.device)
-        name = "transfer_gpu" if args.device == "cuda" else "transfer_gpu_path_cpu"
-    else:
-        tokens = args.tokens if args.tokens is not None else 16384
-        result = bench_cpu(tokens, args.repeats, {1.0: 150, 10.0: 600})
-        name = "transfer_loopback"
-    if args.tokens is not None:
+    cmd = f"python benchmarks/transfer.py --repeats {args.repeats}"
+    if args.tokens != 16384:
         cmd += f" --tokens {args.tokens}"
+    if args.only:
+        cmd += " --only " + " ".join(args.only)
+    if args.connections:
+        cmd += " --connections " + " ".join(map(str, args.connections))
+    partial = bool(args.only or args.connections)
+    name = args.name or ("transfer_loopback_only" if partial else "transfer_loopback")
+    conns = [c or None for c in args.connections] if args.connections else None
+    load_start = round(os.getloadavg()[0], 2)
+    parts = set(args.only or ["tcp", "mooncake", "shaped"])
+    result = bench_cpu(args.tokens, args.repeats, {1.0: 150, 10.0: 600}, parts, conns)
     result.update(
         machine=machine(), command=cmd, repeats=args.repeats, loadavg_1m_at_start=load_start
     )

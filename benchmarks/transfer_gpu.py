@@ -82,6 +82,17 @@ def socket_copy(send_chunks, total: int, dst: memoryview) -> float:
     return dt
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of the sender's and receivers' threads, summed by thread name."""
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        if t.name.startswith(("tx", "rx")) and t.ident is not None:
+            with contextlib.suppress(OSError):  # the thread just ended
+                cpu = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+                out[t.name] = out.get(t.name, 0.0) + cpu
+    return out
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -147,9 +158,12 @@ def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
             for name, t in arrival.part.tensors.items():
                 landed[(arrival.part.layer, name)] = t.to(dev, non_blocking=True)
 
+    cpu_busy: list[dict[str, float]] = []  # per layer-wise request: thread -> CPU s / wall s
+
     def ours_layerwise(rx, tx) -> float:
         landed.clear()
         sync()
+        c0 = thread_cpu()
         t0 = time.perf_counter()
         stream = tx.send_export(rx.address, export)
         d = rx.deliveries.get(timeout=600)
@@ -157,6 +171,8 @@ def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
         if side is not None:
             side.synchronize()
         dt = time.perf_counter() - t0
+        c1 = thread_cpu()
+        cpu_busy.append({k: (c1[k] - c0.get(k, 0.0)) / dt for k in c1})
         stream.wait(60)
         first, last = export.parts[0], export.parts[-1]
         for part in (first, last):
@@ -167,8 +183,19 @@ def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
 
     plain_host(), plain_gpu()  # warm-up
     rows = []
-    for conns in (1, 2, 4, 8, None):
+    # the sender hashes each slice on its I/O thread (default); the last row hashes on the
+    # dispatcher thread instead (two passes over the bytes, overlapped on another core)
+    for conns, on_dispatcher in (
+        (1, False),
+        (2, False),
+        (4, False),
+        (8, False),
+        (None, False),
+        (1, True),
+    ):
         kw = {} if conns is None else {"connections": conns}
+        if on_dispatcher:
+            kw["hash_on_dispatcher"] = True
         rx = create_receiver("tcp", layout, SECRET, pin_memory=pin).start()
         rl = create_receiver("tcp", layout, SECRET, pin_memory=pin, on_layer=on_layer).start()
         tx = create_sender("tcp", layout, SECRET, **kw)
@@ -178,7 +205,12 @@ def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
             ph = [plain_host() for _ in range(repeats)]
             pg = [plain_gpu() for _ in range(repeats)]
             ot = [ours(rx, tx) for _ in range(repeats)]
+            cpu_busy.clear()
             lt = [ours_layerwise(rl, tx) for _ in range(repeats)]
+            busy = {
+                k: statistics.median(b.get(k, 0.0) for b in cpu_busy)
+                for k in ("tx-io", "tx-dispatch", "rx-io")
+            }
             ph += [plain_host() for _ in range(repeats)]
             pg += [plain_gpu() for _ in range(repeats)]
             used = len(tx.session(rx.address).socks)
@@ -191,8 +223,12 @@ def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
         row = {
             "connections": used,
             "sized_by_backend": conns is None,
+            "hash_on": "dispatcher" if on_dispatcher else "io",
             "ours_layerwise_s": lw,
             "ours_layerwise_gbps": gbps(total, lw),
+            # CPU seconds per wall second of each thread during the layer-wise requests (the
+            # receivers' threads summed): near 1.0 = that thread is the bottleneck
+            "layerwise_thread_busy": busy,
             "ratio_layerwise_vs_plain_sendall": h / lw,
             "ours_s": o,
             "ours_gbps": gbps(total, o),
@@ -223,6 +259,11 @@ def machine() -> dict:
     }
 
 
+def busy(row: dict, thread: str) -> str:
+    b = row.get("layerwise_thread_busy", {}).get(thread)
+    return "-" if b is None else f"{b:.2f}"
+
+
 def write(out: Path, name: str, res: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -237,19 +278,27 @@ def write(out: Path, name: str, res: dict) -> None:
         f"One request of the Kimi-Linear-48B geometry, {res['tokens']} tokens: "
         f"{res['payload_bytes'] / 1e6:.1f} MB in {res['layers']} layers, GPU to GPU over "
         "loopback; medians of the repeats. ratio = plain sendall time / ours (target >= 0.8). "
-        "Time: from the send's start to the last tensor resident on the destination GPU.",
+        "Time: from the send's start to the last tensor resident on the destination GPU. "
+        "The sender hashes each slice on its I/O thread right before writing it; '(hash on "
+        "dispatcher)': hashed ahead on the dispatcher thread instead. Busy: CPU seconds per "
+        "second of the sender's I/O / dispatcher and the receiver's I/O thread during the "
+        "layer-wise requests (near 1.0: that thread limits the rate).",
         "",
         "| connections | ours, layer-wise import: s / Gbps | ratio vs sendall | ours, import after "
-        "delivery: s / Gbps | ratio vs sendall | plain sendall Gbps | plain GPU copy Gbps |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "delivery: s / Gbps | ratio vs sendall | plain sendall Gbps | plain GPU copy Gbps | "
+        "busy tx-io / tx-dispatch / rx-io |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in res["rows"]:
         c = f"{r['connections']}" + (" (sized)" if r["sized_by_backend"] else "")
+        if r.get("hash_on") == "dispatcher":
+            c += " (hash on dispatcher)"
         lines.append(
             f"| {c} | {r['ours_layerwise_s']:.3f} / {r['ours_layerwise_gbps']:.1f} "
             f"| {r['ratio_layerwise_vs_plain_sendall']:.2f} "
             f"| {r['ours_s']:.3f} / {r['ours_gbps']:.1f} | {r['ratio_vs_plain_sendall']:.2f} "
-            f"| {r['plain_sendall_gbps']:.1f} | {r['plain_gpu_gbps']:.1f} |"
+            f"| {r['plain_sendall_gbps']:.1f} | {r['plain_gpu_gbps']:.1f} "
+            f"| {busy(r, 'tx-io')} / {busy(r, 'tx-dispatch')} / {busy(r, 'rx-io')} |"
         )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 

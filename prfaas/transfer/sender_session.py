@@ -30,7 +30,7 @@ from prfaas.transfer.backend import Peer
 from prfaas.transfer.errors import PeerClosed, TransferError, error_from_code
 from prfaas.transfer.link import LinkShaper
 from prfaas.transfer.meter import LinkMeter, LinkSnapshot
-from prfaas.transfer.sender_stream import FINISH, PeerStream, _Out
+from prfaas.transfer.sender_stream import FINISH, PeerStream, QueuedFrame
 
 if TYPE_CHECKING:
     from prfaas.transfer.sender import SenderBase
@@ -76,13 +76,14 @@ class PeerSession:
             for s in self.socks:
                 s.close()
             raise
-        self.out: list[collections.deque[_Out]] = [collections.deque() for _ in self.socks]
+        self.out: list[collections.deque[QueuedFrame]] = [collections.deque() for _ in self.socks]
         self.dispatch_q: queue.SimpleQueue = queue.SimpleQueue()
         self._rr = itertools.cycle(range(len(self.socks)))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._woken = False
+        self._sleeping = False  # the I/O thread is (about to be) waiting in select
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._tseq = itertools.count()
         self._rbuf = bytearray()
@@ -126,8 +127,15 @@ class PeerSession:
         payload: int,
         shaped: bool = True,
         keep: Any = None,
+        prepare: Callable[[QueuedFrame], bool] | None = None,
+        blocked: Callable[[], bool] | None = None,
     ) -> None:
-        """Queue a frame on connection ``conn``; ``shaped=False``: delay only, no bandwidth."""
+        """Queue a frame on connection ``conn``; ``shaped=False``: delay only, no bandwidth.
+
+        ``prepare(item)`` runs on the I/O thread right before the frame's first byte is written
+        and may replace its buffers (same total size); while ``blocked()`` is true the frame
+        and everything behind it on ``conn`` wait (it must turn false through this thread's own
+        writes on other connections)."""
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
         nbytes = sum(len(v) for v in views)
         if stream is not None:
@@ -137,8 +145,13 @@ class PeerSession:
         due = None
         if self.link is not None:
             due = self.link.reserve(nbytes) if shaped else time.monotonic() + self.link.one_way_s
-        self.out[conn].append(_Out(views, nbytes, stream, kind, payload, due, keep=keep))
-        self.wake()
+        q = self.out[conn]
+        q.append(QueuedFrame(views, nbytes, stream, kind, payload, due, keep, prepare, blocked))
+        # a frame behind others is written when they are (or when the socket has room again):
+        # the I/O thread needs a wake-up (a syscall, and a cross-CPU interrupt here) only when
+        # this frame is the queue's head and the thread may be waiting in select
+        if self._sleeping and len(q) == 1:
+            self.wake()
 
     def wake(self) -> None:
         if not self._woken:
@@ -204,14 +217,19 @@ class PeerSession:
                     if not self._write(i):  # socket full: wait until writable
                         writing.add(i)
                         self._interest(sel, i, writing)
+                # set before looking at the queues for the last time: a frame queued after this
+                # look wakes the thread (``enqueue``), one queued before it is seen here
+                self._sleeping = True
                 next_at = self._timers[0][0] if self._timers else None
                 for i, q in enumerate(self.out):  # the next frame to come due (shaped link)
-                    if i in writing or not q:
+                    if i in writing or not q or self._blocked(q[0]):
                         continue
                     due = now if q[0].started or q[0].due is None else q[0].due
                     next_at = due if next_at is None else min(next_at, due)
                 timeout = None if next_at is None else max(0.0, next_at - time.monotonic())
-                for key, mask in sel.select(timeout):
+                events = sel.select(timeout)
+                self._sleeping = False
+                for key, mask in events:
                     i = key.data
                     if i == -1:
                         with contextlib.suppress(BlockingIOError, OSError):
@@ -260,15 +278,19 @@ class PeerSession:
                     if item.stream is not None:
                         item.stream._on_sent("dropped", 0, 0)
                     continue
-                item.started = True
-            # gather the head frame and the due frames behind it into one sendmsg
+                if not self._start(item):
+                    return True  # waits on another connection's frames
+            # gather the head frame and the due frames behind it into one sendmsg; a frame that
+            # must be prepared (a slice hashed) only at the head, so its bytes are still in
+            # cache when the kernel copies them
             bufs: list[memoryview] = []
             gathered = 0
             for it in itertools.islice(q, 0, 64):
                 if not it.started:
                     if (it.due is not None and it.due > now) or self._dropped(it):
                         break
-                    it.started = True
+                    if it.prepare is not None or not self._start(it):
+                        break
                 bufs.extend(it.buffers)
                 gathered += it.nbytes
                 if len(bufs) >= _IOV_MAX or gathered >= _GATHER_BYTES:
@@ -296,7 +318,19 @@ class PeerSession:
                 self._sent(q.popleft(), at)
         return True
 
-    def _dropped(self, item: _Out) -> bool:
+    @staticmethod
+    def _blocked(item: QueuedFrame) -> bool:
+        return not item.started and item.blocked is not None and item.blocked()
+
+    @staticmethod
+    def _start(item: QueuedFrame) -> bool:
+        """Prepare a frame about to be written; False if it must wait."""
+        if item.prepare is not None and not item.prepare(item):
+            return False
+        item.started = True
+        return True
+
+    def _dropped(self, item: QueuedFrame) -> bool:
         """Whether a frame not yet begun is to be dropped (its stream ended, or the session)."""
         st = item.stream
         if self.error is not None:
@@ -305,7 +339,7 @@ class PeerSession:
             return st is not None and st.stats.header_bytes == 0
         return st is not None and st.done
 
-    def _sent(self, item: _Out, at: float) -> None:
+    def _sent(self, item: QueuedFrame, at: float) -> None:
         self.meter.add_sent(item.nbytes, item.nbytes)
         if item.stream is not None:
             item.stream._on_sent(item.kind, item.nbytes, item.payload, at)
@@ -323,7 +357,7 @@ class PeerSession:
         sock = self.socks[0]
         while True:
             try:
-                chunk = sock.recv(65536)
+                chunk = sock.recv(65536, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:

@@ -1,5 +1,5 @@
 """One request on a sender session: ``PeerStream`` (``send(part)`` per layer, ``finish()``,
-``wait()``, ``abort()``) and ``_Out``, a frame queued on one connection.
+``wait()``, ``abort()``) and ``QueuedFrame``, a frame queued on one connection.
 
 ``send`` checks a part against the announced header, starts the GPU -> pinned host copy of CUDA
 tensors (the session's dispatcher waits for it) and queues; it never waits on the network. The
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ FINISH = object()  # queued after a stream's last layer: all of it was dispatche
 
 
 @dataclass
-class _Out:
+class QueuedFrame:
     """A frame queued on one connection: its buffers (views), when it may be written, for whom."""
 
     buffers: list[memoryview]
@@ -37,8 +38,12 @@ class _Out:
     kind: str  # header | data | commit | abort
     payload: int
     due: float | None  # monotonic time its last byte may have crossed the shaped link
-    started: bool = False
     keep: Any = field(default=None, repr=False)  # keeps the source memory alive
+    # run by the I/O thread right before the frame's first byte is written (e.g. hash the slice
+    # and fill in its sub-header); False: not ready yet (``blocked`` says whether it would be)
+    prepare: Callable[[QueuedFrame], bool] | None = field(default=None, repr=False)
+    blocked: Callable[[], bool] | None = field(default=None, repr=False)
+    started: bool = False
 
 
 class PeerStream(SenderStream):

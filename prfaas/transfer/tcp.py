@@ -1,13 +1,16 @@
 """Our TCP backend: each layer's tensors are cut into slices spread over the peer's N connections;
 slices are written straight from tensor storage (``sendmsg`` of memoryviews, by the session's I/O
 thread) and read straight into the request's preallocated buffer (``recv_into``). Each slice's
-XXH3-64 travels in its DATA sub-header: the sender hashes a slice just before queueing it (while
-the previous one is being sent), the receiver hashes the bytes as they land and checks the slice
-when it is complete; the COMMIT closing a layer carries the checksum over the slice records."""
+XXH3-64 travels in its DATA sub-header: the sender's I/O thread hashes a slice right before writing
+it (so the kernel's copy reads it from cache), the receiver hashes the bytes as they land and
+checks the slice when it is complete; the COMMIT closing a layer carries the checksum over the
+slice records and is written once every slice of the layer (on any connection) was hashed."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -15,39 +18,106 @@ from prfaas.transfer import wire
 from prfaas.transfer.auth import BACKEND_CODES
 from prfaas.transfer.receiver import Assembly, ReceiverBase
 from prfaas.transfer.sender import PeerSession, PeerStream, SenderBase
+from prfaas.transfer.sender_stream import QueuedFrame
 
 
 class TcpSender(SenderBase):
     """Sender over N parallel TCP connections per peer (``connections``, default: sized to the
-    link)."""
+    link).
+
+    Each slice is hashed by the session's I/O thread right before it is written: the kernel's
+    copy then reads the bytes from cache, so they cross the memory bus once (on a 2-core host
+    this saves ~0.06 CPU s/GB on the sender). ``hash_on_dispatcher=True`` hashes them on the
+    dispatcher thread instead, ahead of the I/O thread: the bytes are read twice, but the hash
+    overlaps the writes on another core (for hosts with cores to spare, if one I/O thread's
+    copy is what limits a single connection)."""
 
     backend_code = BACKEND_CODES["tcp"]
+
+    def __init__(self, *args: Any, hash_on_dispatcher: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hash_on_dispatcher = hash_on_dispatcher
 
     def _dispatch_layer(
         self, session: PeerSession, stream: PeerStream, layer: int, tensors: list[torch.Tensor]
     ) -> None:
-        records: list[wire.SliceRecord] = []
+        sid, size = stream.stream_id, self.slice_bytes
+        digests = _LayerDigests(stream.wire_header.layers[layer].checksum)
         nbytes = 0
         for ti, t in enumerate(tensors):
             view = wire.tensor_bytes(t)
             nbytes += len(view)
-            for off in range(0, len(view), self.slice_bytes):
-                chunk = view[off : off + self.slice_bytes]
-                # hashed just before it is queued: the I/O thread sends slice k while this thread
-                # hashes slice k + 1, and the kernel's copy finds slice k still in cache
-                digest = wire.slice_digest(chunk)
-                records.append((ti, off, len(chunk), digest))
-                head = wire.frame_head(wire.DATA, wire.DATA_HEAD.size + len(chunk))
-                sub = wire.DATA_HEAD.pack(stream.stream_id, layer, ti, off, digest)
+            for off in range(0, len(view), size):
+                chunk = view[off : off + size]
+                digests.expected += 1
+                prefix, prepare = _DATA_PREFIX, None
+                if self.hash_on_dispatcher:
+                    prefix = digests.slice_prefix(sid, layer, ti, off, chunk)
+                else:  # hashed by the I/O thread when the slice's turn comes
+                    prepare = digests.slice_preparer(sid, layer, ti, off, chunk)
                 # ``keep`` holds the tensor until the slice is on the wire
                 session.enqueue(
-                    session.next_conn(), [head + sub, chunk], stream, "data", len(chunk), keep=t
+                    session.next_conn(),
+                    [prefix, chunk],
+                    stream,
+                    "data",
+                    len(chunk),
+                    keep=t,
+                    prepare=prepare,
                 )
-        checksum = stream.wire_header.layers[layer].checksum  # in the header already
-        if checksum is None:
-            checksum = wire.layer_checksum(records)
-        commit = wire.COMMIT.pack(stream.stream_id, layer, nbytes, checksum, self.slice_bytes)
-        session.enqueue(0, [wire.frame(wire.COMMIT_T, commit)], stream, "commit", 0)
+
+        def commit(item: QueuedFrame) -> bool:
+            checksum = digests.checksum()
+            if checksum is None:  # a slice on another connection is not hashed yet
+                return False
+            payload = wire.COMMIT.pack(sid, layer, nbytes, checksum, size)
+            item.buffers = [memoryview(wire.frame(wire.COMMIT_T, payload))]
+            return True
+
+        session.enqueue(
+            0, [_COMMIT_PLACEHOLDER], stream, "commit", 0, prepare=commit, blocked=digests.pending
+        )
+
+
+_DATA_PREFIX = bytes(wire.DATA_OVERHEAD)  # replaced by the real prefix once the slice is hashed
+_COMMIT_PLACEHOLDER = bytes(wire.COMMIT_FRAME_BYTES)
+
+
+class _LayerDigests:
+    """One layer's slice records, filled as its slices are hashed (by default on the session's
+    I/O thread, right before each is written); the COMMIT, queued behind the slices, is built
+    once every record is in."""
+
+    def __init__(self, checksum: int | None) -> None:
+        self.expected = 0  # final before the COMMIT is queued
+        self.records: list[wire.SliceRecord] = []
+        self._checksum = checksum  # from the header, when it carries the layer checksums
+
+    def pending(self) -> bool:
+        return self._checksum is None and len(self.records) < self.expected
+
+    def checksum(self) -> int | None:
+        if self._checksum is None and len(self.records) == self.expected:
+            self._checksum = wire.layer_checksum(self.records)
+        return self._checksum
+
+    def slice_prefix(self, sid: int, layer: int, ti: int, off: int, chunk: memoryview) -> bytes:
+        """Hash one slice, record it, and return its DATA frame prefix (head + sub-header)."""
+        digest = wire.slice_digest(chunk)
+        self.records.append((ti, off, len(chunk), digest))
+        head = wire.frame_head(wire.DATA, wire.DATA_HEAD.size + len(chunk))
+        return head + wire.DATA_HEAD.pack(sid, layer, ti, off, digest)
+
+    def slice_preparer(
+        self, sid: int, layer: int, ti: int, off: int, chunk: memoryview
+    ) -> Callable[[QueuedFrame], bool]:
+        """``slice_prefix`` deferred to the I/O thread (a ``QueuedFrame.prepare``)."""
+
+        def prepare(item: QueuedFrame) -> bool:
+            item.buffers[0] = memoryview(self.slice_prefix(sid, layer, ti, off, chunk))
+            return True
+
+        return prepare
 
 
 class TcpReceiver(ReceiverBase):
