@@ -21,16 +21,17 @@ import dataclasses
 import itertools
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from prfaas.cache.hashing import hash_chain
 from prfaas.cache.hybrid import CacheFull, HybridCache
+from prfaas.engine.async_decode import PendingDecode, carried_tokens, launch_greedy
 from prfaas.engine.config import ROLES, EngineConfig
 from prfaas.engine.kv_io import (
+    export_kv,
     export_layer,
+    transfer_header,
     validate_export,
     validate_header,
     validate_layer,
@@ -39,12 +40,12 @@ from prfaas.engine.kv_io import (
 )
 from prfaas.engine.memory_plan import plan_memory
 from prfaas.engine.model_runner import ModelRunner
-from prfaas.engine.request import KVArrival, Request, RequestOutput, Status
+from prfaas.engine.request import KVArrival, Request, RequestOutput, Status, check_prompt
 from prfaas.engine.sampling import SamplingParams
 from prfaas.engine.scheduler import Scheduler, SchedulerOutput
-from prfaas.engine.stats import EngineStats
+from prfaas.engine.stats import EngineStats, engine_stats
+from prfaas.engine.step_io import model_inputs, row_tokens
 from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
-from prfaas.model.batch import SeqInput
 from prfaas.model.checkpoint import build_model
 from prfaas.model.model import HybridForCausalLM
 from prfaas.tokenizer import Tokenizer, load_tokenizer, stop_ids_of
@@ -53,21 +54,6 @@ __all__ = ["ROLES", "EngineConfig", "LLMEngine", "LayerListener"]
 
 LayerListener = Callable[[Request, LayerPart], None]
 ImportDone = Callable[[str | None], None]
-
-
-@dataclass
-class _PendingDecode:
-    """A greedy decode step launched and not yet read back (``EngineConfig.async_decode``)."""
-
-    sched: SchedulerOutput
-    tokens: torch.Tensor  # (n,) int64 on the device: each row's greedy token
-    host: torch.Tensor  # (n,) its host copy (pinned on CUDA), filled asynchronously
-    event: torch.cuda.Event | None  # set once ``host`` holds the tokens (CUDA)
-
-    def read(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
 
 
 class LLMEngine:
@@ -117,7 +103,7 @@ class LLMEngine:
         self.stop_ids = stop_ids_of(self.tokenizer)
         self.scheduler = Scheduler(cfg.scheduler_config(self.stop_ids), self.cache)
         self.layer_listener: LayerListener | None = None
-        self._pending: _PendingDecode | None = None  # async_decode: launched, not read back
+        self._pending: PendingDecode | None = None  # async_decode: launched, not read back
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_pipelined_steps = 0  # async_decode: steps launched before the last was read back
@@ -131,30 +117,12 @@ class LLMEngine:
     def _new_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def _validate_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        limit = self.config.max_model_len
-        if len(prompt) >= limit:
-            raise ValueError(
-                f"prompt has {len(prompt)} tokens; this engine accepts at most {limit - 1} "
-                f"(max_model_len {limit})"
-            )
-        need = self.cache.blocks_for(len(prompt) + 1)
-        if need > self.cache.cfg.num_blocks:
-            raise ValueError(
-                f"prompt needs {need} cache blocks; the cache holds only {self.cache.cfg.num_blocks}"
-            )
-
     def _new_request(
         self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None
     ) -> Request:
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(ids)
+        check_prompt(ids, self.model_config.vocab_size, self.config.max_model_len, self.cache)
         rid = request_id or self._new_id()
         if rid in self.scheduler.requests:
             raise ValueError(f"request id {rid!r} already in use")
@@ -266,7 +234,7 @@ class LLMEngine:
         h = exp.header
         params = params or SamplingParams()
         prompt = list(h.prompt_token_ids)
-        self._validate_prompt(prompt)
+        check_prompt(prompt, self.model_config.vocab_size, self.config.max_model_len, self.cache)
         seed = h.meta.get("seed", self.config.seed)
         req = Request(request_id or h.request_id, prompt, params, seed)
         self.scheduler.admit_import(req, h.token_start, h.token_end)
@@ -334,65 +302,11 @@ class LLMEngine:
             return []
         self.num_steps += 1
         callback = self._streaming_callback(sched)
-        logits = self.runner.step(self._inputs(sched), self.cache.tensors, callback)
-        # one device-to-host copy per step: every row's argmax, and the logits themselves only
-        # when some row samples (a per-row copy would synchronise once per request)
-        argmax = logits.argmax(-1).tolist()
-        if not all(r.request.params.plain_greedy for r in rows):
-            logits = logits.cpu()
-        tokens: list[int | None] = []
-        for row, lg, top in zip(rows, logits, argmax, strict=True):
-            req = row.request
-            if not row.samples:
-                tokens.append(None)
-            elif req.params.plain_greedy:
-                tokens.append(top)
-            else:
-                try:
-                    tokens.append(self._sample(req, lg, top))
-                except Exception as e:  # noqa: BLE001 - this request ends with the error, alone
-                    err = f"sampling failed: {type(e).__name__}: {e}"
-                    self.scheduler.finish(req, "error", report=True, error=err)
-                    tokens.append(None)  # its row is dropped (the request ended)
-        return tokens
+        logits = self.runner.step(model_inputs(sched), self.cache.tensors, callback)
+        return row_tokens(rows, logits, self.stop_ids, self._sampling_failed)
 
-    def _inputs(self, sched: SchedulerOutput) -> list[SeqInput]:
-        """The model inputs of ``sched``'s rows: each row's tokens at its positions; ``ahead``
-        rows' token is not known on the host yet (a placeholder)."""
-        toks: list[int] = []
-        for row in sched.rows:
-            n = row.num_tokens
-            toks += [0] * n if sched.ahead else row.request.token_slice(row.start, n)
-        ids = torch.tensor(toks).split([r.num_tokens for r in sched.rows])  # a view per row
-        out = []
-        for row, t in zip(sched.rows, ids, strict=True):
-            seq = row.request.cache
-            assert seq is not None
-            out.append(SeqInput(t, row.start, seq.blocks, seq.slot))
-        return out
-
-    def _sample(self, req: Request, logits: torch.Tensor, argmax: int) -> int:
-        """The next token of ``req`` from its row of logits (``argmax``: already known); its
-        log-probabilities recorded when asked for."""
-        p = req.params
-        if p.plain_greedy:
-            return argmax
-        if p.greedy and not p.processes_logits:
-            tok = argmax
-        elif not p.processes_logits:
-            tok = req.sampler.sample(logits, len(req.output))
-        else:
-            tok = req.sampler.sample(
-                logits, len(req.output), req.prompt, req.output, self._stop_ids(p)
-            )
-        if p.logprobs is not None:
-            req.logprobs.append(req.sampler.logprobs(logits, tok))
-        return tok
-
-    def _stop_ids(self, p: SamplingParams) -> list[int]:
-        """The tokens ``min_tokens`` holds back: the request's stop tokens and, unless it
-        ignores EOS, the model's."""
-        return list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.stop_ids))
+    def _sampling_failed(self, req: Request, error: str) -> None:
+        self.scheduler.finish(req, "error", report=True, error=error)
 
     def _streaming_callback(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
         if self.config.role != "prefill" or self.layer_listener is None:
@@ -417,24 +331,12 @@ class LLMEngine:
             and self.scheduler.can_pipeline(sched)
         )
 
-    def _launch(self, sched: SchedulerOutput, device_tokens: torch.Tensor | None) -> _PendingDecode:
-        """Launch the greedy decode step ``sched``: its input tokens from the host, or (an
-        ``ahead`` step) ``device_tokens``, the tokens of a step not yet read back."""
-        logits = self.runner.step(
-            self._inputs(sched), self.cache.tensors, None, device_tokens=device_tokens
-        )
-        tokens = logits.argmax(-1)
-        event = None
-        if tokens.is_cuda:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = tokens
+    def _launch(self, sched: SchedulerOutput, device_tokens: torch.Tensor | None) -> PendingDecode:
+        """Launch the greedy decode step ``sched`` (:func:`async_decode.launch_greedy`)."""
+        pending = launch_greedy(self.runner, self.cache.tensors, sched, device_tokens)
         self.num_steps += 1
         self.num_pipelined_steps += device_tokens is not None
-        return _PendingDecode(sched, tokens, host, event)
+        return pending
 
     def _step_pipelined(self) -> list[RequestOutput]:
         p, self._pending = self._pending, None
@@ -442,14 +344,7 @@ class LLMEngine:
         nxt = None
         ahead = self.scheduler.schedule_ahead(p.sched)
         if ahead is not None:
-            tokens = p.tokens
-            if len(ahead.rows) < len(p.sched.rows):  # some rows end: gather the others' tokens
-                index = {id(r.request): i for i, r in enumerate(p.sched.rows)}
-                pick = torch.tensor([index[id(r.request)] for r in ahead.rows])
-                if tokens.is_cuda:  # from pinned memory: a pageable copy would wait for step p
-                    pick = pick.pin_memory().to(tokens.device, non_blocking=True)
-                tokens = tokens.index_select(0, pick)
-            nxt = self._launch(ahead, tokens)
+            nxt = self._launch(ahead, carried_tokens(p, ahead))
         # read step p back while the device runs the next one
         outs = self._outputs(self.scheduler.update_from_output(p.sched, p.read()))
         self._pending = nxt
@@ -471,26 +366,12 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or self._pending is not None
 
     def stats(self) -> EngineStats:
-        s, c = self.scheduler, self.cache
-        live = list(s.waiting) + s.running
-        return EngineStats(
-            waiting=len(s.waiting),
-            running=len(s.running),
-            prefilling=sum(r.in_prefill for r in s.running),
-            waiting_for_kv=len(s.waiting_for_kv),
-            kv_arrived=len(s.arrived),
-            prefilled=len(s.prefilled),
-            pending_tokens=sum(r.num_pending for r in live),
-            max_num_seqs=self.config.max_num_seqs,
-            free_slots=c.num_free_slots,
-            cache_usage=c.usage(),
-            cache_hit_tokens=c.hits,
-            cache_query_tokens=c.queries,
-            prefill_tokens_computed=s.num_prefill_tokens_computed,
-            decode_tokens=s.num_decode_tokens,
-            steps=self.num_steps,
-            pipelined_steps=self.num_pipelined_steps,
-            preemptions=s.num_preemptions,
+        return engine_stats(
+            self.scheduler,
+            self.cache,
+            self.config.max_num_seqs,
+            self.num_steps,
+            self.num_pipelined_steps,
         )
 
     # the scheduler's queues and counters (read-only views; callers use stats())
@@ -524,20 +405,11 @@ class LLMEngine:
 
     # ----- prefill → decode hand-off ----------------------------------------------------------
     def make_header(self, req: Request, token_start: int = 0) -> TransferHeader:
-        bs = self.cache.block_size
-        return TransferHeader(
-            request_id=req.request_id,
-            model_fingerprint=self.model_config.fingerprint(),
-            num_layers=self.model_config.num_hidden_layers,
-            layer_kinds=self.model_config.layer_kinds,
-            token_start=token_start,
-            token_end=len(req.prompt) - 1,
-            prompt_token_ids=list(req.prompt),
-            prefix_hashes=hash_chain(req.prompt, bs),
-            meta={
-                "seed": req.sampler.seed,
-                "tensor_parallel_size": self.config.tensor_parallel_size,
-            },
+        """The transfer header of ``req``'s KV from ``token_start`` (:func:`kv_io.transfer_header`)
+        with the request's sampling seed and this engine's tensor-parallel size."""
+        meta = {"seed": req.sampler.seed, "tensor_parallel_size": self.config.tensor_parallel_size}
+        return transfer_header(
+            self.model_config, req.request_id, req.prompt, token_start, self.cache.block_size, meta
         )
 
     def export_request(self, request_id: str, token_start: int = 0) -> KVExport:
@@ -550,11 +422,7 @@ class LLMEngine:
         end = len(req.prompt) - 1
         if not 0 <= token_start <= end or token_start % self.cache.block_size:
             raise ValueError(f"token_start {token_start} must be block aligned and at most {end}")
-        parts = [
-            export_layer(self.cache, req.cache, i, token_start, end)
-            for i in range(self.model_config.num_hidden_layers)
-        ]
-        return KVExport(self.make_header(req, token_start), parts)
+        return export_kv(self.cache, req.cache, self.make_header(req, token_start))
 
     def release(self, request_id: str) -> None:
         """Free a prefilled request's cache (after its export was sent, or on error)."""

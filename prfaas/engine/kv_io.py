@@ -18,6 +18,7 @@ from collections.abc import Set
 
 import torch
 
+from prfaas.cache.hashing import hash_chain
 from prfaas.cache.hybrid import HybridCache, SeqCache
 from prfaas.kv.unit import KVExport, LayerPart, TransferHeader
 from prfaas.model.config import ModelConfig
@@ -43,6 +44,39 @@ def export_layer(
         return LayerPart(layer, "mla", {"kv": kv})
     state, conv = cache.read_kda_slot(model.kda_layers.index(layer), seq.slot)
     return LayerPart(layer, "kda", {"state": state, "conv": conv})
+
+
+def transfer_header(
+    model: ModelConfig,
+    request_id: str,
+    prompt: list[int],
+    token_start: int,
+    block_size: int,
+    meta: dict,
+) -> TransferHeader:
+    """The header of the KV of ``prompt``'s tokens [token_start, len(prompt) - 1) under ``model``:
+    its fingerprint and layers, the prompt and its prefix hashes by ``block_size`` blocks."""
+    return TransferHeader(
+        request_id=request_id,
+        model_fingerprint=model.fingerprint(),
+        num_layers=model.num_hidden_layers,
+        layer_kinds=model.layer_kinds,
+        token_start=token_start,
+        token_end=len(prompt) - 1,
+        prompt_token_ids=list(prompt),
+        prefix_hashes=hash_chain(prompt, block_size),
+        meta=meta,
+    )
+
+
+def export_kv(cache: HybridCache, seq: SeqCache, header: TransferHeader) -> KVExport:
+    """The part of each of ``header.num_layers`` layers (:func:`export_layer`) of ``seq``'s
+    tokens [header.token_start, header.token_end), with ``header``."""
+    parts = [
+        export_layer(cache, seq, i, header.token_start, header.token_end)
+        for i in range(header.num_layers)
+    ]
+    return KVExport(header, parts)
 
 
 def expected_shapes(model: ModelConfig, layer: int, num_tokens: int) -> dict[str, tuple[int, ...]]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from prfaas.cache.hybrid import SeqCache
+from prfaas.cache.hybrid import HybridCache, SeqCache
 from prfaas.engine.sampling import Sampler, SamplingParams, TokenLogprob
 
 
@@ -137,4 +137,27 @@ class Request:
             error=self.error,
             metrics=self.metrics,
             logprobs=list(self.logprobs) if self.params.logprobs is not None else None,
+        )
+
+
+def check_prompt(
+    prompt: list[int], vocab_size: int, max_model_len: int, cache: HybridCache
+) -> None:
+    """ValueError unless ``prompt`` is a non-empty list of token ids in [0, vocab_size), shorter
+    than ``max_model_len`` tokens, whose cache (with one generated token) fits in ``cache``."""
+    if not prompt:
+        raise ValueError("prompt is empty")
+    vocab = vocab_size
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+    limit = max_model_len
+    if len(prompt) >= limit:
+        raise ValueError(
+            f"prompt has {len(prompt)} tokens; this engine accepts at most {limit - 1} "
+            f"(max_model_len {limit})"
+        )
+    need = cache.blocks_for(len(prompt) + 1)
+    if need > cache.cfg.num_blocks:
+        raise ValueError(
+            f"prompt needs {need} cache blocks; the cache holds only {cache.cfg.num_blocks}"
         )

@@ -5,6 +5,11 @@ counters are totals since the engine started."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prfaas.cache.hybrid import HybridCache
+    from prfaas.engine.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -26,3 +31,30 @@ class EngineStats:
     steps: int  # model steps run
     pipelined_steps: int  # async_decode: steps launched before the previous one was read back
     preemptions: int
+
+
+def engine_stats(
+    s: Scheduler, c: HybridCache, max_num_seqs: int, steps: int, pipelined_steps: int
+) -> EngineStats:
+    """The snapshot of an engine's scheduler ``s`` and cache ``c``, with its ``max_num_seqs`` and
+    its step counters."""
+    live = list(s.waiting) + s.running
+    return EngineStats(
+        waiting=len(s.waiting),
+        running=len(s.running),
+        prefilling=sum(r.in_prefill for r in s.running),
+        waiting_for_kv=len(s.waiting_for_kv),
+        kv_arrived=len(s.arrived),
+        prefilled=len(s.prefilled),
+        pending_tokens=sum(r.num_pending for r in live),
+        max_num_seqs=max_num_seqs,
+        free_slots=c.num_free_slots,
+        cache_usage=c.usage(),
+        cache_hit_tokens=c.hits,
+        cache_query_tokens=c.queries,
+        prefill_tokens_computed=s.num_prefill_tokens_computed,
+        decode_tokens=s.num_decode_tokens,
+        steps=steps,
+        pipelined_steps=pipelined_steps,
+        preemptions=s.num_preemptions,
+    )
