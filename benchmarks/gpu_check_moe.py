@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -38,6 +39,23 @@ from prfaas.model.checkpoint import keeps_fp32  # noqa: E402
 from prfaas.model.config import PRESETS  # noqa: E402
 from prfaas.model.layers import SparseMoE  # noqa: E402
 from prfaas.model.materialize import empty_model, random_model  # noqa: E402
+
+
+def agreement_ci(agree: int, n: int, z: float = 1.96) -> dict:
+    """``agree`` of ``n`` steps with the same argmax: the fraction and its Wilson score interval
+    (95% for z = 1.96; steps treated as independent trials)."""
+    if n == 0:
+        return {"argmax_agree": None, "agree": 0, "of": 0, "ci95": None}
+    p = agree / n
+    d = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return {
+        "argmax_agree": p,
+        "agree": agree,
+        "of": n,
+        "ci95": [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)],
+    }
 
 
 def time_ms(fn, reps: int = 20) -> float:
@@ -205,6 +223,52 @@ def probed_logits(model, toks, n_prefill, fla: bool, forced=None):
     return logits, probe
 
 
+def run_prompts(model, prompts, n_prefill: int, fla: bool, forced=None):
+    """``probed_logits`` of each prompt: (logits per prompt, one probe holding every prompt's
+    router calls in order). ``forced``: a probe of another run over the same prompts."""
+    logits, ids, gaps, at = [], [], [], 0
+    for toks in prompts:
+        mine = None
+        if forced is not None:
+            mine = forced.ids[at:]
+        lg, pr = probed_logits(model, toks, n_prefill, fla, mine)
+        at += len(pr.ids)
+        logits.append(lg)
+        ids += pr.ids
+        gaps += pr.gaps
+    merged = types.SimpleNamespace(ids=ids, gaps=gaps)
+    return logits, merged
+
+
+def set_precision(model, legacy: bool) -> None:
+    """``legacy``: the residual stream in the weights' dtype and bf16 logits (before fp32 ones)."""
+    model.residual_dtype = None if legacy else torch.float32
+    model.fp32_logits = not legacy
+
+
+def pooled(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> dict:
+    """``compare`` over several prompts: the mean prefill (last-token) rel. error, decode rel.
+    errors pooled, argmax agreement over every logit vector (prefill and decode steps) with its
+    95% interval."""
+    pre, dec, agree, n = [], [], 0, 0
+    for x, y in zip(a, b, strict=True):
+        errs = [rel(u, v) for u, v in zip(x, y, strict=True)]
+        pre.append(errs[0])
+        dec += errs[1:]
+        agree += sum(int(u.argmax() == v.argmax()) for u, v in zip(x, y, strict=True))
+        n += len(x)
+    return {
+        "prefill_logits_rel_err": sum(pre) / len(pre),
+        "decode_logits_rel_err_mean": sum(dec) / len(dec),
+        "decode_logits_rel_err_max": max(dec),
+        **agreement_ci(agree, n),
+    }
+
+
+def flat(runs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [t for r in runs for t in r]
+
+
 def routing_agreement(a: RouterProbe, b: RouterProbe, gaps_ref: list[torch.Tensor]) -> dict:
     """Per (call, token): whether the two runs chose the same expert set; the reference run's
     k-th/(k+1)-th gap where they differ, against all gaps."""
@@ -236,7 +300,7 @@ def routing_agreement(a: RouterProbe, b: RouterProbe, gaps_ref: list[torch.Tenso
 def margins(a, b, ref) -> dict:
     """Per step: the fp32 reference's top-2 logit margin, and the bf16 noise there (the larger
     of the two bf16 runs' max |logit - reference|); argmax agreement of a and b on the steps
-    whose margin exceeds twice that noise (the steps bf16 can decide)."""
+    whose margin exceeds twice that noise (the steps bf16 can decide), and where they disagree."""
     rows, decidable, agree_dec = [], 0, 0
     for x, y, r in zip(a, b, ref, strict=True):
         top = r.topk(2).values
@@ -253,17 +317,22 @@ def margins(a, b, ref) -> dict:
         "decidable_steps": decidable,
         "argmax_agree_on_decidable": agree_dec / decidable if decidable else None,
         "disagreeing_steps": disagree,
+        "disagreeing_margin_max": max((r["margin"] for r in disagree), default=None),
         "median_margin": sorted(r["margin"] for r in rows)[len(rows) // 2],
         "median_noise": sorted(r["noise"] for r in rows)[len(rows) // 2],
     }
 
 
-def model_check(layers: int, n_prefill: int, steps: int, preset: str, dev: str) -> dict:
+def model_check(
+    layers: int, n_prefill: int, steps: int, n_prompts: int, preset: str, dev: str
+) -> dict:
     """The fused path against the PyTorch path on ``layers`` layers of the geometry (routers in
-    fp32, as built for serving), both bf16 and held to the same weights in fp32 (PyTorch path):
-    logits, argmax, the routers' choices and their margins; then again with every run's experts
-    forced to the fp32 run's choices; then CUDA-graph decode against eager and the engine's greedy
-    tokens with and without graphs."""
+    fp32, as built for serving), both bf16 and held to the same weights in fp32 (PyTorch path),
+    over ``n_prompts`` random prompts of ``n_prefill`` tokens, each followed by ``steps``
+    teacher-forced decode steps: logits, argmax, the routers' choices and their margins; then
+    again with every run's experts forced to the fp32 run's choices, with the default precision
+    (fp32 residual stream and logits) and the legacy one (both in bf16); then CUDA-graph decode
+    against eager (first prompt) and the engine's greedy tokens with and without graphs."""
     base = PRESETS[preset]
     cfg = dataclasses.replace(
         base, num_hidden_layers=layers, full_attn_layers=(3,), name=f"kimi-48b-{layers}l"
@@ -276,42 +345,59 @@ def model_check(layers: int, n_prefill: int, steps: int, preset: str, dev: str) 
         sd = model.state_dict()
         for k, a in model32.state_dict().items():
             a.copy_(sd[k])
-    toks = [(13 * i + 5) % 250 for i in range(n_prefill + steps)]
-    res: dict = {"layers": layers, "kinds": cfg.layer_kinds, "prefill": n_prefill, "steps": steps}
+    del sd
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(0, cfg.vocab_size, (n_prefill + steps,), generator=g).tolist()
+        for _ in range(n_prompts)
+    ]
+    res: dict = {
+        "layers": layers,
+        "kinds": cfg.layer_kinds,
+        "prompts": n_prompts,
+        "prefill": n_prefill,
+        "steps": steps,
+        "logit_vectors": n_prompts * (steps + 1),
+    }
     t0 = time.time()
-    ref32, p32 = probed_logits(model32, toks, n_prefill, False)
+    ref32, p32 = run_prompts(model32, prompts, n_prefill, False)
     del model32
     torch.cuda.empty_cache() if dev == "cuda" else None
-    ref, pt = probed_logits(model, toks, n_prefill, False)
-    fused, pf = probed_logits(model, toks, n_prefill, True)
-    res["fused_vs_torch_path"] = compare(fused, ref)
-    res["fused_bf16_vs_fp32_reference"] = compare(fused, ref32)
-    res["torch_path_bf16_vs_fp32_reference"] = compare(ref, ref32)
+    ref, pt = run_prompts(model, prompts, n_prefill, False)
+    fused, pf = run_prompts(model, prompts, n_prefill, True)
+    res["fused_vs_torch_path"] = pooled(fused, ref)
+    res["fused_bf16_vs_fp32_reference"] = pooled(fused, ref32)
+    res["torch_path_bf16_vs_fp32_reference"] = pooled(ref, ref32)
     res["routing_fused_vs_torch_path"] = routing_agreement(pf, pt, p32.gaps)
     res["routing_fused_vs_fp32"] = routing_agreement(pf, p32, p32.gaps)
     res["routing_torch_path_vs_fp32"] = routing_agreement(pt, p32, p32.gaps)
-    res["margins_fused_vs_torch_path"] = margins(fused, ref, ref32)
+    res["margins_fused_vs_torch_path"] = margins(flat(fused), flat(ref), flat(ref32))
     res["seconds_unforced"] = time.time() - t0
     print(json.dumps(res), flush=True)
     # the same experts everywhere (the fp32 run's): what is left is the kernels' arithmetic
-    ref_f, _ = probed_logits(model, toks, n_prefill, False, forced=p32.ids)
-    fused_f, _ = probed_logits(model, toks, n_prefill, True, forced=p32.ids)
-    res["forced_routing"] = {
-        "fused_vs_torch_path": compare(fused_f, ref_f),
-        "fused_bf16_vs_fp32_reference": compare(fused_f, ref32),
-        "torch_path_bf16_vs_fp32_reference": compare(ref_f, ref32),
-        "margins_fused_vs_torch_path": margins(fused_f, ref_f, ref32),
-    }
-    print(json.dumps({"forced_routing": res["forced_routing"]}), flush=True)
+    for legacy in (False, True):
+        set_precision(model, legacy)
+        ref_f, _ = run_prompts(model, prompts, n_prefill, False, forced=p32)
+        fused_f, _ = run_prompts(model, prompts, n_prefill, True, forced=p32)
+        key = "forced_routing_legacy_precision" if legacy else "forced_routing"
+        res[key] = {
+            "fused_vs_torch_path": pooled(fused_f, ref_f),
+            "fused_bf16_vs_fp32_reference": pooled(fused_f, ref32),
+            "torch_path_bf16_vs_fp32_reference": pooled(ref_f, ref32),
+            "margins_fused_vs_torch_path": margins(flat(fused_f), flat(ref_f), flat(ref32)),
+        }
+        print(json.dumps({key: res[key]}), flush=True)
+    set_precision(model, False)
+    toks = prompts[0]
     graphs = forced_logits(model, toks, n_prefill, True, graphs=True)
     static = forced_logits(model, toks, n_prefill, True, static=True)
     res["graphs_vs_static_eager"] = compare(graphs, static)
-    res["graphs_vs_fused_eager"] = compare(graphs, fused)
+    res["graphs_vs_fused_eager"] = compare(graphs, fused[0])
     print(json.dumps({"graphs_vs_static_eager": res["graphs_vs_static_eager"]}), flush=True)
-    prompts = [[(7 * i + 3 * b) % 250 for i in range(100 + 37 * b)] for b in range(4)]
+    eng_prompts = [[(7 * i + 3 * b) % 250 for i in range(100 + 37 * b)] for b in range(4)]
     with torch.inference_mode():
-        a, na = engine_tokens(model, True, prompts, 24)
-        b, nb = engine_tokens(model, False, prompts, 24)
+        a, na = engine_tokens(model, True, eng_prompts, 24)
+        b, nb = engine_tokens(model, False, eng_prompts, 24)
     res["engine_greedy_graphs_equal_eager"] = a == b
     res["engine_graph_steps"] = na
     res["engine_tokens_graphs_first"] = [t[:8] for t in a]
@@ -326,7 +412,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 32, 128, 1024, 32768])
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--prefill", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=128, help="decode steps per prompt")
+    ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--preset", default="kimi-linear-48b", help="tiny: a CPU dry run")
     ap.add_argument("--device", default="cuda")
@@ -346,7 +433,9 @@ def main() -> int:
 
     save()
     if not args.skip_model:
-        res["model"] = model_check(args.layers, args.prefill, args.steps, args.preset, dev)
+        res["model"] = model_check(
+            args.layers, args.prefill, args.steps, args.prompts, args.preset, dev
+        )
     print(json.dumps(res))
     save()
     return 0

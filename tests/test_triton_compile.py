@@ -132,6 +132,7 @@ def _ops_calls() -> None:
     w = torch.randn(96, generator=g).to(bf)
     triton_ops.rms_norm(x, w, 1e-5)
     triton_ops.rms_norm(x, w, 1e-5, residual=x)
+    triton_ops.rms_norm(x.float(), w, 1e-5, residual=x, out_dtype=bf)  # fp32 residual
     triton_ops.rms_norm_gated(x, x, w, 1e-5, bf)
     triton_ops.silu_mul(torch.randn(5, 2 * 96, generator=g).to(bf))
     triton_ops.silu_mul(torch.randn(5, 2 * 96, generator=g).to(bf), row_scale=torch.rand(5))

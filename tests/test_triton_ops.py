@@ -44,6 +44,28 @@ def test_rms_norm_matches_module(dtype, with_residual):
     torch.testing.assert_close(y, want, rtol=tol, atol=tol)
 
 
+def test_rms_norm_fp32_residual_stream():
+    """The decoder's residual stream in fp32 with bf16 layer outputs: the sum is exact in fp32
+    (no rounding to bf16), the normalised output is bf16, as the module computes them."""
+    g = torch.Generator().manual_seed(3)
+    D = 96
+    norm = RMSNorm(D, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    w = norm.weight.to(torch.bfloat16)
+    x = torch.randn(7, D, generator=g)  # fp32, not representable in bf16
+    delta = torch.randn(7, D, generator=g).to(torch.bfloat16)
+    y, s = triton_ops.rms_norm(x, w, 1e-6, delta, out_dtype=torch.bfloat16)
+    assert s.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert torch.equal(s, x + delta.float())
+    want_s, want = norm.to(torch.bfloat16).add_forward(x, delta, torch.bfloat16)
+    assert torch.equal(want_s, s)
+    torch.testing.assert_close(y, want, rtol=1e-2, atol=1e-2)
+    y0, s0 = triton_ops.rms_norm(x, w, 1e-6, out_dtype=torch.bfloat16)
+    assert s0 is x and y0.dtype == torch.bfloat16
+    torch.testing.assert_close(y0, norm.to(torch.bfloat16)(x, torch.bfloat16), rtol=1e-2, atol=1e-2)
+
+
 def test_rms_norm_strided_rows():
     g = torch.Generator().manual_seed(1)
     big = torch.randn(5, 80, generator=g)
@@ -132,4 +154,21 @@ def test_causal_conv_matches_kda_conv(n, with_state):
     assert y.shape == (3, B, n, W) and y.is_contiguous()
     got = y.permute(1, 2, 0, 3).reshape(B, n, 3 * W)
     torch.testing.assert_close(got, want_y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fin, want_st)
+
+
+def test_bf16_kda_conv_rounds_once_as_the_kernel():
+    """In bf16 the PyTorch path's conv sums in fp32 and rounds its SiLU output once, as the
+    kernel does: within one bf16 step of the kernel (the interpreter narrows by truncation)."""
+    model = build_model("tiny", seed=0).to(torch.bfloat16)
+    attn = next(m.self_attn for m in model.model.layers if m.kind == "kda")
+    W, k = attn.W, attn.kernel
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 33, 3 * W, generator=g).bfloat16()
+    state = torch.randn(2, 3 * W, k - 1, generator=g).bfloat16()
+    want_y, want_st = attn._conv(x, state)
+    y, fin = triton_ops.causal_conv(x, attn._conv_weight(), state, parts=3)
+    got = y.permute(1, 2, 0, 3).reshape(2, 33, 3 * W)
+    assert want_y.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want_y.float(), rtol=2**-7, atol=1e-6)
     assert torch.equal(fin, want_st)

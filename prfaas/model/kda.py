@@ -60,15 +60,18 @@ class KDAAttention(nn.Module):
         return stacked_weight(self._fused_conv, tuple(c.weight for c in convs))[:, 0]
 
     def _conv(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv of q|k|v with carried state. x (B, n, 3W), state (B, 3W, k-1)."""
+        """Causal depthwise conv of q|k|v with carried state, then SiLU. x (B, n, 3W), state
+        (B, 3W, k-1). The products, sums and SiLU in fp32, the output rounded once to x's dtype
+        (as the fused kernels compute it); the new state holds the inputs in x's dtype."""
         xt = torch.cat([state.to(x.dtype), x.transpose(1, 2)], -1)  # (B, 3W, k-1+n)
         n = x.shape[1]
-        w = self._conv_weight().to(x.dtype)  # (3W, k)
+        w = self._conv_weight().float()  # (3W, k)
+        xf = xt.float()
         # depthwise causal conv as k shifted multiply-adds (much faster than conv1d for k = 4)
-        y = xt[..., 0:n] * w[:, 0, None]
+        y = xf[..., 0:n] * w[:, 0, None]
         for j in range(1, self.kernel):
-            y = y + xt[..., j : j + n] * w[:, j, None]
-        return F.silu(y).transpose(1, 2), xt[..., -(self.kernel - 1) :]
+            y = y + xf[..., j : j + n] * w[:, j, None]
+        return F.silu(y).to(x.dtype).transpose(1, 2), xt[..., -(self.kernel - 1) :]
 
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None, conv_state: torch.Tensor | None
@@ -92,15 +95,9 @@ class KDAAttention(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(g.view(B, n, self.H, self.D))
         beta = torch.sigmoid(bb.float())
         fn = kda_ops.kda_decode if n == 1 else kda_ops.kda_prefill
-        o, new_state = fn(
-            q.to(v.dtype),
-            k.to(v.dtype),
-            v,
-            g,
-            beta.to(v.dtype),
-            scale=self.scale,
-            initial_state=state,
-        )
+        # normalised q, k and beta stay fp32 (the fused kernels normalise and take the sigmoid
+        # inside, in fp32); the recurrence computes in fp32 and returns o in v's dtype
+        o, new_state = fn(q, k, v, g, beta, scale=self.scale, initial_state=state)
         of = self.o_norm(o.float())
         gate = self.g_b_proj(ga).view(B, n, self.H, self.D)
         of = of * torch.sigmoid(gate.float())

@@ -349,7 +349,7 @@ def _call_fla(
         kf,
         vf,
         gf,
-        beta.contiguous(),
+        beta.to(v.dtype).contiguous(),
         scale=float(scale),
         initial_state=h0,
         output_final_state=True,

@@ -31,30 +31,72 @@ def stacked_weight(cache: dict, weights: tuple[torch.Tensor, ...]) -> torch.Tens
     return cache["w"]
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` in fp32, rounded once to gate's dtype (what
+    ``triton_ops.silu_mul`` and the fused MoE kernels compute)."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm in fp32 arithmetic. The decoder's norms take the residual stream (fp32, see
+    ``HybridForCausalLM.residual_dtype``) and hand the layers their input in the weights' dtype
+    (``out_dtype``)."""
+
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``norm(x) * weight`` as ``out_dtype`` (default x's dtype)."""
+        dtype = out_dtype or x.dtype
         if triton_ops.enabled(x):
-            return triton_ops.rms_norm(x, self.weight, self.eps)[0]
-        dtype = x.dtype
+            return triton_ops.rms_norm(x, self.weight, self.eps, out_dtype=dtype)[0]
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x * self.weight.float()).to(dtype)
 
     def add_forward(
-        self, x: torch.Tensor, delta: torch.Tensor
+        self, x: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + delta, norm(x + delta))``: the residual add and the norm after it (one kernel on
-        the GPU)."""
+        the GPU). The sum is computed in fp32 and kept in x's dtype (the residual stream's), the
+        norm's output is ``out_dtype`` (default x's dtype)."""
         if triton_ops.enabled(x):
-            y, s = triton_ops.rms_norm(x, self.weight, self.eps, residual=delta)
+            y, s = triton_ops.rms_norm(
+                x, self.weight, self.eps, residual=delta, out_dtype=out_dtype
+            )
             return s, y
-        s = x + delta
-        return s, self(s)
+        s = (x.float() + delta.float()).to(x.dtype)
+        return s, self(s, out_dtype)
+
+
+LOGITS_CHUNK = 16384  # vocabulary rows per fp32 GEMM where the weight is upcast (CPU)
+_mm_out_dtype_ok: dict[torch.device, bool] = {}
+
+
+def linear_fp32_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (x (N, h) and weight (V, h) in one dtype) as fp32, never rounded to a
+    16-bit dtype: the logits of a bf16 model keep the fp32 accumulator's precision (a bf16 logit
+    of magnitude 4 is only known to 0.016, as much as the margin between the top two tokens of
+    a flat distribution). On CUDA one cuBLAS GEMM with fp32 output (``torch.mm(...,
+    out_dtype=torch.float32)``; the output is written once in fp32 instead of written in bf16
+    and copied to fp32); elsewhere fp32 GEMMs over ``LOGITS_CHUNK`` rows of the weight upcast at
+    a time (the same products and fp32 sums)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.linear(x, weight)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and x.dtype == weight.dtype and _mm_out_dtype_ok.get(x.device, True):
+        try:
+            out = torch.mm(x2, weight.t(), out_dtype=torch.float32)
+            return out.view(*x.shape[:-1], weight.shape[0])
+        except (RuntimeError, TypeError):  # a torch without the fp32-output GEMM
+            _mm_out_dtype_ok[x.device] = False
+    if x.is_cuda:  # no cheap exact way: the dtype's GEMM, its output upcast
+        return F.linear(x, weight.to(x.dtype)).float()
+    xf = x2.float()
+    out = torch.cat([F.linear(xf, w.float()) for w in weight.split(LOGITS_CHUNK)], -1)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class DenseMLP(nn.Module):
@@ -81,7 +123,7 @@ class DenseMLP(nn.Module):
         if triton_ops.enabled(x):  # one GEMM for gate|up, one kernel for silu(gate) * up
             w = stacked_weight(self._gate_up, (self.gate_proj.weight, self.up_proj.weight))
             return self.down_proj(triton_ops.silu_mul(F.linear(x, w)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Expert(nn.Module):
@@ -94,7 +136,7 @@ class Expert(nn.Module):
         self.w3 = nn.Linear(hidden, inter, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
 
 
 class MoEGate(nn.Module):

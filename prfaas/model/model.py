@@ -20,7 +20,7 @@ from prfaas.model.batch import CacheTensors, SeqInput
 from prfaas.model.config import ModelConfig
 from prfaas.model.init_values import init_value
 from prfaas.model.kda import KDAAttention
-from prfaas.model.layers import DenseMLP, RMSNorm, SparseMoE
+from prfaas.model.layers import DenseMLP, RMSNorm, SparseMoE, linear_fp32_out
 from prfaas.model.mla import MLAAttention
 from prfaas.model.tp.group import TPGroup
 from prfaas.model.tp.shard import kv_geometry
@@ -56,17 +56,19 @@ class DecoderLayer(nn.Module):
         """The MLP (or MoE) of the already normalised h, without the residual."""
         return self.block_sparse_moe(h) if hasattr(self, "block_sparse_moe") else self.mlp(h)
 
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp_out(self.post_attention_layernorm(x))
+    def ffn(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x + mlp(norm(x))``, the MLP's input in ``dtype`` (default x's)."""
+        return x + self.mlp_out(self.post_attention_layernorm(x, dtype))
 
     def input_norm(
-        self, x: torch.Tensor, delta: torch.Tensor | None
+        self, x: torch.Tensor, delta: torch.Tensor | None, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x + delta, input_layernorm(x + delta))``: the previous layer's MLP residual fused
-        with this layer's norm (``delta`` None: x as it is)."""
+        with this layer's norm (``delta`` None: x as it is); the norm's output in ``dtype``
+        (default x's), the sum in x's dtype."""
         if delta is None:
-            return x, self.input_layernorm(x)
-        return self.input_layernorm.add_forward(x, delta)
+            return x, self.input_layernorm(x, dtype)
+        return self.input_layernorm.add_forward(x, delta, dtype)
 
 
 class _Backbone(nn.Module):
@@ -82,7 +84,20 @@ class _Backbone(nn.Module):
 class HybridForCausalLM(nn.Module):
     """``tp`` (a ``TPGroup`` of size > 1): the model of one tensor-parallel rank (its heads,
     MLP width and experts: :mod:`prfaas.model.tp.shard`); ``config`` stays the whole model's and
-    ``kv_geometry`` is the geometry of the rank's cache tensors (``config`` without tp)."""
+    ``kv_geometry`` is the geometry of the rank's cache tensors (``config`` without tp).
+
+    Precision: the layers compute in the weights' dtype (bf16 when served), but the residual
+    stream (embeddings plus every layer's output) is summed and carried in ``residual_dtype``
+    (fp32 by default; the norms read it and hand each layer its input in the weights' dtype), and
+    the logits come from a GEMM with fp32 output (``fp32_logits``). Both keep 16-bit rounding off
+    what decides the next token for a few bytes per token: with a bf16 stream each of the 2 adds
+    per layer rounds the sum, and a bf16 logit near 4 is known only to 0.016."""
+
+    #: dtype of the residual stream; None: the weights' dtype (what transformers' kimi_linear
+    #: does). Never narrower than the weights' dtype.
+    residual_dtype: torch.dtype | None = torch.float32
+    #: logits from an fp32-output GEMM; False: the weights' dtype, then widened to fp32
+    fp32_logits: bool = True
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
@@ -119,19 +134,34 @@ class HybridForCausalLM(nn.Module):
             del vals
         return self
 
+    # ----- precision ----------------------------------------------------------------------------
+    def dtypes(self) -> tuple[torch.dtype, torch.dtype]:
+        """(the layers' compute dtype: the weights', the residual stream's dtype)."""
+        cdt = self.model.embed_tokens.weight.dtype
+        if self.residual_dtype is None:
+            return cdt, cdt
+        return cdt, torch.promote_types(cdt, self.residual_dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm's output h (N, hidden) -> (N, vocab) fp32 logits."""
+        if self.fp32_logits:
+            return linear_fp32_out(h, self.lm_head.weight)
+        return self.lm_head(h).float()
+
     # ----- cache-free reference -----------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), no cache (every sequence from position 0)."""
-        x = self.model.embed_tokens(input_ids)
+        cdt, rdt = self.dtypes()
+        x = self.model.embed_tokens(input_ids).to(rdt)
         B, T, _ = x.shape
         for layer in self.model.layers:
-            h = layer.input_layernorm(x)
+            h = layer.input_layernorm(x, cdt)
             if layer.kind == "kda":
                 a, _, _ = layer.self_attn(h, None, None)
             else:
                 a = torch.stack([layer.self_attn.forward_full(h[b]) for b in range(B)])
-            x = layer.ffn(x + a)
-        return self.lm_head(self.model.norm(x)).float()
+            x = layer.ffn(x + a, cdt)
+        return self.logits(self.model.norm(x, cdt))
 
     # ----- one engine step ----------------------------------------------------------------------
     def step(
@@ -201,7 +231,8 @@ class HybridForCausalLM(nn.Module):
             dec_len, dec_rows, dec_idx = moved[m], moved[m + 1].view(len(dec), -1), moved[m + 2]
             dec_slots = slots[dec_idx.new_tensor(dec)]
             dec_pos = dec_len - 1
-        x = self.model.embed_tokens(tokens)
+        cdt, rdt = self.dtypes()
+        x = self.model.embed_tokens(tokens).to(rdt)
         if fused:
             dec_valid = torch.ones_like(dec_slots)
             dec_cu = torch.arange(len(dec) + 1, device=dev)
@@ -209,7 +240,7 @@ class HybridForCausalLM(nn.Module):
         delta = None
         whole = not dec and len(pre) == 1  # one prefill: its outputs are the layer's outputs
         for li, layer in enumerate(self.model.layers):
-            x, h = layer.input_norm(x, delta)
+            x, h = layer.input_norm(x, delta, cdt)
             out = torch.empty_like(h) if pre and not whole else None
             ki = self._kind_index[li]
             attn = layer.self_attn
@@ -268,9 +299,9 @@ class HybridForCausalLM(nn.Module):
                         out[offs[i] : offs[i + 1]] = o
             if layer_callback is not None:
                 layer_callback(li)
-            x, h = layer.post_attention_layernorm.add_forward(x, out)
+            x, h = layer.post_attention_layernorm.add_forward(x, out, cdt)
             delta = layer.mlp_out(h)
-        return self.lm_head(self.model.norm((x + delta)[last])).float()
+        return self.logits(self.model.norm((x + delta)[last], cdt))
 
     # ----- decode with static shapes (CUDA-graph capturable) -----------------------------------
     def decode(self, b: DecodeBatch, cache: CacheTensors) -> torch.Tensor:
@@ -278,7 +309,8 @@ class HybridForCausalLM(nn.Module):
         can be captured in a CUDA graph (MoE layers too: on CUDA they run ``moe_ops``, which never
         syncs; the CPU reference loop does). Computes what
         ``step`` computes for decode rows. Returns (B, vocab) fp32 logits."""
-        x = self.model.embed_tokens(b.tokens)
+        cdt, rdt = self.dtypes()
+        x = self.model.embed_tokens(b.tokens).to(rdt)
         pos = b.lengths - 1
         keep = b.valid.bool()[:, None]
         bs = cache.block_size
@@ -290,7 +322,7 @@ class HybridForCausalLM(nn.Module):
             cu = F.pad(b.valid.cumsum(0), (1, 0))
         delta = None
         for li, layer in enumerate(self.model.layers):
-            x, h = layer.input_norm(x, delta)
+            x, h = layer.input_norm(x, delta, cdt)
             ki = self._kind_index[li]
             attn = layer.self_attn
             if layer.kind == "kda" and fused:
@@ -313,9 +345,9 @@ class HybridForCausalLM(nn.Module):
                 else:
                     o = attn.attend_absorbed(q_nope, q_pe, flat[rows], b.lengths)
                 out = attn.o_proj(o.to(h.dtype))
-            x, h = layer.post_attention_layernorm.add_forward(x, out)
+            x, h = layer.post_attention_layernorm.add_forward(x, out, cdt)
             delta = layer.mlp_out(h)
-        return self.lm_head(self.model.norm.add_forward(x, delta)[1]).float()
+        return self.logits(self.model.norm.add_forward(x, delta, cdt)[1])
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

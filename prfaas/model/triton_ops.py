@@ -64,18 +64,20 @@ if triton is not None:
         D,
         eps,
         HAS_RES: tl.constexpr,
+        ROUND_SUM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < D
-        x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0)
+        xf = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(res_ptr + row * stride_r + cols, mask=m, other=0.0)
-            # the residual stream keeps the input dtype, as the unfused ``x + out`` does
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype, fp_downcast_rounding="rtne")
-            tl.store(sum_ptr + row * D + cols, x, mask=m)
-        xf = x.to(tl.float32)
+            # the sum in fp32, kept in x's dtype (the residual stream's), as the unfused add does
+            xf = xf + r.to(tl.float32)
+            if ROUND_SUM:  # a 16-bit residual stream: the norm reads the rounded sum
+                xf = xf.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+            tl.store(sum_ptr + row * D + cols, xf.to(sum_ptr.dtype.element_ty), mask=m)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / D + eps)
         w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * D + cols, (xf * rstd * w).to(y_ptr.dtype.element_ty), mask=m)
@@ -210,17 +212,22 @@ if triton is not None:
 
 
 def rms_norm(
-    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+    x: Tensor,
+    weight: Tensor,
+    eps: float,
+    residual: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(norm(s) * weight, s)`` with ``s = x + residual`` (or ``x``), over the last dim; the
-    normalised output and the sum have x's dtype."""
+    """``(norm(s) * weight, s)`` with ``s = x + residual`` (or ``x``), over the last dim. The sum
+    is computed in fp32 and has x's dtype (the residual stream's: fp32, or the model's 16-bit
+    dtype, rounded to nearest even); the normalised output has ``out_dtype`` (default x's)."""
     _require()
     shape, D = x.shape, x.shape[-1]
     x2 = _rows(x)
-    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
     if residual is not None:
         r2 = _rows(residual)
-        s = torch.empty_like(y)
+        s = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     else:
         r2, s = x2, x
     if x2.shape[0]:
@@ -235,6 +242,7 @@ def rms_norm(
             D,
             eps,
             HAS_RES=residual is not None,
+            ROUND_SUM=x.dtype != torch.float32,
             BLOCK=triton.next_power_of_2(D),
             num_warps=4 if D <= 4096 else 8,
         )
