@@ -97,8 +97,23 @@ def load_checkpoint(
         if src in where:
             where["lm_head.weight"], shapes["lm_head.weight"] = where[src], shapes[src]
             ck_dtype["lm_head.weight"] = ck_dtype[src]
-    with torch.device("meta"):
-        expected = HybridForCausalLM(cfg).state_dict()
+
+    def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
+        src = ck_dtype.get(name)
+        if src is None:  # not in the checkpoint: refused below
+            return dtype or p.dtype
+        if dtype is None or not src.is_floating_point:
+            return src
+        return torch.float32 if keeps_fp32(name) else dtype
+
+    rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
+    model = None
+    if size == 1:  # the allocated model's own names and shapes (one module tree built, not two)
+        model = empty_model(cfg, device, dtype_of)
+        expected = model.state_dict()
+    else:  # the whole model's names, which the checkpoint holds
+        with torch.device("meta"):
+            expected = HybridForCausalLM(cfg).state_dict()
     missing = sorted(set(expected) - set(where))
     unexpected = sorted(set(where) - set(expected))
     if missing or unexpected:
@@ -110,16 +125,9 @@ def load_checkpoint(
     for k, t in expected.items():
         if shapes[k] != tuple(t.shape):
             raise ValueError(f"{k}: checkpoint shape {shapes[k]} != {tuple(t.shape)}")
-
-    def dtype_of(name: str, p: torch.Tensor) -> torch.dtype:
-        src = ck_dtype[name]
-        if dtype is None or not src.is_floating_point:
-            return src
-        return torch.float32 if keeps_fp32(name) else dtype
-
-    model = empty_model(cfg, device, dtype_of, tp)
+    if model is None:
+        model = empty_model(cfg, device, dtype_of, tp)
     params = dict(model.named_parameters(remove_duplicate=False))
-    rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
     with torch.no_grad():
         if size == 1:
             staging = _Staging(torch.device(device))
