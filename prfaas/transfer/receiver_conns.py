@@ -205,7 +205,8 @@ class ConnectionLoop:
                 n = self._recv_into(conn, conn.dst[conn.dst_got :], want)
                 if n is None:
                     return
-                conn.hasher.update(conn.dst[conn.dst_got : conn.dst_got + n])  # still in cache
+                if conn.hasher is not None:  # else the verifier thread hashes the layer
+                    conn.hasher.update(conn.dst[conn.dst_got : conn.dst_got + n])
                 conn.dst_got += n
                 budget -= n
                 left = len(conn.dst) - conn.dst_got
@@ -410,7 +411,7 @@ class ConnectionLoop:
         conn.data = (asm, layer, ti, off, n, digest)
         conn.dst = asm.view[off0 : off0 + n]
         conn.dst_got = 0
-        conn.hasher = xxhash.xxh3_64()
+        conn.hasher = xxhash.xxh3_64() if self._verifies_inline() else None
         if n >= _LOWAT_FROM:  # wake when a big piece of the slice is in, not for every segment
             self._set_lowat(conn, min(n, _LOWAT))
         if n == 0:
@@ -425,7 +426,8 @@ class ConnectionLoop:
     def _data_done(self, conn: Conn) -> None:
         asm, layer, ti, off, n, digest = conn.data  # type: ignore[misc]
         conn.data = None
-        ok, conn.hasher = conn.hasher.intdigest() == digest, None
+        ok = conn.hasher is None or conn.hasher.intdigest() == digest
+        conn.hasher = None
         wh = asm.wh
         assert conn.session is not None
         if not ok:
