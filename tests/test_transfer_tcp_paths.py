@@ -9,6 +9,7 @@ it for a slice's last bytes and the next frame: slices of every size around it m
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -138,3 +139,26 @@ def test_layers_verified_on_the_verifier_thread(pair, header_checksums) -> None:
         _same(ex, d.export)
         d.release()
     assert sorted(layers) == sorted((li, "rx-verify") for li in range(4) for _ in range(2))
+
+
+def test_gathering_while_other_threads_queue(pair) -> None:
+    """The I/O thread gathers and prepares (hashes, GIL released) queued frames while the
+    dispatcher appends to the same queue, GIL switches forced every microsecond: no 'deque
+    mutated during iteration' (the I/O thread would die and the stream hang)."""
+    rx, tx = pair(connections=1, slice_bytes=128 << 10)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        exports = [random_export(LAYOUT, f"g{i}", 0, 3000 + i, seed=i) for i in range(4)]
+        streams = [tx.send_export(rx.address, ex) for ex in exports]
+        for st in streams:
+            st.wait(60)
+    finally:
+        sys.setswitchinterval(old)
+    got = {}
+    for _ in exports:
+        d = rx.deliveries.get(timeout=30)
+        assert isinstance(d, Delivery), d
+        got[d.export.header.request_id] = d
+    for ex in exports:
+        _same(ex, got[ex.header.request_id].export)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 _IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
 _GATHER_BYTES = 8 << 20  # frames gathered into one sendmsg (more than a socket buffer holds)
+_GATHER_PREPARED = 256 << 10  # frames up to this size are prepared and gathered behind the head
 _WRITE_BURST = 64 << 20  # bytes written to one connection before the loop looks at the others
 
 
@@ -280,16 +281,20 @@ class PeerSession:
                     continue
                 if not self._start(item):
                     return True  # waits on another connection's frames
-            # gather the head frame and the due frames behind it into one sendmsg; a frame that
-            # must be prepared (a slice hashed) only at the head, so its bytes are still in
-            # cache when the kernel copies them
+            # gather the head frame and the due frames behind it into one sendmsg; a big frame
+            # that must be prepared (a slice hashed) waits to be the head, so its bytes are still
+            # in cache when the kernel copies them; small ones (COMMITs, small slices) join in
             bufs: list[memoryview] = []
             gathered = 0
-            for it in itertools.islice(q, 0, 64):
+            # a snapshot: other threads append to the deque (and a hash releases the GIL), and
+            # a deque changed under its iterator raises
+            for it in list(itertools.islice(q, 0, 64)):
                 if not it.started:
                     if (it.due is not None and it.due > now) or self._dropped(it):
                         break
-                    if it.prepare is not None or not self._start(it):
+                    if it.prepare is not None and it.nbytes > _GATHER_PREPARED:
+                        break
+                    if not self._start(it):
                         break
                 bufs.extend(it.buffers)
                 gathered += it.nbytes
