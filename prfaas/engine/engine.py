@@ -161,13 +161,14 @@ class LLMEngine:
         """Hold a request whose prompt's KV another node computes (decode or mixed role). Returns
         the prompt tokens this node already holds in its prefix cache (block aligned, at most
         ``len(prompt) - 1``): the KV to send starts there. The request holds no cache until
-        ``import_kv``; it ends after ``timeout_s`` without its KV (finish reason ``error``) or on
-        ``abort``, reported as an output like any other. ValueError on bad input."""
+        ``import_kv`` but the blocks of that prefix, held meanwhile (so that the KV sent from
+        there still fits when it arrives); it ends after ``timeout_s`` without its KV (finish
+        reason ``error``) or on ``abort``, reported as an output like any other. ValueError on
+        bad input."""
         if self.config.role == "prefill":
             raise ValueError("a prefill-role engine cannot import requests")
         req = self._new_request(prompt, params, request_id)
-        self.scheduler.expect_kv(req, timeout_s)
-        return self.cache.match(req.prompt, need_state=False, max_tokens=len(prompt) - 1).num_tokens
+        return self.scheduler.expect_kv(req, timeout_s)
 
     def import_kv(self, exp: KVExport, on_done: ImportDone | None = None) -> None:
         """The KV of a request held by ``expect_kv`` (matched by the header's request id). Checked
