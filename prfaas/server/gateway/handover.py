@@ -4,9 +4,12 @@ stream (``DecodeStream``), the prefill on the chosen prefill node with retries o
 
 Per request: the decode stream opens first (the decode node answers ``ready`` with the prefix it
 holds, ``token_start``), then the prefill node prefills and ships the KV from ``token_start``, then
-the decode node reports ``kv`` (imported) and streams ``token`` events.  A prefill that fails marks
-its node down and the policy decides again (which falls back to PD-P); a ``kv_error`` with a
-decode-side prefix resends everything from token 0.
+the decode node reports ``kv`` (imported) and streams ``token`` events.  A prefill that fails is
+retried where the policy decides next among the nodes this request has not tried (which falls back
+to PD-P): a node that did not answer is marked down; one that answered with an error (that
+request's failure: its transfer, its input) stays up for the others, unless it failed several
+prefills in a row (``LiveState.prefill_failed``).  A ``kv_error`` with a decode-side prefix resends
+everything from token 0.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from prfaas.server.protocol import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from prfaas.server.gateway.live_state import LiveState
     from prfaas.server.gateway.router import Router
 
 log = logging.getLogger("prfaas.server.router")
@@ -291,11 +295,21 @@ async def prefill_and_handover(
                 ) from None
             log.warning("prefill on %s failed (%s); deciding again", ep.name, e)
             tried.add(ep.name)
-            live.mark_down(ep.name)
+            if isinstance(e, PrefillFailed):  # the node answered: this request failed there
+                await live.refresh(router.nodes, ep)  # a link it reports cut counts at once
+                if live.prefill_failed(ep.name):
+                    log.warning(
+                        "%s failed %d prefills in a row: down",
+                        ep.name,
+                        live.prefill_failures[ep.name],
+                    )
+            else:  # the node did not answer (refused, timed out, cut off): down until it does
+                live.mark_down(ep.name)
             route.fallback_from.append(ep.name)
             router.metrics.fallbacks.labels(ep.cluster).inc()
-            decision = decide(info)
+            decision = _decide_without(live, decide, info, tried)
             continue
+        live.prefill_ok(ep.name)
         route.timings["prefill_answered"] = time.time()
         if not prefilled:  # the observer: the prefill ended (before its transfer did), and the
             # node answers once its transfer is done: the KV is at the decode node, which admits
@@ -313,6 +327,25 @@ async def prefill_and_handover(
             raise DecodeFailed(f"decode node {route.decode_node}: {msg}", code).api_error()
         break
     _record(router, info, prompt, decision, ep, res, ev, route)
+
+
+def _decide_without(
+    live: LiveState,
+    decide: Callable[[RequestInfo], RouteDecision],
+    info: RequestInfo,
+    tried: set[str],
+) -> RouteDecision:
+    """The policy's next decision for ``info`` among the nodes it has not tried; APIError 503
+    ``prefill_failed`` when none is left."""
+    try:
+        with live.excluding(tried):
+            return decide(info)
+    except APIError as e:
+        if e.code != "no_capacity":
+            raise
+        raise APIError(
+            503, f"prefill failed on {sorted(tried)}", "server_error", code="prefill_failed"
+        ) from None
 
 
 async def _answers(router: Router, ep: NodeEndpoint) -> bool:

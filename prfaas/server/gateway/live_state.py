@@ -7,13 +7,18 @@ source cluster's nodes) for the link capacity estimator.  ``build_state`` is the
 ``SystemState``: the same object the simulator's policy reads.
 
 Polled every ``router.poll_interval_s`` (``poll``); a node that does not answer is down until it
-answers again.
+answers again.  A prefill the node itself reported failed (it answered, with an error) is that
+request's failure: the node stays up, unless ``PREFILL_FAILURE_LIMIT`` of its prefills in a row
+failed (``prefill_failed``; a success resets the count), then it is down until the next poll and
+again after each further failure.  ``excluding(names)`` hides nodes from the decisions made inside it
+(one request's retry avoids the nodes it tried; nobody else is affected).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -26,6 +31,8 @@ from prfaas.server.config import DeployConfig
 from prfaas.server.gateway.metrics import RouterMetrics
 from prfaas.server.gateway.node_client import NodeClient, NodeEndpoint
 from prfaas.server.protocol import NodeState
+
+PREFILL_FAILURE_LIMIT = 3  # prefills in a row a node reported failed before it is taken down
 
 
 class LiveState:
@@ -46,14 +53,47 @@ class LiveState:
         self.links = sched.observer.state.links  # (src, dst) -> LinkState, kept by the observer
         # per link: its source nodes' meters folded into monotone totals (a node may restart)
         self._link_totals: dict[tuple[str, str], LinkCounterFold] = {}
+        self.prefill_failures = dict.fromkeys(self.endpoints, 0)  # consecutive, per node
+        self._excluded: set[str] = set()
 
     def mark_down(self, name: str) -> None:
         self.node_up[name] = False
         self._sync(self.endpoints[name])
 
+    def prefill_ok(self, name: str) -> None:
+        """A prefill on ``name`` succeeded: its count of consecutive failures starts again."""
+        self.prefill_failures[name] = 0
+
+    def prefill_failed(self, name: str) -> bool:
+        """A prefill ``name`` answered with an error (the node is alive): counted; True when
+        it was the ``PREFILL_FAILURE_LIMIT``-th (or later) in a row, and then ``name`` is down."""
+        self.prefill_failures[name] += 1
+        if self.prefill_failures[name] < PREFILL_FAILURE_LIMIT:
+            return False
+        self.mark_down(name)
+        return True
+
+    @contextlib.contextmanager
+    def excluding(self, names: Iterable[str]) -> Iterator[None]:
+        """Within the block (synchronous code only: nothing else runs meanwhile), the nodes
+        ``names`` are unavailable to the policy; afterwards they are as before."""
+        eps = [self.endpoints[n] for n in names]
+        self._excluded.update(e.name for e in eps)
+        try:
+            yield
+        finally:
+            self._excluded.clear()
+            for ep in eps:
+                self._sync(ep)
+
+    async def refresh(self, nodes: NodeClient, ep: NodeEndpoint) -> None:
+        """Poll one node now (after it failed a request: a link it reports cut counts at once)."""
+        await self._poll_one(nodes, ep)
+        self._sync(ep)
+
     def available(self, ep: NodeEndpoint) -> bool:
         """Up, and (a prefill node outside the PD cluster) its link to the PD cluster not cut."""
-        if not self.node_up[ep.name]:
+        if not self.node_up[ep.name] or ep.name in self._excluded:
             return False
         if ep.role == "prefill" and ep.cluster != self.pd:
             st = self.node_state.get(ep.name)

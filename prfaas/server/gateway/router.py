@@ -4,8 +4,10 @@ nodes' control plane (``handover``).
 
 Per request: admission (``Admission``), the decision, the decode stream on the chosen PD-D node
 (another one if it does not answer), then ``prefill_and_handover``; the API reads the tokens from
-the returned ``Generation``.  A prefill that fails (node down, link cut, transfer error) marks that
-node unavailable and the policy decides again, which falls back to PD-P; the client sees no error.
+the returned ``Generation``.  A prefill that fails (node down, link cut, transfer error) is retried
+where the policy decides next among the nodes not tried yet, which falls back to PD-P; the client
+sees no error.  A node that did not answer is marked unavailable; one that reported the failure
+stays available to other requests unless its prefills keep failing (``handover``).
 A decode node that dies ends its own requests with a clear error.
 
 Prefix index: one ``PrefixIndex`` per cluster over the hash chain of the prompt's
