@@ -11,7 +11,7 @@ from pathlib import Path
 
 GB = 1e9
 GIB = 1 << 30
-MEMORY_FS = ("tmpfs", "ramfs")  # filesystems whose files live in host memory
+MEMORY_FS = ("tmpfs", "ramfs", "devtmpfs")  # filesystems whose files live in host memory
 STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
 
 

@@ -26,7 +26,10 @@ One command, three processes:
    RssFile, RssShmem; VmHWM reset before the load; bytes read so far printed every 5 s). Then
    the check: every loaded tensor's digest equal to the writer's, and the prompt's logits
    bit-equal or (failing that) the same greedy tokens; if the forward itself fails, the
-   digests alone decide and the error is reported.
+   digests alone decide and the error is reported. ``--read-configs 8x16 4x64 ...`` sets the
+   loader's reads in flight x MiB per read (``READ_DEPTH`` x ``CHUNK_BYTES``) for this load and
+   loads the same files again, each in a fresh process, with the others (digests checked):
+   load time, read rate (from the bytes-read timeline) and peaks of each, in one table.
 
 Writes ``--out/load_peak_<tag>.{json,md}`` (machine, command, figures, verdict) and deletes every
 file it wrote (and a tmpfs it mounted) at the end, failure or not. Every phase prints progress
@@ -37,7 +40,7 @@ writer whose measured rate says it cannot finish in time.
     # tmpfs mounted for the rest (all in memory: 91.5 GiB of 128, 24 GiB kept free), the disk
     # only if the memory budget runs out
     python3 benchmarks/load_peak.py --dirs /dev/shm/loadpeak tmpfs:/mnt/loadpeak /tmp/loadpeak \
-        --host-mem-gib 128 --tag h200
+        --host-mem-gib 128 --tag h200 [--read-configs 8x16 4x64 16x8 16x4]  # +40 s a config
     # CPU dry run (what the test runs)
     python3 benchmarks/load_peak.py --model tiny --device cpu --dirs /tmp/x --shard-gb 0.001 \
         --out /tmp/x-results --tag cpu
@@ -109,6 +112,19 @@ def read_bytes() -> int:
             if line.startswith("rchar:"):
                 return int(line.split()[1])
     return 0
+
+
+def read_phase(timeline: list[tuple[float, int]], total: int) -> dict:
+    """From a load's (seconds, bytes read) samples: when reading began (the first sample past
+    1% of the bytes; before it the loader builds the model's modules and allocates them) and
+    the read rate between 10% and 90% of the bytes (None where the load was too short)."""
+    start = next((t for t, b in timeline if b > 0.01 * total), None)
+    lo = next(((t, b) for t, b in timeline if b >= 0.1 * total), None)
+    hi = next(((t, b) for t, b in timeline if b >= 0.9 * total), None)
+    rate = None
+    if lo and hi and hi[0] > lo[0]:
+        rate = round((hi[1] - lo[1]) / (hi[0] - lo[0]) / GB, 3)
+    return {"read_start_s": start, "read_gbps": rate}
 
 
 def machine() -> dict:
@@ -348,6 +364,10 @@ def phase_load(state: dict) -> int:
     if dev.type == "cuda":
         torch.cuda.init()
         torch.zeros(1, device=dev)  # the CUDA context is part of the baseline, not of the load
+    rcfg = state.get("read")
+    if rcfg:  # the loader's reads in flight and bytes per read (module settings)
+        checkpoint.READ_DEPTH = rcfg["read_depth"]
+        checkpoint.CHUNK_BYTES = int(rcfg["chunk_mb"] * (1 << 20))
     ck = Path(state["ck_dir"])
     time.sleep(2 * state["sample_ms"] / 1000)
     hwm_reset = reset_hwm()
@@ -358,17 +378,22 @@ def phase_load(state: dict) -> int:
 
     progress = Path(state["result"] + ".progress")
 
+    timeline: list[tuple[float, int]] = []  # (seconds into the load, bytes read)
+
     def heartbeat(read0: int) -> None:
-        """Every 5 s: bytes read so far (/proc/self/io rchar) and the peaks, printed and kept
-        in a file (the orchestrator reports them if this process dies)."""
-        while not done.wait(5.0):
+        """Every second: bytes read so far (/proc/self/io rchar) into the timeline and, with
+        the peaks, into a file (the orchestrator reports it if this process dies); printed
+        every 5 s."""
+        while not done.wait(1.0):
             got, pk = read_bytes() - read0, sampler.peaks()
             el = time.perf_counter() - t0
-            log(
-                "load",
-                f"{got / GB:.1f}/{total / GB:.1f} GB read, {el:.0f} s; "
-                f"peak RssAnon so far {pk['RssAnon'] / GIB:.2f} GiB",
-            )
+            timeline.append((round(el, 2), got))
+            if len(timeline) % 5 == 0:
+                log(
+                    "load",
+                    f"{got / GB:.1f}/{total / GB:.1f} GB read, {el:.0f} s; "
+                    f"peak RssAnon so far {pk['RssAnon'] / GIB:.2f} GiB",
+                )
             with contextlib.suppress(OSError):
                 progress.write_text(json.dumps({"read": got, "seconds": el, "peak": pk}))
 
@@ -393,23 +418,30 @@ def phase_load(state: dict) -> int:
     bad = sorted(k for k, v in ref["digests"].items() if got[k] != v)
     log("load", f"digests: {len(ref['digests']) - len(bad)}/{len(ref['digests'])} tensors equal")
     r = torch.load(ck / "reference.pt")
-    out = run_prompt(model, r["ids"], len(r["tokens"] or []), dev, state["fused_forward"])
+    if not state.get("check_forward", True):  # a further load of a sweep: the weights decide
+        r = {"ids": r["ids"], "logits": None, "tokens": None}
+    out = (
+        run_prompt(model, r["ids"], len(r["tokens"] or []), dev, state["fused_forward"])
+        if r["tokens"] is not None
+        else {"logits": None, "tokens": None, "error": None}
+    )
     logits_equal = max_diff = None
     if out["logits"] is not None and r["logits"] is not None:
         logits_equal = bool(torch.equal(out["logits"], r["logits"]))
         max_diff = float((out["logits"] - r["logits"]).abs().max())
     tokens_equal = out["tokens"] == r["tokens"] if r["tokens"] is not None else None
-    log(
-        "load",
-        f"prompt: logits bit-equal {logits_equal} (max |diff| {max_diff}), greedy "
-        f"{out['tokens']} vs reference {r['tokens']}",
-    )
+    if r["tokens"] is not None:
+        log(
+            "load",
+            f"prompt: logits bit-equal {logits_equal} (max |diff| {max_diff}), greedy "
+            f"{out['tokens']} vs reference {r['tokens']}",
+        )
     sampler.stop()
     # every tensor byte-equal, and the prompt's logits bit-equal or (where they are not: kernels
     # whose reduction order varies) the same greedy tokens; with no forward (an error, reported)
     # the weights alone decide
     ok = not bad and (bool(logits_equal) or bool(tokens_equal))
-    if out["error"] or ref["error"]:
+    if out["error"] or ref["error"] or r["tokens"] is None:
         ok = not bad
     result = {
         "load_s": round(load_s, 3),
@@ -433,6 +465,12 @@ def phase_load(state: dict) -> int:
         "staging_bytes": checkpoint.READ_DEPTH * checkpoint.CHUNK_BYTES
         if dev.type == "cuda"
         else 0,
+        "read_config": {
+            "read_depth": checkpoint.READ_DEPTH,
+            "chunk_mb": checkpoint.CHUNK_BYTES / (1 << 20),
+        },
+        "timeline": timeline,
+        **read_phase(timeline, total),
         "match": ok,
     }
     Path(state["result"]).write_text(json.dumps(result))
@@ -510,6 +548,9 @@ def write_results(out_dir: Path, tag: str, res: dict) -> tuple[Path, Path]:
         lines += [
             f"| load (`build_model(dir, {res['device']}, bfloat16)`) | {ld['load_s']} s, "
             f"{ld['load_gbps']} GB/s |",
+            f"| of which: modules built and allocated, then reading from | "
+            f"{ld.get('read_start_s')} s; reads at {ld.get('read_gbps')} GB/s (10-90% of the "
+            f"bytes; {ld.get('read_config')}) |",
             f"| peak RssAnon during the load | {fmt_gib(pk['RssAnon'])} (baseline "
             f"{fmt_gib(base['RssAnon'])}, +{fmt_gib(over['RssAnon'])}) |",
             f"| peak VmRSS during the load | {fmt_gib(pk['VmRSS'])} (baseline "
@@ -526,8 +567,60 @@ def write_results(out_dir: Path, tag: str, res: dict) -> tuple[Path, Path]:
             f"| greedy tokens equal | {ld['tokens_equal']} ({ld['greedy_tokens']}) |",
         ]
     lines += [f"| whole run | {res.get('total_s')} s |", ""]
+    if res.get("sweep"):
+        lines += [
+            "Further loads of the same files, each in a fresh process, weights checked by digest:",
+            "",
+            "| reads in flight x MiB | load s | GB/s | reads from s | read GB/s | peak RssAnon "
+            "| peak RssShmem | tensors equal |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for sw in res["sweep"]:
+            c = sw["config"]
+            if "load_s" not in sw:
+                lines.append(f"| {c} | {sw.get('error') or sw.get('skipped')} |")
+                continue
+            lines.append(
+                f"| {c['read_depth']} x {c['chunk_mb']:g} | {sw['load_s']} | {sw['load_gbps']} | "
+                f"{sw['read_start_s']} | {sw['read_gbps']} | {fmt_gib(sw['peak']['RssAnon'])} | "
+                f"{fmt_gib(sw['peak']['RssShmem'])} | {sw['digests_equal']}/{sw['digests_total']} |"
+            )
+        lines.append("")
     m.write_text("\n".join(lines))
     return j, m
+
+
+def parse_read_config(s: str) -> dict:
+    """``DEPTHxCHUNK_MB`` (``8x32``): the loader's reads in flight and bytes per read."""
+    depth, mb = s.lower().split("x")
+    return {"read_depth": int(depth), "chunk_mb": float(mb)}
+
+
+def load_once(
+    state: dict, work: Path, name: str, rcfg: dict | None, forward: bool, deadline: float, res: dict
+) -> tuple[dict, int]:
+    """One load of the checkpoint in a fresh process (``rcfg``: its read depth and chunk, else
+    the loader's defaults; ``forward``: also check the prompt's logits and tokens). Returns its
+    result and exit status; a failure (with the loader's last progress) raises PlanError."""
+    st = {**state, "read": rcfg, "check_forward": forward, "result": str(work / f"{name}.json")}
+    sp = work / f"state-{name}.json"
+    sp.write_text(json.dumps(st))
+    log("plan", f"loading in a fresh process ({name}, reads: {rcfg or 'defaults'})")
+    prog = Path(st["result"] + ".progress")  # the loader's, every second
+    try:
+        code = run_phase("load", sp, deadline - time.time() - 15)
+    except PlanError as e:  # ran out of time: say how far it got
+        last = json.loads(prog.read_text()) if prog.exists() else None
+        res["load_progress"] = last
+        raise PlanError(f"{e}; its last progress: {last}") from None
+    lres = json.loads(Path(st["result"]).read_text()) if Path(st["result"]).exists() else {}
+    if "error" in lres or code not in (0, 1):
+        last = json.loads(prog.read_text()) if prog.exists() else None
+        res["load_progress"] = last
+        raise PlanError(
+            f"the loader failed (exit {code}): {lres.get('error')}; its last progress: {last}"
+        )
+    return lres, code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,6 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warm", action="store_true", help="keep disk shards in the page cache")
+    ap.add_argument(
+        "--read-configs",
+        nargs="*",
+        default=[],
+        help="loader reads DEPTHxCHUNK_MB (e.g. 4x64 8x32 16x16): the first for the checked "
+        "load, each further one another load of the same files (digests checked)",
+    )
     ap.add_argument(
         "--fused-forward", action="store_true", help="reference forward on the fused GPU paths"
     )
@@ -694,29 +794,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.corrupt:
             corrupt(ck_dir, args.corrupt)
             log("plan", f"corrupted {args.corrupt} (test)")
-        sp = work / "state-load.json"
-        state["result"] = str(work / "result-load.json")
-        sp.write_text(json.dumps(state))
-        log("plan", "loading in a fresh process")
-        prog = Path(state["result"] + ".progress")  # the loader's, every 5 s
-        try:
-            code = run_phase("load", sp, deadline - time.time() - 15)
-        except PlanError as e:  # ran out of time: say how far it got
-            last = json.loads(prog.read_text()) if prog.exists() else None
-            res["load_progress"] = last
-            raise PlanError(f"{e}; its last progress: {last}") from None
-        lres = (
-            json.loads(Path(state["result"]).read_text()) if Path(state["result"]).exists() else {}
-        )
-        if "error" in lres or code not in (0, 1):
-            last = json.loads(prog.read_text()) if prog.exists() else None
-            res["load_progress"] = last
-            raise PlanError(
-                f"the loader failed (exit {code}): {lres.get('error')}; its last progress: {last}"
-            )
+        configs = [parse_read_config(c) for c in args.read_configs] or [None]
+        lres, code = load_once(state, work, "load", configs[0], True, deadline, res)
         res["load"] = lres
         res["status"] = "ok" if code == 0 else "mismatch"
         rc = code
+        res["sweep"] = []
+        for i, rcfg in enumerate(configs[1:], 1):  # more loads of the same files, digests only
+            if deadline - time.time() < 75:
+                log("plan", f"no time left for read config {rcfg}: skipped")
+                res["sweep"].append({"config": rcfg, "skipped": "no time left"})
+                continue
+            try:
+                sres, scode = load_once(state, work, f"load-{i}", rcfg, False, deadline, res)
+            except PlanError as e:
+                log("FAILED", f"read config {rcfg}: {e}")
+                res["sweep"].append({"config": rcfg, "error": str(e)})
+                continue
+            res["sweep"].append({"config": rcfg, **sres})
+            if scode != 0:
+                res["status"], rc = "mismatch", 1
     except (Exception, KeyboardInterrupt) as e:
         res["error"] = f"{type(e).__name__}: {e}"
         log("FAILED", res["error"])

@@ -18,6 +18,11 @@ from the first byte leaving the GPU to the last tensor resident on the destinati
 * ``plain_gpu``: the same single socket with the GPU at both ends done naively (all tensors to a
   pinned buffer, synchronise, sendall, recv_into a pinned buffer, one copy to the GPU).
 
+Two more one-connection rows move a hash off an I/O thread (the sender's onto its dispatcher,
+``hash_on_dispatcher``; the receiver's onto its verifier, ``verify_on_thread``), and each row has
+the busy fraction (CPU s per s) of every sender and receiver thread during the layer-wise
+requests, so one run shows which thread limits a single connection on that host.
+
 Medians of ``--repeats`` after one untimed warm-up each; plain copies interleaved with ours.
 
     python benchmarks/transfer_gpu.py --out benchmarks/results   # -> transfer_gpu_h200.{json,md}
@@ -183,21 +188,24 @@ def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
 
     plain_host(), plain_gpu()  # warm-up
     rows = []
-    # the sender hashes each slice on its I/O thread (default); the last row hashes on the
-    # dispatcher thread instead (two passes over the bytes, overlapped on another core)
-    for conns, on_dispatcher in (
-        (1, False),
-        (2, False),
-        (4, False),
-        (8, False),
-        (None, False),
-        (1, True),
+    # defaults: the sender hashes each slice on its I/O thread, the receiver's I/O thread each
+    # slice as it lands; the last rows move one hash each onto another thread (one connection:
+    # the sender's dispatcher, or the receiver's verifier, layer by layer from the buffer)
+    for conns, on_dispatcher, on_verifier in (
+        (1, False, False),
+        (2, False, False),
+        (4, False, False),
+        (8, False, False),
+        (None, False, False),
+        (1, True, False),
+        (1, False, True),
     ):
         kw = {} if conns is None else {"connections": conns}
         if on_dispatcher:
             kw["hash_on_dispatcher"] = True
-        rx = create_receiver("tcp", layout, SECRET, pin_memory=pin).start()
-        rl = create_receiver("tcp", layout, SECRET, pin_memory=pin, on_layer=on_layer).start()
+        rkw = {"pin_memory": pin, "verify_on_thread": on_verifier}
+        rx = create_receiver("tcp", layout, SECRET, **rkw).start()
+        rl = create_receiver("tcp", layout, SECRET, on_layer=on_layer, **rkw).start()
         tx = create_sender("tcp", layout, SECRET, **kw)
         try:
             ours(rx, tx)  # connection set-up and the pinned pools
@@ -209,7 +217,7 @@ def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
             lt = [ours_layerwise(rl, tx) for _ in range(repeats)]
             busy = {
                 k: statistics.median(b.get(k, 0.0) for b in cpu_busy)
-                for k in ("tx-io", "tx-dispatch", "rx-io")
+                for k in ("tx-io", "tx-dispatch", "rx-io", "rx-verify")
             }
             ph += [plain_host() for _ in range(repeats)]
             pg += [plain_gpu() for _ in range(repeats)]
@@ -224,6 +232,7 @@ def bench(tokens: int, repeats: int, dev: str = "cuda") -> dict:
             "connections": used,
             "sized_by_backend": conns is None,
             "hash_on": "dispatcher" if on_dispatcher else "io",
+            "verify_on": "verifier" if on_verifier else "io",
             "ours_layerwise_s": lw,
             "ours_layerwise_gbps": gbps(total, lw),
             # CPU seconds per wall second of each thread during the layer-wise requests (the
@@ -279,26 +288,31 @@ def write(out: Path, name: str, res: dict) -> None:
         f"{res['payload_bytes'] / 1e6:.1f} MB in {res['layers']} layers, GPU to GPU over "
         "loopback; medians of the repeats. ratio = plain sendall time / ours (target >= 0.8). "
         "Time: from the send's start to the last tensor resident on the destination GPU. "
-        "The sender hashes each slice on its I/O thread right before writing it; '(hash on "
-        "dispatcher)': hashed ahead on the dispatcher thread instead. Busy: CPU seconds per "
-        "second of the sender's I/O / dispatcher and the receiver's I/O thread during the "
-        "layer-wise requests (near 1.0: that thread limits the rate).",
+        "The sender hashes each slice on its I/O thread right before writing it, the receiver's "
+        "I/O thread each slice as it lands; '(tx hash on dispatcher)': the sender hashes ahead "
+        "on its dispatcher thread instead; '(rx verify on verifier)': the receiver checks each "
+        "layer from its buffer on the verifier thread instead (`verify_on_thread`). Busy: CPU "
+        "seconds per second of the sender's I/O / dispatcher and the receiver's I/O / verifier "
+        "threads during the layer-wise requests (near 1.0: that thread limits the rate).",
         "",
         "| connections | ours, layer-wise import: s / Gbps | ratio vs sendall | ours, import after "
         "delivery: s / Gbps | ratio vs sendall | plain sendall Gbps | plain GPU copy Gbps | "
-        "busy tx-io / tx-dispatch / rx-io |",
+        "busy tx-io / tx-dispatch / rx-io / rx-verify |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in res["rows"]:
         c = f"{r['connections']}" + (" (sized)" if r["sized_by_backend"] else "")
         if r.get("hash_on") == "dispatcher":
-            c += " (hash on dispatcher)"
+            c += " (tx hash on dispatcher)"
+        if r.get("verify_on") == "verifier":
+            c += " (rx verify on verifier)"
         lines.append(
             f"| {c} | {r['ours_layerwise_s']:.3f} / {r['ours_layerwise_gbps']:.1f} "
             f"| {r['ratio_layerwise_vs_plain_sendall']:.2f} "
             f"| {r['ours_s']:.3f} / {r['ours_gbps']:.1f} | {r['ratio_vs_plain_sendall']:.2f} "
             f"| {r['plain_sendall_gbps']:.1f} | {r['plain_gpu_gbps']:.1f} "
-            f"| {busy(r, 'tx-io')} / {busy(r, 'tx-dispatch')} / {busy(r, 'rx-io')} |"
+            f"| {busy(r, 'tx-io')} / {busy(r, 'tx-dispatch')} / {busy(r, 'rx-io')} "
+            f"/ {busy(r, 'rx-verify')} |"
         )
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 

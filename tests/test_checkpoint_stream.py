@@ -148,3 +148,18 @@ def test_staged_reads_reuse_buffers_in_order(tmp_path, tiny_model, monkeypatch, 
     targets = {k: torch.empty_like(v) for k, v in sd.items()}
     read_shard_into(f, targets, "cpu", host_in_place=False)
     assert all(_same_bytes(targets[k], v) for k, v in sd.items())
+
+
+def test_names_and_shapes_that_do_not_match_are_refused(tmp_path, tiny_model):
+    sd = _write(tiny_model, tmp_path / "ck", torch.bfloat16, shards=1)
+    f = tmp_path / "ck" / "model-00001-of-00001.safetensors"
+    missing = {k: v for k, v in sd.items() if k != "model.norm.weight"}
+    save_file(missing, str(f))
+    with pytest.raises(ValueError, match=r"does not match its config: missing \['model.norm"):
+        load_checkpoint(tmp_path / "ck")
+    save_file({**sd, "model.extra": torch.zeros(2)}, str(f))
+    with pytest.raises(ValueError, match=r"unexpected \['model.extra'\]"):
+        load_checkpoint(tmp_path / "ck")
+    save_file({**sd, "model.norm.weight": torch.zeros(3)}, str(f))
+    with pytest.raises(ValueError, match="model.norm.weight: checkpoint shape"):
+        load_checkpoint(tmp_path / "ck")

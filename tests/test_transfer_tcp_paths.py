@@ -1,7 +1,11 @@
-"""Where the tcp sender hashes its slices: by default on the session's I/O thread right before
-each slice is written (the COMMIT of a layer then waits until every slice of that layer, on any
-connection, was hashed), optionally on the dispatcher thread. Both must deliver identical bytes
-and both must be caught by the receiver when a digest is wrong."""
+"""The tcp backend's fast paths. Where the sender hashes its slices: by default on the session's
+I/O thread right before each slice is written (the COMMIT of a layer then waits until every slice
+of that layer, on any connection, was hashed), optionally on the dispatcher thread; both must
+deliver identical bytes and both must be caught by the receiver when a digest is wrong, whether
+the receiver checks slices as they land or (``verify_on_thread``) whole layers on its verifier
+thread. The
+receiver raises a connection's SO_RCVLOWAT inside big slices (readable from 1 MiB on) and lowers
+it for a slice's last bytes and the next frame: slices of every size around it must arrive."""
 
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ LAYOUT = CacheLayout.kimi_linear("fp-hash", ["kda", "mla", "kda", "mla"], kda_he
 def pair():
     made: list = []
 
-    def make(**tx_kw):
-        rx = create_receiver("tcp", LAYOUT, SECRET).start()
+    def make(rx_kw: dict | None = None, **tx_kw):
+        rx = create_receiver("tcp", LAYOUT, SECRET, **(rx_kw or {})).start()
         tx = create_sender("tcp", LAYOUT, SECRET, **tx_kw)
         made.extend([tx, rx])
         return rx, tx
@@ -68,9 +72,14 @@ def test_hashing_thread_and_bytes(pair, monkeypatch, on_dispatcher, header_check
     assert sender_threads == {"tx-dispatch" if on_dispatcher else "tx-io"}
 
 
-@pytest.mark.parametrize("on_dispatcher", [False, True])
-def test_wrong_digest_is_refused(pair, monkeypatch, on_dispatcher) -> None:
-    rx, tx = pair(connections=2, slice_bytes=8192, hash_on_dispatcher=on_dispatcher)
+@pytest.mark.parametrize("on_dispatcher, on_thread", [(False, False), (True, False), (False, True)])
+def test_wrong_digest_is_refused(pair, monkeypatch, on_dispatcher, on_thread) -> None:
+    rx, tx = pair(
+        {"verify_on_thread": on_thread},
+        connections=2,
+        slice_bytes=8192,
+        hash_on_dispatcher=on_dispatcher,
+    )
     real = wire.slice_digest
     calls = [0]
 
@@ -91,3 +100,41 @@ def test_wrong_digest_is_refused(pair, monkeypatch, on_dispatcher) -> None:
     d = rx.deliveries.get(timeout=30)
     assert isinstance(d, Delivery)
     _same(good, d.export)
+
+
+@pytest.mark.parametrize("slice_kib", [256, 1024, 3072])
+def test_big_slices_and_their_tails_arrive(pair, slice_kib) -> None:
+    """MLA tensors of 2500 tokens (2.9 MB) in slices of 256 KiB-3 MiB: whole slices above and
+    below the 1 MiB low-water mark and tails of every size, over 1 and 3 connections."""
+    for conns in (1, 3):
+        rx, tx = pair(connections=conns, slice_bytes=slice_kib << 10)
+        for i, (start, end) in enumerate([(0, 2500), (100, 1999), (0, 1)]):
+            ex = random_export(LAYOUT, f"big-{conns}-{i}", start, end, seed=i)
+            tx.send_export(rx.address, ex).wait(60)
+            d = rx.deliveries.get(timeout=60)
+            assert isinstance(d, Delivery), d
+            _same(ex, d.export)
+            d.release()
+
+
+@pytest.mark.parametrize("header_checksums", [False, True])
+def test_layers_verified_on_the_verifier_thread(pair, header_checksums) -> None:
+    """verify_on_thread: the I/O thread hashes nothing; each layer is checked from the buffer on
+    the verifier thread, where on_layer is then called; bytes identical over 3 connections."""
+    layers: list[tuple[int, str]] = []
+    rx, tx = pair(
+        {
+            "verify_on_thread": True,
+            "on_layer": lambda a: layers.append((a.part.layer, threading.current_thread().name)),
+        },
+        connections=3,
+        slice_bytes=64 << 10,
+    )
+    for i in range(2):
+        ex = random_export(LAYOUT, f"v{i}", 0, 2000, seed=10 + i)
+        tx.send_export(rx.address, ex, header_checksums=header_checksums).wait(30)
+        d = rx.deliveries.get(timeout=30)
+        assert isinstance(d, Delivery), d
+        _same(ex, d.export)
+        d.release()
+    assert sorted(layers) == sorted((li, "rx-verify") for li in range(4) for _ in range(2))
