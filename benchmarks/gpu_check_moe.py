@@ -1,5 +1,5 @@
 """The whole-batch MoE on a GPU against the reference loop, and a few layers of the 48B geometry
-end to end (run on a GPU machine).
+end to end (run on a GPU machine; ``--preset tiny --device cpu`` is a CPU dry run).
 
 1. One MoE layer of Kimi-Linear-48B-A3B (256 experts, top-8, one shared expert, hidden 2304,
    expert width 1024), bf16, random weights: ``SparseMoE.forward_grouped`` (sort permutation,
@@ -8,11 +8,20 @@ end to end (run on a GPU machine).
    tokens chose over the measured time; then the grouped path captured in a CUDA graph and
    replayed on new inputs, compared with eager.
 2. The 48B geometry cut to ``--layers`` layers (MLA at layer 3, MoE from layer 1), random
-   weights: teacher-forced logits of the fused path against the PyTorch path (prefill, then
-   decode steps), the CUDA-graph decode against the eager static decode, and greedy tokens of the
-   engine with and without graphs.
+   weights, ``--prompts`` random prompts of ``--prefill`` tokens each followed by ``--steps``
+   teacher-forced decode steps: logits of the fused path against the PyTorch path and both
+   against a fp32 copy of the weights (PyTorch path), unforced and with every run's experts
+   forced to the fp32 run's choices (random routers tie), the latter with the default precision
+   (fp32 residual stream and logits) and the legacy one (both bf16). Argmax agreement is pooled
+   over every logit vector of every prompt with a 95% Wilson interval; the margin analysis
+   gives the fp32 top-2 margin against the bf16 noise where the paths disagree. Then the
+   CUDA-graph decode against the eager static decode, and greedy tokens of the engine with and
+   without graphs.
 
-    python benchmarks/gpu_check_moe.py --out benchmarks/results/moe_gpu_check_h200.json
+    python benchmarks/gpu_check_moe.py --tokens 1 8 128 1024 32768 --layers 5 --prefill 1024 \
+        --prompts 4 --steps 128 --out benchmarks/results/moe_gpu_check_h200.json
+    python benchmarks/gpu_check_moe.py --preset tiny --device cpu --tokens 1 8 --layers 5 \
+        --prefill 40 --prompts 2 --steps 8        # the CPU dry run
 """
 
 from __future__ import annotations

@@ -26,7 +26,10 @@ One command, three processes:
    RssFile, RssShmem; VmHWM reset before the load; bytes read so far printed every 5 s). Then
    the check: every loaded tensor's digest equal to the writer's, and the prompt's logits
    bit-equal or (failing that) the same greedy tokens; if the forward itself fails, the
-   digests alone decide and the error is reported.
+   digests alone decide and the error is reported. ``--read-configs 8x16 4x64 ...`` sets the
+   loader's reads in flight x MiB per read (``READ_DEPTH`` x ``CHUNK_BYTES``) for this load and
+   loads the same files again, each in a fresh process, with the others (digests checked):
+   load time, read rate (from the bytes-read timeline) and peaks of each, in one table.
 
 Writes ``--out/load_peak_<tag>.{json,md}`` (machine, command, figures, verdict) and deletes every
 file it wrote (and a tmpfs it mounted) at the end, failure or not. Every phase prints progress
@@ -37,7 +40,7 @@ writer whose measured rate says it cannot finish in time.
     # tmpfs mounted for the rest (all in memory: 91.5 GiB of 128, 24 GiB kept free), the disk
     # only if the memory budget runs out
     python3 benchmarks/load_peak.py --dirs /dev/shm/loadpeak tmpfs:/mnt/loadpeak /tmp/loadpeak \
-        --host-mem-gib 128 --tag h200
+        --host-mem-gib 128 --tag h200 [--read-configs 8x16 4x64 16x8 16x4]  # +40 s a config
     # CPU dry run (what the test runs)
     python3 benchmarks/load_peak.py --model tiny --device cpu --dirs /tmp/x --shard-gb 0.001 \
         --out /tmp/x-results --tag cpu

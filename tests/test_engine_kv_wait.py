@@ -196,3 +196,49 @@ def test_row_runs_and_both_write_paths(tiny_model, monkeypatch):
             assert all(dec.import_layer(e.header, part) for part in e.parts)
             dec.import_kv(e)
         assert {k: v.token_ids for k, v in finish_all(dec).items()} == want
+
+
+def test_held_prefix_survives_a_full_cache_until_the_kv_comes(tiny_model):
+    """The prefix ``expect_kv`` answered is held while the request waits: a request that takes
+    every other block meanwhile evicts none of it, the KV sent from there imports, and the tokens
+    equal one mixed engine's; abort and timeout let go of the hold."""
+    rng = random.Random(7)
+    p0 = [rng.randrange(256) for _ in range(128)]
+    p1 = p0[:96] + [rng.randrange(256) for _ in range(40)]  # 6 blocks of 16 shared with p0
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    mixed = make(tiny_model)
+    mixed.add_request(p1, sp, "b")
+    want = finish_all(mixed)["b"].token_ids
+    dec = make(tiny_model, role="decode", num_blocks=20)
+    (e0,) = exports(tiny_model, [p0], sp)
+    assert dec.expect_kv("r0", p0, sp) == 0
+    dec.import_kv(e0)
+    finish_all(dec)  # p0's 8 prompt blocks stay cached (evictable)
+    assert dec.expect_kv("b", p1, sp) == 96
+    assert dec.cache.blocks.num_in_use() == 6  # held
+    # a request that takes every block left (free or evictable) while b's KV is on its way
+    free = dec.cache.blocks.num_free
+    filler = [rng.randrange(256) for _ in range(free * 16 - 1)]
+    (ef,) = exports(tiny_model, [filler], replace(sp, max_tokens=1))
+    dec.expect_kv("r0", filler, sp)  # exports() names it r0
+    dec.import_kv(ef)
+    dec.step()
+    assert dec.stats().running == 1 and dec.cache.blocks.num_free == 0
+    finish_all(dec)
+    # b's KV from token 96 (what the decode node answered) fits: the prefix is still here
+    pre = make(tiny_model, role="prefill")
+    pre.add_request(p1, sp, "b")
+    finish_all(pre)
+    log: list = []
+    dec.import_kv(pre.export_request("b", token_start=96), log.append)
+    done = finish_all(dec)
+    assert log == [None]  # written (without the hold: dropped, the prefix was evicted)
+    assert done["b"].token_ids == want and done["b"].num_cached_tokens == 96
+    assert dec.cache.blocks.num_in_use() == 0
+    # abort and timeout drop the hold
+    assert dec.expect_kv("c", p1, sp) == 128 and dec.cache.blocks.num_in_use() == 8
+    dec.abort("c")
+    dec.expect_kv("d", p1, sp, timeout_s=0.0)
+    outs = {o.request_id: o.finish_reason for o in dec.step()}
+    assert outs == {"c": "abort", "d": "error"} and dec.cache.blocks.num_in_use() == 0
+    dec.cache.check()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 import torch
@@ -181,3 +182,54 @@ def test_pipelined_decode_with_a_full_cache_preempts_instead_of_failing(tiny_mod
     assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
     assert all(o.finish_reason == "length" for o in got.values())
     assert eng.num_pipelined_steps > 0 and eng.num_preemptions > 0
+
+
+def test_a_failed_engine_step_ends_only_the_requests_it_ran(tiny_model):
+    """A model step that raises (in the engine thread) ends the requests of that step, with the
+    error; requests waiting for a slot or for their KV go on, and produce what they produce
+    without the failure."""
+    from prfaas.server.node.engine_worker import EngineWorker
+
+    sp = SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True)
+    reqs = {rid: (prompt(60 + k, 30), sp) for k, rid in enumerate(("a", "b", "c", "d"))}
+    cfg = EngineConfig(model="tiny", max_num_seqs=2)
+    want = run(LLMEngine(cfg, model=tiny_model), {k: reqs[k] for k in ("c", "d")})
+    eng = LLMEngine(cfg, model=tiny_model)
+    real_step, calls = eng.runner.step, []
+
+    def flaky(*args, **kw):  # the first step (a and b: two slots) fails
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected step failure")
+        return real_step(*args, **kw)
+
+    eng.runner.step = flaky
+    w = EngineWorker(eng).start()
+    got: dict = {}
+    done = threading.Event()
+
+    def on_out(o: RequestOutput) -> None:
+        if o.finished:
+            got[o.request_id] = o
+            if len(got) == 4:
+                done.set()
+
+    def submit(e: LLMEngine) -> None:  # all at once, before any step
+        for rid, (p, s) in reqs.items():
+            w.subscribe(rid, on_out)
+            e.add_request(p, s, rid)
+        e.expect_kv("w", prompt(70, 30), sp)
+
+    try:
+        w.call(submit).result(30)
+        assert done.wait(120)
+        waiting = w.call(lambda e: e.stats().waiting_for_kv).result(30)
+        w.call(lambda e: e.abort("w")).result(30)
+    finally:
+        w.stop()
+    for rid in ("a", "b"):
+        assert got[rid].finish_reason == "abort" and "injected step failure" in got[rid].error
+    for rid in ("c", "d"):  # not in the failed step: token for token as without it
+        assert (got[rid].token_ids, got[rid].finish_reason) == (want[rid].token_ids, "length")
+    assert waiting == 1  # still waiting for its KV
+    assert eng.cache.usage() == 0

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -39,9 +39,13 @@ def test_sampler_sees_an_allocation_and_its_release():
     try:
         hm.reset_hwm()
         base = s.reset()
-        a = np.ones(256 << 20, dtype=np.uint8)  # touched: resident
+        # a fresh anonymous mapping, every page touched (a heap allocation could reuse memory
+        # that earlier tests left resident), then unmapped
+        a = mmap.mmap(-1, 256 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for off in range(0, 256 << 20, 4096):
+            a[off] = 1
         mid = s.peaks()
-        del a
+        a.close()
         after = hm.read_status()
         peak = s.peaks()
     finally:

@@ -255,6 +255,19 @@ class HybridCache:
             self.blocks.decref(b)
         return PrefixMatch(nb_ok * bs, blocks[:nb_ok], ck)
 
+    def hold_prefix(self, tokens: list[int], max_tokens: int | None = None) -> PrefixMatch:
+        """``match(tokens, need_state=False, max_tokens)``, its MLA blocks held (referenced: no
+        eviction takes them) until ``release_blocks(match.blocks)``."""
+        m = self.match(tokens, need_state=False, max_tokens=max_tokens)
+        for b in m.blocks:
+            self.blocks.incref(b)
+        return m
+
+    def release_blocks(self, blocks: list[int]) -> None:
+        """Drop the hold ``hold_prefix`` took on ``blocks``."""
+        for b in blocks:
+            self.blocks.decref(b)
+
     # ----- a request's life -------------------------------------------------------------------
     def open(
         self, prompt: list[int], need_state: bool = True, max_reuse: int | None = None

@@ -104,6 +104,9 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.scheduler_config(self.stop_ids), self.cache)
         self.layer_listener: LayerListener | None = None
         self._pending: PendingDecode | None = None  # async_decode: launched, not read back
+        # the requests the step under way runs (None until it has chosen them): those a failed
+        # step ends (fail_step)
+        self._stepping: list[Request] | None = None
         self._ids = itertools.count()
         self.num_steps = 0
         self.num_pipelined_steps = 0  # async_decode: steps launched before the last was read back
@@ -161,13 +164,14 @@ class LLMEngine:
         """Hold a request whose prompt's KV another node computes (decode or mixed role). Returns
         the prompt tokens this node already holds in its prefix cache (block aligned, at most
         ``len(prompt) - 1``): the KV to send starts there. The request holds no cache until
-        ``import_kv``; it ends after ``timeout_s`` without its KV (finish reason ``error``) or on
-        ``abort``, reported as an output like any other. ValueError on bad input."""
+        ``import_kv`` but the blocks of that prefix, held meanwhile (so that the KV sent from
+        there still fits when it arrives); it ends after ``timeout_s`` without its KV (finish
+        reason ``error``) or on ``abort``, reported as an output like any other. ValueError on
+        bad input."""
         if self.config.role == "prefill":
             raise ValueError("a prefill-role engine cannot import requests")
         req = self._new_request(prompt, params, request_id)
-        self.scheduler.expect_kv(req, timeout_s)
-        return self.cache.match(req.prompt, need_state=False, max_tokens=len(prompt) - 1).num_tokens
+        return self.scheduler.expect_kv(req, timeout_s)
 
     def import_kv(self, exp: KVExport, on_done: ImportDone | None = None) -> None:
         """The KV of a request held by ``expect_kv`` (matched by the header's request id). Checked
@@ -259,22 +263,43 @@ class LLMEngine:
             self.scheduler.finish(req, "abort", report=True)
 
     def abort_all(self) -> int:
-        """Abort every request (after a failed step: the engine starts clean); returns how many.
-        A pipelined step not read back is dropped."""
+        """Abort every request (the engine starts clean); returns how many. A pipelined step not
+        read back is dropped."""
         self._pending = None
         reqs = list(self.scheduler.requests.values())
         for req in reqs:
             self.scheduler.finish(req, "abort", report=True)
         return len(reqs)
 
+    def fail_step(self, error: BaseException) -> list[RequestOutput]:
+        """After ``step()`` raised ``error``: end (``abort``, with the error) the requests that
+        step ran, and return the outputs due now (theirs first); nothing runs. Their caches may
+        be half written; the others' are not touched by a step (a row writes only its own blocks
+        and state slot, and publishes them in the prefix cache only after its step), so they go
+        on. Every request ends when the failed step had not chosen its requests yet (the
+        scheduler failed) or the engine is tensor-parallel (its ranks may be out of step).
+        A pipelined step not read back is dropped (its requests are the failed step's)."""
+        reqs = self._stepping
+        if reqs is None or self.tp is not None:
+            reqs = list(self.scheduler.requests.values())
+        self._pending, self._stepping = None, None
+        msg = f"the engine step failed: {type(error).__name__}: {error}"
+        for req in reqs:
+            if req.status != Status.FINISHED:
+                self.scheduler.finish(req, "abort", report=True, error=msg)
+        return self._outputs(self.scheduler.take_reports())
+
     # ----- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch; returns an output for every request that got a new token
         or finished (with ``async_decode``, a pipelined decode step's outputs come one call later)."""
+        self._stepping = None
         if self._pending is not None:
             return self._step_pipelined()
         sched = self.scheduler.schedule()
+        imported = [i.request for i in sched.imports if i.error is None]
+        self._stepping = imported + [r.request for r in sched.rows]
         self._write_imports(sched)
         if self._pipelinable(sched):
             self._pending = self._launch(sched, None)
@@ -341,6 +366,7 @@ class LLMEngine:
     def _step_pipelined(self) -> list[RequestOutput]:
         p, self._pending = self._pending, None
         assert p is not None
+        self._stepping = [r.request for r in p.sched.rows]  # the next step's are among them
         nxt = None
         ahead = self.scheduler.schedule_ahead(p.sched)
         if ahead is not None:

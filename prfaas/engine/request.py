@@ -93,6 +93,9 @@ class Request:
         # and the layers written into it since (the final import writes only the others)
         self.kv_staged: tuple[int, int] | None = None
         self.kv_layers: set[int] = set()
+        # WAITING_FOR_KV: the blocks of the cached prompt prefix the KV is sent after, held (kept
+        # from eviction) until the KV is admitted or the request ends
+        self.kv_held: list[int] = []
 
     @property
     def tokens(self) -> list[int]:

@@ -6,8 +6,8 @@ engine runs it, and ``update_from_output(out, tokens)`` takes the sampled tokens
 Policy (continuous batching under a per-step token budget ``max_num_batched_tokens``):
 
 1. KV imports that have arrived are admitted first (a state slot and blocks for the whole prompt +
-   1), oldest first; they decode from this step on. An import whose cached prefix is gone is
-   dropped (the request waits on for a KV that starts lower).
+   1), oldest first; they decode from this step on. An import that starts beyond the cached
+   prefix ``expect_kv`` held for it is dropped (the request waits on for a KV that starts lower).
 2. Decodes of running requests, oldest first, one token each. When the cache has no block for one,
    the newest running request is preempted (its cache freed, recomputed later from its tokens),
    possibly the one asking; a request alone in the cache without room ends with ``length``.
@@ -114,13 +114,25 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.append(req)
 
-    def expect_kv(self, req: Request, timeout_s: float | None = None) -> None:
-        """Hold a request whose prompt's KV comes from another node (``kv_arrived``); it holds no
-        cache until then. After ``timeout_s`` without its KV it ends with ``error``."""
+    def expect_kv(self, req: Request, timeout_s: float | None = None) -> int:
+        """Hold a request whose prompt's KV comes from another node (``kv_arrived``). Returns the
+        prompt tokens this node holds in its prefix cache (block aligned, at most ``len(prompt) -
+        1``): the KV to send starts there. Their blocks are held (no eviction takes them) until
+        the KV is admitted or the request ends, so a KV sent from there fits when it comes; the
+        request holds no other cache until then. After ``timeout_s`` without its KV it ends with
+        ``error``."""
         self._register(req)
         req.status = Status.WAITING_FOR_KV
         req.kv_deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.waiting_for_kv[req.request_id] = req
+        m = self.cache.hold_prefix(req.prompt, max_tokens=len(req.prompt) - 1)
+        req.kv_held = m.blocks
+        return m.num_tokens
+
+    def _release_held(self, req: Request) -> None:
+        """Drop the hold ``expect_kv`` took on the request's cached prefix."""
+        held, req.kv_held = req.kv_held, []
+        self.cache.release_blocks(held)
 
     def kv_arrived(self, request_id: str, arrival: KVArrival) -> Request:
         """The KV of a request waiting for it has arrived: it is admitted (``imports`` of a
@@ -154,6 +166,7 @@ class Scheduler:
             self.reserve_import(req, token_start, token_end)
         self.requests[rid] = req
         self.waiting_for_kv.pop(rid, None)
+        self._release_held(req)  # its cache (reserved above) references the prefix itself
         req.num_computed = token_end  # the last prompt token is this node's first input
         req.num_cached_tokens = token_start
         req.kv_arrival = None
@@ -459,6 +472,7 @@ class Scheduler:
             self.waiting.remove(req)
         elif req.status == Status.WAITING_FOR_KV:
             self.waiting_for_kv.pop(req.request_id, None)
+            self._release_held(req)
             if req.kv_arrival is not None:  # arrived, never written: hand its buffers back
                 if req in self.arrived:
                     self.arrived.remove(req)

@@ -80,7 +80,7 @@ def load_checkpoint(
     :mod:`prfaas.model.materialize`), then each shard is read in turn straight into them
     (:func:`read_shard_into`: plain reads, no memory map; on a GPU through a few reused pinned
     buffers, a dtype conversion done on the device). Host memory holds ``READ_DEPTH *
-    CHUNK_BYTES`` (256 MiB) of staging, never the model nor one whole tensor (unless ``device``
+    CHUNK_BYTES`` (128 MiB) of staging, never the model nor one whole tensor (unless ``device``
     is the CPU, where the model itself lives). Tensor-parallel loads read each tensor whole
     (to slice it) and hold one at a time."""
     d = Path(directory)
@@ -178,9 +178,13 @@ def _read_tensors(path: Path):
 
 
 # ----- streaming a shard into allocated parameters --------------------------------------------
-CHUNK_BYTES = 64 << 20  # bytes per read: one staging buffer's size (GPU loads)
+# bytes per read: one staging buffer's size (GPU loads). Smaller reads copy faster: on the 2-core
+# Firecracker VM one thread reads tmpfs into a 64 MiB buffer at 2.9 GB/s, a 16 MiB one at 4.2
+# GB/s, a 4 MiB one at 4.6 GB/s (the buffer stays in cache); the H200 loaded at 3.9 GB/s with
+# 4 x 64 MiB (benchmarks/load_peak.py --read-configs compares settings there)
+CHUNK_BYTES = 16 << 20
 HOST_CHUNK_BYTES = 4 << 20  # the same for CPU loads (staging only for dtype conversions)
-READ_DEPTH = 4  # reads in flight (threads) and staging buffers
+READ_DEPTH = 8  # reads in flight (threads) and staging buffers
 _MAX_IOV = 512  # tensors per read (preadv takes at most IOV_MAX = 1024 buffers)
 
 
@@ -317,10 +321,10 @@ def read_shard_into(
     threads, each of up to ``CHUNK_BYTES`` (consecutive tensors coalesced, larger ones split).
 
     On the CPU a read (of up to ``HOST_CHUNK_BYTES``) lands straight in the parameters' memory
-    (staging only for a dtype conversion: ``READ_DEPTH * HOST_CHUNK_BYTES``, 16 MiB). On a GPU
+    (staging only for a dtype conversion: ``READ_DEPTH * HOST_CHUNK_BYTES``, 32 MiB). On a GPU
     each read fills a reused pinned buffer and is copied to the device without blocking, while
     the next reads proceed; one synchronise at the end. Host memory: ``READ_DEPTH *
-    CHUNK_BYTES`` (256 MiB) whatever the tensors' sizes. ``host_in_place=False`` sends CPU
+    CHUNK_BYTES`` (128 MiB) whatever the tensors' sizes. ``host_in_place=False`` sends CPU
     reads through the staging buffers too, as a GPU load's are (tests of that path)."""
     path = Path(path)
     dev = torch.device(device)

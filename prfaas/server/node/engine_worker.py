@@ -110,10 +110,9 @@ class EngineWorker:
                     log.exception("engine loop hook failed")
             try:
                 outs = eng.step()  # cheap when idle: returns outputs of aborts, if any
-            except Exception:
+            except Exception as e:  # the step's requests end; the others go on
                 log.exception("engine step failed; aborting its requests")
-                eng.abort_all()
-                outs = eng.step()
+                outs = eng.fail_step(e)
             self.steps += 1
             for out in outs:
                 self._publish(out)
