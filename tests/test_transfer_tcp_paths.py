@@ -3,9 +3,7 @@ I/O thread right before each slice is written (the COMMIT of a layer then waits 
 of that layer, on any connection, was hashed), optionally on the dispatcher thread; both must
 deliver identical bytes and both must be caught by the receiver when a digest is wrong, whether
 the receiver checks slices as they land or (``verify_on_thread``) whole layers on its verifier
-thread. The
-receiver raises a connection's SO_RCVLOWAT inside big slices (readable from 1 MiB on) and lowers
-it for a slice's last bytes and the next frame: slices of every size around it must arrive."""
+thread. Slices of 256 KiB-3 MiB and their tails arrive whole."""
 
 from __future__ import annotations
 
@@ -105,8 +103,8 @@ def test_wrong_digest_is_refused(pair, monkeypatch, on_dispatcher, on_thread) ->
 
 @pytest.mark.parametrize("slice_kib", [256, 1024, 3072])
 def test_big_slices_and_their_tails_arrive(pair, slice_kib) -> None:
-    """MLA tensors of 2500 tokens (2.9 MB) in slices of 256 KiB-3 MiB: whole slices above and
-    below the 1 MiB low-water mark and tails of every size, over 1 and 3 connections."""
+    """MLA tensors of 2500 tokens (2.9 MB) in slices of 256 KiB-3 MiB: whole slices and tails of
+    every size, over 1 and 3 connections."""
     for conns in (1, 3):
         rx, tx = pair(connections=conns, slice_bytes=slice_kib << 10)
         for i, (start, end) in enumerate([(0, 2500), (100, 1999), (0, 1)]):

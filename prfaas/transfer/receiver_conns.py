@@ -35,10 +35,6 @@ from prfaas.transfer.receiver_state import Conn, ReceiverSession, _scratch
 _READ_BURST = 64 << 20  # bytes read from one connection before the loop looks at the others
 _RECV_PIECE = 1 << 20  # bytes per recv_into: hashed right after, while still in cache
 _HOUSEKEEPING_S = 0.1
-# inside a DATA slice the socket reports readable only from this many bytes on (SO_RCVLOWAT):
-# fewer wake-ups, larger reads (the last bytes of a slice and every frame head: from 1 byte)
-_LOWAT = 1 << 20
-_LOWAT_FROM = 256 << 10  # slices from this size on
 
 
 class ConnectionLoop:
@@ -209,10 +205,7 @@ class ConnectionLoop:
                     conn.hasher.update(conn.dst[conn.dst_got : conn.dst_got + n])
                 conn.dst_got += n
                 budget -= n
-                left = len(conn.dst) - conn.dst_got
-                if left < conn.lowat:  # wake for the slice's last bytes, then for each frame
-                    self._set_lowat(conn, max(left, 1))
-                if not left:
+                if conn.dst_got == len(conn.dst):
                     conn.dst = None
                     self._data_done(conn)
                 continue
@@ -412,16 +405,9 @@ class ConnectionLoop:
         conn.dst = asm.view[off0 : off0 + n]
         conn.dst_got = 0
         conn.hasher = xxhash.xxh3_64() if self._verifies_inline() else None
-        if n >= _LOWAT_FROM:  # wake when a big piece of the slice is in, not for every segment
-            self._set_lowat(conn, min(n, _LOWAT))
         if n == 0:
             conn.dst = None
             self._data_done(conn)
-
-    def _set_lowat(self, conn: Conn, n: int) -> None:
-        with contextlib.suppress(OSError):
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
-            conn.lowat = n
 
     def _data_done(self, conn: Conn) -> None:
         asm, layer, ti, off, n, digest = conn.data  # type: ignore[misc]

@@ -94,7 +94,6 @@ class Conn:
         self.small_got = 0
         self.dst: memoryview | None = None  # where the current DATA slice goes
         self.dst_got = 0
-        self.lowat = 1  # the socket's SO_RCVLOWAT: epoll reports it readable from this many bytes
         self.drain = 0  # bytes of a dropped slice still to discard
         self.data: tuple | None = None  # (assembly, layer, tensor, offset, n, digest)
         self.hasher: Any = None  # XXH3-64 state of the current slice
