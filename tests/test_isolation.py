@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -233,3 +234,27 @@ def test_a_failed_engine_step_ends_only_the_requests_it_ran(tiny_model):
         assert (got[rid].token_ids, got[rid].finish_reason) == (want[rid].token_ids, "length")
     assert waiting == 1  # still waiting for its KV
     assert eng.cache.usage() == 0
+
+
+def test_a_step_failing_in_its_update_still_reports_what_finished(tiny_model):
+    """A step that fails while its results are applied: a request that finished in it before the
+    failure is reported as finished (its stream would otherwise wait forever), the request whose
+    update failed ends with the error."""
+    eng = LLMEngine(EngineConfig(model="tiny"), model=tiny_model)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    eng.add_request(prompt(80, 20), one, "short")
+    eng.add_request(prompt(81, 20), replace(one, max_tokens=5), "bad")
+    real = eng.scheduler._append_token
+
+    def flaky(req, tok: int) -> None:
+        if req.request_id == "bad":
+            raise RuntimeError("injected update failure")
+        real(req, tok)
+
+    eng.scheduler._append_token = flaky
+    with pytest.raises(RuntimeError, match="injected") as e:
+        eng.step()  # both rows in this step: short finishes first, then bad's update fails
+    outs = {o.request_id: o for o in eng.fail_step(e.value)}
+    assert outs["short"].finish_reason == "length" and len(outs["short"].token_ids) == 1
+    assert outs["bad"].finish_reason == "abort" and "injected update failure" in outs["bad"].error
+    assert not eng.has_unfinished() and eng.cache.usage() == 0

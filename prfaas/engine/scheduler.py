@@ -413,28 +413,33 @@ class Scheduler:
         that do not sample). Returns the requests to report, in order: those finished outside a
         step since the last call, then every row's request that got a token, was handed off or
         finished. Rows of requests that ended meanwhile (aborted, or stopped by the previous
-        pipelined step) are dropped."""
-        reports = self.take_reports()
-        for row, tok in zip(out.rows, tokens, strict=True):
-            req = row.request
-            if req.status != Status.RUNNING:
-                continue
-            if row.is_prefill:
-                self.num_prefill_tokens_computed += row.num_tokens
-            else:
-                self.num_decode_tokens += 1
-            req.num_computed += row.num_tokens
-            self.cache.on_computed(req.cache, req.num_computed)
-            if row.hands_off:
-                self._handoff(req)
+        pipelined step) are dropped. Raises what a row's update raised; the reports due are
+        kept for ``take_reports`` then (a request finished in the update is still reported)."""
+        reports: list[Request] = []
+        try:
+            for row, tok in zip(out.rows, tokens, strict=True):
+                req = row.request
+                if req.status != Status.RUNNING:
+                    continue
+                if row.is_prefill:
+                    self.num_prefill_tokens_computed += row.num_tokens
+                else:
+                    self.num_decode_tokens += 1
+                req.num_computed += row.num_tokens
+                self.cache.on_computed(req.cache, req.num_computed)
+                if row.hands_off:
+                    self._handoff(req)
+                    reports.append(req)
+                    continue
+                if not row.samples:
+                    continue  # mid-prefill chunk
+                assert tok is not None, "a sampling row needs its token"
+                self._append_token(req, tok)
                 reports.append(req)
-                continue
-            if not row.samples:
-                continue  # mid-prefill chunk
-            assert tok is not None, "a sampling row needs its token"
-            self._append_token(req, tok)
-            reports.append(req)
-        return reports
+        except BaseException:
+            self._reports.extend(reports)
+            raise
+        return self.take_reports() + reports
 
     def take_reports(self) -> list[Request]:
         """Requests finished outside a step, not yet reported."""
