@@ -8,6 +8,7 @@ slice records and is written once every slice of the layer (on any connection) w
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,12 +31,19 @@ class TcpSender(SenderBase):
     this saves ~0.06 CPU s/GB on the sender). ``hash_on_dispatcher=True`` hashes them on the
     dispatcher thread instead, ahead of the I/O thread: the bytes are read twice, but the hash
     overlaps the writes on another core (for hosts with cores to spare, if one I/O thread's
-    copy is what limits a single connection)."""
+    copy is what limits a single connection). The default (None) picks by the cores this
+    process may run on: the dispatcher from ``SPARE_CORES`` up (on the 16-core H200 host one
+    connection went from 0.69-0.85 to 0.78-0.84 of a plain sendall and the I/O thread from 0.92
+    to 0.70 busy: benchmarks/results/transfer_gpu_h200.md), the I/O thread below (a 2-core host
+    is CPU-bound, where reading the bytes once is what counts)."""
 
     backend_code = BACKEND_CODES["tcp"]
+    SPARE_CORES = 4
 
-    def __init__(self, *args: Any, hash_on_dispatcher: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hash_on_dispatcher: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if hash_on_dispatcher is None:
+            hash_on_dispatcher = usable_cores() >= self.SPARE_CORES
         self.hash_on_dispatcher = hash_on_dispatcher
 
     def _dispatch_layer(
@@ -145,3 +153,11 @@ class TcpReceiver(ReceiverBase):
     def _on_commit(self, asm: Assembly, layer: int, nbytes: int) -> None:
         if asm.wh.payload_nbytes == 0:
             asm.last_byte_at = time.time()
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
