@@ -332,6 +332,24 @@ def margins(a, b, ref) -> dict:
     }
 
 
+def twin_models_and_prompts(cfg, dev: str, n_prompts: int, length: int):
+    """The model with random weights in bf16 (routers and decay parameters fp32, as served), the
+    same weights in fp32, and ``n_prompts`` random prompts of ``length`` tokens (seeded)."""
+    model = random_model(
+        cfg, dev, lambda n, p: torch.float32 if keeps_fp32(n) else torch.bfloat16, seed=0
+    )
+    model32 = empty_model(cfg, dev, torch.float32)
+    with torch.no_grad():
+        sd = model.state_dict()
+        for k, a in model32.state_dict().items():
+            a.copy_(sd[k])
+    g = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(0, cfg.vocab_size, (length,), generator=g).tolist() for _ in range(n_prompts)
+    ]
+    return model, model32, prompts
+
+
 def model_check(
     layers: int, n_prefill: int, steps: int, n_prompts: int, preset: str, dev: str
 ) -> dict:
@@ -346,20 +364,7 @@ def model_check(
     cfg = dataclasses.replace(
         base, num_hidden_layers=layers, full_attn_layers=(3,), name=f"kimi-48b-{layers}l"
     )
-    model = random_model(
-        cfg, dev, lambda n, p: torch.float32 if keeps_fp32(n) else torch.bfloat16, seed=0
-    )
-    model32 = empty_model(cfg, dev, torch.float32)
-    with torch.no_grad():
-        sd = model.state_dict()
-        for k, a in model32.state_dict().items():
-            a.copy_(sd[k])
-    del sd
-    g = torch.Generator().manual_seed(1)
-    prompts = [
-        torch.randint(0, cfg.vocab_size, (n_prefill + steps,), generator=g).tolist()
-        for _ in range(n_prompts)
-    ]
+    model, model32, prompts = twin_models_and_prompts(cfg, dev, n_prompts, n_prefill + steps)
     res: dict = {
         "layers": layers,
         "kinds": cfg.layer_kinds,

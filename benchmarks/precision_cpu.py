@@ -33,10 +33,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_check_model import forced_logits  # noqa: E402
-from benchmarks.gpu_check_moe import RouterProbe, agreement_ci  # noqa: E402
-from prfaas.model.checkpoint import keeps_fp32  # noqa: E402
+from benchmarks.gpu_check_moe import (  # noqa: E402
+    RouterProbe,
+    agreement_ci,
+    twin_models_and_prompts,
+)
 from prfaas.model.config import PRESETS  # noqa: E402
-from prfaas.model.materialize import empty_model, random_model  # noqa: E402
 
 
 class _Up(nn.Module):
@@ -176,20 +178,9 @@ def main() -> int:
         name=f"48b-geometry-{args.layers}l-{args.experts}e",
     )
     t0 = time.time()
-    model = random_model(
-        cfg, "cpu", lambda n, p: torch.float32 if keeps_fp32(n) else torch.bfloat16, seed=0
+    model, model32, prompts = twin_models_and_prompts(
+        cfg, "cpu", args.prompts, args.prefill + args.steps
     )
-    model32 = empty_model(cfg, "cpu", torch.float32)
-    with torch.no_grad():
-        sd = model.state_dict()
-        for k, a in model32.state_dict().items():
-            a.copy_(sd[k])
-    del sd
-    g = torch.Generator().manual_seed(1)
-    prompts = [
-        torch.randint(0, cfg.vocab_size, (args.prefill + args.steps,), generator=g).tolist()
-        for _ in range(args.prompts)
-    ]
     res: dict = {
         "machine": "cpu",
         "torch": torch.__version__,
