@@ -6,7 +6,8 @@ engine runs it, and ``update_from_output(out, tokens)`` takes the sampled tokens
 Policy (continuous batching under a per-step token budget ``max_num_batched_tokens``):
 
 1. KV imports that have arrived are admitted first (a state slot and blocks for the whole prompt +
-   1), oldest first; they decode from this step on. An import that starts beyond the cached
+   1), oldest first, except that one whose blocks its early layers reserved never waits behind
+   one without room; they decode from this step on. An import that starts beyond the cached
    prefix ``expect_kv`` held for it is dropped (the request waits on for a KV that starts lower).
 2. Decodes of running requests, oldest first, one token each. When the cache has no block for one,
    the newest running request is preempted (its cache freed, recomputed later from its tokens),
@@ -285,22 +286,7 @@ class Scheduler:
         self._dropped = []
         rows = out.rows
         budget = self.config.max_num_batched_tokens
-        # 1. arrived KV imports
-        while self.arrived and len(self.running) < self.config.max_num_seqs:
-            req = self.arrived[0]
-            arrival = req.kv_arrival
-            assert arrival is not None
-            try:
-                self.admit_import(req, arrival.token_start, arrival.token_end)
-            except CacheFull:
-                break
-            except ValueError as e:  # its cached prefix is gone: it waits for a whole KV
-                self.arrived.popleft()
-                req.kv_arrival = None
-                out.imports.append(ScheduledImport(req, arrival, str(e)))
-                continue
-            self.arrived.popleft()
-            out.imports.append(ScheduledImport(req, arrival))  # written before the rows run
+        self._admit_arrived(out)  # 1. arrived KV imports
         # 2. decodes, oldest first
         gone: set[int] = set()  # preempted in this loop (a set: `in self.running` is O(n))
 
@@ -359,6 +345,30 @@ class Scheduler:
             budget -= n
         out.finished = [r.request_id for r in self._reports if r.status == Status.FINISHED]
         return out
+
+    def _admit_arrived(self, out: SchedulerOutput) -> None:
+        """Admit arrived KV imports, oldest first, while slots and blocks last.  Once one finds
+        no room, only those whose blocks are already reserved (their layers landed early) follow:
+        they need no more room, and the one waiting may be waiting for exactly their blocks."""
+        blocked = False
+        for req in list(self.arrived):
+            if len(self.running) >= self.config.max_num_seqs:
+                return
+            arrival = req.kv_arrival
+            assert arrival is not None
+            if blocked and (req.cache is None or req.kv_staged != arrival.span):
+                continue
+            try:
+                self.admit_import(req, arrival.token_start, arrival.token_end)
+            except CacheFull:
+                blocked = True
+                continue
+            except ValueError as e:  # its cached prefix is gone: it waits for a whole KV
+                req.kv_arrival = None
+                out.imports.append(ScheduledImport(req, arrival, str(e)))
+            else:
+                out.imports.append(ScheduledImport(req, arrival))  # written before the rows run
+            self.arrived.remove(req)
 
     def can_pipeline(self, out: SchedulerOutput) -> bool:
         """``out`` decodes every running request, one greedy token each, with nothing waiting to
