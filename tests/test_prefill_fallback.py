@@ -118,6 +118,12 @@ def setup():
     return router, fake
 
 
+def node_up_gauge(router: Router, name: str) -> float | None:
+    ep = router.endpoints[name]
+    labels = {"cluster": ep.cluster, "node": name}
+    return router.metrics.registry.get_sample_value("prfaas_node_up", labels)
+
+
 def long_prompt(k: int) -> list[int]:
     """Request ``k``'s prompt: over the threshold (PrfaaS: f0), no prefix shared with others."""
     rng = random.Random(k)
@@ -184,6 +190,7 @@ def test_a_node_that_does_not_answer_is_taken_down(setup):
         route = await _request(router, 0)
         assert route.prefill_node == "p0" and route.fallback_from == ["f0"]
         assert not router.live.node_up["f0"]
+        assert node_up_gauge(router, "f0") == 0  # dashboards see it down at once
         assert router.decide(RequestInfo("x", 300)).prefill_cluster == "pd"
         # every prefill node fails this request: a clear 503, the nodes that answered stay up
         fake.mode.update(f0="fail", p0="fail")
@@ -193,6 +200,7 @@ def test_a_node_that_does_not_answer_is_taken_down(setup):
         assert e.value.status == 503 and e.value.code == "prefill_failed"
         assert "f0" in e.value.message and "p0" in e.value.message
         assert router.live.node_up["f0"] and router.live.node_up["p0"]
+        assert node_up_gauge(router, "f0") == 1
         await router.nodes.aclose()
 
     asyncio.run(scenario())
