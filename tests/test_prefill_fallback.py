@@ -50,7 +50,8 @@ CLUSTER = {"f0": "prfaas", "p0": "pd", "d0": "pd"}
 
 class FakeNodes:
     """The nodes' control routes; ``mode[node]``: ``ok``, ``fail`` (answers 503 for the prefill,
-    as a node whose transfer of that request failed) or ``dead`` (refuses connections)."""
+    as a node whose transfer of that request failed), ``wrong_role`` (answers 400 ``wrong_role``,
+    as a node that switched roles since the last poll) or ``dead`` (refuses connections)."""
 
     def __init__(self) -> None:
         self.mode = dict.fromkeys(CLUSTER, "ok")
@@ -72,6 +73,9 @@ class FakeNodes:
         if path == "/internal/prefill":
             self.prefills.append(name)
             req = json.loads(request.content)
+            if self.mode[name] == "wrong_role":  # switched to decode since the last poll
+                err = ErrorDetail(code="wrong_role", message=f"{name} is a decode node")
+                return httpx.Response(400, content=ErrorBody(error=err).to_json())
             if self.mode[name] == "fail":
                 err = ErrorDetail(code="transfer_failed", message="TransferError: peer reset")
                 return httpx.Response(503, content=ErrorBody(error=err).to_json())
@@ -204,3 +208,34 @@ def test_a_node_that_does_not_answer_is_taken_down(setup):
         await router.nodes.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_node_that_switched_roles_is_tried_elsewhere(setup):
+    """A 400 ``wrong_role`` is the node's state, not the request's fault: the request goes to
+    another prefill node (no 400 to the client) and the node stays up."""
+    router, fake = setup
+
+    async def scenario() -> None:
+        await router.poll_once()
+        fake.mode["f0"] = "wrong_role"
+        route = await _request(router, 0)
+        assert route.prefill_node == "p0" and route.fallback_from == ["f0"]
+        assert fake.prefills == ["f0", "p0"]
+        assert router.live.node_up["f0"]
+        await router.nodes.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_bad_request_answer_is_the_clients_400():
+    """Any other 400 from a node is the request's fault: the client gets it as is."""
+    from prfaas.server.gateway.node_client import PrefillFailed, node_error
+
+    ep = NodeEndpoint("f0", "prfaas", "prefill", "http://f0")
+    bad = ErrorBody(error=ErrorDetail(code="bad_request", message="prompt too long")).to_json()
+    role = ErrorBody(error=ErrorDetail(code="wrong_role", message="f0 is a decode node")).to_json()
+    e = node_error(400, bad, ep)
+    assert isinstance(e, APIError) and e.status == 400 and "prompt too long" in e.message
+    assert isinstance(node_error(400, role, ep), PrefillFailed)
+    assert isinstance(node_error(400, b"<html>", ep), APIError)
+    assert isinstance(node_error(503, bad, ep), PrefillFailed)
