@@ -10,8 +10,10 @@ Policy (continuous batching under a per-step token budget ``max_num_batched_toke
    one without room; they decode from this step on. An import that starts beyond the cached
    prefix ``expect_kv`` held for it is dropped (the request waits on for a KV that starts lower).
 2. Decodes of running requests, oldest first, one token each. When the cache has no block for one,
-   the newest running request is preempted (its cache freed, recomputed later from its tokens),
-   possibly the one asking; a request alone in the cache without room ends with ``length``.
+   the blocks that requests still waiting for their KV reserved for early layers are given back
+   first, then the newest running request is preempted (its cache freed, recomputed later from its
+   tokens; never an import admitted in this step), possibly the one asking; a request alone in the
+   cache without room ends with ``length``.
 3. Prefills under way, in chunks that end on state-checkpoint boundaries (prefix caching).
 4. Waiting requests, in order, while slots, blocks (whole prompt + 1 reserved at admission) and
    budget last; none right after a preemption (the freed blocks go to running requests).
@@ -157,6 +159,17 @@ class Scheduler:
         req.kv_staged = None
         req.kv_layers = set()
 
+    def _drop_reservation(self) -> bool:
+        """Give back the newest reservation that a request still waiting for (the admission of)
+        its KV took for its early layers (``reserve_import``): a running request needing a block
+        comes first.  Its layers are written again with the rest when its KV is admitted.  False
+        when no such reservation is held."""
+        for r in reversed(self.waiting_for_kv.values()):
+            if r.cache is not None and r.kv_staged is not None:
+                self.unreserve_import(r)
+                return True
+        return False
+
     def import_written(self, req: Request) -> None:
         """The imported KV is in ``req``'s cache: publish its prompt blocks (and a state
         checkpoint on a boundary) in the prefix cache."""
@@ -244,13 +257,18 @@ class Scheduler:
             gone.add(id(r))
             out.preempted.append(r.request_id)
 
+        # imports admitted just now: their KV is written before this step runs, so they are not
+        # preempted in it (they would lose the blocks it is written into)
+        fresh = {id(i.request) for i in out.imports if i.error is None}
         for req in list(self.running):
             if id(req) in gone or req.in_prefill:
                 continue
             if budget <= 0:
                 break
             while not self.cache.can_reserve(req.cache, req.num_tokens + 1):
-                victim = self.running[-1]
+                if self._drop_reservation():  # speculative holds go before running requests
+                    continue
+                victim = next((r for r in reversed(self.running) if id(r) not in fresh), req)
                 if victim is req:
                     break
                 for k, row in enumerate(rows):
