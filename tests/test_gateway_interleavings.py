@@ -19,6 +19,7 @@ loaded machine."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -27,10 +28,12 @@ import httpx
 import pytest
 
 from prfaas.server.config import parse_deploy_config
+from prfaas.server.gateway.api import build_gateway_app
 from prfaas.server.gateway.handover import DecodeFailed
 from prfaas.server.gateway.node_client import NodeClient, NodeEndpoint
 from prfaas.server.gateway.openai_protocol import APIError
 from prfaas.server.gateway.router import Router
+from prfaas.server.gateway.text_output import TextAssembler
 from prfaas.server.protocol import (
     AbortResult,
     DecodeRequest,
@@ -48,6 +51,7 @@ from prfaas.server.protocol import (
     SamplingParamsMsg,
     TokenEvent,
 )
+from prfaas.tokenizer import ByteTokenizer
 
 NODES = {  # name: (cluster, role)
     "f0": ("prfaas", "prefill"),
@@ -68,7 +72,7 @@ CFG = {
         },
     ],
     "links": [{"src": "prfaas", "dst": "pd", "gbps": 1.0, "rtt_ms": 5}],
-    "router": {"threshold": 256, "rebalance": False, "max_inflight": 12},
+    "router": {"threshold": 256, "rebalance": False},
 }
 N_REQ = 36
 SEEDS = range(int(os.environ.get("PRFAAS_GW_SEEDS", "10")))  # more for a soak run
@@ -103,7 +107,7 @@ def draw(rng: random.Random, weights: dict[str, int]) -> str:
 
 def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
     """What the fake decode node generates for ``prompt``."""
-    return [(prompt[0] * 31 + prompt[-1] + 7 * i) % 200 + 40 for i in range(max_tokens)]
+    return [(prompt[0] * 31 + prompt[-1] + 7 * i) % 80 + 40 for i in range(max_tokens)]  # ASCII
 
 
 def line(ev: Message) -> bytes:
@@ -310,7 +314,7 @@ class FakeNodes:
         if plan in DECODE_FAULTS:
             self.fault(client, f"stream_{plan}")
         prompt = req.prompt_token_ids
-        token_start = self.rng.choice((0, 64)) if len(prompt) > 64 else 0
+        token_start = int(self.draw("token_start", {"0": 1, "64": 1})) if len(prompt) > 64 else 0
         exp = Expect(node, rid, client, prompt, req.params.max_tokens, token_start, plan)
         self.expect[(node, rid)] = exp
         self.opened.append(exp)
@@ -327,8 +331,8 @@ class FakeNodes:
         return httpx.Response(200, content=AbortResult(aborted=held).to_json())
 
 
-def make_router(fake: FakeNodes) -> Router:
-    cfg = parse_deploy_config(CFG)
+def make_router(fake: FakeNodes, max_inflight: int = 12) -> Router:
+    cfg = parse_deploy_config({**CFG, "router": {**CFG["router"], "max_inflight": max_inflight}})
     eps = [NodeEndpoint(n, c, r, f"http://{n}") for n, (c, r) in NODES.items()]
     router = Router(cfg, eps)
     router.nodes = NodeClient(cfg.secret, httpx.AsyncClient(transport=httpx.MockTransport(fake)))
@@ -473,6 +477,198 @@ def test_router_requests_end_clearly_and_release_everything(seed):
     asyncio.run(scenario())
 
 
+# ---- the same through the OpenAI routes: choices, streaming, stop strings, clients that leave ---
+
+
+async def asgi_post(app, path: str, body: dict, leave: asyncio.Event) -> tuple[int, bytes]:
+    """POST ``body`` to the ASGI ``app`` as one client that goes away once ``leave`` is set (as a
+    server tells it: ``http.disconnect``); the status and the body bytes it received."""
+    raw, asked = json.dumps(body).encode(), False
+    status, chunks = 0, []
+
+    async def receive() -> dict:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict) -> None:
+        nonlocal status
+        if msg["type"] == "http.response.start":
+            status = msg["status"]
+        elif msg["type"] == "http.response.body":
+            chunks.append(msg.get("body", b""))
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"gateway")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+@dataclass
+class ApiClient:
+    k: int
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    stream: bool
+    stop: list[str]
+    start: int
+    leave_at: int | None
+    status: int = 0
+    body: bytes = b""
+    left: bool = False
+
+    def want(self, index: int) -> tuple[str, str]:
+        """Choice ``index``'s whole text and finish reason (as the gateway's own assembler)."""
+        asm = TextAssembler(ByteTokenizer(), self.stop)
+        asm.add(expected_tokens(self.prompts[index // self.n], self.max_tokens))
+        asm.finish()
+        return asm.text, "stop" if asm.stopped else "length"
+
+
+def make_api_clients(rng: random.Random, n_clients: int) -> list[ApiClient]:
+    out = []
+    for k in range(n_clients):
+        prompts = [
+            [k] + [rng.randrange(256) for _ in range(rng.randrange(80, 420) - 1)]
+            for _ in range(rng.choice((1, 1, 1, 2)))
+        ]
+        m = rng.randrange(1, 9)
+        c = ApiClient(k, prompts, rng.choice((1, 1, 2)), m, rng.random() < 0.6, [], 0, None)
+        if rng.random() < 0.3:  # a stop string somewhere in the first choice's text
+            text = c.want(0)[0]
+            j = rng.randrange(len(text))
+            c.stop = [text[j : j + 2]]
+        c.start = rng.randrange(0, 60)
+        c.leave_at = rng.randrange(0, 80) if rng.random() < 0.35 else None
+        out.append(c)
+    return out
+
+
+def sse_events(body: bytes) -> list:
+    out = []
+    for part in body.decode().split("\n\n"):
+        if part:
+            assert part.startswith("data: "), part
+            data = part.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def check_api_error(c: ApiClient, status: int, err: dict, fake: FakeNodes) -> None:
+    faults = {f.removeprefix("stream_") for f in fake.faults.get(c.k, [])}
+    assert (status, err["code"]) in API_ERRORS, f"client {c.k}: undocumented {status} {err}"
+    need = API_ERRORS[(status, err["code"])]
+    assert need is None or faults & need, f"client {c.k}: {status} {err} without a fault"
+
+
+def check_api_outcome(c: ApiClient, fake: FakeNodes) -> None:
+    n_choices = len(c.prompts) * c.n
+    if c.status == 499:
+        assert c.left, f"client {c.k}: 499 but it stayed"
+        return
+    if c.status != 200:
+        assert c.body, f"client {c.k}: {c.status} without a body"
+        check_api_error(c, c.status, json.loads(c.body)["error"], fake)
+        return
+    if not c.stream:
+        body = json.loads(c.body)
+        got = {ch["index"]: (ch["text"], ch["finish_reason"]) for ch in body["choices"]}
+        assert got == {i: c.want(i) for i in range(n_choices)}, f"client {c.k}: {got}"
+        return
+    events = sse_events(c.body)
+    if not c.left:
+        assert events and events[-1] == "[DONE]", f"client {c.k}: stream not ended"
+    text: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    errors = []
+    for ev in events:
+        if ev == "[DONE]":
+            assert ev is events[-1]
+            continue
+        if "error" in ev:
+            errors.append(ev["error"])
+            continue
+        for ch in ev["choices"]:
+            i = ch["index"]
+            assert i not in finish, f"client {c.k}: choice {i} went on after its finish"
+            text[i] = text.get(i, "") + ch["text"]
+            if ch["finish_reason"] is not None:
+                finish[i] = ch["finish_reason"]
+    for i, t in text.items():  # whatever arrived is the start of the answer, never another one
+        assert c.want(i)[0].startswith(t), f"client {c.k} choice {i}: {t!r}"
+    for i, f in finish.items():
+        assert (text.get(i, ""), f) == c.want(i), f"client {c.k} choice {i}: truncated"
+    if errors:
+        assert len(errors) == 1 and events[-2]["error"] is errors[0], f"client {c.k}: {events}"
+        status = 500 if errors[0]["code"] == "request_failed" else 502  # SSE: no status
+        check_api_error(c, status, errors[0], fake)
+    elif not c.left:
+        assert len(finish) == n_choices, f"client {c.k}: {finish}, {n_choices} choices"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_openai_requests_end_clearly_and_release_everything(seed):
+    rng = random.Random(seed)
+    fake = FakeNodes(random.Random(seed + 2000))
+    clients = make_api_clients(rng, 24)
+
+    async def scenario() -> None:
+        router = make_router(fake, max_inflight=20)
+        app = build_gateway_app(router)  # no lifespan: the poller below stands for it
+        stop = asyncio.Event()
+        poll = asyncio.create_task(poller(router, stop))
+
+        async def one(c: ApiClient) -> None:
+            await turns(c.start)
+            leave = asyncio.Event()
+            if c.leave_at is not None:
+
+                async def go() -> None:
+                    await turns(c.leave_at)
+                    c.left = True
+                    leave.set()
+
+                asyncio.get_running_loop().create_task(go())
+            body = {"model": "tiny", "prompt": c.prompts if len(c.prompts) > 1 else c.prompts[0]}
+            body.update(max_tokens=c.max_tokens, n=c.n, stream=c.stream)
+            if c.stop:
+                body["stop"] = c.stop
+            c.status, c.body = await asgi_post(app, "/v1/completions", body, leave)
+
+        tasks = [asyncio.create_task(one(c)) for c in clients]
+        done, pending = await asyncio.wait(tasks, timeout=60)
+        assert not pending, f"responses that never ended: {len(pending)}"
+        for t in tasks:
+            t.result()  # nothing escaped the app (an unexpected error is a 500 body)
+        await turns(200)  # clients' leave timers
+        stop.set()
+        await poll
+        await router.stop()
+        for c in clients:
+            check_api_outcome(c, fake)
+        check_nothing_held(router, fake)
+        statuses = {c.status for c in clients}
+        assert 200 in statuses and len(statuses) >= 2, statuses
+
+    asyncio.run(scenario())
+
+
 # ---- what the random scenarios found, one at a time ------------------------------------------
 
 
@@ -502,6 +698,39 @@ def test_a_decode_stream_without_its_ready_line_is_a_node_failure(plan):
         first, second = fake.opened
         assert (first.plan, second.plan) == (plan, "ok") and first.node != second.node
         assert not router.live.node_up[first.node]
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_routed_again_after_its_prefill_is_counted_prefilled_once_more():
+    """The observer's view of a request whose KV the decode node refused (it lost the prefix:
+    everything is sent again) and whose second prefill then failed: the retry routes it anew
+    (its prefill is queued on the next node again), so its prefill's end and the KV's delivery
+    must be told again when the retry succeeds; else the observer shows its prefill queued (and
+    no decode slot taken) for as long as it decodes."""
+    fake = quiet_fake(
+        {
+            "open": ["ok"],
+            "stream": ["kv_error"],
+            "token_start": ["64"],
+            "prefill": ["ok", "fail", "ok"],
+        }
+    )
+    prompt = [0] + [random.Random(2).randrange(256) for _ in range(299)]
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        gen = await router.generate(prompt, SamplingParamsMsg(max_tokens=3))
+        assert len(gen.route.fallback_from) == 1  # the second prefill failed, the third did not
+        st = router.build_state()
+        assert [sum(c.prefill.queue_reqs) for c in st.clusters.values()] == [0, 0]
+        assert sum(st.clusters["pd"].decode.slots_used) == 1
+        toks = [t async for ev in gen.events() for t in ev.token_ids]
+        gen.close("ok")
+        assert toks == expected_tokens(prompt, 3)
         await router.stop()
         check_nothing_held(router, fake)
 

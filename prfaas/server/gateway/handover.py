@@ -314,6 +314,7 @@ async def prefill_and_handover(
             route.fallback_from.append(ep.name)
             router.metrics.fallbacks.labels(ep.cluster).inc()
             decision = _decide_without(live, decide, info, tried)
+            prefilled = False  # routed anew: the observer waits for this prefill's end again
             continue
         live.prefill_ok(ep.name)
         route.timings["prefill_answered"] = time.time()
