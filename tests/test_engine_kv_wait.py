@@ -242,3 +242,34 @@ def test_held_prefix_survives_a_full_cache_until_the_kv_comes(tiny_model):
     outs = {o.request_id: o.finish_reason for o in dec.step()}
     assert outs == {"c": "abort", "d": "error"} and dec.cache.blocks.num_in_use() == 0
     dec.cache.check()
+
+
+def test_an_import_whose_layers_reserved_its_blocks_never_waits_behind_one_without_room(
+    tiny_model,
+):
+    """Room for one request: r1's layers landed first and reserved its blocks, then r0's whole
+    KV arrived before r1's.  r0 has no room (r1 holds it) and must not block r1, whose blocks
+    are there: r1 decodes, frees them, then r0 does; tokens equal one mixed engine's.  (Found in
+    the killed-node chaos test: four imports on one decode node waited on each other until their
+    clients gave up.)"""
+    rng = random.Random(11)
+    ps = [[rng.randrange(256) for _ in range(60)] for _ in range(2)]  # 4 blocks each, with +1
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    mixed = make(tiny_model)
+    for i, p in enumerate(ps):
+        mixed.add_request(p, sp, f"r{i}")
+    want = {k: v.token_ids for k, v in finish_all(mixed).items()}
+    e0, e1 = exports(tiny_model, ps, sp)
+    dec = make(tiny_model, role="decode", num_blocks=6)
+    for i, p in enumerate(ps):
+        dec.expect_kv(f"r{i}", p, sp)
+    assert all(dec.import_layer(e1.header, part) for part in e1.parts)  # r1's blocks reserved
+    assert not dec.import_layer(e0.header, e0.parts[0])  # no room left for r0's
+    log: list = []
+    dec.import_kv(e0, lambda err: log.append(("r0", err)))  # r0's KV arrives first
+    dec.import_kv(e1, lambda err: log.append(("r1", err)))
+    dec.step()
+    assert log == [("r1", None)]  # r1 admitted past r0, which waits for room
+    got = {k: v.token_ids for k, v in finish_all(dec).items()}
+    assert log == [("r1", None), ("r0", None)] and got == want
+    assert dec.cache.blocks.num_in_use() == 0

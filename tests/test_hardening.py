@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 
 import httpx
@@ -402,17 +403,29 @@ def test_a_killed_node_is_restarted_and_nothing_is_lost(url, victim):
     assert_nothing_held(url)
 
 
-def run_or_report(url: str, coro, phase: str):
+def run_or_report(url: str, coro, phase: str, snapshot_after_s: float = 100.0):
     """``asyncio.run(coro)``; a request that got no answer in time fails with what every node
-    and the gateway still hold (a known intermittent hang: the evidence for finding it)."""
+    and the gateway held while it waited (taken ``snapshot_after_s`` in, before the client gave
+    up and its clean-up freed it) and hold now: the evidence for finding a hang."""
+    held: list[dict] = []
+
+    def snapshot() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            held.append(leftovers(url))
+
+    timer = threading.Timer(snapshot_after_s, snapshot)
+    timer.daemon = True
+    timer.start()
     try:
         return asyncio.run(coro)
     except httpx.TimeoutException as e:
         nodes = [(n["name"], n["up"], n["pid"]) for n in admin(url)["nodes"]]
         raise AssertionError(
-            f"a request {phase} got no answer in time ({e!r}); still held: {leftovers(url)}; "
-            f"nodes (name, up, pid): {nodes}"
+            f"a request {phase} got no answer in time ({e!r}); held while it waited: {held}; "
+            f"held now: {leftovers(url)}; nodes (name, up, pid): {nodes}"
         ) from e
+    finally:
+        timer.cancel()
 
 
 async def _after(url: str) -> list[dict]:

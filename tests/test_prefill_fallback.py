@@ -50,7 +50,8 @@ CLUSTER = {"f0": "prfaas", "p0": "pd", "d0": "pd"}
 
 class FakeNodes:
     """The nodes' control routes; ``mode[node]``: ``ok``, ``fail`` (answers 503 for the prefill,
-    as a node whose transfer of that request failed) or ``dead`` (refuses connections)."""
+    as a node whose transfer of that request failed), ``wrong_role`` (answers 400 ``wrong_role``,
+    as a node that switched roles since the last poll) or ``dead`` (refuses connections)."""
 
     def __init__(self) -> None:
         self.mode = dict.fromkeys(CLUSTER, "ok")
@@ -72,6 +73,9 @@ class FakeNodes:
         if path == "/internal/prefill":
             self.prefills.append(name)
             req = json.loads(request.content)
+            if self.mode[name] == "wrong_role":  # switched to decode since the last poll
+                err = ErrorDetail(code="wrong_role", message=f"{name} is a decode node")
+                return httpx.Response(400, content=ErrorBody(error=err).to_json())
             if self.mode[name] == "fail":
                 err = ErrorDetail(code="transfer_failed", message="TransferError: peer reset")
                 return httpx.Response(503, content=ErrorBody(error=err).to_json())
@@ -116,6 +120,12 @@ def setup():
     fake = FakeNodes()
     router.nodes = NodeClient(cfg.secret, httpx.AsyncClient(transport=httpx.MockTransport(fake)))
     return router, fake
+
+
+def node_up_gauge(router: Router, name: str) -> float | None:
+    ep = router.endpoints[name]
+    labels = {"cluster": ep.cluster, "node": name}
+    return router.metrics.registry.get_sample_value("prfaas_node_up", labels)
 
 
 def long_prompt(k: int) -> list[int]:
@@ -184,6 +194,7 @@ def test_a_node_that_does_not_answer_is_taken_down(setup):
         route = await _request(router, 0)
         assert route.prefill_node == "p0" and route.fallback_from == ["f0"]
         assert not router.live.node_up["f0"]
+        assert node_up_gauge(router, "f0") == 0  # dashboards see it down at once
         assert router.decide(RequestInfo("x", 300)).prefill_cluster == "pd"
         # every prefill node fails this request: a clear 503, the nodes that answered stay up
         fake.mode.update(f0="fail", p0="fail")
@@ -193,6 +204,38 @@ def test_a_node_that_does_not_answer_is_taken_down(setup):
         assert e.value.status == 503 and e.value.code == "prefill_failed"
         assert "f0" in e.value.message and "p0" in e.value.message
         assert router.live.node_up["f0"] and router.live.node_up["p0"]
+        assert node_up_gauge(router, "f0") == 1
         await router.nodes.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_node_that_switched_roles_is_tried_elsewhere(setup):
+    """A 400 ``wrong_role`` is the node's state, not the request's fault: the request goes to
+    another prefill node (no 400 to the client) and the node stays up."""
+    router, fake = setup
+
+    async def scenario() -> None:
+        await router.poll_once()
+        fake.mode["f0"] = "wrong_role"
+        route = await _request(router, 0)
+        assert route.prefill_node == "p0" and route.fallback_from == ["f0"]
+        assert fake.prefills == ["f0", "p0"]
+        assert router.live.node_up["f0"]
+        await router.nodes.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_bad_request_answer_is_the_clients_400():
+    """Any other 400 from a node is the request's fault: the client gets it as is."""
+    from prfaas.server.gateway.node_client import PrefillFailed, node_error
+
+    ep = NodeEndpoint("f0", "prfaas", "prefill", "http://f0")
+    bad = ErrorBody(error=ErrorDetail(code="bad_request", message="prompt too long")).to_json()
+    role = ErrorBody(error=ErrorDetail(code="wrong_role", message="f0 is a decode node")).to_json()
+    e = node_error(400, bad, ep)
+    assert isinstance(e, APIError) and e.status == 400 and "prompt too long" in e.message
+    assert isinstance(node_error(400, role, ep), PrefillFailed)
+    assert isinstance(node_error(400, b"<html>", ep), APIError)
+    assert isinstance(node_error(503, bad, ep), PrefillFailed)

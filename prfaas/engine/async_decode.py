@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from prfaas.engine.model_runner import ModelRunner
-from prfaas.engine.scheduler import SchedulerOutput
+from prfaas.engine.schedule_types import SchedulerOutput
 from prfaas.engine.step_io import model_inputs
 from prfaas.model.batch import CacheTensors
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from prfaas.cache.hybrid import CacheConfig
-from prfaas.engine.scheduler import SchedulerConfig
+from prfaas.engine.schedule_types import SchedulerConfig
 
 ROLES = ("mixed", "prefill", "decode")
 

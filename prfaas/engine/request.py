@@ -62,6 +62,10 @@ class KVArrival:
     data: Any
     on_done: Callable[[str | None], None] | None = None
 
+    @property
+    def span(self) -> tuple[int, int]:
+        return (self.token_start, self.token_end)
+
 
 class Request:
     def __init__(

@@ -6,11 +6,14 @@ engine runs it, and ``update_from_output(out, tokens)`` takes the sampled tokens
 Policy (continuous batching under a per-step token budget ``max_num_batched_tokens``):
 
 1. KV imports that have arrived are admitted first (a state slot and blocks for the whole prompt +
-   1), oldest first; they decode from this step on. An import that starts beyond the cached
+   1), oldest first, except that one whose blocks its early layers reserved never waits behind
+   one without room; they decode from this step on. An import that starts beyond the cached
    prefix ``expect_kv`` held for it is dropped (the request waits on for a KV that starts lower).
 2. Decodes of running requests, oldest first, one token each. When the cache has no block for one,
-   the newest running request is preempted (its cache freed, recomputed later from its tokens),
-   possibly the one asking; a request alone in the cache without room ends with ``length``.
+   the blocks that requests still waiting for their KV reserved for early layers are given back
+   first, then the newest running request is preempted (its cache freed, recomputed later from its
+   tokens; never an import admitted in this step), possibly the one asking; a request alone in the
+   cache without room ends with ``length``.
 3. Prefills under way, in chunks that end on state-checkpoint boundaries (prefix caching).
 4. Waiting requests, in order, while slots, blocks (whole prompt + 1 reserved at admission) and
    budget last; none right after a preemption (the freed blocks go to running requests).
@@ -25,68 +28,17 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from prfaas.cache.hybrid import CacheFull, HybridCache
 from prfaas.engine.request import KVArrival, Request, Status
+from prfaas.engine.schedule_types import (
+    ScheduledImport,
+    ScheduledRow,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512  # token budget of one step
-    max_model_len: int = 4096  # prompt + output tokens of one request
-    stop_ids: frozenset[int] = frozenset()  # end a request unless it sets ignore_eos
-
-
-@dataclass(frozen=True)
-class ScheduledRow:
-    """One request's share of a step: compute tokens [start, start + num_tokens)."""
-
-    request: Request
-    start: int
-    num_tokens: int
-    is_prefill: bool  # prompt tokens (or an imported request's first token), not a decode
-    hands_off: bool  # prefill role: the chunk that completes the prefill (then no sample)
-    samples: bool  # the row's last position yields the request's next token
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-
-@dataclass(frozen=True)
-class ScheduledImport:
-    """A KV import to write into ``request``'s (allocated) cache before the step runs, or, with
-    ``error``, one dropped (``request.kv_arrival.on_done`` still to be called)."""
-
-    request: Request
-    arrival: KVArrival
-    error: str | None = None
-
-
-@dataclass
-class SchedulerOutput:
-    rows: list[ScheduledRow] = field(default_factory=list)  # decodes first, then prefills
-    imports: list[ScheduledImport] = field(default_factory=list)  # before the rows run
-    preempted: list[str] = field(default_factory=list)  # request ids, in this schedule
-    # request ids ended outside a step since the last update (aborts, timeouts, no room left)
-    finished: list[str] = field(default_factory=list)
-    # pipelined decode: each row is one position past what the host knows; its input token is
-    # the previous step's output, still on the device
-    ahead: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.rows)
-
-    @property
-    def prefills(self) -> list[ScheduledRow]:
-        return [r for r in self.rows if r.is_prefill]
-
-    @property
-    def decodes(self) -> list[ScheduledRow]:
-        return [r for r in self.rows if not r.is_prefill]
+__all__ = ["ScheduledImport", "ScheduledRow", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
 
 class Scheduler:
@@ -207,6 +159,17 @@ class Scheduler:
         req.kv_staged = None
         req.kv_layers = set()
 
+    def _drop_reservation(self) -> bool:
+        """Give back the newest reservation that a request still waiting for (the admission of)
+        its KV took for its early layers (``reserve_import``): a running request needing a block
+        comes first.  Its layers are written again with the rest when its KV is admitted.  False
+        when no such reservation is held."""
+        for r in reversed(self.waiting_for_kv.values()):
+            if r.cache is not None and r.kv_staged is not None:
+                self.unreserve_import(r)
+                return True
+        return False
+
     def import_written(self, req: Request) -> None:
         """The imported KV is in ``req``'s cache: publish its prompt blocks (and a state
         checkpoint on a boundary) in the prefix cache."""
@@ -285,22 +248,7 @@ class Scheduler:
         self._dropped = []
         rows = out.rows
         budget = self.config.max_num_batched_tokens
-        # 1. arrived KV imports
-        while self.arrived and len(self.running) < self.config.max_num_seqs:
-            req = self.arrived[0]
-            arrival = req.kv_arrival
-            assert arrival is not None
-            try:
-                self.admit_import(req, arrival.token_start, arrival.token_end)
-            except CacheFull:
-                break
-            except ValueError as e:  # its cached prefix is gone: it waits for a whole KV
-                self.arrived.popleft()
-                req.kv_arrival = None
-                out.imports.append(ScheduledImport(req, arrival, str(e)))
-                continue
-            self.arrived.popleft()
-            out.imports.append(ScheduledImport(req, arrival))  # written before the rows run
+        self._admit_arrived(out)  # 1. arrived KV imports
         # 2. decodes, oldest first
         gone: set[int] = set()  # preempted in this loop (a set: `in self.running` is O(n))
 
@@ -309,13 +257,18 @@ class Scheduler:
             gone.add(id(r))
             out.preempted.append(r.request_id)
 
+        # imports admitted just now: their KV is written before this step runs, so they are not
+        # preempted in it (they would lose the blocks it is written into)
+        fresh = {id(i.request) for i in out.imports if i.error is None}
         for req in list(self.running):
             if id(req) in gone or req.in_prefill:
                 continue
             if budget <= 0:
                 break
             while not self.cache.can_reserve(req.cache, req.num_tokens + 1):
-                victim = self.running[-1]
+                if self._drop_reservation():  # speculative holds go before running requests
+                    continue
+                victim = next((r for r in reversed(self.running) if id(r) not in fresh), req)
                 if victim is req:
                     break
                 for k, row in enumerate(rows):
@@ -359,6 +312,30 @@ class Scheduler:
             budget -= n
         out.finished = [r.request_id for r in self._reports if r.status == Status.FINISHED]
         return out
+
+    def _admit_arrived(self, out: SchedulerOutput) -> None:
+        """Admit arrived KV imports, oldest first, while slots and blocks last.  Once one finds
+        no room, only those whose blocks are already reserved (their layers landed early) follow:
+        they need no more room, and the one waiting may be waiting for exactly their blocks."""
+        blocked = False
+        for req in list(self.arrived):
+            if len(self.running) >= self.config.max_num_seqs:
+                return
+            arrival = req.kv_arrival
+            assert arrival is not None
+            if blocked and (req.cache is None or req.kv_staged != arrival.span):
+                continue
+            try:
+                self.admit_import(req, arrival.token_start, arrival.token_end)
+            except CacheFull:
+                blocked = True
+                continue
+            except ValueError as e:  # its cached prefix is gone: it waits for a whole KV
+                req.kv_arrival = None
+                out.imports.append(ScheduledImport(req, arrival, str(e)))
+            else:
+                out.imports.append(ScheduledImport(req, arrival))  # written before the rows run
+            self.arrived.remove(req)
 
     def can_pipeline(self, out: SchedulerOutput) -> bool:
         """``out`` decodes every running request, one greedy token each, with nothing waiting to

@@ -15,7 +15,7 @@ import torch
 
 from prfaas.engine.request import Request
 from prfaas.engine.sampling import SamplingParams
-from prfaas.engine.scheduler import ScheduledRow, SchedulerOutput
+from prfaas.engine.schedule_types import ScheduledRow, SchedulerOutput
 from prfaas.model.batch import SeqInput
 
 

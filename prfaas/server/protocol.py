@@ -366,6 +366,14 @@ def error_message(text: str | bytes) -> str:
         return raw[:200]
 
 
+def error_code(text: str | bytes) -> str | None:
+    """The code of a node's error answer (None when it is not an ErrorBody)."""
+    try:
+        return ErrorBody.model_validate_json(text).error.code
+    except ValueError:
+        return None
+
+
 def dump(msg: Message) -> dict[str, Any]:
     """A message as a JSON-ready dict (for JSONResponse bodies)."""
     return msg.model_dump(mode="json")

@@ -136,7 +136,13 @@ class DecodeStream:
             request_id=self.rid, prompt_token_ids=prompt, params=params, kv_timeout_s=kv_timeout_s
         )
         self.resp, lines = await self.nodes.open_decode(self.ep, req)
-        first = parse_decode_event(await anext(lines))
+        line = await anext(lines, None)
+        if line is None:
+            raise DecodeFailed(f"decode node {self.ep.name} ended the stream before ready")
+        try:
+            first = parse_decode_event(line)
+        except ValueError as e:  # DecodeFailed: the caller closes the stream, tries another node
+            raise DecodeFailed(f"decode node {self.ep.name} answered {line[:200]!r}: {e}") from None
         if not isinstance(first, ReadyEvent):
             raise DecodeFailed(f"decode node {self.ep.name} answered {first}")
         self.task = asyncio.create_task(self._read(lines))
@@ -308,6 +314,7 @@ async def prefill_and_handover(
             route.fallback_from.append(ep.name)
             router.metrics.fallbacks.labels(ep.cluster).inc()
             decision = _decide_without(live, decide, info, tried)
+            prefilled = False  # routed anew: the observer waits for this prefill's end again
             continue
         live.prefill_ok(ep.name)
         route.timings["prefill_answered"] = time.time()

@@ -57,8 +57,12 @@ class LiveState:
         self._excluded: set[str] = set()
 
     def mark_down(self, name: str) -> None:
+        """``name`` failed the request path (no answer, or too many failed prefills): out of
+        rotation, and ``prfaas_node_up`` says so, until a poll finds it answering."""
+        ep = self.endpoints[name]
         self.node_up[name] = False
-        self._sync(self.endpoints[name])
+        self.metrics.node_up.labels(ep.cluster, ep.name).set(0)
+        self._sync(ep)
 
     def prefill_ok(self, name: str) -> None:
         """A prefill on ``name`` succeeded: its count of consecutive failures starts again."""

@@ -30,6 +30,7 @@ from prfaas.server.protocol import (
     PromptScore,
     PromptScoreResult,
     RoleAdmin,
+    error_code,
     error_message,
 )
 
@@ -52,9 +53,11 @@ class PrefillFailed(Exception):
 
 
 def node_error(status: int, text: str | bytes, ep: NodeEndpoint) -> Exception:
-    """The exception for a node's non-200 answer: 400 -> APIError 400, else PrefillFailed."""
+    """The exception for a node's non-200 answer: 400 -> APIError 400 (the request's fault),
+    except ``wrong_role`` (the node switched roles after the gateway last polled it: the node's
+    state, not the request's, so it is tried elsewhere), else PrefillFailed."""
     msg = error_message(text)
-    if status == 400:
+    if status == 400 and error_code(text) != "wrong_role":
         return APIError(400, msg)
     return PrefillFailed(f"{ep.name}: HTTP {status}: {msg}")
 
