@@ -348,10 +348,10 @@ def write(out_dir: Path, name: str, result: dict) -> None:
             f"Checksum cost on this machine (CPU seconds of one core over the request's bytes, "
             f"in memory, not in cache): XXH3-64 {c['xxh3_64_s_per_gb']:.3f} s/GB "
             f"({c['xxh3_64_gbps']:.0f} Gbps), zlib CRC-32 {c['crc32_s_per_gb']:.3f} s/GB "
-            f"({c['crc32_gbps']:.0f} Gbps). Ours computes XXH3-64 once per side: the sender's I/O "
-            "thread hashes each slice right before writing it (the kernel's copy then reads it "
-            "from cache), the receiver hashes bytes as they land (in cache) and checks each slice; "
-            "plain sendall checks nothing.",
+            f"({c['crc32_gbps']:.0f} Gbps). Ours computes XXH3-64 once per side: the sender's "
+            "dispatcher thread hashes each slice ahead of the I/O thread that writes it (on "
+            "another core, from 2 cores up), the receiver hashes bytes as they land and checks "
+            "each slice; plain sendall checks nothing.",
             "",
             f"## Loopback, {result['payload_bytes'] / 1e6:.1f} MB per request "
             f"(Kimi Linear 48B geometry, {result['tokens']} tokens), {result['repeats']} pairs",

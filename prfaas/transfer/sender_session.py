@@ -269,9 +269,8 @@ class PeerSession:
         budget = _WRITE_BURST
         while q and budget > 0:
             item = q[0]
-            now = time.monotonic()
             if not item.started:
-                if item.due is not None and item.due > now:
+                if item.due is not None and item.due > time.monotonic():
                     return True
                 if self._dropped(item):
                     q.popleft()
@@ -281,47 +280,63 @@ class PeerSession:
                     continue
                 if not self._start(item):
                     return True  # waits on another connection's frames
-            # gather the head frame and the due frames behind it into one sendmsg; a big frame
-            # that must be prepared (a slice hashed) waits to be the head, so its bytes are still
-            # in cache when the kernel copies them; small ones (COMMITs, small slices) join in
-            bufs: list[memoryview] = []
-            gathered = 0
-            # a snapshot: other threads append to the deque (and a hash releases the GIL), and
-            # a deque changed under its iterator raises
-            for it in list(itertools.islice(q, 0, 64)):
-                if not it.started:
-                    if (it.due is not None and it.due > now) or self._dropped(it):
-                        break
-                    if it.prepare is not None and it.nbytes > _GATHER_PREPARED:
-                        break
-                    if not self._start(it):
-                        break
-                bufs.extend(it.buffers)
-                gathered += it.nbytes
-                if len(bufs) >= _IOV_MAX or gathered >= _GATHER_BYTES:
-                    break
+            # the head frame alone while much of it is left (the socket fills before its end);
+            # its tail is gathered with the due frames behind it into one sendmsg
+            bufs = item.buffers
+            if item.left < _GATHER_PREPARED and len(q) > 1:
+                bufs = self._gather(q)
             try:
-                n = sock.sendmsg(bufs[:_IOV_MAX])
+                n = sock.sendmsg(bufs)
             except (BlockingIOError, InterruptedError):
                 return False
             except OSError as e:
                 raise PeerClosed(f"send failed: {e}") from e
             budget -= n
-            at = time.time()
+            at = None
             while n:
                 head = q[0]
-                b0 = head.buffers[0]
-                if n >= len(b0):
-                    n -= len(b0)
-                    head.buffers.pop(0)
-                else:
-                    head.buffers[0] = b0[n:]
-                    n = 0
-                if not head.buffers:
-                    self._sent(q.popleft(), at)
+                hb = head.buffers
+                b0 = hb[0]
+                if n < len(b0):
+                    hb[0] = b0[n:]
+                    head.left -= n
+                    break
+                n -= len(b0)
+                head.left -= len(b0)
+                del hb[0]
+                if not hb:
+                    q.popleft()
+                    if at is None:
+                        at = time.time()
+                    self._sent(head, at)
             while q and not q[0].buffers:  # zero-length frames
-                self._sent(q.popleft(), at)
+                self._sent(q.popleft(), time.time())
         return True
+
+    def _gather(self, q: collections.deque[QueuedFrame]) -> list[memoryview]:
+        """The started head's buffers and those of the due frames behind it, for one sendmsg.
+
+        A big frame that must be prepared (a slice hashed) waits to be the head, so its bytes
+        are still in cache when the kernel copies them; small ones (COMMITs, small slices) join.
+        """
+        bufs: list[memoryview] = []
+        gathered = 0
+        now = time.monotonic() if self.link is not None else 0.0
+        # a snapshot: other threads append to the deque (and a hash releases the GIL), and
+        # a deque changed under its iterator raises
+        for it in list(itertools.islice(q, 0, 64)):
+            if not it.started:
+                if (it.due is not None and it.due > now) or self._dropped(it):
+                    break
+                if it.prepare is not None and it.nbytes > _GATHER_PREPARED:
+                    break
+                if not self._start(it):
+                    break
+            bufs.extend(it.buffers)
+            gathered += it.left
+            if len(bufs) >= _IOV_MAX or gathered >= _GATHER_BYTES:
+                break
+        return bufs[:_IOV_MAX]
 
     @staticmethod
     def _blocked(item: QueuedFrame) -> bool:

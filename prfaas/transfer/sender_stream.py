@@ -44,6 +44,10 @@ class QueuedFrame:
     prepare: Callable[[QueuedFrame], bool] | None = field(default=None, repr=False)
     blocked: Callable[[], bool] | None = field(default=None, repr=False)
     started: bool = False
+    left: int = -1  # bytes not yet written (set from nbytes)
+
+    def __post_init__(self) -> None:
+        self.left = self.nbytes
 
 
 class PeerStream(SenderStream):

@@ -26,19 +26,20 @@ class TcpSender(SenderBase):
     """Sender over N parallel TCP connections per peer (``connections``, default: sized to the
     link).
 
-    Each slice is hashed by the session's I/O thread right before it is written: the kernel's
-    copy then reads the bytes from cache, so they cross the memory bus once (on a 2-core host
-    this saves ~0.06 CPU s/GB on the sender). ``hash_on_dispatcher=True`` hashes them on the
-    dispatcher thread instead, ahead of the I/O thread: the bytes are read twice, but the hash
-    overlaps the writes on another core (for hosts with cores to spare, if one I/O thread's
-    copy is what limits a single connection). The default (None) picks by the cores this
-    process may run on: the dispatcher from ``SPARE_CORES`` up (on the 16-core H200 host one
-    connection went from 0.69-0.85 to 0.78-0.84 of a plain sendall and the I/O thread from 0.92
-    to 0.70 busy: benchmarks/results/transfer_gpu_h200.md), the I/O thread below (a 2-core host
-    is CPU-bound, where reading the bytes once is what counts)."""
+    Each slice is hashed (XXH3-64) where ``hash_on_dispatcher`` says. True: on the session's
+    dispatcher thread, ahead of the I/O thread, so the hash runs on another core beside the
+    writes (the bytes are read twice: once by the hash, once by the kernel's copy). False: on
+    the I/O thread right before the slice is written (the copy then finds the bytes in cache,
+    ~0.03 CPU s/GB less in all, but the hash is in series with the copy on the thread that
+    limits a connection). The default (None) is the dispatcher wherever this process may run
+    on ``SPARE_CORES`` cores or more, the I/O thread on one core. Measured: the 16-core H200
+    host, one connection 0.69-0.85 -> 0.78-0.84 of a plain sendall
+    (benchmarks/results/transfer_gpu_h200.md); the 2-core dev VM quiet (the sender's I/O
+    thread is the limit), one connection 0.78-0.80 -> 0.93-0.95 of a plain sendall, and with
+    both cores busy with other work (CPU-bound) no worse (0.59-0.63 either way)."""
 
     backend_code = BACKEND_CODES["tcp"]
-    SPARE_CORES = 4
+    SPARE_CORES = 2
 
     def __init__(self, *args: Any, hash_on_dispatcher: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
