@@ -100,6 +100,7 @@ STREAM = {
     "die_after_ready": 4,
     "die_mid_tokens": 6,
     "error_before_kv": 4,  # e.g. no KV within kv_timeout_s
+    "error_at_once": 2,  # the node's engine failed: every request it holds ends at once
     "error_mid_tokens": 5,  # the request failed in the engine
     "bad_finish": 2,  # a finish reason that is not OpenAI's
 }
@@ -174,6 +175,9 @@ class DecodeBody(httpx.AsyncByteStream):
             yield self._end(Message())
             return
         yield line(ReadyEvent(node=exp.node, token_start=exp.token_start, kv_addr=(exp.node, 1)))
+        if exp.plan == "error_at_once":
+            yield self._end(ErrorEvent(message="the engine step failed"))
+            return
         if exp.plan in ("die_after_ready", "error_before_kv"):
             await turns(rng.randrange(1, 40))
             if exp.plan == "die_after_ready":
@@ -822,6 +826,29 @@ def test_a_scoring_node_that_does_not_answer_is_a_503():
         assert status == 503 and err["type"] == "server_error", (status, err)
         assert "did not score the prompt" in err["message"]
         assert not router.live.node_up["p0"]  # the PD cluster's first prefill node scores
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+def test_a_decode_node_that_ended_the_request_does_not_fail_the_prefill_nodes():
+    """A decode node that ended a request before its KV came (its engine failed, or no KV within
+    ``kv_timeout_s``) refuses the transfer, so the prefill fails; the gateway retried the prefill
+    on every other prefill node (each failing the same way, each failure counted against a
+    healthy node: three in a row take it down) and answered 503 ``prefill_failed``.  The decode
+    node's own error is the answer (502), and no prefill node is blamed."""
+    fake = quiet_fake({"open": ["ok"], "stream": ["error_at_once"], "prefill": ["slow"]})
+    prompt = [0] + [random.Random(4).randrange(256) for _ in range(99)]  # PD-P prefills
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        c = Client(0, prompt, 3, 0, None)
+        await run_client(router, c)
+        assert c.outcome == ("api_error", 502, "decode_node_failed")
+        assert set(router.live.prefill_failures.values()) == {0}
+        assert all(router.live.node_up.values())
         await router.stop()
         check_nothing_held(router, fake)
 
