@@ -47,9 +47,12 @@ from prfaas.server.protocol import (
     NodeState,
     PrefillRequest,
     PrefillResult,
+    PromptScore,
+    PromptScoreResult,
     ReadyEvent,
     SamplingParamsMsg,
     TokenEvent,
+    TokenLogprobMsg,
 )
 from prfaas.tokenizer import ByteTokenizer
 
@@ -78,7 +81,15 @@ N_REQ = 36
 SEEDS = range(int(os.environ.get("PRFAAS_GW_SEEDS", "10")))  # more for a soak run
 
 # what a node does with one call, and how often (weights)
-PREFILL = {"ok": 70, "slow": 10, "fail": 7, "wrong_role": 3, "refused": 7, "bad_request": 1}
+PREFILL = {
+    "ok": 70,
+    "slow": 10,
+    "fail": 7,
+    "wrong_role": 3,
+    "refused": 7,
+    "bad_request": 1,
+    "lost_answer": 3,  # the KV went over, then the connection broke before the answer
+}
 OPEN = {"ok": 80, "slow": 8, "overloaded": 3, "wrong_role": 1, "refused": 3}
 STREAM = {
     "ok": 60,
@@ -89,10 +100,12 @@ STREAM = {
     "die_after_ready": 4,
     "die_mid_tokens": 6,
     "error_before_kv": 4,  # e.g. no KV within kv_timeout_s
+    "error_at_once": 2,  # the node's engine failed: every request it holds ends at once
     "error_mid_tokens": 5,  # the request failed in the engine
     "bad_finish": 2,  # a finish reason that is not OpenAI's
 }
 DECODE_FAULTS = set(STREAM) - {"ok"}
+SCORE = {"ok": 80, "fail": 10, "refused": 10}  # echo with logprobs: a prefill node scores
 
 
 async def turns(n: int) -> None:
@@ -130,6 +143,7 @@ class Expect:
     max_tokens: int
     token_start: int
     plan: str
+    logprobs: int | None = None  # the request asked for them: one per token
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # KV token_start | "abort"
     closed: bool = False  # the gateway closed the response (the real node then drops it)
     ended: bool = False  # the node sent its last event (finished or error)
@@ -161,6 +175,9 @@ class DecodeBody(httpx.AsyncByteStream):
             yield self._end(Message())
             return
         yield line(ReadyEvent(node=exp.node, token_start=exp.token_start, kv_addr=(exp.node, 1)))
+        if exp.plan == "error_at_once":
+            yield self._end(ErrorEvent(message="the engine step failed"))
+            return
         if exp.plan in ("die_after_ready", "error_before_kv"):
             await turns(rng.randrange(1, 40))
             if exp.plan == "die_after_ready":
@@ -187,7 +204,7 @@ class DecodeBody(httpx.AsyncByteStream):
         cut = rng.randrange(len(toks))  # where a mid-stream fault strikes
         i = 0
         while True:
-            await turns(rng.randrange(0, 6))
+            await turns(rng.randrange(0, 12))
             if not exp.inbox.empty() and exp.inbox.get_nowait() == "abort":
                 yield self._end(ErrorEvent(message="aborted by the router", code="aborted"))
                 return
@@ -198,11 +215,15 @@ class DecodeBody(httpx.AsyncByteStream):
                 return
             k = rng.randrange(1, 4)
             chunk, i = toks[i : i + k], i + k
+            lps = None
+            if exp.logprobs is not None:
+                lps = [TokenLogprobMsg(token_id=t, logprob=-1.0) for t in chunk]
             if i < len(toks):
-                yield line(TokenEvent(token_ids=chunk, finished=False))
+                yield line(TokenEvent(token_ids=chunk, logprobs=lps, finished=False))
                 continue
             reason = "abort" if exp.plan == "bad_finish" else "length"
-            yield self._end(TokenEvent(token_ids=chunk, finished=True, finish_reason=reason))
+            end = TokenEvent(token_ids=chunk, logprobs=lps, finished=True, finish_reason=reason)
+            yield self._end(end)
             return
 
     async def aclose(self) -> None:
@@ -223,6 +244,7 @@ class FakeNodes:
         self.cancelled: set[tuple[str, str, str]] = set()  # (kind, node, rid) left mid-call
         self.faults: dict[int, list[str]] = {}  # client -> the faults its calls drew
         self.rids: dict[str, int] = {}  # request id -> client
+        self.shutdown = False  # the gateway began to stop (its responses end with 503)
 
     def draw(self, what: str, weights: dict[str, int]) -> str:
         forced = self.script.get(what)
@@ -249,6 +271,8 @@ class FakeNodes:
             return await self.prefill(node, PrefillRequest.model_validate_json(request.content))
         if path == "/internal/decode":
             return await self.open(node, DecodeRequest.model_validate_json(request.content))
+        if path == "/internal/prompt_logprobs":
+            return await self.score(node, PromptScore.model_validate_json(request.content))
         raise AssertionError(f"unexpected call {path}")
 
     async def prefill(self, node: str, req: PrefillRequest) -> httpx.Response:
@@ -275,6 +299,9 @@ class FakeNodes:
             self.fault(client, "prefill_no_receiver")
             return error_response(503, "transfer_failed", "TransferError: refused")
         exp.inbox.put_nowait(req.token_start)
+        if kind == "lost_answer":
+            self.fault(client, "prefill_lost_answer")
+            raise httpx.ReadError("connection reset")
         res = PrefillResult(
             request_id=rid,
             node=node,
@@ -315,10 +342,24 @@ class FakeNodes:
             self.fault(client, f"stream_{plan}")
         prompt = req.prompt_token_ids
         token_start = int(self.draw("token_start", {"0": 1, "64": 1})) if len(prompt) > 64 else 0
-        exp = Expect(node, rid, client, prompt, req.params.max_tokens, token_start, plan)
+        mt, lps = req.params.max_tokens, req.params.logprobs
+        exp = Expect(node, rid, client, prompt, mt, token_start, plan, lps)
         self.expect[(node, rid)] = exp
         self.opened.append(exp)
         return httpx.Response(200, stream=DecodeBody(self, exp))
+
+    async def score(self, node: str, req: PromptScore) -> httpx.Response:
+        client = req.prompt_token_ids[0]
+        kind = self.draw("score", SCORE)
+        await turns(self.rng.randrange(3))
+        if kind != "ok":
+            self.fault(client, f"score_{kind}")
+        if kind == "refused":
+            raise httpx.ConnectError("connection refused")
+        if kind == "fail":
+            return error_response(503, "busy", "scoring failed")
+        lps = [TokenLogprobMsg(token_id=t, logprob=-1.0) for t in req.prompt_token_ids[1:]]
+        return httpx.Response(200, content=PromptScoreResult(logprobs=lps).to_json())
 
     async def abort(self, node: str, rid: str, request: httpx.Request) -> httpx.Response:
         self.abort_calls.add((node, rid))
@@ -394,6 +435,7 @@ API_ERRORS = {  # (status, code) a request may end with, and which faults of its
     (503, "prefill_failed"): None,
     (502, "decode_node_failed"): DECODE_FAULTS | {"prefill_refused", "prefill_fail"},
     (500, "request_failed"): DECODE_FAULTS,
+    (503, None): None,  # echo with logprobs: no prefill node scored the prompt
 }
 
 
@@ -529,16 +571,23 @@ class ApiClient:
     stop: list[str]
     start: int
     leave_at: int | None
+    echo: bool = False  # the prompt's text first
+    logprobs: int | None = None
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt alone
     status: int = 0
     body: bytes = b""
     left: bool = False
 
     def want(self, index: int) -> tuple[str, str]:
         """Choice ``index``'s whole text and finish reason (as the gateway's own assembler)."""
+        prompt = self.prompts[index // self.n]
+        prefix = ByteTokenizer().decode(prompt) if self.echo else ""
+        if self.prompt_only:
+            return prefix, "length"
         asm = TextAssembler(ByteTokenizer(), self.stop)
-        asm.add(expected_tokens(self.prompts[index // self.n], self.max_tokens))
+        asm.add(expected_tokens(prompt, self.max_tokens))
         asm.finish()
-        return asm.text, "stop" if asm.stopped else "length"
+        return prefix + asm.text, "stop" if asm.stopped else "length"
 
 
 def make_api_clients(rng: random.Random, n_clients: int) -> list[ApiClient]:
@@ -554,6 +603,12 @@ def make_api_clients(rng: random.Random, n_clients: int) -> list[ApiClient]:
             text = c.want(0)[0]
             j = rng.randrange(len(text))
             c.stop = [text[j : j + 2]]
+        if rng.random() < 0.25:
+            c.echo = True
+            c.logprobs = rng.choice((None, 0, 2))
+            c.prompt_only = rng.random() < 0.3
+        elif rng.random() < 0.2:
+            c.logprobs = 1
         c.start = rng.randrange(0, 60)
         c.leave_at = rng.randrange(0, 80) if rng.random() < 0.35 else None
         out.append(c)
@@ -572,6 +627,8 @@ def sse_events(body: bytes) -> list:
 
 def check_api_error(c: ApiClient, status: int, err: dict, fake: FakeNodes) -> None:
     faults = {f.removeprefix("stream_") for f in fake.faults.get(c.k, [])}
+    if (status, err["code"]) == (503, "server_shutdown") and fake.shutdown:
+        return
     assert (status, err["code"]) in API_ERRORS, f"client {c.k}: undocumented {status} {err}"
     need = API_ERRORS[(status, err["code"])]
     assert need is None or faults & need, f"client {c.k}: {status} {err} without a fault"
@@ -616,7 +673,8 @@ def check_api_outcome(c: ApiClient, fake: FakeNodes) -> None:
         assert (text.get(i, ""), f) == c.want(i), f"client {c.k} choice {i}: truncated"
     if errors:
         assert len(errors) == 1 and events[-2]["error"] is errors[0], f"client {c.k}: {events}"
-        status = 500 if errors[0]["code"] == "request_failed" else 502  # SSE: no status
+        code = errors[0]["code"]  # SSE: no status
+        status = {"request_failed": 500, "server_shutdown": 503}.get(code, 502)
         check_api_error(c, status, errors[0], fake)
     elif not c.left:
         assert len(finish) == n_choices, f"client {c.k}: {finish}, {n_choices} choices"
@@ -649,9 +707,21 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
             body.update(max_tokens=c.max_tokens, n=c.n, stream=c.stream)
             if c.stop:
                 body["stop"] = c.stop
+            if c.echo:
+                body.update(echo=True, max_tokens=0 if c.prompt_only else c.max_tokens)
+            if c.logprobs is not None:
+                body["logprobs"] = c.logprobs
             c.status, c.body = await asgi_post(app, "/v1/completions", body, leave)
 
         tasks = [asyncio.create_task(one(c)) for c in clients]
+        if seed % 4 == 3:  # the server begins to stop while requests run
+
+            async def shutdown() -> None:
+                await turns(rng.randrange(40, 160))
+                fake.shutdown = True
+                app.state.begin_shutdown()
+
+            tasks.append(asyncio.create_task(shutdown()))
         done, pending = await asyncio.wait(tasks, timeout=60)
         assert not pending, f"responses that never ended: {len(pending)}"
         for t in tasks:
@@ -731,6 +801,54 @@ def test_a_request_routed_again_after_its_prefill_is_counted_prefilled_once_more
         toks = [t async for ev in gen.events() for t in ev.token_ids]
         gen.close("ok")
         assert toks == expected_tokens(prompt, 3)
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+def test_a_scoring_node_that_does_not_answer_is_a_503():
+    """(Seed 9 of the OpenAI scenario.)  ``echo`` with ``logprobs`` asks a prefill node to score
+    the prompt; one that refused the connection let ``httpx.ConnectError`` out of the route (a
+    500 ``internal_error`` and a logged traceback).  Now it is a 503 like a node that answered
+    with an error, the node is down until a poll finds it, and the choice already started is
+    aborted on its decode node."""
+    fake = quiet_fake({"score": ["refused"], "open": ["ok"], "stream": ["ok"], "prefill": ["ok"]})
+    prompt = [0] + [random.Random(3).randrange(256) for _ in range(99)]
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        app = build_gateway_app(router)
+        await router.poll_once()
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1}
+        status, raw = await asgi_post(app, "/v1/completions", body, asyncio.Event())
+        err = json.loads(raw)["error"]
+        assert status == 503 and err["type"] == "server_error", (status, err)
+        assert "did not score the prompt" in err["message"]
+        assert not router.live.node_up["p0"]  # the PD cluster's first prefill node scores
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+def test_a_decode_node_that_ended_the_request_does_not_fail_the_prefill_nodes():
+    """A decode node that ended a request before its KV came (its engine failed, or no KV within
+    ``kv_timeout_s``) refuses the transfer, so the prefill fails; the gateway retried the prefill
+    on every other prefill node (each failing the same way, each failure counted against a
+    healthy node: three in a row take it down) and answered 503 ``prefill_failed``.  The decode
+    node's own error is the answer (502), and no prefill node is blamed."""
+    fake = quiet_fake({"open": ["ok"], "stream": ["error_at_once"], "prefill": ["slow"]})
+    prompt = [0] + [random.Random(4).randrange(256) for _ in range(99)]  # PD-P prefills
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        c = Client(0, prompt, 3, 0, None)
+        await run_client(router, c)
+        assert c.outcome == ("api_error", 502, "decode_node_failed")
+        assert set(router.live.prefill_failures.values()) == {0}
+        assert all(router.live.node_up.values())
         await router.stop()
         check_nothing_held(router, fake)
 

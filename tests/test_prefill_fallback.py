@@ -101,7 +101,7 @@ class FakeStream:
     """The decode node's event stream of one request: it imports whatever arrives."""
 
     def __init__(self, ep: NodeEndpoint) -> None:
-        self.ep, self.dead = ep, None
+        self.ep, self.dead, self.ended = ep, None, None
 
     async def next(self) -> KVEvent:
         return KVEvent(

@@ -8,8 +8,10 @@ the decode node reports ``kv`` (imported) and streams ``token`` events.  A prefi
 retried where the policy decides next among the nodes this request has not tried (which falls back
 to PD-P): a node that did not answer is marked down; one that answered with an error (that
 request's failure: its transfer, its input) stays up for the others, unless it failed several
-prefills in a row (``LiveState.prefill_failed``).  A ``kv_error`` with a decode-side prefix resends
-everything from token 0.
+prefills in a row (``LiveState.prefill_failed``); a prefill that failed because the decode node had
+already ended the request (an ``error`` event: its engine failed, no KV in time) is not retried and
+blames no prefill node: the decode node's error is the answer.  A ``kv_error`` with a decode-side
+prefix resends everything from token 0.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class DecodeStream:
         self.resp: httpx.Response | None = None
         self.task: asyncio.Task | None = None
         self.dead: str | None = None
+        self.ended: ErrorEvent | None = None  # the node ended the request with this (once read)
 
     async def open(
         self, prompt: list[int], params: SamplingParamsMsg, kv_timeout_s: float | None = None
@@ -153,6 +156,8 @@ class DecodeStream:
             async for line in lines:
                 if line.strip():
                     ev = parse_decode_event(line)
+                    if isinstance(ev, ErrorEvent):
+                        self.ended = ev
                     await self.queue.put(ev)
                     if isinstance(ev, ErrorEvent) or (isinstance(ev, TokenEvent) and ev.finished):
                         return
@@ -291,6 +296,10 @@ async def prefill_and_handover(
             router.spawn(router.nodes.abort_quietly(ep, info.request_id))
             raise
         except (httpx.HTTPError, PrefillFailed) as e:
+            if stream.ended is not None:  # the decode node gave the request up: the KV had
+                # nowhere to go, no prefill node is to blame, its error is the answer
+                msg = f"decode node {stream.ep.name}: {stream.ended.message}"
+                raise DecodeFailed(msg, stream.ended.code).api_error() from None
             if stream.dead is None and not await _answers(router, stream.ep):
                 # the KV had nowhere to go: the decode node died, not the prefill node
                 stream.dead = f"decode node {stream.ep.name} stopped answering"

@@ -3,11 +3,15 @@ token after the first, given the ones before it, with the top ``k``).
 
 ``prfaas serve``'s backend computes them in its engine thread (its ``prompt_logprobs``); a
 two-cluster deployment asks one of its prefill nodes (``POST /internal/prompt_logprobs``), the
-PD cluster's first when it is available (no link to cross), else any available prefill node."""
+PD cluster's first when it is available (no link to cross), else any available prefill node.
+A node that fails to score (answers an error, or does not answer: then it is marked down) is the
+client's 503."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import httpx
 
 from prfaas.server.gateway.node_client import NodeEndpoint, PrefillFailed
 from prfaas.server.gateway.openai_protocol import APIError
@@ -37,4 +41,7 @@ async def prompt_logprobs(router: Any, ids: list[int], k: int) -> list[TokenLogp
         )
     except PrefillFailed as e:
         raise APIError(503, f"scoring the prompt failed: {e}", "server_error") from None
+    except httpx.HTTPError as e:  # the node did not answer: down until a poll finds it again
+        router.mark_down(ep.name)
+        raise APIError(503, f"{ep.name} did not score the prompt: {e!r}", "server_error") from None
     return res.logprobs
