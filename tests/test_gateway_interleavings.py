@@ -432,7 +432,12 @@ API_ERRORS = {  # (status, code) a request may end with, and which faults of its
     (400, None): {"prefill_bad_request"},
     (429, "overloaded"): None,  # admission: too many in flight (any request)
     (503, "no_capacity"): None,  # every node of a role down (others' faults count)
-    (503, "prefill_failed"): None,
+    (503, "prefill_failed"): {  # a prefill node of its own failed it (not a decode node)
+        "prefill_fail",
+        "prefill_refused",
+        "prefill_wrong_role",
+        "prefill_lost_answer",
+    },
     (502, "decode_node_failed"): DECODE_FAULTS | {"prefill_refused", "prefill_fail"},
     (500, "request_failed"): DECODE_FAULTS,
     (503, None): None,  # echo with logprobs: no prefill node scored the prompt
