@@ -7,6 +7,7 @@ thread. Slices of 256 KiB-3 MiB and their tails arrive whole."""
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 
@@ -19,6 +20,7 @@ from prfaas.transfer import wire
 from prfaas.transfer.backend import Delivery, TransferFailure
 from prfaas.transfer.errors import ChecksumError
 from prfaas.transfer.registry import create_receiver, create_sender
+from prfaas.transfer.sender_stream import QueuedFrame
 
 SECRET = "cluster-secret-0123456789"
 LAYOUT = CacheLayout.kimi_linear("fp-hash", ["kda", "mla", "kda", "mla"], kda_heads=2)
@@ -160,3 +162,40 @@ def test_gathering_while_other_threads_queue(pair) -> None:
         got[d.export.header.request_id] = d
     for ex in exports:
         _same(ex, got[ex.header.request_id].export)
+
+
+def test_gather_survives_frames_queued_meanwhile(pair) -> None:
+    """Another thread may queue a frame while the I/O thread gathers the head frame's tail with
+    the frames behind it (a GIL switch can fall between any two of its bytecodes, even between
+    making an iterator over the queue and reading it, which then raised "deque mutated during
+    iteration" and killed the I/O thread). Gathering reads the queue by index: no error, and the
+    frames it takes are the head and the ones behind it, in order."""
+    rx, tx = pair(connections=1)
+    session = tx.session(rx.address)
+
+    def frame(payload: bytes, started: bool = False) -> QueuedFrame:
+        f = QueuedFrame([memoryview(payload)], len(payload), None, "commit", 0, None)
+        f.started = started
+        return f
+
+    class Racing(collections.deque):
+        """Each look at the queue lets the 'dispatcher' append a frame first."""
+
+        def _late(self) -> None:
+            deque_append(self, frame(b"late"))
+
+        def __getitem__(self, k):  # type: ignore[no-untyped-def]
+            self._late()
+            return super().__getitem__(k)
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            it = super().__iter__()
+            self._late()
+            return it
+
+    deque_append = collections.deque.append
+    q = Racing([frame(b"head-tail", started=True), frame(b"commit-1"), frame(b"commit-2")])
+    bufs = session._gather(q)
+    assert [bytes(b) for b in bufs] == [b"head-tail", b"commit-1", b"commit-2"]
+    queued = list(collections.deque.__iter__(q))  # the plain iterator: appends nothing
+    assert len(queued) > 3 and all(bytes(f.buffers[0]) == b"late" for f in queued[3:])

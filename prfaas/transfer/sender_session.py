@@ -322,9 +322,13 @@ class PeerSession:
         bufs: list[memoryview] = []
         gathered = 0
         now = time.monotonic() if self.link is not None else 0.0
-        # a snapshot: other threads append to the deque (and a hash releases the GIL), and
-        # a deque changed under its iterator raises
-        for it in list(itertools.islice(q, 0, 64)):
+        # by index, never through an iterator: other threads append to the deque meanwhile (a
+        # GIL switch can fall between any two bytecodes, even between making an iterator and
+        # reading it: the snapshot ``list(islice(q))`` used before once raised "deque mutated
+        # during iteration" here and the I/O thread died); only this thread pops from the left,
+        # so the first items keep their indices
+        for k in range(min(len(q), 64)):
+            it = q[k]
             if not it.started:
                 if (it.due is not None and it.due > now) or self._dropped(it):
                     break
