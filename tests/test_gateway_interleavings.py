@@ -1,20 +1,25 @@
 """Random interleavings of many concurrent requests through the gateway's request path (``Router``:
 admission, routing, the decode stream, prefill and hand-over with retries, ``Generation``; and the
-OpenAI routes on top of it) against fake nodes (``httpx.MockTransport``, no process, no socket)
-whose behaviour is drawn per call: a prefill answers, fails (503), answers ``wrong_role``, refuses
-the request (400), refuses the connection or is slow; a decode node answers the open or not, and its
-stream sends ``ready``, ``kv`` (or a ``kv_error`` first), the tokens and ``finished``, or dies on the
-way, or ends with an error event; clients go away at random points.
+OpenAI routes on top of it: several prompts and ``n`` choices, streaming or not, stop strings, echo
+and logprobs, a server that begins to stop) against fake nodes (``httpx.MockTransport``, no process,
+no socket) whose behaviour is drawn per call: a prefill answers, fails (503), answers
+``wrong_role``, refuses the request (400), refuses the connection, loses its answer or is slow; a
+decode node answers the open or not, and its stream sends ``ready``, ``kv`` (or a ``kv_error``
+first), the tokens and ``finished``, or dies on the way, or ends with an error event; clients go
+away at random points (task cancelled; over HTTP: ``http.disconnect``).
 
 Whatever the order, every request ends (bounded time) with its complete answer (the exact tokens
-the fake decode node streams) or a clear error with one of the documented codes, never a truncated
-answer; an error needs a fault of that request's own (a 503 may also come from nodes others'
-faults took down); and at the end nothing is held: no admission slot, no request in the scheduler's
-observer, no background task, no decode stream left open, and every node a cancelled request was
-running on got its abort.
+the fake decode node streams, the text the gateway's own assembler makes of them) or a clear error
+with one of the documented codes, never a truncated answer; an error needs a fault of that
+request's own (a 503 ``no_capacity`` may also come from nodes others' faults took down); and at the
+end nothing is held: no admission slot, no request in the scheduler's observer, no background task,
+no decode stream left open, and every node a request left while it ran there got its abort.
 
-Fake time is event-loop turns (``turns``), not seconds: a seed replays the same interleaving on a
-loaded machine."""
+Fake time is event-loop turns (``turns``), not seconds, so a loaded machine does not change the
+interleaving (the observer's busy estimates read the clock, so the choice between two equal
+prefill nodes may).  ``PRFAAS_GW_SEEDS=200`` runs more seeds.  The focused tests at the end are
+what the random scenarios found, one at a time.
+"""
 
 from __future__ import annotations
 
@@ -236,7 +241,7 @@ class FakeNodes:
 
     def __init__(self, rng: random.Random, script: dict[str, list[str]] | None = None) -> None:
         self.rng = rng
-        self.script = script or {}  # "prefill"/"open"/"stream": forced draws, in order
+        self.script = script or {}  # what -> its next draws, in order (then: random)
         self.p_refuse = {"state": 0.03, "abort": 0.05}  # calls refused now and then
         self.expect: dict[tuple[str, str], Expect] = {}
         self.opened: list[Expect] = []
@@ -438,7 +443,7 @@ API_ERRORS = {  # (status, code) a request may end with, and which faults of its
         "prefill_wrong_role",
         "prefill_lost_answer",
     },
-    (502, "decode_node_failed"): DECODE_FAULTS | {"prefill_refused", "prefill_fail"},
+    (502, "decode_node_failed"): DECODE_FAULTS,
     (500, "request_failed"): DECODE_FAULTS,
     (503, None): None,  # echo with logprobs: no prefill node scored the prompt
 }
@@ -463,8 +468,22 @@ def check_outcome(c: Client, fake: FakeNodes) -> None:
         assert kind == "cancelled" and c.cancel_at is not None, f"client {c.k}: {c.outcome}"
 
 
-def check_nothing_held(router: Router, fake: FakeNodes) -> None:
+def requests_counted(router: Router) -> float:
+    """``prfaas_requests_total`` over every outcome (429s included)."""
+    return sum(
+        s.value
+        for m in router.metrics.registry.collect()
+        if m.name == "prfaas_requests"
+        for s in m.samples
+        if s.name == "prfaas_requests_total"
+    )
+
+
+def check_nothing_held(router: Router, fake: FakeNodes, n_generate: int | None = None) -> None:
+    """Nothing is held at the end; ``n_generate``: the requests sent, each counted once."""
     assert router.admission.inflight == 0
+    if n_generate is not None:
+        assert requests_counted(router) == n_generate, "a request released twice or never"
     obs = router.sched.observer
     assert obs.pending() == 0, "routed requests the observer still holds"
     for cs in router.build_state().clusters.values():
@@ -516,7 +535,7 @@ def test_router_requests_end_clearly_and_release_everything(seed):
         await router.stop()  # waits for the background clean-up (aborts, stream closes)
         for c in clients:
             check_outcome(c, fake)
-        check_nothing_held(router, fake)
+        check_nothing_held(router, fake, n_generate=len(clients))
         # the draws did reach the paths this test is about
         outcomes = {c.outcome[0] for c in clients}
         assert "ok" in outcomes and len(outcomes) >= 2, outcomes
@@ -694,6 +713,14 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
     async def scenario() -> None:
         router = make_router(fake, max_inflight=20)
         app = build_gateway_app(router)  # no lifespan: the poller below stands for it
+        n_generate, generate = 0, router.generate
+
+        async def counted(prompt: list[int], params: SamplingParamsMsg):  # noqa: ANN202
+            nonlocal n_generate
+            n_generate += 1
+            return await generate(prompt, params)
+
+        router.generate = counted  # the routes call it through the router object
         stop = asyncio.Event()
         poll = asyncio.create_task(poller(router, stop))
 
@@ -737,7 +764,7 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
         await router.stop()
         for c in clients:
             check_api_outcome(c, fake)
-        check_nothing_held(router, fake)
+        check_nothing_held(router, fake, n_generate)
         statuses = {c.status for c in clients}
         assert 200 in statuses and len(statuses) >= 2, statuses
 
