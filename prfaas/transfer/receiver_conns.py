@@ -33,7 +33,7 @@ from prfaas.transfer.errors import (
 from prfaas.transfer.receiver_state import Conn, ReceiverSession, _scratch
 
 _READ_BURST = 64 << 20  # bytes read from one connection before the loop looks at the others
-_RECV_PIECE = 1 << 20  # bytes per recv_into: hashed right after, while still in cache
+_RECV_PIECE = 256 << 10  # bytes per recv_into: hashed right after, while still in L2
 _HOUSEKEEPING_S = 0.1
 
 
@@ -197,17 +197,10 @@ class ConnectionLoop:
         budget = _READ_BURST
         while budget > 0 and not conn.closing and conn.parked_until is None:
             if conn.dst is not None:  # DATA bytes straight into the request's buffer
-                want = min(len(conn.dst) - conn.dst_got, _RECV_PIECE)
-                n = self._recv_into(conn, conn.dst[conn.dst_got :], want)
-                if n is None:
+                budget = self._read_slice(conn, budget)
+                if conn.dst is not None:  # nothing more there now (or the burst is spent)
                     return
-                if conn.hasher is not None:  # else the verifier thread hashes the layer
-                    conn.hasher.update(conn.dst[conn.dst_got : conn.dst_got + n])
-                conn.dst_got += n
-                budget -= n
-                if conn.dst_got == len(conn.dst):
-                    conn.dst = None
-                    self._data_done(conn)
+                self._data_done(conn)
                 continue
             if conn.drain:
                 scratch = _scratch()
@@ -247,6 +240,39 @@ class ConnectionLoop:
             else:
                 conn.small = bytearray(size)
                 conn.small_got = 0
+
+    def _read_slice(self, conn: Conn, budget: int) -> int:
+        """Read the current DATA slice's bytes into its buffer (``conn.dst``) in pieces of at
+        most ``_RECV_PIECE``, each hashed right after it landed (still in cache), until the
+        slice is complete (``conn.dst`` None), nothing more is there or ``budget`` is spent;
+        returns what is left of the budget. The loop for almost every byte received: kept
+        to a recv_into, a hash update and a few local variables per piece."""
+        dst, got, hasher = conn.dst, conn.dst_got, conn.hasher
+        assert dst is not None
+        end = len(dst)
+        recv_into = conn.sock.recv_into
+        try:
+            while got < end and budget > 0:
+                n = recv_into(dst[got:], min(end - got, _RECV_PIECE))
+                if not n:
+                    raise PeerClosed("connection closed in the middle of a frame")
+                if hasher is not None:  # else the verifier thread hashes the layer
+                    hasher.update(dst[got : got + n])
+                got += n
+                budget -= n
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            if conn.session is None or not conn.session.closed:
+                raise PeerClosed(f"connection lost: {e}") from e
+        if got != conn.dst_got:
+            conn.dst_got = got
+            conn.last_io = time.monotonic()
+        if got == end:
+            conn.dst = None
+        elif budget > 0:  # stopped by an empty socket: wait for readiness
+            budget = -1
+        return budget
 
     def _recv_into(
         self, conn: Conn, view: memoryview, n: int, frame_edge: bool = False
