@@ -546,9 +546,12 @@ def test_router_requests_end_clearly_and_release_everything(seed):
 # ---- the same through the OpenAI routes: choices, streaming, stop strings, clients that leave ---
 
 
-async def asgi_post(app, path: str, body: dict, leave: asyncio.Event) -> tuple[int, bytes]:
-    """POST ``body`` to the ASGI ``app`` as one client that goes away once ``leave`` is set (as a
-    server tells it: ``http.disconnect``); the status and the body bytes it received."""
+async def asgi_post(
+    app, path: str, body: dict, leave: asyncio.Event, leave_after: int | None = None
+) -> tuple[int, bytes]:
+    """POST ``body`` to the ASGI ``app`` as one client that goes away once ``leave`` is set (or
+    it received ``leave_after`` body parts), as a server tells it: ``http.disconnect``; the status
+    and the body bytes it received."""
     raw, asked = json.dumps(body).encode(), False
     status, chunks = 0, []
 
@@ -566,6 +569,8 @@ async def asgi_post(app, path: str, body: dict, leave: asyncio.Event) -> tuple[i
             status = msg["status"]
         elif msg["type"] == "http.response.body":
             chunks.append(msg.get("body", b""))
+            if leave_after is not None and len(chunks) >= leave_after:
+                leave.set()
 
     scope = {
         "type": "http",
@@ -595,6 +600,7 @@ class ApiClient:
     stop: list[str]
     start: int
     leave_at: int | None
+    leave_after: int | None = None  # or: once it received this many parts of the body
     echo: bool = False  # the prompt's text first
     logprobs: int | None = None
     prompt_only: bool = False  # echo with max_tokens 0: the prompt alone
@@ -621,7 +627,7 @@ def make_api_clients(rng: random.Random, n_clients: int) -> list[ApiClient]:
             [k] + [rng.randrange(256) for _ in range(rng.randrange(80, 420) - 1)]
             for _ in range(rng.choice((1, 1, 1, 2)))
         ]
-        m = rng.randrange(1, 9)
+        m = rng.randrange(1, 17)
         c = ApiClient(k, prompts, rng.choice((1, 1, 2)), m, rng.random() < 0.6, [], 0, None)
         if rng.random() < 0.3:  # a stop string somewhere in the first choice's text
             text = c.want(0)[0]
@@ -634,7 +640,9 @@ def make_api_clients(rng: random.Random, n_clients: int) -> list[ApiClient]:
         elif rng.random() < 0.2:
             c.logprobs = 1
         c.start = rng.randrange(0, 60)
-        c.leave_at = rng.randrange(0, 80) if rng.random() < 0.35 else None
+        c.leave_at = rng.randrange(0, 150) if rng.random() < 0.3 else None
+        if c.stream and c.leave_at is None and rng.random() < 0.4:
+            c.leave_after = rng.randrange(1, 5)  # mid-stream
         out.append(c)
     return out
 
@@ -711,7 +719,7 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
     clients = make_api_clients(rng, 24)
 
     async def scenario() -> None:
-        router = make_router(fake, max_inflight=20)
+        router = make_router(fake, max_inflight=10)  # a later choice may get a 429
         app = build_gateway_app(router)  # no lifespan: the poller below stands for it
         n_generate, generate = 0, router.generate
 
@@ -743,7 +751,8 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
                 body.update(echo=True, max_tokens=0 if c.prompt_only else c.max_tokens)
             if c.logprobs is not None:
                 body["logprobs"] = c.logprobs
-            c.status, c.body = await asgi_post(app, "/v1/completions", body, leave)
+            c.status, c.body = await asgi_post(app, "/v1/completions", body, leave, c.leave_after)
+            c.left = c.left or leave.is_set()
 
         tasks = [asyncio.create_task(one(c)) for c in clients]
         if seed % 4 == 3:  # the server begins to stop while requests run
