@@ -601,6 +601,7 @@ class ApiClient:
     start: int
     leave_at: int | None
     leave_after: int | None = None  # or: once it received this many parts of the body
+    usage: bool = False  # stream_options.include_usage
     echo: bool = False  # the prompt's text first
     logprobs: int | None = None
     prompt_only: bool = False  # echo with max_tokens 0: the prompt alone
@@ -641,6 +642,7 @@ def make_api_clients(rng: random.Random, n_clients: int) -> list[ApiClient]:
             c.logprobs = 1
         c.start = rng.randrange(0, 60)
         c.leave_at = rng.randrange(0, 150) if rng.random() < 0.3 else None
+        c.usage = c.stream and rng.random() < 0.3
         if c.stream and c.leave_at is None and rng.random() < 0.4:
             c.leave_after = rng.randrange(1, 5)  # mid-stream
         out.append(c)
@@ -710,6 +712,10 @@ def check_api_outcome(c: ApiClient, fake: FakeNodes) -> None:
         check_api_error(c, status, errors[0], fake)
     elif not c.left:
         assert len(finish) == n_choices, f"client {c.k}: {finish}, {n_choices} choices"
+        if c.usage:  # the last chunk: no choices, the usage (each prompt once, as OpenAI)
+            n_prompt = sum(len(p) for p in c.prompts)
+            assert events[-2]["choices"] == [], events[-2]
+            assert events[-2]["usage"]["prompt_tokens"] == n_prompt, events[-2]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -751,6 +757,8 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
                 body.update(echo=True, max_tokens=0 if c.prompt_only else c.max_tokens)
             if c.logprobs is not None:
                 body["logprobs"] = c.logprobs
+            if c.usage:
+                body["stream_options"] = {"include_usage": True}
             c.status, c.body = await asgi_post(app, "/v1/completions", body, leave, c.leave_after)
             c.left = c.left or leave.is_set()
 
