@@ -250,6 +250,8 @@ class FakeNodes:
         self.faults: dict[int, list[str]] = {}  # client -> the faults its calls drew
         self.rids: dict[str, int] = {}  # request id -> client
         self.shutdown = False  # the gateway began to stop (its responses end with 503)
+        self.state_misses: dict[str, int] = {}  # node -> state polls it misses next (scripted)
+        self.missed: dict[str, bool] = {}  # node -> it missed its last state poll
 
     def draw(self, what: str, weights: dict[str, int]) -> str:
         forced = self.script.get(what)
@@ -261,11 +263,16 @@ class FakeNodes:
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         node, path = request.url.host, request.url.path
         if path == "/state":
-            # by design a decode node that misses one state poll while a prefill for it failed
-            # is taken for dead: its requests in hand-over end with 502 (``_answers``), without
-            # an abort (closing the stream drops them on a live node); only prefill nodes flap
+            # a prefill node misses polls at random; a decode node too, never two in a row (two
+            # in a row after a transfer to it failed: taken for dead, its request ends with 502)
             cluster, role = NODES[node]
-            if role == "prefill" and self.rng.random() < self.p_refuse["state"]:
+            missed, self.missed[node] = self.missed.get(node, False), False
+            if self.state_misses.get(node, 0) > 0:
+                self.state_misses[node] -= 1
+                self.missed[node] = True
+                raise httpx.ConnectError("connection refused", request=request)
+            if (role == "prefill" or not missed) and self.rng.random() < self.p_refuse["state"]:
+                self.missed[node] = True
                 raise httpx.ConnectError("connection refused", request=request)
             links = {"pd": LinkReading(up=True)} if cluster == "prfaas" else {}
             st = NodeState(name=node, cluster=cluster, role=role, pid=1, links=links)
@@ -900,5 +907,55 @@ def test_a_decode_node_that_ended_the_request_does_not_fail_the_prefill_nodes():
         assert all(router.live.node_up.values())
         await router.stop()
         check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fault", ["wrong_role", "refused", "fail"])
+def test_one_missed_state_poll_of_the_decode_node_fails_no_request(fault):
+    """After any failed prefill the gateway polled the decode node once (2 s timeout) and, if
+    that poll missed, ended the request with 502 although its decode stream was healthy, marked
+    the decode node down for every request and sent no abort.  Now only a failed transfer to the
+    decode node (503 ``transfer_failed``) probes it, and one missed poll condemns nobody: the
+    prefill is retried, the request completes, the decode node stays up."""
+    fake = quiet_fake({"open": ["ok"], "stream": ["ok"], "prefill": [fault, "ok"]})
+    prompt = [0] + [random.Random(5).randrange(256) for _ in range(99)]  # PD-P prefills
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        fake.state_misses.update(d0=1, d1=1)  # the next poll of either decode node misses
+        c = Client(0, prompt, 4, 0, None)
+        await run_client(router, c)
+        assert c.outcome == ("ok", expected_tokens(prompt, 4), "length")
+        assert router.live.node_up["d0"] and router.live.node_up["d1"]
+        # only a failed transfer asked the decode node (and its second poll answered)
+        assert sum(fake.state_misses.values()) == (1 if fault == "fail" else 2)
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+def test_a_decode_node_missing_two_polls_after_a_failed_transfer_is_taken_for_dead():
+    """The case the probe is for (a decode node killed while a prefill node sends it the KV):
+    the transfer failed and the decode node misses two state polls in a row: the request ends
+    with 502 ``decode_node_failed``, the decode node is down, no prefill node is blamed."""
+    fake = quiet_fake({"open": ["ok"], "stream": ["ok"], "prefill": ["fail"]})
+    prompt = [0] + [random.Random(6).randrange(256) for _ in range(99)]
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        fake.state_misses.update(d0=2, d1=2)
+        c = Client(0, prompt, 4, 0, None)
+        await run_client(router, c)
+        assert c.outcome == ("api_error", 502, "decode_node_failed")
+        (exp,) = fake.opened
+        assert not router.live.node_up[exp.node]
+        assert set(router.live.prefill_failures.values()) == {0}
+        await router.stop()
+        assert exp.closed and router.admission.inflight == 0
+        assert router.sched.observer.pending() == 0
 
     asyncio.run(scenario())
