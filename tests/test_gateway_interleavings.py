@@ -95,13 +95,15 @@ PREFILL = {
     "bad_request": 1,
     "lost_answer": 3,  # the KV went over, then the connection broke before the answer
 }
-OPEN = {"ok": 80, "slow": 8, "overloaded": 3, "wrong_role": 1, "refused": 3}
+OPEN = {"ok": 80, "slow": 8, "overloaded": 3, "wrong_role": 1, "refused": 3, "hang": 1}
+OPEN_TIMEOUT_S = 0.3  # router.decode_open_timeout_s here (real seconds: only a hang reaches it)
 STREAM = {
     "ok": 60,
     "kv_error": 8,  # the import refuses the first KV (the node lost the prefix meanwhile)
     "die_at_once": 3,  # the connection breaks before the ready line
     "empty": 2,  # the stream ends before the ready line
     "garbage": 1,  # a first line that is no event (a node of another version, a proxy)
+    "no_ready": 1,  # the headers, then nothing (until the gateway aborts the request)
     "die_after_ready": 4,
     "die_mid_tokens": 6,
     "error_before_kv": 4,  # e.g. no KV within kv_timeout_s
@@ -178,6 +180,10 @@ class DecodeBody(httpx.AsyncByteStream):
             return
         if exp.plan == "garbage":
             yield self._end(Message())
+            return
+        if exp.plan == "no_ready":
+            await exp.inbox.get()  # only an abort comes
+            yield self._end(ErrorEvent(message="aborted by the router", code="aborted"))
             return
         yield line(ReadyEvent(node=exp.node, token_start=exp.token_start, kv_addr=(exp.node, 1)))
         if exp.plan == "error_at_once":
@@ -336,6 +342,9 @@ class FakeNodes:
         kind = self.draw("open", OPEN)
         try:
             await turns(self.rng.randrange(10, 40) if kind == "slow" else self.rng.randrange(3))
+            if kind == "hang":  # accepted the connection, never answers
+                self.fault(client, "open_hang")
+                await asyncio.Event().wait()
         except asyncio.CancelledError:  # the node may hold the request already
             self.cancelled.add(("open", node, rid))
             raise
@@ -384,8 +393,12 @@ class FakeNodes:
         return httpx.Response(200, content=AbortResult(aborted=held).to_json())
 
 
-def make_router(fake: FakeNodes, max_inflight: int = 12) -> Router:
-    cfg = parse_deploy_config({**CFG, "router": {**CFG["router"], "max_inflight": max_inflight}})
+def make_router(fake: FakeNodes, max_inflight: int = 12, **timeouts: float) -> Router:
+    """The gateway's router over ``fake``; ``timeouts``: router settings (default: a decode open
+    gets ``OPEN_TIMEOUT_S``)."""
+    timeouts.setdefault("decode_open_timeout_s", OPEN_TIMEOUT_S)
+    router_cfg = {**CFG["router"], "max_inflight": max_inflight}
+    cfg = parse_deploy_config({**CFG, "router": {**router_cfg, **timeouts}})
     eps = [NodeEndpoint(n, c, r, f"http://{n}") for n, (c, r) in NODES.items()]
     router = Router(cfg, eps)
     router.nodes = NodeClient(cfg.secret, httpx.AsyncClient(transport=httpx.MockTransport(fake)))
@@ -957,5 +970,34 @@ def test_a_decode_node_missing_two_polls_after_a_failed_transfer_is_taken_for_de
         await router.stop()
         assert exp.closed and router.admission.inflight == 0
         assert router.sched.observer.pending() == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["no_headers", "no_ready_line"])
+def test_a_decode_node_that_never_answers_the_open_is_left_in_time(how):
+    """A decode node that accepted the connection and then never answered (no headers, or
+    headers and no ``ready`` line) held the request forever: the open had no time limit.  Now,
+    after ``router.decode_open_timeout_s``, the request is aborted there, the node is down and
+    the request goes to the other decode node."""
+    script = {"open": ["hang", "ok"], "stream": ["ok"], "prefill": ["ok"]}
+    if how == "no_ready_line":
+        script.update(open=["ok", "ok"], stream=["no_ready", "ok"])
+    fake = quiet_fake(script)
+    prompt = [0] + [random.Random(7).randrange(256) for _ in range(99)]
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        c = Client(0, prompt, 4, 0, None)
+        await asyncio.wait_for(run_client(router, c), 30)
+        assert c.outcome == ("ok", expected_tokens(prompt, 4), "length")
+        served = fake.opened[-1].node
+        (stuck,) = {"d0", "d1"} - {served}
+        assert not router.live.node_up[stuck] and router.live.node_up[served]
+        rid = fake.opened[-1].rid
+        assert (stuck, rid) in fake.abort_calls  # the request was aborted where it hung
+        await router.stop()
+        check_nothing_held(router, fake)
 
     asyncio.run(scenario())

@@ -166,8 +166,10 @@ class NodeClient:
         )
         resp = await self.http.send(hreq, stream=True)
         if resp.status_code != 200:
-            text = await resp.aread()
-            await resp.aclose()
+            try:
+                text = await resp.aread()
+            finally:  # cancelled too (the open timed out): the connection goes back
+                await resp.aclose()
             raise node_error(resp.status_code, text, ep)
         return resp, resp.aiter_lines()
 

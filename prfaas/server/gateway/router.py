@@ -243,21 +243,29 @@ class Router:
         params: SamplingParamsMsg,
         decision: RouteDecision,
     ) -> tuple[DecodeStream, ReadyEvent, RouteDecision]:
-        """The decode stream on the decided PD-D node; one that does not answer is marked down
-        and the policy decides again (as many tries as PD nodes)."""
+        """The decode stream on the decided PD-D node; one that does not answer (refused, or no
+        ``ready`` within ``router.decode_open_timeout_s``) is marked down and the policy decides
+        again (as many tries as PD nodes)."""
         # the decode node gives up on the KV once every prefill node could have been tried
         # (each try is bounded by prefill_timeout_s + 10 s on the gateway): a KV lost with a
         # dead prefill node then ends the request with an error instead of holding it
         n_prefill = sum(1 for eps in self.by_cluster.values() for e in eps if e.role == "prefill")
         kv_timeout = (self.cfg.router.prefill_timeout_s + 10.0) * max(1, n_prefill) + 10.0
+        limit = self.cfg.router.decode_open_timeout_s  # for its headers and its ready line
         for _ in range(len(self.by_cluster[self.pd])):
             ep = self.by_cluster[self.pd][decision.decode_instance]
             stream = DecodeStream(self.nodes, ep, info.request_id, self.mark_down, self.spawn)
             try:
-                return stream, await stream.open(prompt, params, kv_timeout), decision
+                ready = await asyncio.wait_for(stream.open(prompt, params, kv_timeout), limit)
+                return stream, ready, decision
             except asyncio.CancelledError:
                 stream.close_soon(abort=True)
                 raise
+            except TimeoutError:  # no answer in time: it may hold the request, abort it there
+                stream.close_soon(abort=True)
+                log.warning("decode node %s did not answer the open within %.1f s", ep.name, limit)
+                self.mark_down(ep.name)
+                decision = self.route(info)
             except (httpx.HTTPError, PrefillFailed, DecodeFailed) as e:
                 stream.close_soon(abort=False)
                 log.warning("decode node %s unusable: %s", ep.name, e)
