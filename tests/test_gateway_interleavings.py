@@ -1001,3 +1001,30 @@ def test_a_decode_node_that_never_answers_the_open_is_left_in_time(how):
         check_nothing_held(router, fake)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("code", ["overloaded", "wrong_role"])
+def test_a_decode_node_that_is_full_is_skipped_for_that_request_only(code):
+    """A decode open answered 503 ``overloaded`` (or 400 ``wrong_role``) marked that node down
+    for every request until the next poll, turning load into 503 ``no_capacity`` for others.
+    The node answered: this request tries the other decode node, the node stays up; when every
+    decode node answered so, the request alone gets 503 ``no_capacity``."""
+    fake = quiet_fake({"open": [code, "ok", code, code], "stream": ["ok"], "prefill": ["ok"]})
+    prompt = [0] + [random.Random(8).randrange(256) for _ in range(99)]
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        c = Client(0, prompt, 4, 0, None)
+        await run_client(router, c)
+        assert c.outcome == ("ok", expected_tokens(prompt, 4), "length")
+        assert all(router.live.node_up.values())
+        assert all(router.live.available(ep) for ep in router.endpoints.values())
+        c2 = Client(1, [1, *prompt[1:]], 4, 0, None)
+        await run_client(router, c2)  # both decode nodes answer that they are full
+        assert c2.outcome == ("api_error", 503, "no_capacity")
+        assert all(router.live.node_up.values())
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
