@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from prfaas.scheduling.live import SwitchInProgress
+from prfaas.scheduling.types import Role
 from prfaas.server.config import parse_deploy_config
 from prfaas.server.gateway.api import build_gateway_app
 from prfaas.server.gateway.handover import DecodeFailed
@@ -258,6 +260,7 @@ class FakeNodes:
         self.shutdown = False  # the gateway began to stop (its responses end with 503)
         self.state_misses: dict[str, int] = {}  # node -> state polls it misses next (scripted)
         self.missed: dict[str, bool] = {}  # node -> it missed its last state poll
+        self.roles: dict[str, str] = {}  # node -> the role it reports, when not NODES' one
 
     def draw(self, what: str, weights: dict[str, int]) -> str:
         forced = self.script.get(what)
@@ -272,6 +275,7 @@ class FakeNodes:
             # a prefill node misses polls at random; a decode node too, never two in a row (two
             # in a row after a transfer to it failed: taken for dead, its request ends with 502)
             cluster, role = NODES[node]
+            role = self.roles.get(node, role)
             missed, self.missed[node] = self.missed.get(node, False), False
             if self.state_misses.get(node, 0) > 0:
                 self.state_misses[node] -= 1
@@ -1026,5 +1030,41 @@ def test_a_decode_node_that_is_full_is_skipped_for_that_request_only(code):
         assert all(router.live.node_up.values())
         await router.stop()
         check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+def test_a_node_switched_outside_the_gateway_gets_its_new_roles_work():
+    """The poll read a node's state but not its role: a PD node switched to decode outside the
+    gateway (``/admin/role`` by an operator) kept getting prefills (each answered ``wrong_role``)
+    and no decodes.  Now the poll adopts the role it reports, in the endpoint and the observer,
+    except while the gateway's own switch of that node is under way, and except where the
+    scheduler cannot hold it (a PrfaaS cluster has no decode nodes)."""
+    fake = quiet_fake({})
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        fake.roles.update(p1="decode", f0="decode")
+        await router.poll_once()
+        assert router.endpoints["p1"].role == "decode"
+        pd = router.build_state().clusters["pd"]
+        assert pd.roles == [Role.PREFILL, Role.DECODE, Role.DECODE, Role.DECODE]
+        assert pd.decode.bs_max[1] > 0 and pd.prefill.busy_until[1] == float("inf")
+        assert router.endpoints["f0"].role == "prefill"  # PrfaaS: no decode role to take
+        # the gateway's own switch of d1 is under way (drained, executing): the poll leaves the
+        # role to that switch, even once the node reports its new one
+        router.sched.observer.switch_started(0.0, "pd", 3, Role.PREFILL)
+        sw = SwitchInProgress("pd", 3, Role.PREFILL, 0.0, executing=True)
+        router.sched.switches[("pd", 3)] = sw
+        fake.roles["d1"] = "prefill"
+        await router.poll_once()
+        assert router.endpoints["d1"].role == "decode"
+        assert router.build_state().clusters["pd"].roles[3] is Role.DECODE
+        router.sched.switch_failed("pd", 3)  # its answer was lost, but the node did switch
+        await router.poll_once()  # no switch under way any more: the reported role counts
+        assert router.endpoints["d1"].role == "prefill"
+        assert router.build_state().clusters["pd"].roles[3] is Role.PREFILL
+        await router.stop()
 
     asyncio.run(scenario())
