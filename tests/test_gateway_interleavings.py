@@ -4,9 +4,12 @@ OpenAI routes on top of it: several prompts and ``n`` choices, streaming or not,
 and logprobs, a server that begins to stop) against fake nodes (``httpx.MockTransport``, no process,
 no socket) whose behaviour is drawn per call: a prefill answers, fails (503), answers
 ``wrong_role``, refuses the request (400), refuses the connection, loses its answer or is slow; a
-decode node answers the open or not, and its stream sends ``ready``, ``kv`` (or a ``kv_error``
-first), the tokens and ``finished``, or dies on the way, or ends with an error event; clients go
-away at random points (task cancelled; over HTTP: ``http.disconnect``).
+decode node answers the open, answers that it is full (``overloaded``) or ``wrong_role``, refuses
+the connection or never answers (no headers, or no ``ready`` line: ``OPEN_TIMEOUT_S``), and its
+stream sends ``ready``, ``kv`` (or a ``kv_error`` first), the tokens and ``finished``, or dies on
+the way, or ends with an error event; any node misses a state poll now and then (a decode node
+never two in a row); clients go away at random points (task cancelled; over HTTP:
+``http.disconnect``).
 
 Whatever the order, every request ends (bounded time) with its complete answer (the exact tokens
 the fake decode node streams, the text the gateway's own assembler makes of them) or a clear error
@@ -17,8 +20,8 @@ no decode stream left open, and every node a request left while it ran there got
 
 Fake time is event-loop turns (``turns``), not seconds, so a loaded machine does not change the
 interleaving (the observer's busy estimates read the clock, so the choice between two equal
-prefill nodes may).  ``PRFAAS_GW_SEEDS=200`` runs more seeds.  The focused tests at the end are
-what the random scenarios found, one at a time.
+prefill nodes may); only a decode open that hangs waits real time (``OPEN_TIMEOUT_S``).  ``PRFAAS_GW_SEEDS=200`` runs more seeds.  The focused tests at the end are
+what the random scenarios found, one at a time, and the weaknesses they were extended for.
 """
 
 from __future__ import annotations
