@@ -8,7 +8,7 @@ decode node answers the open, answers that it is full (``overloaded``) or ``wron
 the connection or never answers (no headers, or no ``ready`` line: ``OPEN_TIMEOUT_S``), and its
 stream sends ``ready``, ``kv`` (or a ``kv_error`` first), the tokens and ``finished``, or dies on
 the way, or ends with an error event; any node misses a state poll now and then (a decode node
-never two in a row); clients go away at random points (task cancelled; over HTTP:
+at most one in ``DECODE_MISS_GAP_S``); clients go away at random points (task cancelled; over HTTP:
 ``http.disconnect``).
 
 Whatever the order, every request ends (bounded time) with its complete answer (the exact tokens
@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -101,6 +102,9 @@ PREFILL = {
     "lost_answer": 3,  # the KV went over, then the connection broke before the answer
 }
 OPEN = {"ok": 80, "slow": 8, "overloaded": 3, "wrong_role": 1, "refused": 3, "hang": 1}
+# real seconds between two random state-poll misses of one decode node (25x the pause between
+# the gateway's two probes of a decode node: no request sees one miss twice in a row)
+DECODE_MISS_GAP_S = 5.0
 OPEN_TIMEOUT_S = 0.3  # router.decode_open_timeout_s here (real seconds: only a hang reaches it)
 STREAM = {
     "ok": 60,
@@ -262,7 +266,7 @@ class FakeNodes:
         self.rids: dict[str, int] = {}  # request id -> client
         self.shutdown = False  # the gateway began to stop (its responses end with 503)
         self.state_misses: dict[str, int] = {}  # node -> state polls it misses next (scripted)
-        self.missed: dict[str, bool] = {}  # node -> it missed its last state poll
+        self.missed_at: dict[str, float] = {}  # decode node -> its last random miss (monotonic)
         self.roles: dict[str, str] = {}  # node -> the role it reports, when not NODES' one
 
     def draw(self, what: str, weights: dict[str, int]) -> str:
@@ -275,17 +279,18 @@ class FakeNodes:
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         node, path = request.url.host, request.url.path
         if path == "/state":
-            # a prefill node misses polls at random; a decode node too, never two in a row (two
-            # in a row after a transfer to it failed: taken for dead, its request ends with 502)
+            # a prefill node misses polls at random; a decode node too, at most one in any
+            # DECODE_MISS_GAP_S (two in a row after a transfer to it failed, DECODE_PROBE_PAUSE_S
+            # apart: taken for dead, its request ends with 502)
             cluster, role = NODES[node]
             role = self.roles.get(node, role)
-            missed, self.missed[node] = self.missed.get(node, False), False
             if self.state_misses.get(node, 0) > 0:
                 self.state_misses[node] -= 1
-                self.missed[node] = True
                 raise httpx.ConnectError("connection refused", request=request)
-            if (role == "prefill" or not missed) and self.rng.random() < self.p_refuse["state"]:
-                self.missed[node] = True
+            now = time.monotonic()
+            calm = role == "prefill" or now - self.missed_at.get(node, -1e9) > DECODE_MISS_GAP_S
+            if calm and self.rng.random() < self.p_refuse["state"]:
+                self.missed_at[node] = now
                 raise httpx.ConnectError("connection refused", request=request)
             links = {"pd": LinkReading(up=True)} if cluster == "prfaas" else {}
             st = NodeState(name=node, cluster=cluster, role=role, pid=1, links=links)
