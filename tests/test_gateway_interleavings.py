@@ -105,7 +105,8 @@ OPEN = {"ok": 80, "slow": 8, "overloaded": 3, "wrong_role": 1, "refused": 3, "ha
 # real seconds between two random state-poll misses of one decode node (25x the pause between
 # the gateway's two probes of a decode node: no request sees one miss twice in a row)
 DECODE_MISS_GAP_S = 5.0
-OPEN_TIMEOUT_S = 0.3  # router.decode_open_timeout_s here (real seconds: only a hang reaches it)
+OPEN_TIMEOUT_S = 0.15  # router.decode_open_timeout_s here (real seconds; a hang reaches it, a
+# slow open on a loaded machine may too: then that request goes elsewhere, as for a hang)
 STREAM = {
     "ok": 60,
     "kv_error": 8,  # the import refuses the first KV (the node lost the prefix meanwhile)
