@@ -65,7 +65,7 @@ class LLMEngine:
     ) -> None:
         self.config = cfg = config or EngineConfig()
         self.device, self.dtype = cfg.resolved_device(), cfg.resolved_dtype()
-        if model is not None:  # a model handed in: "auto" means where it lives, in its dtype
+        if model is not None and cfg.tensor_parallel_size == 1:  # "auto": where it lives, as it is
             w = model.lm_head.weight
             self.device = w.device if cfg.device == "auto" else self.device
             self.dtype = w.dtype if cfg.dtype == "auto" else self.dtype
