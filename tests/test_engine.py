@@ -306,3 +306,15 @@ def test_token_slice_equals_slicing_the_whole_list():
     for start in range(14):
         for n in range(0, 15 - start):
             assert req.token_slice(start, n) == req.tokens[start : start + n]
+
+
+def test_a_model_handed_in_sets_the_auto_device_and_dtype(tiny_model, monkeypatch):
+    """On a GPU host (``torch.cuda.is_available()``), an engine given a CPU model runs on the CPU
+    in the model's dtype: "auto" follows the model (it was cuda + bfloat16, and the engine failed
+    to plan GPU memory for a CPU model; the CPU tests failed on GPU machines)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    eng = make_engine(tiny_model)
+    assert (eng.device.type, eng.dtype) == ("cpu", torch.float32)
+    assert eng.cache.tensors is not None and eng.memory_plan is None
+    (out,) = run_all(eng, [[1, 2, 3, 4]], [GREEDY])
+    assert out.token_ids == reference_greedy(tiny_model, [1, 2, 3, 4], 8)

@@ -1,20 +1,28 @@
 """Random interleavings of many concurrent requests through the gateway's request path (``Router``:
 admission, routing, the decode stream, prefill and hand-over with retries, ``Generation``; and the
-OpenAI routes on top of it) against fake nodes (``httpx.MockTransport``, no process, no socket)
-whose behaviour is drawn per call: a prefill answers, fails (503), answers ``wrong_role``, refuses
-the request (400), refuses the connection or is slow; a decode node answers the open or not, and its
-stream sends ``ready``, ``kv`` (or a ``kv_error`` first), the tokens and ``finished``, or dies on the
-way, or ends with an error event; clients go away at random points.
+OpenAI routes on top of it: several prompts and ``n`` choices, streaming or not, stop strings, echo
+and logprobs, a server that begins to stop) against fake nodes (``httpx.MockTransport``, no process,
+no socket) whose behaviour is drawn per call: a prefill answers, fails (503), answers
+``wrong_role``, refuses the request (400), refuses the connection, loses its answer or is slow; a
+decode node answers the open, answers that it is full (``overloaded``) or ``wrong_role``, refuses
+the connection or never answers (no headers, or no ``ready`` line: ``OPEN_TIMEOUT_S``), and its
+stream sends ``ready``, ``kv`` (or a ``kv_error`` first), the tokens and ``finished``, or dies on
+the way, or ends with an error event; any node misses a state poll now and then (a decode node
+at most one in ``DECODE_MISS_GAP_S``); clients go away at random points (task cancelled; over HTTP:
+``http.disconnect``).
 
 Whatever the order, every request ends (bounded time) with its complete answer (the exact tokens
-the fake decode node streams) or a clear error with one of the documented codes, never a truncated
-answer; an error needs a fault of that request's own (a 503 may also come from nodes others'
-faults took down); and at the end nothing is held: no admission slot, no request in the scheduler's
-observer, no background task, no decode stream left open, and every node a cancelled request was
-running on got its abort.
+the fake decode node streams, the text the gateway's own assembler makes of them) or a clear error
+with one of the documented codes, never a truncated answer; an error needs a fault of that
+request's own (a 503 ``no_capacity`` may also come from nodes others' faults took down); and at the
+end nothing is held: no admission slot, no request in the scheduler's observer, no background task,
+no decode stream left open, and every node a request left while it ran there got its abort.
 
-Fake time is event-loop turns (``turns``), not seconds: a seed replays the same interleaving on a
-loaded machine."""
+Fake time is event-loop turns (``turns``), not seconds, so a loaded machine does not change the
+interleaving (the observer's busy estimates read the clock, so the choice between two equal
+prefill nodes may); only a decode open that hangs waits real time (``OPEN_TIMEOUT_S``).  ``PRFAAS_GW_SEEDS=200`` runs more seeds.  The focused tests at the end are
+what the random scenarios found, one at a time, and the weaknesses they were extended for.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +30,14 @@ import asyncio
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
+from prfaas.scheduling.live import SwitchInProgress
+from prfaas.scheduling.types import Role
 from prfaas.server.config import parse_deploy_config
 from prfaas.server.gateway.api import build_gateway_app
 from prfaas.server.gateway.handover import DecodeFailed
@@ -90,13 +101,19 @@ PREFILL = {
     "bad_request": 1,
     "lost_answer": 3,  # the KV went over, then the connection broke before the answer
 }
-OPEN = {"ok": 80, "slow": 8, "overloaded": 3, "wrong_role": 1, "refused": 3}
+OPEN = {"ok": 80, "slow": 8, "overloaded": 3, "wrong_role": 1, "refused": 3, "hang": 1}
+# real seconds between two random state-poll misses of one decode node (25x the pause between
+# the gateway's two probes of a decode node: no request sees one miss twice in a row)
+DECODE_MISS_GAP_S = 5.0
+OPEN_TIMEOUT_S = 0.15  # router.decode_open_timeout_s here (real seconds; a hang reaches it, a
+# slow open on a loaded machine may too: then that request goes elsewhere, as for a hang)
 STREAM = {
     "ok": 60,
     "kv_error": 8,  # the import refuses the first KV (the node lost the prefix meanwhile)
     "die_at_once": 3,  # the connection breaks before the ready line
     "empty": 2,  # the stream ends before the ready line
     "garbage": 1,  # a first line that is no event (a node of another version, a proxy)
+    "no_ready": 1,  # the headers, then nothing (until the gateway aborts the request)
     "die_after_ready": 4,
     "die_mid_tokens": 6,
     "error_before_kv": 4,  # e.g. no KV within kv_timeout_s
@@ -174,6 +191,10 @@ class DecodeBody(httpx.AsyncByteStream):
         if exp.plan == "garbage":
             yield self._end(Message())
             return
+        if exp.plan == "no_ready":
+            await exp.inbox.get()  # only an abort comes
+            yield self._end(ErrorEvent(message="aborted by the router", code="aborted"))
+            return
         yield line(ReadyEvent(node=exp.node, token_start=exp.token_start, kv_addr=(exp.node, 1)))
         if exp.plan == "error_at_once":
             yield self._end(ErrorEvent(message="the engine step failed"))
@@ -236,7 +257,7 @@ class FakeNodes:
 
     def __init__(self, rng: random.Random, script: dict[str, list[str]] | None = None) -> None:
         self.rng = rng
-        self.script = script or {}  # "prefill"/"open"/"stream": forced draws, in order
+        self.script = script or {}  # what -> its next draws, in order (then: random)
         self.p_refuse = {"state": 0.03, "abort": 0.05}  # calls refused now and then
         self.expect: dict[tuple[str, str], Expect] = {}
         self.opened: list[Expect] = []
@@ -245,6 +266,9 @@ class FakeNodes:
         self.faults: dict[int, list[str]] = {}  # client -> the faults its calls drew
         self.rids: dict[str, int] = {}  # request id -> client
         self.shutdown = False  # the gateway began to stop (its responses end with 503)
+        self.state_misses: dict[str, int] = {}  # node -> state polls it misses next (scripted)
+        self.missed_at: dict[str, float] = {}  # decode node -> its last random miss (monotonic)
+        self.roles: dict[str, str] = {}  # node -> the role it reports, when not NODES' one
 
     def draw(self, what: str, weights: dict[str, int]) -> str:
         forced = self.script.get(what)
@@ -256,11 +280,18 @@ class FakeNodes:
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         node, path = request.url.host, request.url.path
         if path == "/state":
-            # by design a decode node that misses one state poll while a prefill for it failed
-            # is taken for dead: its requests in hand-over end with 502 (``_answers``), without
-            # an abort (closing the stream drops them on a live node); only prefill nodes flap
+            # a prefill node misses polls at random; a decode node too, at most one in any
+            # DECODE_MISS_GAP_S (two in a row after a transfer to it failed, DECODE_PROBE_PAUSE_S
+            # apart: taken for dead, its request ends with 502)
             cluster, role = NODES[node]
-            if role == "prefill" and self.rng.random() < self.p_refuse["state"]:
+            role = self.roles.get(node, role)
+            if self.state_misses.get(node, 0) > 0:
+                self.state_misses[node] -= 1
+                raise httpx.ConnectError("connection refused", request=request)
+            now = time.monotonic()
+            calm = role == "prefill" or now - self.missed_at.get(node, -1e9) > DECODE_MISS_GAP_S
+            if calm and self.rng.random() < self.p_refuse["state"]:
+                self.missed_at[node] = now
                 raise httpx.ConnectError("connection refused", request=request)
             links = {"pd": LinkReading(up=True)} if cluster == "prfaas" else {}
             st = NodeState(name=node, cluster=cluster, role=role, pid=1, links=links)
@@ -324,6 +355,9 @@ class FakeNodes:
         kind = self.draw("open", OPEN)
         try:
             await turns(self.rng.randrange(10, 40) if kind == "slow" else self.rng.randrange(3))
+            if kind == "hang":  # accepted the connection, never answers
+                self.fault(client, "open_hang")
+                await asyncio.Event().wait()
         except asyncio.CancelledError:  # the node may hold the request already
             self.cancelled.add(("open", node, rid))
             raise
@@ -372,8 +406,12 @@ class FakeNodes:
         return httpx.Response(200, content=AbortResult(aborted=held).to_json())
 
 
-def make_router(fake: FakeNodes, max_inflight: int = 12) -> Router:
-    cfg = parse_deploy_config({**CFG, "router": {**CFG["router"], "max_inflight": max_inflight}})
+def make_router(fake: FakeNodes, max_inflight: int = 12, **timeouts: float) -> Router:
+    """The gateway's router over ``fake``; ``timeouts``: router settings (default: a decode open
+    gets ``OPEN_TIMEOUT_S``)."""
+    timeouts.setdefault("decode_open_timeout_s", OPEN_TIMEOUT_S)
+    router_cfg = {**CFG["router"], "max_inflight": max_inflight}
+    cfg = parse_deploy_config({**CFG, "router": {**router_cfg, **timeouts}})
     eps = [NodeEndpoint(n, c, r, f"http://{n}") for n, (c, r) in NODES.items()]
     router = Router(cfg, eps)
     router.nodes = NodeClient(cfg.secret, httpx.AsyncClient(transport=httpx.MockTransport(fake)))
@@ -438,7 +476,7 @@ API_ERRORS = {  # (status, code) a request may end with, and which faults of its
         "prefill_wrong_role",
         "prefill_lost_answer",
     },
-    (502, "decode_node_failed"): DECODE_FAULTS | {"prefill_refused", "prefill_fail"},
+    (502, "decode_node_failed"): DECODE_FAULTS,
     (500, "request_failed"): DECODE_FAULTS,
     (503, None): None,  # echo with logprobs: no prefill node scored the prompt
 }
@@ -463,8 +501,22 @@ def check_outcome(c: Client, fake: FakeNodes) -> None:
         assert kind == "cancelled" and c.cancel_at is not None, f"client {c.k}: {c.outcome}"
 
 
-def check_nothing_held(router: Router, fake: FakeNodes) -> None:
+def requests_counted(router: Router) -> float:
+    """``prfaas_requests_total`` over every outcome (429s included)."""
+    return sum(
+        s.value
+        for m in router.metrics.registry.collect()
+        if m.name == "prfaas_requests"
+        for s in m.samples
+        if s.name == "prfaas_requests_total"
+    )
+
+
+def check_nothing_held(router: Router, fake: FakeNodes, n_generate: int | None = None) -> None:
+    """Nothing is held at the end; ``n_generate``: the requests sent, each counted once."""
     assert router.admission.inflight == 0
+    if n_generate is not None:
+        assert requests_counted(router) == n_generate, "a request released twice or never"
     obs = router.sched.observer
     assert obs.pending() == 0, "routed requests the observer still holds"
     for cs in router.build_state().clusters.values():
@@ -516,7 +568,7 @@ def test_router_requests_end_clearly_and_release_everything(seed):
         await router.stop()  # waits for the background clean-up (aborts, stream closes)
         for c in clients:
             check_outcome(c, fake)
-        check_nothing_held(router, fake)
+        check_nothing_held(router, fake, n_generate=len(clients))
         # the draws did reach the paths this test is about
         outcomes = {c.outcome[0] for c in clients}
         assert "ok" in outcomes and len(outcomes) >= 2, outcomes
@@ -527,9 +579,12 @@ def test_router_requests_end_clearly_and_release_everything(seed):
 # ---- the same through the OpenAI routes: choices, streaming, stop strings, clients that leave ---
 
 
-async def asgi_post(app, path: str, body: dict, leave: asyncio.Event) -> tuple[int, bytes]:
-    """POST ``body`` to the ASGI ``app`` as one client that goes away once ``leave`` is set (as a
-    server tells it: ``http.disconnect``); the status and the body bytes it received."""
+async def asgi_post(
+    app, path: str, body: dict, leave: asyncio.Event, leave_after: int | None = None
+) -> tuple[int, bytes]:
+    """POST ``body`` to the ASGI ``app`` as one client that goes away once ``leave`` is set (or
+    it received ``leave_after`` body parts), as a server tells it: ``http.disconnect``; the status
+    and the body bytes it received."""
     raw, asked = json.dumps(body).encode(), False
     status, chunks = 0, []
 
@@ -547,6 +602,8 @@ async def asgi_post(app, path: str, body: dict, leave: asyncio.Event) -> tuple[i
             status = msg["status"]
         elif msg["type"] == "http.response.body":
             chunks.append(msg.get("body", b""))
+            if leave_after is not None and len(chunks) >= leave_after:
+                leave.set()
 
     scope = {
         "type": "http",
@@ -576,6 +633,8 @@ class ApiClient:
     stop: list[str]
     start: int
     leave_at: int | None
+    leave_after: int | None = None  # or: once it received this many parts of the body
+    usage: bool = False  # stream_options.include_usage
     echo: bool = False  # the prompt's text first
     logprobs: int | None = None
     prompt_only: bool = False  # echo with max_tokens 0: the prompt alone
@@ -602,7 +661,7 @@ def make_api_clients(rng: random.Random, n_clients: int) -> list[ApiClient]:
             [k] + [rng.randrange(256) for _ in range(rng.randrange(80, 420) - 1)]
             for _ in range(rng.choice((1, 1, 1, 2)))
         ]
-        m = rng.randrange(1, 9)
+        m = rng.randrange(1, 17)
         c = ApiClient(k, prompts, rng.choice((1, 1, 2)), m, rng.random() < 0.6, [], 0, None)
         if rng.random() < 0.3:  # a stop string somewhere in the first choice's text
             text = c.want(0)[0]
@@ -615,7 +674,10 @@ def make_api_clients(rng: random.Random, n_clients: int) -> list[ApiClient]:
         elif rng.random() < 0.2:
             c.logprobs = 1
         c.start = rng.randrange(0, 60)
-        c.leave_at = rng.randrange(0, 80) if rng.random() < 0.35 else None
+        c.leave_at = rng.randrange(0, 150) if rng.random() < 0.3 else None
+        c.usage = c.stream and rng.random() < 0.3
+        if c.stream and c.leave_at is None and rng.random() < 0.4:
+            c.leave_after = rng.randrange(1, 5)  # mid-stream
         out.append(c)
     return out
 
@@ -683,6 +745,10 @@ def check_api_outcome(c: ApiClient, fake: FakeNodes) -> None:
         check_api_error(c, status, errors[0], fake)
     elif not c.left:
         assert len(finish) == n_choices, f"client {c.k}: {finish}, {n_choices} choices"
+        if c.usage:  # the last chunk: no choices, the usage (each prompt once, as OpenAI)
+            n_prompt = sum(len(p) for p in c.prompts)
+            assert events[-2]["choices"] == [], events[-2]
+            assert events[-2]["usage"]["prompt_tokens"] == n_prompt, events[-2]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -692,8 +758,16 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
     clients = make_api_clients(rng, 24)
 
     async def scenario() -> None:
-        router = make_router(fake, max_inflight=20)
+        router = make_router(fake, max_inflight=10)  # a later choice may get a 429
         app = build_gateway_app(router)  # no lifespan: the poller below stands for it
+        n_generate, generate = 0, router.generate
+
+        async def counted(prompt: list[int], params: SamplingParamsMsg):  # noqa: ANN202
+            nonlocal n_generate
+            n_generate += 1
+            return await generate(prompt, params)
+
+        router.generate = counted  # the routes call it through the router object
         stop = asyncio.Event()
         poll = asyncio.create_task(poller(router, stop))
 
@@ -716,7 +790,10 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
                 body.update(echo=True, max_tokens=0 if c.prompt_only else c.max_tokens)
             if c.logprobs is not None:
                 body["logprobs"] = c.logprobs
-            c.status, c.body = await asgi_post(app, "/v1/completions", body, leave)
+            if c.usage:
+                body["stream_options"] = {"include_usage": True}
+            c.status, c.body = await asgi_post(app, "/v1/completions", body, leave, c.leave_after)
+            c.left = c.left or leave.is_set()
 
         tasks = [asyncio.create_task(one(c)) for c in clients]
         if seed % 4 == 3:  # the server begins to stop while requests run
@@ -737,7 +814,7 @@ def test_openai_requests_end_clearly_and_release_everything(seed):
         await router.stop()
         for c in clients:
             check_api_outcome(c, fake)
-        check_nothing_held(router, fake)
+        check_nothing_held(router, fake, n_generate)
         statuses = {c.status for c in clients}
         assert 200 in statuses and len(statuses) >= 2, statuses
 
@@ -856,5 +933,147 @@ def test_a_decode_node_that_ended_the_request_does_not_fail_the_prefill_nodes():
         assert all(router.live.node_up.values())
         await router.stop()
         check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("fault", ["wrong_role", "refused", "fail"])
+def test_one_missed_state_poll_of_the_decode_node_fails_no_request(fault):
+    """After any failed prefill the gateway polled the decode node once (2 s timeout) and, if
+    that poll missed, ended the request with 502 although its decode stream was healthy, marked
+    the decode node down for every request and sent no abort.  Now only a failed transfer to the
+    decode node (503 ``transfer_failed``) probes it, and one missed poll condemns nobody: the
+    prefill is retried, the request completes, the decode node stays up."""
+    fake = quiet_fake({"open": ["ok"], "stream": ["ok"], "prefill": [fault, "ok"]})
+    prompt = [0] + [random.Random(5).randrange(256) for _ in range(99)]  # PD-P prefills
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        fake.state_misses.update(d0=1, d1=1)  # the next poll of either decode node misses
+        c = Client(0, prompt, 4, 0, None)
+        await run_client(router, c)
+        assert c.outcome == ("ok", expected_tokens(prompt, 4), "length")
+        assert router.live.node_up["d0"] and router.live.node_up["d1"]
+        # only a failed transfer asked the decode node (and its second poll answered)
+        assert sum(fake.state_misses.values()) == (1 if fault == "fail" else 2)
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+def test_a_decode_node_missing_two_polls_after_a_failed_transfer_is_taken_for_dead():
+    """The case the probe is for (a decode node killed while a prefill node sends it the KV):
+    the transfer failed and the decode node misses two state polls in a row: the request ends
+    with 502 ``decode_node_failed``, the decode node is down, no prefill node is blamed."""
+    fake = quiet_fake({"open": ["ok"], "stream": ["ok"], "prefill": ["fail"]})
+    prompt = [0] + [random.Random(6).randrange(256) for _ in range(99)]
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        fake.state_misses.update(d0=2, d1=2)
+        c = Client(0, prompt, 4, 0, None)
+        await run_client(router, c)
+        assert c.outcome == ("api_error", 502, "decode_node_failed")
+        (exp,) = fake.opened
+        assert not router.live.node_up[exp.node]
+        assert set(router.live.prefill_failures.values()) == {0}
+        await router.stop()
+        assert exp.closed and router.admission.inflight == 0
+        assert router.sched.observer.pending() == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["no_headers", "no_ready_line"])
+def test_a_decode_node_that_never_answers_the_open_is_left_in_time(how):
+    """A decode node that accepted the connection and then never answered (no headers, or
+    headers and no ``ready`` line) held the request forever: the open had no time limit.  Now,
+    after ``router.decode_open_timeout_s``, the request is aborted there, the node is down and
+    the request goes to the other decode node."""
+    script = {"open": ["hang", "ok"], "stream": ["ok"], "prefill": ["ok"]}
+    if how == "no_ready_line":
+        script.update(open=["ok", "ok"], stream=["no_ready", "ok"])
+    fake = quiet_fake(script)
+    prompt = [0] + [random.Random(7).randrange(256) for _ in range(99)]
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        c = Client(0, prompt, 4, 0, None)
+        await asyncio.wait_for(run_client(router, c), 30)
+        assert c.outcome == ("ok", expected_tokens(prompt, 4), "length")
+        served = fake.opened[-1].node
+        (stuck,) = {"d0", "d1"} - {served}
+        assert not router.live.node_up[stuck] and router.live.node_up[served]
+        rid = fake.opened[-1].rid
+        assert (stuck, rid) in fake.abort_calls  # the request was aborted where it hung
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("code", ["overloaded", "wrong_role"])
+def test_a_decode_node_that_is_full_is_skipped_for_that_request_only(code):
+    """A decode open answered 503 ``overloaded`` (or 400 ``wrong_role``) marked that node down
+    for every request until the next poll, turning load into 503 ``no_capacity`` for others.
+    The node answered: this request tries the other decode node, the node stays up; when every
+    decode node answered so, the request alone gets 503 ``no_capacity``."""
+    fake = quiet_fake({"open": [code, "ok", code, code], "stream": ["ok"], "prefill": ["ok"]})
+    prompt = [0] + [random.Random(8).randrange(256) for _ in range(99)]
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        c = Client(0, prompt, 4, 0, None)
+        await run_client(router, c)
+        assert c.outcome == ("ok", expected_tokens(prompt, 4), "length")
+        assert all(router.live.node_up.values())
+        assert all(router.live.available(ep) for ep in router.endpoints.values())
+        c2 = Client(1, [1, *prompt[1:]], 4, 0, None)
+        await run_client(router, c2)  # both decode nodes answer that they are full
+        assert c2.outcome == ("api_error", 503, "no_capacity")
+        assert all(router.live.node_up.values())
+        await router.stop()
+        check_nothing_held(router, fake)
+
+    asyncio.run(scenario())
+
+
+def test_a_node_switched_outside_the_gateway_gets_its_new_roles_work():
+    """The poll read a node's state but not its role: a PD node switched to decode outside the
+    gateway (``/admin/role`` by an operator) kept getting prefills (each answered ``wrong_role``)
+    and no decodes.  Now the poll adopts the role it reports, in the endpoint and the observer,
+    except while the gateway's own switch of that node is under way, and except where the
+    scheduler cannot hold it (a PrfaaS cluster has no decode nodes)."""
+    fake = quiet_fake({})
+
+    async def scenario() -> None:
+        router = make_router(fake)
+        await router.poll_once()
+        fake.roles.update(p1="decode", f0="decode")
+        await router.poll_once()
+        assert router.endpoints["p1"].role == "decode"
+        pd = router.build_state().clusters["pd"]
+        assert pd.roles == [Role.PREFILL, Role.DECODE, Role.DECODE, Role.DECODE]
+        assert pd.decode.bs_max[1] > 0 and pd.prefill.busy_until[1] == float("inf")
+        assert router.endpoints["f0"].role == "prefill"  # PrfaaS: no decode role to take
+        # the gateway's own switch of d1 is under way (drained, executing): the poll leaves the
+        # role to that switch, even once the node reports its new one
+        router.sched.observer.switch_started(0.0, "pd", 3, Role.PREFILL)
+        sw = SwitchInProgress("pd", 3, Role.PREFILL, 0.0, executing=True)
+        router.sched.switches[("pd", 3)] = sw
+        fake.roles["d1"] = "prefill"
+        await router.poll_once()
+        assert router.endpoints["d1"].role == "decode"
+        assert router.build_state().clusters["pd"].roles[3] is Role.DECODE
+        router.sched.switch_failed("pd", 3)  # its answer was lost, but the node did switch
+        await router.poll_once()  # no switch under way any more: the reported role counts
+        assert router.endpoints["d1"].role == "prefill"
+        assert router.build_state().clusters["pd"].roles[3] is Role.PREFILL
+        await router.stop()
 
     asyncio.run(scenario())

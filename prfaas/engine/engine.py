@@ -65,6 +65,10 @@ class LLMEngine:
     ) -> None:
         self.config = cfg = config or EngineConfig()
         self.device, self.dtype = cfg.resolved_device(), cfg.resolved_dtype()
+        if model is not None and cfg.tensor_parallel_size == 1:  # "auto": where it lives, as it is
+            w = model.lm_head.weight
+            self.device = w.device if cfg.device == "auto" else self.device
+            self.dtype = w.dtype if cfg.dtype == "auto" else self.dtype
         self.tp = None  # tensor_parallel_size > 1: the ranks (prfaas.engine.tp_runtime)
         if cfg.tensor_parallel_size > 1:
             if model is not None:

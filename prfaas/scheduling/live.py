@@ -230,6 +230,25 @@ class LiveScheduler:
         self.observer.switch_done(now, cluster, instance)
         self.history.append(f"{now:.1f} {cluster}#{instance} now {sw.to_role.value}")
 
+    def role_reported(
+        self, cluster: str, instance: int, role: Role, now: float | None = None
+    ) -> bool:
+        """The node reports serving in ``role`` (switched outside the gateway): the observer takes
+        it from ``now`` (as a switch started and done at once).  False, and nothing changes, while
+        a switch of that node is under way here (the gateway's own: it confirms the role), or
+        when the observer cannot hold it (not a PD cluster with both roles)."""
+        if (cluster, instance) in self.switches:
+            return False
+        now = self.clock() if now is None else now
+        obs = self.observer
+        try:
+            obs.switch_started(now, cluster, instance, role)  # ValueError: same role, not PD
+        except ValueError:
+            return False
+        obs.switch_done(now, cluster, instance)
+        self.history.append(f"{now:.1f} {cluster}#{instance} reported {role.value}")
+        return True
+
     def switch_failed(self, cluster: str, instance: int, now: float | None = None) -> None:
         """The switch could not be executed: the node goes back to its old role."""
         now = self.clock() if now is None else now

@@ -96,6 +96,9 @@ class RouterConfig:
     cache_mode: str = "scarce"
     max_inflight: int = 64
     prefill_timeout_s: float = 60.0
+    # a decode node's answer to a decode open (its headers and its ``ready`` line), seconds: one
+    # that does not answer in time is taken for down and the request tries another decode node
+    decode_open_timeout_s: float = 30.0
     poll_interval_s: float = 0.5
 
 
@@ -278,10 +281,11 @@ class DeployConfig:
         if r.policy in ("prfaas", "naive") and self.prfaas_cluster is None:
             raise ValueError(f"policy {r.policy!r} needs a PrfaaS cluster")
         bad_t = r.threshold is not None and not r.threshold >= 0
-        if r.max_inflight < 1 or bad_t or r.prefill_timeout_s <= 0 or not r.output_len > 0:
+        bad_timeout = not (r.prefill_timeout_s > 0 and r.decode_open_timeout_s > 0)
+        if r.max_inflight < 1 or bad_t or bad_timeout or not r.output_len > 0:
             raise ValueError(
                 "router: need max_inflight >= 1, threshold >= 0 (or none), prefill_timeout_s > 0, "
-                "output_len > 0"
+                "decode_open_timeout_s > 0, output_len > 0"
             )
         if r.prior is not None and set(r.prior) != {"mu", "sigma", "lo", "hi"}:
             raise ValueError("router.prior: give mu, sigma, lo and hi (a truncated log-normal)")

@@ -10,8 +10,11 @@ to PD-P): a node that did not answer is marked down; one that answered with an e
 request's failure: its transfer, its input) stays up for the others, unless it failed several
 prefills in a row (``LiveState.prefill_failed``); a prefill that failed because the decode node had
 already ended the request (an ``error`` event: its engine failed, no KV in time) is not retried and
-blames no prefill node: the decode node's error is the answer.  A ``kv_error`` with a decode-side
-prefix resends everything from token 0.
+blames no prefill node: the decode node's error is the answer.  A prefill node that answered that
+its transfer to the decode node failed (503 ``transfer_failed``) blames the decode node instead
+when its stream died or it missed ``DECODE_PROBES`` state polls in a row (502, the decode node is
+down); one missed poll is not enough, and no other prefill failure probes the decode node.  A
+``kv_error`` with a decode-side prefix resends everything from token 0.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from prfaas.server.gateway.live_state import LiveState
     from prfaas.server.gateway.router import Router
 
+# a decode node is taken for dead after a failed transfer to it only when its stream died or it
+# missed this many state polls in a row (this far apart, seconds; each poll: STATE_TIMEOUT_S)
+DECODE_PROBES = 2
+DECODE_PROBE_PAUSE_S = 0.2
 log = logging.getLogger("prfaas.server.router")
 FINISH_REASONS = ("stop", "length")  # OpenAI's; anything else from a node is a failure
 
@@ -300,7 +307,8 @@ async def prefill_and_handover(
                 # nowhere to go, no prefill node is to blame, its error is the answer
                 msg = f"decode node {stream.ep.name}: {stream.ended.message}"
                 raise DecodeFailed(msg, stream.ended.code).api_error() from None
-            if stream.dead is None and not await _answers(router, stream.ep):
+            dead = _kv_undelivered(e) and not await _decode_node_alive(router, stream)
+            if dead and stream.dead is None:  # (its stream's reader may have seen it first)
                 # the KV had nowhere to go: the decode node died, not the prefill node
                 stream.dead = f"decode node {stream.ep.name} stopped answering"
                 router.mark_down(stream.ep.name)
@@ -364,13 +372,32 @@ def _decide_without(
         ) from None
 
 
-async def _answers(router: Router, ep: NodeEndpoint) -> bool:
-    """Whether ``ep`` answers its state poll now (a failed hand-over blames the right node)."""
-    try:
-        await router.nodes.state(ep)
-    except (httpx.HTTPError, ValueError):
-        return False
-    return True
+def _kv_undelivered(e: Exception) -> bool:
+    """Whether a prefill failure can be the decode node's doing: the prefill node answered that
+    its transfer of the KV to the decode node failed (503 ``transfer_failed``).  Any other failure
+    (the prefill node refused the connection, lost its answer, timed out, answered ``wrong_role``)
+    is the prefill node's alone."""
+    return isinstance(e, PrefillFailed) and e.code == "transfer_failed"
+
+
+async def _decode_node_alive(router: Router, stream: DecodeStream) -> bool:
+    """Whether the decode node of ``stream`` is alive after a prefill node could not deliver the
+    KV to it (so the prefill node is the one to blame): its stream has not died, and it answers
+    one of ``DECODE_PROBES`` state polls in a row (``DECODE_PROBE_PAUSE_S`` apart).  A single
+    missed poll (a busy node, one lost connection) condemns no node whose stream is open."""
+    for k in range(DECODE_PROBES):
+        if stream.dead is not None:
+            return False
+        if k:
+            await asyncio.sleep(DECODE_PROBE_PAUSE_S)  # its stream's reader may notice a death
+            if stream.dead is not None:
+                return False
+        try:
+            await router.nodes.state(stream.ep)
+        except (httpx.HTTPError, ValueError):
+            continue
+        return stream.dead is None
+    return False
 
 
 def _record(

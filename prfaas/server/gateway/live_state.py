@@ -10,7 +10,9 @@ Polled every ``router.poll_interval_s`` (``poll``); a node that does not answer 
 answers again.  A prefill the node itself reported failed (it answered, with an error) is that
 request's failure: the node stays up, unless ``PREFILL_FAILURE_LIMIT`` of its prefills in a row
 failed (``prefill_failed``; a success resets the count), then it is down until the next poll and
-again after each further failure.  ``excluding(names)`` hides nodes from the decisions made inside it
+again after each further failure.  A node that reports another role than the gateway's (switched
+outside the gateway) gets that role's work from the poll that reads it on (``_adopt_role``), unless
+a switch of it the gateway started is under way (that one sets the role).  ``excluding(names)`` hides nodes from the decisions made inside it
 (one request's retry avoids the nodes it tried; nobody else is affected).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -26,12 +29,13 @@ import httpx
 
 from prfaas.scheduling.link_view import LinkCounterFold
 from prfaas.scheduling.live import LiveScheduler
-from prfaas.scheduling.types import SystemState
+from prfaas.scheduling.types import Role, SystemState
 from prfaas.server.config import DeployConfig
 from prfaas.server.gateway.metrics import RouterMetrics
 from prfaas.server.gateway.node_client import NodeClient, NodeEndpoint
 from prfaas.server.protocol import NodeState
 
+log = logging.getLogger("prfaas.server.router")
 PREFILL_FAILURE_LIMIT = 3  # prefills in a row a node reported failed before it is taken down
 
 
@@ -55,6 +59,7 @@ class LiveState:
         self._link_totals: dict[tuple[str, str], LinkCounterFold] = {}
         self.prefill_failures = dict.fromkeys(self.endpoints, 0)  # consecutive, per node
         self._excluded: set[str] = set()
+        self._role_warned: set[tuple[str, str]] = set()  # (node, role) logged as not adoptable
 
     def mark_down(self, name: str) -> None:
         """``name`` failed the request path (no answer, or too many failed prefills): out of
@@ -149,18 +154,34 @@ class LiveState:
 
     async def _poll_one(self, nodes: NodeClient, ep: NodeEndpoint) -> None:
         m = self.metrics
+        role = ep.role  # a reading begun before a role switch finished says nothing of the new one
         try:
             st = await nodes.state(ep)
         except (httpx.HTTPError, ValueError):
             self.node_up[ep.name] = False
             m.node_up.labels(ep.cluster, ep.name).set(0)
             return
+        if st.role != ep.role and ep.role == role:
+            self._adopt_role(ep, st.role)
         self.node_up[ep.name] = True
         self.node_state[ep.name] = st
         m.node_up.labels(ep.cluster, ep.name).set(1)
         m.queue_depth.labels(ep.cluster, ep.name).set(st.waiting + st.running + st.expecting)
         q = st.cache_query_tokens
         m.cache_hit_rate.labels(ep.cluster, ep.name).set(st.cache_hit_tokens / q if q else 0.0)
+
+    def _adopt_role(self, ep: NodeEndpoint, role: str) -> None:
+        """``ep`` reports ``role``, not the one the gateway gives it work for (switched outside
+        the gateway): it gets ``role``'s work from now, unless a switch of it is under way here
+        (the gateway's own sets the role once the node confirms) or the scheduler cannot hold it
+        there (a PrfaaS cluster has no decode nodes: the node keeps its role, its calls fail)."""
+        c, i = self.index[ep.name]
+        if self.sched.role_reported(c, i, Role(role)):
+            log.warning("%s reports role %s (was %s): adopted", ep.name, role, ep.role)
+            ep.role = role
+        elif (c, i) not in self.sched.switches and (ep.name, role) not in self._role_warned:
+            self._role_warned.add((ep.name, role))  # once, not every poll
+            log.warning("%s reports role %s, which %s cannot take", ep.name, role, c)
 
     def nodes_info(self) -> list[dict[str, Any]]:
         """Per node: its endpoint, up, pid, available, links (``/admin/nodes``, ``/health``)."""

@@ -49,17 +49,24 @@ class NodeEndpoint:
 
 
 class PrefillFailed(Exception):
-    """A node answered a prefill (or a decode open) with a server error."""
+    """A node answered a prefill (or a decode open) with a server error (or ``wrong_role``):
+    ``status`` its HTTP status and ``code`` its error code (``transfer_failed``: a prefill node's
+    transfer of the KV to the decode node failed; ``overloaded``, ``wrong_role``, ...; None when
+    the answer names none)."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 def node_error(status: int, text: str | bytes, ep: NodeEndpoint) -> Exception:
     """The exception for a node's non-200 answer: 400 -> APIError 400 (the request's fault),
     except ``wrong_role`` (the node switched roles after the gateway last polled it: the node's
     state, not the request's, so it is tried elsewhere), else PrefillFailed."""
-    msg = error_message(text)
-    if status == 400 and error_code(text) != "wrong_role":
+    msg, code = error_message(text), error_code(text)
+    if status == 400 and code != "wrong_role":
         return APIError(400, msg)
-    return PrefillFailed(f"{ep.name}: HTTP {status}: {msg}")
+    return PrefillFailed(f"{ep.name}: HTTP {status}: {msg}", status, code)
 
 
 class NodeClient:
@@ -159,8 +166,10 @@ class NodeClient:
         )
         resp = await self.http.send(hreq, stream=True)
         if resp.status_code != 200:
-            text = await resp.aread()
-            await resp.aclose()
+            try:
+                text = await resp.aread()
+            finally:  # cancelled too (the open timed out): the connection goes back
+                await resp.aclose()
             raise node_error(resp.status_code, text, ep)
         return resp, resp.aiter_lines()
 

@@ -3,8 +3,8 @@ simulator's policy object where a request goes (``Policy.decide``, pure), and dr
 nodes' control plane (``handover``).
 
 Per request: admission (``Admission``), the decision, the decode stream on the chosen PD-D node
-(another one if it does not answer), then ``prefill_and_handover``; the API reads the tokens from
-the returned ``Generation``.  A prefill that fails (node down, link cut, transfer error) is retried
+(another one if it does not answer in time, or answers that it is full), then
+``prefill_and_handover``; the API reads the tokens from the returned ``Generation``.  A prefill that fails (node down, link cut, transfer error) is retried
 where the policy decides next among the nodes not tried yet, which falls back to PD-P; the client
 sees no error.  A node that did not answer is marked unavailable; one that reported the failure
 stays available to other requests unless its prefills keep failing (``handover``).
@@ -55,6 +55,9 @@ from prfaas.server.gateway.scheduler import build_scheduler
 from prfaas.server.protocol import ReadyEvent, SamplingParamsMsg
 
 log = logging.getLogger("prfaas.server.router")
+# a decode node's answers to an open that say "not this request, not now" (it is full, or it
+# switched roles since the last poll): the request tries another node, nobody else is affected
+BUSY_CODES = ("overloaded", "wrong_role")
 
 
 class Router:
@@ -243,25 +246,40 @@ class Router:
         params: SamplingParamsMsg,
         decision: RouteDecision,
     ) -> tuple[DecodeStream, ReadyEvent, RouteDecision]:
-        """The decode stream on the decided PD-D node; one that does not answer is marked down
-        and the policy decides again (as many tries as PD nodes)."""
+        """The decode stream on the decided PD-D node; one that does not answer (refused, or no
+        ``ready`` within ``router.decode_open_timeout_s``) is marked down, one that answered
+        ``overloaded`` or ``wrong_role`` is only left out of this request's next decisions (it
+        stays up for the others), and the policy decides again (as many tries as PD nodes;
+        503 ``no_capacity`` when none is left)."""
         # the decode node gives up on the KV once every prefill node could have been tried
         # (each try is bounded by prefill_timeout_s + 10 s on the gateway): a KV lost with a
         # dead prefill node then ends the request with an error instead of holding it
         n_prefill = sum(1 for eps in self.by_cluster.values() for e in eps if e.role == "prefill")
         kv_timeout = (self.cfg.router.prefill_timeout_s + 10.0) * max(1, n_prefill) + 10.0
+        limit = self.cfg.router.decode_open_timeout_s  # for its headers and its ready line
+        skipped: set[str] = set()  # nodes that answered they cannot take this request now
         for _ in range(len(self.by_cluster[self.pd])):
             ep = self.by_cluster[self.pd][decision.decode_instance]
             stream = DecodeStream(self.nodes, ep, info.request_id, self.mark_down, self.spawn)
             try:
-                return stream, await stream.open(prompt, params, kv_timeout), decision
+                ready = await asyncio.wait_for(stream.open(prompt, params, kv_timeout), limit)
+                return stream, ready, decision
             except asyncio.CancelledError:
                 stream.close_soon(abort=True)
                 raise
+            except TimeoutError:  # no answer in time: it may hold the request, abort it there
+                stream.close_soon(abort=True)
+                log.warning("decode node %s did not answer the open within %.1f s", ep.name, limit)
+                self.mark_down(ep.name)
             except (httpx.HTTPError, PrefillFailed, DecodeFailed) as e:
                 stream.close_soon(abort=False)
-                log.warning("decode node %s unusable: %s", ep.name, e)
-                self.mark_down(ep.name)
+                if isinstance(e, PrefillFailed) and e.code in BUSY_CODES:
+                    log.info("decode node %s cannot take %s now: %s", ep.name, info.request_id, e)
+                    skipped.add(ep.name)  # it answered: up for the others
+                else:
+                    log.warning("decode node %s unusable: %s", ep.name, e)
+                    self.mark_down(ep.name)
+            with self.live.excluding(skipped):
                 decision = self.route(info)
         raise APIError(503, "no decode node answered", "server_error", code="no_capacity")
 
