@@ -10,26 +10,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_engine_kv_wait import exports, finish_all, make
 
-from prfaas import EngineConfig, LLMEngine, SamplingParams
+from prfaas import SamplingParams
 
 N_REQ = 5
 SP = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-
-
-def make(model, **kw) -> LLMEngine:
-    return LLMEngine(EngineConfig(model="tiny", **kw), model=model)
-
-
-def run_all(eng: LLMEngine, max_steps: int = 500) -> dict[str, object]:
-    done, steps = {}, 0
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                done[o.request_id] = o
-        steps += 1
-        assert steps < max_steps, f"no progress: {eng.stats()}"
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +25,8 @@ def case(tiny_model):
     mixed = make(tiny_model)
     for i, p in enumerate(ps):
         mixed.add_request(p, SP, f"r{i}")
-    want = {k: v.token_ids for k, v in run_all(mixed).items()}
-    pre = make(tiny_model, role="prefill")
-    for i, p in enumerate(ps):
-        pre.add_request(p, SP, f"r{i}")
-    run_all(pre)
-    exps = [pre.export_request(f"r{i}") for i in range(N_REQ)]
-    return ps, want, exps
+    want = {k: v.token_ids for k, v in finish_all(mixed).items()}
+    return ps, want, exports(tiny_model, ps, SP)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -95,7 +76,7 @@ def test_any_interleaving_of_imports_finishes_and_frees_everything(tiny_model, c
                     done[o.request_id] = o
     for rid in aborted:
         dec.abort(rid)
-    done.update(run_all(dec))
+    done.update(finish_all(dec, max_steps=500))
     for i in range(N_REQ):
         rid = f"r{i}"
         if rid in aborted and done[rid].finish_reason == "abort":

@@ -8,18 +8,9 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
+from test_engine import reference_greedy
 
 from prfaas import EngineConfig, LLMEngine, SamplingParams
-
-
-def greedy(model, prompt: list[int], n: int) -> list[int]:
-    """The cache-free forward's greedy tokens (the reference)."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -71,7 +62,7 @@ def test_random_traffic_gives_the_reference_tokens_and_frees_everything(tiny_mod
         o = done[rid]
         if rid in aborted and o.finish_reason == "abort":
             continue
-        assert (o.finish_reason, o.token_ids) == ("length", greedy(tiny_model, p, n)), rid
+        assert (o.finish_reason, o.token_ids) == ("length", reference_greedy(tiny_model, p, n)), rid
         hits += o.num_cached_tokens
     eng.cache.check()
     assert eng.cache.blocks.num_in_use() == 0 and eng.cache.checkpoints.num_in_use() == 0

@@ -17,14 +17,14 @@ def make(model, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model="tiny", **kw), model=model)
 
 
-def finish_all(eng: LLMEngine) -> dict[str, object]:
+def finish_all(eng: LLMEngine, max_steps: int = 2000) -> dict[str, object]:
     done, steps = {}, 0
     while eng.has_unfinished():
         for o in eng.step():
             if o.finished:
                 done[o.request_id] = o
         steps += 1
-        assert steps < 2000
+        assert steps < max_steps, f"no progress: {eng.stats()}"
     return done
 
 
